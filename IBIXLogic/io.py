@@ -1,0 +1,109 @@
+"""Read and write volumes and masks with SimpleITK (NIfTI, NRRD, MHA), keeping their geometry."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .geometry import Geometry
+
+VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
+
+
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read a scalar volume.
+
+    Returns
+    -------
+    array : ndarray
+        Voxel values in numpy order (slices, rows, cols), the file's pixel type.
+    geometry : Geometry
+        Origin, spacing and direction of the file (LPS).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): "
+                         f"{str(exc).strip().splitlines()[-1]}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "IBIX reads one channel per file (pass one file per channel)")
+    return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
+    """Write a volume with the given geometry.
+
+    The file is written under a temporary name in the same folder and renamed when complete, so an
+    interrupted write never leaves a partial file under the final name.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if not suffix:
+        raise InputError(f"{path}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: output folder does not exist")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(array)
+    geometry.to_sitk(image)
+    temporary = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}")
+    try:
+        sitk.WriteImage(image, str(temporary), True)
+        os.replace(temporary, path)
+    except (RuntimeError, OSError) as exc:
+        temporary.unlink(missing_ok=True)
+        raise InputError(f"{path}: cannot write ({exc}); check the folder is writable") from None
+    return path
+
+
+def resample_mask(mask: np.ndarray, geometry: Geometry, reference: Geometry) -> np.ndarray:
+    """Nearest-neighbour resampling of a boolean mask onto a reference grid (reference.shape needed)."""
+    if reference.shape is None:
+        raise InputError("the reference geometry needs a shape to resample a mask onto it")
+    image = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
+    geometry.to_sitk(image)
+    target = sitk.Image([int(s) for s in reversed(reference.shape)], sitk.sitkUInt8)
+    reference.to_sitk(target)
+    resampled = sitk.Resample(image, target, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled).astype(bool)
+
+
+def read_mask(path: str | os.PathLike, label: int | None = None,
+              reference: Geometry | None = None) -> np.ndarray:
+    """Read a label volume as a boolean mask.
+
+    Parameters
+    ----------
+    path : path-like
+        Label volume (NIfTI, NRRD or MHA).
+    label : int, optional
+        Voxels equal to this label form the mask; by default every nonzero voxel.
+    reference : Geometry, optional
+        Grid the mask must lie on. A mask on another grid is resampled onto it (nearest neighbour).
+    """
+    array, geometry = read_volume(path)
+    mask = array != 0 if label is None else array == label
+    if not mask.any():
+        present = np.unique(array)[:10].tolist()
+        raise InputError(f"{path}: the mask is empty" + (f" for label {label} (labels present: {present})"
+                                                         if label is not None else ""))
+    if reference is not None and not geometry.matches(reference):
+        mask = resample_mask(mask, geometry, reference)
+        if not mask.any():
+            raise InputError(f"{path}: the mask does not overlap the reference volume after resampling onto "
+                             "its grid; check that mask and volume belong together")
+    return mask

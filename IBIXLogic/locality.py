@@ -1,0 +1,124 @@
+"""Locality of a model's response: response radius, relevant blocks and disjoint block groups.
+
+A convolutional generator's output at a voxel depends only on inputs within its receptive field, so the
+response to perturbing a block D is exactly zero farther than the response radius R from D (L-infinity
+distance, in voxels). Two blocks farther than 2R apart can then be perturbed in the same model evaluation
+and each block's response read from the voxels nearer to it than to any other block of the group
+(the column grouping of sparse Jacobian estimation: Curtis, Powell & Reid 1974; Coleman & Moré 1983).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class ResponseRadius:
+    """Measured response radius of a model around probe voxels.
+
+    ``measured`` is the largest L-infinity distance (voxels) at which a single-voxel perturbation changed the
+    output (with ``tolerance`` > 0: the radius holding all but that fraction of the response); ``radius`` adds
+    the safety ``margin``; ``is_global`` is True when the response reaches across the sample, in which case
+    locality cannot be used.
+    """
+
+    measured: int
+    margin: int
+    is_global: bool
+    tolerance: float
+    probes: int
+    evaluations: int
+
+    @property
+    def radius(self) -> int | None:
+        return None if self.is_global else self.measured + self.margin
+
+    def to_dict(self) -> dict:
+        return {"measured": self.measured, "margin": self.margin, "radius": self.radius,
+                "is_global": self.is_global, "tolerance": self.tolerance, "probes": self.probes,
+                "evaluations": self.evaluations}
+
+
+def probe_points(shape: tuple[int, ...], count: int = 5) -> np.ndarray:
+    """Probe voxels around the centre at different offsets modulo 8, so pooling phases differ."""
+    offsets = np.array([(0, 0, 0), (1, 3, 5), (3, 6, 2), (6, 1, 7), (5, 5, 3), (2, 7, 4), (7, 2, 6)])
+    centre = np.asarray(shape) // 2
+    points = centre + offsets[:count, -len(shape):] - 4
+    return np.clip(points, 0, np.asarray(shape) - 1)
+
+
+def radius_from_responses(responses: np.ndarray, points: np.ndarray, tolerance: float = 0.0) -> tuple[int, bool]:
+    """Response radius (L-infinity voxels) from single-voxel responses, and whether the response is global.
+
+    ``responses`` has shape (n_probes, *sample_shape); ``points`` the probed voxel of each.
+    """
+    shape = responses.shape[1:]
+    grids = np.indices(shape)
+    radius = 0
+    for response, point in zip(np.abs(responses), points):
+        distance = np.max(np.abs(grids - point.reshape((-1,) + (1,) * len(shape))), axis=0)
+        if tolerance > 0 and response.sum() > 0:
+            mass = np.bincount(distance.ravel(), weights=response.ravel())
+            inside = np.cumsum(mass) / mass.sum()
+            reach = int(np.searchsorted(inside, 1.0 - tolerance))
+        else:
+            reach = int(distance[response > 0].max(initial=0))
+        radius = max(radius, reach)
+    is_global = 2 * radius + 1 >= min(shape)
+    return radius, is_global
+
+
+def relevant_blocks(labels: np.ndarray, ids: np.ndarray, out_mask: np.ndarray, radius: int) -> np.ndarray:
+    """Blocks among ``ids`` within ``radius`` (L-infinity voxels) of the output mask.
+
+    Any other block's response is exactly zero on the output mask, so its B is exactly 0.
+    """
+    if not out_mask.any() or len(ids) == 0:
+        return ids[:0]
+    distance = ndimage.distance_transform_cdt(~out_mask, metric="chessboard")
+    nearest = np.asarray(ndimage.minimum(distance, labels, ids))
+    return ids[nearest <= radius]
+
+
+def block_boxes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive lower and upper index corners of the given labels, shape (len(ids), ndim)."""
+    objects = ndimage.find_objects(labels)
+    low = np.array([[s.start for s in objects[i - 1]] for i in ids], np.int64).reshape(len(ids), labels.ndim)
+    high = np.array([[s.stop - 1 for s in objects[i - 1]] for i in ids], np.int64).reshape(len(ids), labels.ndim)
+    return low, high
+
+
+def disjoint_groups(labels: np.ndarray, ids: np.ndarray, radius: int) -> list[np.ndarray]:
+    """Split blocks into groups whose members are more than 2*radius apart (greedy graph colouring).
+
+    Two blocks conflict when their bounding boxes are within 2*radius (L-infinity); bounding boxes are never
+    farther apart than the blocks, so members of a group are always far enough apart.
+    """
+    if len(ids) == 0:
+        return []
+    low, high = block_boxes(labels, ids)
+    gap = np.maximum(0, np.maximum(low[None] - high[:, None], low[:, None] - high[None])).max(axis=2)
+    conflict = gap <= 2 * radius
+    np.fill_diagonal(conflict, False)
+    order = np.argsort(-conflict.sum(axis=1), kind="stable")
+    colour = np.full(len(ids), -1)
+    for block in order:
+        used = colour[conflict[block]]
+        free = np.ones(len(ids) + 1, bool)
+        free[used[used >= 0]] = False
+        colour[block] = int(np.argmax(free))
+    return [ids[colour == c] for c in range(colour.max() + 1)]
+
+
+def owner_labels(labels: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """For every voxel, the block of ``group`` nearest to it (L-infinity): where its response is read."""
+    if len(group) == 1:
+        return np.full(labels.shape, group[0], labels.dtype)
+    member = np.zeros(int(labels.max()) + 1, bool)
+    member[group] = True
+    perturbed = member[labels]
+    _, nearest = ndimage.distance_transform_cdt(~perturbed, metric="chessboard", return_distances=True,
+                                                return_indices=True)
+    return labels[tuple(nearest)]

@@ -1,0 +1,508 @@
+"""Forward and backward mappings (IBIX, Espadoto et al., sections 3.2-3.3 and 4.1.2).
+
+Forward:  F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,   h_k = k H / N.
+Backward: B_k = sum_{i in M^f} |F(D_k)_i| / sum_i |F(D_k)_i|   ("fraction"), or the numerator scaled to a
+          maximum of 1 ("magnitude"), for blocks D_k that tile the input.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import locality
+from .blocks import grid_blocks, superpixel_blocks
+from .errors import InputError
+from .geometry import Geometry
+from .runner import Model, PreparedInput, ProgressCallback, check_cancel
+
+#: Default maximum jitter H as a fraction of the input's robust range (1st to 99th percentile).
+DEFAULT_JITTER_FRACTION = 0.15
+#: Voxels added to the measured response radius before it is relied on.
+RADIUS_MARGIN = 2
+METHODS = ("auto", "local", "batched", "brute")
+NORMALIZATIONS = ("fraction", "magnitude")
+
+
+def jitter_levels(n_jitters: int, max_jitter: float) -> np.ndarray:
+    """The 2N jitters h_k = k H / N, k = -N..N, k != 0 (input units)."""
+    k = np.concatenate([np.arange(-n_jitters, 0), np.arange(1, n_jitters + 1)])
+    return k * (float(max_jitter) / n_jitters)
+
+
+def robust_range(values: np.ndarray) -> float:
+    """Spread between the 1st and 99th percentile (a strided subsample of at most ~1M values)."""
+    flat = np.asarray(values).ravel()
+    step = max(1, flat.size // 1_000_000)
+    low, high = np.percentile(flat[::step], [1, 99])
+    return float(high - low)
+
+
+@dataclass
+class ForwardResult:
+    """A forward mapping F on the output grid."""
+
+    signed: np.ndarray
+    normalized: np.ndarray
+    geometry: Geometry
+    parameters: dict
+    evaluations: int
+    seconds: float
+    device: str
+    units: str
+
+    def to_dict(self) -> dict:
+        return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
+                "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
+                "max_abs": float(np.abs(self.signed).max()), "geometry": self.geometry.to_dict()}
+
+
+@dataclass
+class BackwardResult:
+    """A backward mapping B on the input grid."""
+
+    map: np.ndarray
+    labels: np.ndarray
+    block_values: np.ndarray
+    geometry: Geometry
+    parameters: dict
+    evaluations: int
+    seconds: float
+    device: str
+    evaluations_per_level: list = field(default_factory=list)
+    blocks_per_level: list = field(default_factory=list)
+    radius: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"mapping": "backward", "parameters": self.parameters, "evaluations": self.evaluations,
+                "evaluations_per_level": self.evaluations_per_level, "blocks_per_level": self.blocks_per_level,
+                "blocks": int(self.labels.max()), "seconds": round(self.seconds, 4), "device": self.device,
+                "response_radius": self.radius, "geometry": self.geometry.to_dict()}
+
+
+# -- checks -----------------------------------------------------------------------------------------------
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise InputError(f"the {what} has shape {mask.shape} but the volume has shape {tuple(shape)}; "
+                         "resample the mask onto the volume's grid (IBIXLogic.read_mask(..., reference=...))")
+    if mask.dtype != bool:
+        if not np.all(np.isfinite(mask)):
+            raise InputError(f"the {what} contains NaN or infinite values")
+        mask = mask != 0
+    if not mask.any():
+        raise InputError(f"the {what} is empty: paint at least one voxel")
+    return mask
+
+
+def _channel_indices(model: Model, channels: Any) -> list[int]:
+    names = list(model.card.input.channels)
+    if channels is None:
+        return list(range(len(names)))
+    chosen = [channels] if isinstance(channels, (str, int, np.integer)) else list(channels)
+    indices = []
+    for c in chosen:
+        if isinstance(c, str):
+            if c not in names:
+                raise InputError(f"unknown channel {c!r}; the model's channels are {names}")
+            indices.append(names.index(c))
+        elif isinstance(c, (int, np.integer)) and 0 <= c < len(names):
+            indices.append(int(c))
+        else:
+            raise InputError(f"channel {c!r} does not exist; the model's channels are {names} (0..{len(names) - 1})")
+    if not indices:
+        raise InputError(f"no channel selected; choose among {names}")
+    return sorted(set(indices))
+
+
+def _max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[int]) -> float:
+    if max_jitter is None:
+        spread = robust_range(prepared.samples[:, channels])
+        if not spread > 0:
+            raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
+                             "(15 % of that range) is 0; give max_jitter explicitly (input units)")
+        return DEFAULT_JITTER_FRACTION * spread
+    if isinstance(max_jitter, bool) or not isinstance(max_jitter, (int, float, np.number)) \
+            or not np.isfinite(max_jitter) or max_jitter <= 0:
+        raise InputError(f"max_jitter (H) must be a positive number in input units, got {max_jitter!r}")
+    return float(max_jitter)
+
+
+# -- perturbation engine ----------------------------------------------------------------------------------
+class _Perturber:
+    """Runs jittered copies of samples through the model and averages the difference quotients."""
+
+    def __init__(self, model: Model, prepared: PreparedInput, jitters: np.ndarray, channels: list[int],
+                 cancel: Any, one_item_per_batch: bool = False):
+        self.model, self.prepared, self.cancel = model, prepared, cancel
+        self.one_item_per_batch = one_item_per_batch
+        self.jitters = jitters.astype(np.float32)
+        self.weights = (1.0 / (len(jitters) * jitters)).astype(np.float32)
+        self.channel_mask = np.zeros(prepared.samples.shape[1], np.float32)
+        self.channel_mask[channels] = 1.0
+        self.base: dict[int, np.ndarray] = {}
+
+    def base_outputs(self, samples: Sequence[int]) -> None:
+        """Evaluate the unperturbed samples not evaluated yet."""
+        missing = [int(s) for s in samples if int(s) not in self.base]
+        if missing:
+            out = self.model.predict_samples(self.prepared, missing, cancel=self.cancel)
+            self.base.update(zip(missing, out))
+
+    def responses(self, n_items: int, sample_of: Callable[[int], int],
+                  direction_of: Callable[[int], np.ndarray], what: Callable[[int], str]
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (start, stop, F) for items start..stop-1: F has shape (stop - start, *sample_shape).
+
+        Item i perturbs sample ``sample_of(i)`` along ``direction_of(i)`` (a 0/1 map of the sample) on the
+        selected channels.
+        """
+        samples = self.prepared.samples
+        n_jitters = len(self.jitters)
+        scales = self.jitters.reshape((-1, 1) + (1,) * (samples.ndim - 2)) \
+            * self.channel_mask.reshape((1, -1) + (1,) * (samples.ndim - 2))
+
+        def make_batch(start: int, stop: int) -> np.ndarray:
+            batch = np.empty((stop - start, n_jitters) + samples.shape[1:], np.float32)
+            for j, item in enumerate(range(start, stop)):
+                direction = direction_of(item).astype(np.float32)
+                np.multiply(scales, direction, out=batch[j])
+                batch[j] += samples[sample_of(item)]
+            return batch.reshape((-1,) + samples.shape[1:])
+
+        def describe(i: int) -> str:
+            return f"{what(i // n_jitters)} with jitter h = {self.jitters[i % n_jitters]:.6g}"
+
+        for start, stop, out in self.model.run_chunked(make_batch, n_items, self.prepared, describe,
+                                                       per_item=n_jitters, cancel=self.cancel,
+                                                       max_items=1 if self.one_item_per_batch else None):
+            out = out.reshape((stop - start, n_jitters, -1))
+            for j, item in enumerate(range(start, stop)):
+                out[j] -= self.base[sample_of(item)].reshape(1, -1)
+            response = np.einsum("mkp,k->mp", out, self.weights)
+            yield start, stop, response.reshape((stop - start,) + self.prepared.sample_shape)
+
+
+def _report(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
+    if progress is not None:
+        progress(done, total, message)
+
+
+# -- forward ----------------------------------------------------------------------------------------------
+def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jitter: float | None = None,
+                    channels: Any = None, geometry: Geometry | None = None,
+                    progress: ProgressCallback | None = None, cancel: Any = None) -> ForwardResult:
+    """Forward mapping F(M^x): how the output reacts to jittering the masked input voxels.
+
+    Parameters
+    ----------
+    model : Model
+        From :func:`IBIXLogic.load_model`.
+    x : ndarray or sequence of ndarray
+        The input (input units): one array for a single-channel model, else one per card channel.
+    mask : ndarray of bool
+        The input voxels M^x to jitter, same shape as the input.
+    n_jitters : int
+        N: the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
+    max_jitter : float, optional
+        H in input units; default 15 % of the input's 1st-99th percentile range.
+    channels : str, int or sequence, optional
+        Input channels the mask jitters (names or indices); default all.
+    geometry : Geometry, optional
+        Geometry of the input volume; resolves a 2D model's slice axis and is carried by the result.
+
+    Returns
+    -------
+    ForwardResult
+        ``signed`` F (output units per input unit) and ``normalized`` |F| / max |F| on the output grid.
+        A 2D model on a volume is run only on the slices the mask touches; F is 0 elsewhere.
+    """
+    started = time.perf_counter()
+    n_jitters = _check_count("n_jitters (N)", n_jitters)
+    evaluations_before = model.evaluations
+    prepared = model.prepare(x, geometry)
+    mask = _check_mask(mask, prepared.volume_shape, "input mask")
+    channel_list = _channel_indices(model, channels)
+    h_max = _max_jitter(prepared, max_jitter, channel_list)
+    perturber = _Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
+    mask_samples = prepared.to_samples(mask)
+    touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
+    perturber.base_outputs(touched)
+    signed = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
+    for start, stop, response in perturber.responses(
+            len(touched), lambda i: touched[i], lambda i: mask_samples[touched[i]],
+            lambda i: f"the input mask perturbed in sample {touched[i]}"):
+        signed[touched[start:stop]] = response
+        _report(progress, stop, len(touched), "forward mapping")
+    signed = prepared.from_samples(signed)
+    peak = float(np.abs(signed).max())
+    normalized = np.abs(signed) / peak if peak > 0 else np.zeros_like(signed)
+    units = model.card.output.units
+    return ForwardResult(
+        signed=signed, normalized=normalized.astype(np.float32), geometry=prepared.geometry,
+        parameters={"n_jitters": n_jitters, "max_jitter": h_max,
+                    "channels": [model.card.input.channels[c] for c in channel_list],
+                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
+        evaluations=model.evaluations - evaluations_before, seconds=time.perf_counter() - started,
+        device=model.device, units=f"{units or 'output units'} per input unit")
+
+
+# -- backward ---------------------------------------------------------------------------------------------
+def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, jitter: float,
+                            channels: list[int], tolerance: float = 0.0, cancel: Any = None
+                            ) -> locality.ResponseRadius:
+    """Response radius of the model around probe voxels of one sample (2 evaluations per probe)."""
+    before = model.evaluations
+    points = locality.probe_points(prepared.sample_shape)
+    perturber = _Perturber(model, prepared, np.array([-jitter, jitter]), channels, cancel)
+    perturber.base_outputs([sample])
+    responses = np.empty((len(points),) + prepared.sample_shape, np.float32)
+
+    def direction(i: int) -> np.ndarray:
+        single = np.zeros(prepared.sample_shape, np.float32)
+        single[tuple(points[i])] = 1.0
+        return single
+
+    for start, stop, response in perturber.responses(len(points), lambda i: sample, direction,
+                                                     lambda i: f"probe voxel {tuple(points[i])}"):
+        responses[start:stop] = response
+    measured, is_global = locality.radius_from_responses(responses, points, tolerance)
+    return locality.ResponseRadius(measured, RADIUS_MARGIN, is_global, tolerance, len(points),
+                                   model.evaluations - before)
+
+
+class _BlockSums:
+    """Per-block numerators and denominators of B, accumulated over samples."""
+
+    def __init__(self, perturber: _Perturber, out_samples: np.ndarray, radius: int | None,
+                 progress: ProgressCallback | None):
+        self.perturber, self.out_samples = perturber, out_samples
+        self.radius, self.progress = radius, progress
+
+    def compute(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
+        size = int(label_samples.max()) + 1
+        numerator, denominator = np.zeros(size), np.zeros(size)
+        present = [np.intersect1d(np.unique(label_samples[s]), ids) for s in range(len(label_samples))]
+        touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
+        if self.radius is not None:
+            wanted = np.unique(np.concatenate([np.zeros(0, int)] + [
+                locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
+                for s in touched]))
+        else:
+            wanted = np.unique(np.concatenate([np.zeros(0, int)] + [present[s] for s in touched]))
+        items: list[tuple[int, np.ndarray]] = []
+        for s, blocks in enumerate(present):
+            blocks = np.intersect1d(blocks, wanted)
+            if len(blocks) == 0:
+                continue
+            if self.radius is not None:
+                groups = locality.disjoint_groups(label_samples[s], blocks, self.radius)
+            else:
+                groups = [blocks[i:i + 1] for i in range(len(blocks))]
+            items.extend((s, g) for g in groups)
+        if not items:
+            return numerator, denominator
+        self.perturber.base_outputs(sorted({s for s, _ in items}))
+        member = np.zeros(size, bool)
+
+        def direction(i: int) -> np.ndarray:
+            s, group = items[i]
+            member[:] = False
+            member[group] = True
+            return member[label_samples[s]]
+
+        chunks = self.perturber.responses(len(items), lambda i: items[i][0], direction,
+                                          lambda i: f"block(s) {items[i][1][:5].tolist()} of sample {items[i][0]}")
+        for start, stop, response in chunks:
+            magnitude = np.abs(response)
+            for j, (s, group) in enumerate(items[start:stop]):
+                owner = locality.owner_labels(label_samples[s], group).ravel()
+                weights = magnitude[j].ravel()
+                denominator += np.bincount(owner, weights, minlength=size)[:size]
+                inside = self.out_samples[s].ravel()
+                numerator += np.bincount(owner[inside], weights[inside], minlength=size)[:size]
+            _report(self.progress, stop, len(items), "backward mapping")
+        keep = np.zeros(size, bool)
+        keep[wanted] = True
+        numerator[~keep], denominator[~keep] = 0.0, 0.0
+        return numerator, denominator
+
+
+def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalization: str) -> np.ndarray:
+    if normalization == "fraction":
+        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+    peak = numerator.max()
+    return numerator / peak if peak > 0 else np.zeros_like(numerator)
+
+
+def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
+                  kind: str, masks: np.ndarray | None = None) -> np.ndarray:
+    """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere."""
+    labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
+    offset = 0
+    for s in samples:
+        region = None if masks is None else masks[s]
+        if region is not None and not region.any():
+            continue
+        if kind == "grid":
+            sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
+        else:
+            sample_labels = superpixel_blocks(prepared.samples[s], n_blocks, compactness,
+                                              prepared.sample_spacing, region, channel_axis=0)
+        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
+        offset = int(labels[s].max(initial=offset))
+    return labels
+
+
+def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, compactness: float = 0.1,
+                     n_jitters: int = 4, max_jitter: float | None = None, channels: Any = None,
+                     blocks: Any = "slic", normalization: str = "fraction",
+                     coarse_blocks: int | Sequence[int] | None = None, refine_threshold: float = 0.25,
+                     method: str = "auto", locality_tolerance: float = 0.0, geometry: Geometry | None = None,
+                     progress: ProgressCallback | None = None, cancel: Any = None) -> BackwardResult:
+    """Backward mapping B(M^f): which input blocks drive the masked output voxels.
+
+    Parameters
+    ----------
+    model, x, n_jitters, max_jitter, channels, geometry
+        As for :func:`forward_mapping`.
+    out_mask : ndarray of bool
+        The output voxels M^f, same shape as the input (output grid = input grid).
+    n_blocks : int
+        K, the number of blocks per sample (SLIC superpixels for 2D, supervoxels for 3D).
+    compactness : float
+        SLIC compactness (channels scaled to [0, 1] first).
+    blocks : {"slic", "grid"} or ndarray of int
+        How the input is cut into blocks; an int array on the input grid gives the blocks (0 = none).
+    normalization : {"fraction", "magnitude"}
+        B_k as the fraction of block k's response that falls inside M^f, or that part scaled to max 1.
+    coarse_blocks : int or sequence of int, optional
+        Coarse-to-fine: block counts of the coarser levels (e.g. 10, or [10, 60]); after each level only the
+        blocks with B >= refine_threshold * max B are cut into finer blocks, down to ``n_blocks``.
+    refine_threshold : float
+        Fraction of the level's largest B above which a block is refined.
+    method : {"auto", "local", "batched", "brute"}
+        "local" measures the model's response radius and skips blocks that cannot reach M^f and perturbs far
+        apart blocks together (exact for models with a finite receptive field); "batched" evaluates every
+        block; "brute" also evaluates one block at a time; "auto" is "local" unless the response is global.
+    locality_tolerance : float
+        0 (exact). Above 0, a global response is cut at the radius holding all but this fraction of it.
+
+    Returns
+    -------
+    BackwardResult
+        B per block, B painted on the input grid, the block labels and evaluation counts per level.
+        A 2D model on a volume is explained on the slices M^f touches; B is 0 elsewhere.
+    """
+    started = time.perf_counter()
+    n_blocks = _check_count("n_blocks (K)", n_blocks)
+    n_jitters = _check_count("n_jitters (N)", n_jitters)
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if normalization not in NORMALIZATIONS:
+        raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not 0 <= refine_threshold <= 1:
+        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
+    if not 0 <= locality_tolerance < 1:
+        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
+    levels = [] if coarse_blocks is None else [coarse_blocks] if np.isscalar(coarse_blocks) else list(coarse_blocks)
+    levels = [_check_count("coarse_blocks", k) for k in levels] + [n_blocks]
+    if any(b >= a for a, b in zip(levels[1:], levels)):
+        raise InputError(f"coarse_blocks must increase and stay below n_blocks: {levels}")
+    before = model.evaluations
+    prepared = model.prepare(x, geometry)
+    out_mask = _check_mask(out_mask, prepared.volume_shape, "output mask")
+    channel_list = _channel_indices(model, channels)
+    h_max = _max_jitter(prepared, max_jitter, channel_list)
+    out_samples = prepared.to_samples(out_mask)
+    touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
+    custom = not isinstance(blocks, str)
+    if custom:
+        if len(levels) > 1:
+            raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image")
+        given = np.asarray(blocks)
+        if given.shape != prepared.volume_shape or not np.issubdtype(given.dtype, np.integer):
+            raise InputError(f"a block label image must be integer with the input's shape {prepared.volume_shape}, "
+                             f"got {given.dtype} {given.shape}")
+        if given.min() < 0 or given.max() < 1:
+            raise InputError("block labels must be >= 0 with at least one block (label >= 1)")
+    elif blocks not in ("slic", "grid"):
+        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
+
+    radius_info = None
+    radius = None
+    perturber = _Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
+                           one_item_per_batch=method == "brute")
+    if method in ("auto", "local"):
+        radius_info = measure_response_radius(model, prepared, int(touched[0]), h_max, channel_list,
+                                              locality_tolerance, cancel)
+        if radius_info.is_global and method == "local":
+            raise InputError("the model's response is global (it reaches across the whole input), so the local "
+                             "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
+        radius = radius_info.radius
+    sums = _BlockSums(perturber, out_samples, radius, progress)
+    evaluations_per_level, blocks_per_level = [], []
+    if custom:
+        label_samples = np.ascontiguousarray(prepared.to_samples(np.asarray(blocks).astype(np.int32)))
+        levels = [n_blocks]
+    label_samples_current = None
+    numerator = denominator = values = np.zeros(1)
+    for level, k in enumerate(levels):
+        check_cancel(cancel)
+        level_start = model.evaluations
+        if custom:
+            label_samples_current = label_samples
+            new_ids = np.unique(label_samples[label_samples > 0])
+        elif level == 0:
+            label_samples_current = _block_labels(prepared, touched, k, compactness, blocks)
+            new_ids = np.unique(label_samples_current[label_samples_current > 0])
+        else:
+            refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
+            region = np.isin(label_samples_current, refine)
+            fine = _block_labels(prepared, touched, k, compactness, blocks, region)
+            top = int(label_samples_current.max())
+            label_samples_current = np.where(fine > 0, fine + top, label_samples_current).astype(np.int32)
+            new_ids = np.unique(fine[fine > 0]) + top
+        level_numerator, level_denominator = sums.compute(label_samples_current, new_ids)
+        size = len(level_numerator)
+        numerator = np.concatenate([numerator, np.zeros(size - len(numerator))])[:size]
+        denominator = np.concatenate([denominator, np.zeros(size - len(denominator))])[:size]
+        numerator[new_ids], denominator[new_ids] = level_numerator[new_ids], level_denominator[new_ids]
+        present = np.zeros(size, bool)
+        present[np.unique(label_samples_current)] = True
+        numerator[~present], denominator[~present] = 0.0, 0.0
+        values = _normalize_blocks(numerator, denominator, normalization)
+        evaluations_per_level.append(model.evaluations - level_start)
+        blocks_per_level.append(int(len(new_ids)))
+
+    labels = prepared.from_samples(label_samples_current)
+    ids, compact = np.unique(labels, return_inverse=True)
+    compact = compact.reshape(labels.shape).astype(np.int32)
+    if ids[0] != 0:
+        compact += 1
+        ids = np.concatenate([[0], ids])
+    block_values = values[ids].astype(np.float32)
+    block_values[0] = 0.0
+    painted = block_values[compact]
+    parameters = {
+        "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters, "max_jitter": h_max,
+        "channels": [model.card.input.channels[c] for c in channel_list], "blocks": "labels" if custom else blocks,
+        "normalization": normalization, "coarse_blocks": levels[:-1] if len(levels) > 1 else None,
+        "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
+        "locality_tolerance": locality_tolerance, "output_mask_voxels": int(out_mask.sum()),
+        "samples": int(len(touched)), "model": model.path.name,
+    }
+    return BackwardResult(
+        map=painted, labels=compact, block_values=block_values, geometry=prepared.geometry,
+        parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
+        device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
+        radius=None if radius_info is None else radius_info.to_dict())

@@ -1,0 +1,406 @@
+"""Run an ONNX image-to-image model on volumes: intensity mapping, slicing, padding, layout and batching."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .card import Intensity, ModelCard, read_card, resolve_card
+from .errors import Cancelled, InputError, ModelError
+from .geometry import Geometry, slice_array_axis
+
+log = logging.getLogger("IBIX")
+
+#: Default memory budget for one batch of model inputs and their activations (bytes).
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+#: Activations per input value assumed when sizing batches (a small generator keeps ~16-64 feature maps).
+ACTIVATION_FACTOR = 48
+#: Largest batch IBIX sends at once; larger batches stop paying off on CPUs and small GPUs.
+MAX_BATCH = 64
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+def check_cancel(cancel: Any) -> None:
+    """Raise Cancelled when ``cancel`` (an Event-like object or a callable) says so."""
+    if cancel is None:
+        return
+    stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
+    if stop:
+        raise Cancelled("the run was cancelled; nothing was written")
+
+
+def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[float, float]:
+    """Scale and offset of ``intensity`` (percentiles resolved on ``values``)."""
+    if intensity.kind == "identity":
+        return 1.0, 0.0
+    low, high = intensity.source
+    if intensity.kind == "percentile":
+        low, high = (float(v) for v in np.percentile(values, intensity.source))
+        if not high > low:
+            raise InputError(
+                f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
+                f"both {low}; the channel is (nearly) constant, check the input volume")
+    scale = (intensity.target[1] - intensity.target[0]) / (high - low)
+    return scale, intensity.target[0] - low * scale
+
+
+@dataclass
+class PreparedInput:
+    """An input volume cut into model samples, with its intensity mapping fixed once.
+
+    ``samples`` has shape (n_samples, channels, *sample_shape) in input units: one sample for a 3D model or
+    a 2D image, one per slice (after the card's in-plane transform) for a 2D model on a volume.
+    """
+
+    samples: np.ndarray
+    volume_shape: tuple[int, ...]
+    geometry: Geometry
+    scale: np.ndarray
+    offset: np.ndarray
+    clip: tuple[float, float] | None
+    slice_axis: int | None
+    transpose: bool
+    flip_rows: bool
+    flip_cols: bool
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.samples.shape[2:]
+
+    @property
+    def sample_spacing(self) -> tuple[float, ...]:
+        """Voxel size (mm) along each sample axis."""
+        spacing = list(self.geometry.spacing_array_order())
+        if self.slice_axis is not None:
+            del spacing[self.slice_axis]
+        if self.transpose:
+            spacing[-2:] = spacing[-2:][::-1]
+        return tuple(spacing)
+
+    def to_samples(self, volume: np.ndarray) -> np.ndarray:
+        """Cut an array on the volume grid into samples: (n_samples, *sample_shape)."""
+        out = np.asarray(volume)
+        out = out[None] if self.slice_axis is None else np.moveaxis(out, self.slice_axis, 0)
+        if self.transpose:
+            out = np.swapaxes(out, -1, -2)
+        if self.flip_rows:
+            out = out[..., ::-1, :]
+        if self.flip_cols:
+            out = out[..., ::-1]
+        return out
+
+    def from_samples(self, samples: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_samples`: put per-sample arrays back on the volume grid."""
+        out = samples
+        if self.flip_cols:
+            out = out[..., ::-1]
+        if self.flip_rows:
+            out = out[..., ::-1, :]
+        if self.transpose:
+            out = np.swapaxes(out, -1, -2)
+        out = out[0] if self.slice_axis is None else np.moveaxis(out, 0, self.slice_axis)
+        return np.ascontiguousarray(out)
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """Input units to model units, (batch, channels, *sample_shape), float32, in place on ``batch``."""
+        shape = (1, -1) + (1,) * (batch.ndim - 2)
+        batch *= self.scale.reshape(shape)
+        batch += self.offset.reshape(shape)
+        if self.clip is not None:
+            np.clip(batch, *self.clip, out=batch)
+        return batch
+
+
+class Model:
+    """An ONNX image-to-image model with its card; see :func:`load_model`."""
+
+    def __init__(self, session: Any, card: ModelCard, path: Path, device: str,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.session = session
+        self.card = card
+        self.path = path
+        self.device = device
+        self.provider = session.get_providers()[0]
+        self.memory_budget = int(memory_budget)
+        self.evaluations = 0
+        self._dtype = _NUMPY_TYPES[next(a.type for a in session.get_inputs() if a.name == card.input.name)]
+
+    def __repr__(self) -> str:
+        return (f"Model({self.path.name!r}, {self.card.spatial_dims}D, channels={list(self.card.input.channels)}, "
+                f"device={self.device!r})")
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.card.input.channels)
+
+    # -- input handling -----------------------------------------------------------------------------------
+    def _stack_channels(self, x: Any) -> np.ndarray:
+        if isinstance(x, np.ndarray) and self.n_channels == 1 and x.ndim in (2, 3):
+            arrays = [x]
+        elif isinstance(x, (list, tuple)):
+            arrays = [np.asarray(a) for a in x]
+        else:
+            arrays = [np.asarray(x)]
+        if len(arrays) != self.n_channels:
+            raise InputError(f"the model takes {self.n_channels} input channel(s) {list(self.card.input.channels)} "
+                             f"but {len(arrays)} volume(s) were given; pass one volume per channel, in that order")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise InputError(f"input channels have different shapes {sorted(shapes)}; resample them onto one grid")
+        shape = arrays[0].shape
+        if len(shape) not in (2, 3):
+            raise InputError(f"input has shape {shape}; IBIX takes 2D (rows, cols) or 3D (slices, rows, cols) arrays")
+        if self.card.spatial_dims == 3 and len(shape) != 3:
+            raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
+        if min(shape) < 1:
+            raise InputError(f"input has an empty dimension: shape {shape}")
+        stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+        bad = ~np.isfinite(stacked)
+        if bad.any():
+            channel, *position = np.argwhere(bad)[0]
+            raise InputError(f"input channel {self.card.input.channels[channel]!r} has {int(bad.sum())} NaN or "
+                             f"infinite voxel(s), the first at array index {tuple(int(p) for p in position)}; "
+                             "replace them (e.g. with 0) before running IBIX")
+        return stacked
+
+    def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:
+        """Cut ``x`` into model samples and fix the intensity mapping from the unperturbed input."""
+        volume = self._stack_channels(x)
+        shape = volume.shape[1:]
+        geometry = geometry if geometry is not None else Geometry.identity(shape)
+        if geometry.dimension != len(shape):
+            raise InputError(f"the geometry is {geometry.dimension}D but the input is {len(shape)}D {shape}")
+        if geometry.shape is not None and tuple(geometry.shape) != tuple(shape):
+            raise InputError(f"the geometry describes a {geometry.shape} grid but the input has shape {shape}")
+        geometry = geometry.with_shape(shape)
+        card = self.card
+        intensity = card.input.intensity
+        affines = [_affine(intensity, volume[c]) for c in range(volume.shape[0])]
+        clip = None
+        if intensity.clip:
+            clip = (min(intensity.target), max(intensity.target))
+        slice_axis = None
+        if card.spatial_dims == 2 and len(shape) == 3:
+            slice_axis = slice_array_axis(geometry, card.slice_axis or "axial")
+        in_plane = card.spatial_dims == 2
+        prepared = PreparedInput(np.empty(0), tuple(shape), geometry,
+                                 np.array([a[0] for a in affines], np.float32),
+                                 np.array([a[1] for a in affines], np.float32), clip, slice_axis,
+                                 in_plane and card.transpose, in_plane and card.flip_rows,
+                                 in_plane and card.flip_cols)
+        samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
+        prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        self._padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
+        return prepared
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        spec = self.card.input
+        out = []
+        for axis, n in enumerate(shape):
+            fixed = spec.size[axis] if spec.size else None
+            if fixed is not None:
+                if n > fixed:
+                    raise InputError(f"the model takes at most {list(spec.size)} voxels per sample but the input "
+                                     f"sample is {list(shape)}; crop or resample the input to fit")
+                out.append(fixed)
+            else:
+                m = spec.multiple_of
+                out.append(-(-n // m) * m)
+        return tuple(out)
+
+    def batch_size(self, sample_shape: Sequence[int]) -> int:
+        """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
+        if self.card.fixed_batch:
+            return self.card.fixed_batch
+        per_sample = int(np.prod(self._padded_shape(sample_shape))) * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
+        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_sample, 1))))
+
+    def _to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
+        batch = prepared.normalize(batch)
+        sample_shape = batch.shape[2:]
+        padded = self._padded_shape(sample_shape)
+        if padded != tuple(sample_shape):
+            pads = [(0, 0), (0, 0)] + [((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(sample_shape, padded)]
+            batch = np.pad(batch, pads, mode="edge")
+        if self.card.input.channels_last:
+            batch = np.moveaxis(batch, 1, -1)
+        return np.ascontiguousarray(batch, dtype=self._dtype)
+
+    def _from_model(self, raw: np.ndarray, sample_shape: Sequence[int]) -> np.ndarray:
+        channels_last = self.card.output.channels_last
+        if raw.ndim != len(sample_shape) + 2:
+            raise ModelError(f"the model returned shape {raw.shape}; expected a batch of "
+                             f"{len(sample_shape)}D images with one channel")
+        n_out = raw.shape[-1] if channels_last else raw.shape[1]
+        if n_out != 1:
+            raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
+        out = raw[..., 0] if channels_last else raw[:, 0]
+        padded = self._padded_shape(sample_shape)
+        if tuple(out.shape[1:]) != padded:
+            raise ModelError(f"the model returned images of shape {list(out.shape[1:])} for inputs of shape "
+                             f"{list(padded)}; IBIX needs the output on the input's grid")
+        crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(sample_shape, padded))
+        out = out[(slice(None),) + crop].astype(np.float32)
+        scale, offset = _affine(self.card.output.intensity)
+        if (scale, offset) != (1.0, 0.0):
+            out *= scale
+            out += offset
+        return out
+
+    def _session_run(self, batch: np.ndarray) -> np.ndarray:
+        fixed = self.card.fixed_batch
+        n = batch.shape[0]
+        if fixed and n % fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - n % fixed, axis=0)])
+        outputs = []
+        step = fixed or n
+        for start in range(0, batch.shape[0], step):
+            outputs.append(self.session.run([self.card.output.name],
+                                            {self.card.input.name: batch[start:start + step]})[0])
+        return np.concatenate(outputs)[:n] if len(outputs) > 1 else outputs[0][:n]
+
+    def run(self, batch: np.ndarray, prepared: PreparedInput,
+            describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Model outputs (output units) for a batch of samples in input units.
+
+        ``batch`` has shape (n, channels, *sample_shape) and is overwritten. ``describe(i)`` names sample i in
+        the error raised when the model returns NaN or infinite values.
+        """
+        sample_shape = batch.shape[2:]
+        model_input = self._to_model(batch, prepared)
+        try:
+            raw = self._session_run(model_input)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            text = str(exc)
+            if "alloc" in text.lower() or "memory" in text.lower():
+                raise MemoryError(text) from None
+            raise ModelError(f"{self.path.name}: ONNX Runtime failed while running the model: "
+                             f"{text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
+        self.evaluations += batch.shape[0]
+        out = self._from_model(np.asarray(raw), sample_shape)
+        finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            what = describe(i) if describe else f"sample {i} of the batch"
+            raise ModelError(f"the model produced NaN or infinite values for {what}; check the model on this "
+                             "input, or lower the maximum jitter H if only perturbed inputs fail")
+        return out
+
+    def run_chunked(self, make_batch: Callable[[int, int], np.ndarray], total: int, prepared: PreparedInput,
+                    describe: Callable[[int], str] | None = None, per_item: int = 1,
+                    cancel: Any = None, max_items: int | None = None):
+        """Yield (start, stop, outputs) over ``total`` items, each ``per_item`` samples, in memory-sized chunks.
+
+        ``make_batch(start, stop)`` builds the input batch for items start..stop-1. A chunk that runs out of
+        memory is retried in halves.
+        """
+        items = max(1, self.batch_size(prepared.sample_shape) // per_item)
+        if max_items is not None:
+            items = min(items, max_items)
+        start = 0
+        while start < total:
+            check_cancel(cancel)
+            stop = min(total, start + items)
+            try:
+                out = self.run(make_batch(start, stop), prepared,
+                               None if describe is None else (lambda i, s=start: describe(s * per_item + i)))
+            except MemoryError as exc:
+                if stop - start == 1:
+                    raise ModelError(f"out of memory running one sample of {list(prepared.sample_shape)} voxels "
+                                     f"({exc}); use a smaller volume, a smaller model, or the CPU") from None
+                items = max(1, (stop - start) // 2)
+                log.warning("out of memory with %d items per batch; retrying with %d", stop - start, items)
+                continue
+            yield start, stop, out
+            start = stop
+
+    def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
+                cancel: Any = None) -> np.ndarray:
+        """The model's output (output units, float32) for input ``x`` on the input's grid."""
+        prepared = self.prepare(x, geometry)
+        return prepared.from_samples(self.predict_samples(prepared, progress=progress, cancel=cancel))
+
+    def predict_samples(self, prepared: PreparedInput, indices: Sequence[int] | None = None,
+                        progress: ProgressCallback | None = None, cancel: Any = None) -> np.ndarray:
+        """Outputs for the given samples of a prepared input (all by default), (n, *sample_shape)."""
+        indices = np.arange(len(prepared.samples)) if indices is None else np.asarray(indices)
+        out = np.empty((len(indices),) + prepared.sample_shape, np.float32)
+        for start, stop, chunk in self.run_chunked(lambda a, b: prepared.samples[indices[a:b]].copy(),
+                                                   len(indices), prepared,
+                                                   lambda i: f"the unperturbed input (sample {int(indices[i])})",
+                                                   cancel=cancel):
+            out[start:stop] = chunk
+            if progress:
+                progress(stop, len(indices), "predicting")
+        return out
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelError("ONNX Runtime is not installed: pip install 'ibix[cpu]' (or 'ibix[gpu]' with an NVIDIA "
+                         "GPU); in 3D Slicer, IBIX offers to install it on first use") from None
+    return onnxruntime
+
+
+def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathLike | None = None,
+               device: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Model:
+    """Load an ONNX model and its card.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.onnx`` file.
+    card : dict or path-like, optional
+        The model card; by default ``<model>.json`` beside the model, or inferred from the ONNX signature
+        (what was assumed is logged and kept in ``model.card.assumptions``).
+    device : {"auto", "cuda", "cpu"}
+        ``auto`` runs on CUDA when ONNX Runtime offers it and falls back to the CPU with a warning.
+    memory_budget : int
+        Bytes one batch of samples (inputs and activations) may take; sets the batch size.
+    """
+    path = Path(path)
+    if device not in ("auto", "cuda", "cpu"):
+        raise InputError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
+        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: the model file is empty; export the model again")
+    card_dict, card_source = read_card(card, path)
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+    if device == "cuda" and not want_cuda:
+        raise ModelError("device 'cuda' was asked for but ONNX Runtime has no CUDA provider here; install "
+                         "onnxruntime-gpu with a working CUDA, or use device 'cpu' or 'auto'")
+    providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable ONNX model ({first}); check the file is a complete ONNX "
+                         "export") from None
+    active = session.get_providers()[0]
+    if want_cuda and active != "CUDAExecutionProvider":
+        log.warning("CUDA could not start for %s; running on the CPU", path.name)
+    run_device = "cuda" if active == "CUDAExecutionProvider" else "cpu"
+    resolved = resolve_card(card_dict, session.get_inputs(), session.get_outputs())
+    for assumption in resolved.assumptions:
+        log.info("%s: assumed %s", path.name, assumption)
+    log.info("%s loaded in %.2f s on %s (%s; card: %s)", path.name, time.perf_counter() - started, run_device,
+             active, card_source)
+    return Model(session, resolved, path, run_device, memory_budget)

@@ -1,0 +1,109 @@
+"""Small analytic ONNX models with known answers, built with onnx.helper for the tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:
+    spatial = list(spatial)
+    return [batch, channels] + spatial if layout[1] == "C" else [batch] + spatial + [channels]
+
+
+def build(nodes: list, initializers: dict, layout: str = "NCHW", in_channels: int = 1, out_channels: int = 1,
+          batch="N", spatial: Sequence | None = None, input_name: str = "x", output_name: str = "y") -> onnx.ModelProto:
+    """A model whose core ``nodes`` map 'core_in' (NC...) to 'core_out' (NC...); transposes are added for
+    channels-last layouts."""
+    dims = len(layout) - 2
+    spatial = spatial or [f"s{i}" for i in range(dims)]
+    channels_last = layout[-1] == "C"
+    pre, post = [], []
+    if channels_last:
+        to_first = [0, dims + 1] + list(range(1, dims + 1))
+        to_last = [0] + list(range(2, dims + 2)) + [1]
+        pre = [helper.make_node("Transpose", [input_name], ["core_in"], perm=to_first)]
+        post = [helper.make_node("Transpose", ["core_out"], [output_name], perm=to_last)]
+    else:
+        pre = [helper.make_node("Identity", [input_name], ["core_in"])]
+        post = [helper.make_node("Identity", ["core_out"], [output_name])]
+    graph = helper.make_graph(
+        pre + nodes + post, "ibix_test",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, _shape(layout, in_channels, batch, spatial))],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, _shape(layout, out_channels, batch, spatial))],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def identity(layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    return build([helper.make_node("Identity", ["core_in"], ["core_out"])], {}, layout, **kw)
+
+
+def convolution(kernel: np.ndarray, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """Zero-padded 'same' cross-correlation with one kernel (2D or 3D), one channel in and out."""
+    kernel = np.asarray(kernel, np.float32)
+    pads = [k // 2 for k in kernel.shape] * 2
+    node = helper.make_node("Conv", ["core_in", "w"], ["core_out"], pads=pads)
+    return build([node], {"w": kernel[None, None]}, layout, **kw)
+
+
+def polynomial(a: float, b: float, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """f(x) = a x^2 + b x, voxel by voxel."""
+    nodes = [helper.make_node("Mul", ["core_in", "core_in"], ["sq"]),
+             helper.make_node("Mul", ["sq", "a"], ["asq"]),
+             helper.make_node("Mul", ["core_in", "b"], ["bx"]),
+             helper.make_node("Add", ["asq", "bx"], ["core_out"])]
+    return build(nodes, {"a": np.float32(a), "b": np.float32(b)}, layout, **kw)
+
+
+def channel_mix(weights: Sequence[float], layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """y = sum_c w_c x_c (a 1x1 convolution from len(weights) channels to one)."""
+    w = np.asarray(weights, np.float32).reshape(1, -1, 1, 1)
+    node = helper.make_node("Conv", ["core_in", "w"], ["core_out"])
+    return build([node], {"w": w}, layout, in_channels=len(weights), **kw)
+
+
+def affine_then(model_nodes: list, initializers: dict, scale: float, offset: float, out_scale: float,
+                out_offset: float, **kw) -> onnx.ModelProto:
+    """(scale * x + offset) -> nodes -> out_scale * y + out_offset, with the nodes reading 'z_in' and writing
+    'z_out'."""
+    nodes = [helper.make_node("Mul", ["core_in", "s_in"], ["si"]),
+             helper.make_node("Add", ["si", "o_in"], ["z_in"])] + model_nodes + [
+             helper.make_node("Mul", ["z_out", "s_out"], ["so"]),
+             helper.make_node("Add", ["so", "o_out"], ["core_out"])]
+    initializers = dict(initializers, s_in=np.float32(scale), o_in=np.float32(offset),
+                        s_out=np.float32(out_scale), o_out=np.float32(out_offset))
+    return build(nodes, initializers, **kw)
+
+
+def nan_above(threshold: float, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """Identity, except that it emits NaN wherever the input exceeds ``threshold`` (sqrt of a negative)."""
+    nodes = [helper.make_node("Sub", ["t", "core_in"], ["d"]),
+             helper.make_node("Sqrt", ["d"], ["r"]),
+             helper.make_node("Mul", ["r", "zero"], ["rz"]),
+             helper.make_node("Add", ["core_in", "rz"], ["core_out"])]
+    return build(nodes, {"t": np.float32(threshold), "zero": np.float32(0.0)}, layout, **kw)
+
+
+def save(model: onnx.ModelProto, folder: Path, name: str, card: dict | None = None) -> Path:
+    """Write the model (and its card beside it, as ``<name>.json``)."""
+    path = Path(folder) / f"{name}.onnx"
+    onnx.save(model, str(path))
+    if card is not None:
+        path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+def correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Zero-padded 'same' cross-correlation, the oracle for :func:`convolution`."""
+    from scipy import ndimage
+    return ndimage.correlate(image.astype(np.float64), kernel.astype(np.float64), mode="constant", cval=0.0)
