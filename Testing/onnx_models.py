@@ -107,3 +107,20 @@ def correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Zero-padded 'same' cross-correlation, the oracle for :func:`convolution`."""
     from scipy import ndimage
     return ndimage.correlate(image.astype(np.float64), kernel.astype(np.float64), mode="constant", cval=0.0)
+
+
+def small_autoencoder(seed: int = 0, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """A nonlinear convolutional encoder-decoder (conv, ReLU, max-pooling, upsampling) with random weights:
+    a finite receptive field like the demo generators, so its response is local but not linear."""
+    rng = np.random.default_rng(seed)
+    w1, w2, w3 = (rng.normal(0, 0.5, s).astype(np.float32) for s in [(4, 1, 3, 3), (4, 4, 3, 3), (1, 4, 3, 3)])
+    bias = rng.normal(0, 0.1, 4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["core_in", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Resize", ["r2", "", "scales"], ["u2"], mode="nearest"),
+             helper.make_node("Conv", ["u2", "w3"], ["core_out"], pads=[1, 1, 1, 1])]
+    initializers = {"w1": w1, "b1": bias, "w2": w2, "w3": w3, "scales": np.array([1, 1, 2, 2], np.float32)}
+    return build(nodes, initializers, layout, **kw)

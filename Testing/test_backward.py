@@ -1,0 +1,112 @@
+"""Oracle tests of the backward mapping B, its fast paths and coarse-to-fine refinement."""
+import numpy as np
+import pytest
+
+import IBIXLogic as ibx
+import onnx_models as om
+from test_forward import KERNEL
+
+
+def expected_fraction(labels, out_mask, response_of_block):
+    values = np.zeros(labels.max() + 1)
+    for k in range(1, labels.max() + 1):
+        response = np.abs(response_of_block(labels == k))
+        values[k] = response[out_mask].sum() / response.sum()
+    return values
+
+
+@pytest.mark.parametrize("method", ["brute", "batched", "local"])
+def test_identity_backward_is_one_inside_and_zero_far_away(tmp_path, rng, method):
+    model = ibx.load_model(om.save(om.identity(), tmp_path, "identity"))
+    x = rng.normal(size=(24, 24)).astype(np.float32)
+    blocks = ibx.grid_blocks(x.shape, 36)  # 4x4 voxel blocks
+    out_mask = np.isin(blocks, [8, 9, 15])
+    result = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2, method=method)
+    np.testing.assert_allclose(result.block_values[[8, 9, 15]], 1.0)
+    others = np.setdiff1d(np.arange(1, 37), [8, 9, 15])
+    np.testing.assert_array_equal(result.block_values[others], 0.0)
+    np.testing.assert_array_equal(result.map, out_mask.astype(np.float32))
+    np.testing.assert_array_equal(result.labels, blocks)
+
+
+@pytest.mark.parametrize("method", ["brute", "batched", "local"])
+def test_convolution_backward_matches_closed_form(tmp_path, rng, method):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv"))
+    x = rng.normal(size=(30, 26)).astype(np.float32)
+    blocks = ibx.superpixel_blocks(x, 40, compactness=1.0)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[12:17, 10:15] = True
+    result = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=3, method=method)
+    expected = expected_fraction(blocks, out_mask, lambda block: om.correlate(block, KERNEL))
+    np.testing.assert_allclose(result.block_values, expected, rtol=1e-5, atol=1e-7)
+    magnitude = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=3, method=method,
+                                     normalization="magnitude")
+    numerators = np.array([0.0] + [np.abs(om.correlate(blocks == k, KERNEL))[out_mask].sum()
+                                   for k in range(1, blocks.max() + 1)])
+    np.testing.assert_allclose(magnitude.block_values, numerators / numerators.max(), rtol=1e-5, atol=1e-7)
+
+
+def test_local_method_is_exact_and_cheaper_on_a_nonlinear_model(tmp_path, rng):
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae"))
+    x = rng.normal(size=(64, 72)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[30:35, 40:45] = True
+    brute = ibx.backward_mapping(model, x, out_mask, n_blocks=150, compactness=1.0, n_jitters=2,
+                                 method="brute")
+    local = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local")
+    np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
+    assert local.radius["is_global"] is False and local.radius["measured"] >= 3
+    assert local.evaluations * 4 < brute.evaluations
+
+
+def test_3d_supervoxels_local_equals_batched(tmp_path, rng):
+    kernel = rng.normal(size=(3, 3, 3)).astype(np.float32)
+    model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
+    x = rng.normal(size=(16, 18, 20)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[7:9, 8:10, 9:11] = True
+    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=60, compactness=1.0, n_jitters=1,
+                                   method="batched")
+    local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
+    expected = expected_fraction(batched.labels, out_mask, lambda block: om.correlate(block, kernel))
+    np.testing.assert_allclose(batched.block_values, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(local.block_values, expected, rtol=1e-5, atol=1e-7)
+    assert local.evaluations < batched.evaluations
+
+
+def test_2d_model_backward_on_volume_uses_only_touched_slices(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv"))
+    x = rng.normal(size=(5, 20, 20)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[3, 8:11, 8:11] = True
+    result = ibx.backward_mapping(model, x, out_mask, n_blocks=20, compactness=1.0, n_jitters=1)
+    assert np.all(result.labels[[0, 1, 2, 4]] == 0) and result.labels[3].min() >= 1
+    expected = expected_fraction(result.labels[3], out_mask[3], lambda block: om.correlate(block, KERNEL))
+    np.testing.assert_allclose(result.block_values, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_coarse_to_fine_refines_high_blocks_and_reports_levels(tmp_path, rng):
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae"))
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[28:34, 28:34] = True
+    result = ibx.backward_mapping(model, x, out_mask, n_blocks=200, coarse_blocks=[8, 40], compactness=1.0,
+                                  n_jitters=2, refine_threshold=0.2)
+    assert len(result.evaluations_per_level) == 3 == len(result.blocks_per_level)
+    assert sum(result.evaluations_per_level) <= result.evaluations
+    # every block's B is that of an exact run on the final blocks: refinement changes blocks, not values
+    exact = ibx.backward_mapping(model, x, out_mask, blocks=result.labels, n_jitters=2, method="batched")
+    np.testing.assert_allclose(result.block_values, exact.block_values, rtol=1e-6, atol=1e-9)
+    small = np.bincount(result.labels.ravel())[1:]
+    assert small.min() < 64 * 64 / 100 < small.max()  # fine blocks near the mask, coarse ones elsewhere
+
+
+def test_backward_result_summary_is_json_serialisable(tmp_path, rng):
+    import json
+    model = ibx.load_model(om.save(om.identity(), tmp_path, "identity"))
+    x = rng.normal(size=(16, 16)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[4:8, 4:8] = True
+    result = ibx.backward_mapping(model, x, out_mask, n_blocks=16, blocks="grid", n_jitters=1)
+    summary = json.loads(json.dumps(result.to_dict()))
+    assert summary["evaluations"] == result.evaluations and summary["blocks"] == 16
