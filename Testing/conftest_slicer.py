@@ -68,6 +68,7 @@ class SlicerCoreApp:
         self.slice_logic.SetMRMLApplicationLogic(self.app_logic)
         self.slice_logic.SetMRMLScene(self.scene)
         self.slice_node = self.slice_logic.AddSliceNode("Red")
+        self.slice_node.SetOrientation("Axial")  # as the application's Red view: patient right on screen left
         self.app_logic.GetSliceLogics().AddItem(self.slice_logic)
 
     def node_count(self) -> int:
