@@ -282,8 +282,9 @@ class Model:
             text = str(exc)
             if "alloc" in text.lower() or "memory" in text.lower():
                 raise MemoryError(text) from None
-            raise ModelError(f"{self.path.name}: ONNX Runtime failed while running the model: "
-                             f"{text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
+                             f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
         out = self._from_model(np.asarray(raw), sample_shape)
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
@@ -321,6 +322,26 @@ class Model:
                 continue
             yield start, stop, out
             start = stop
+
+    def check_runs(self) -> None:
+        """Run the model once on a small constant input, so that a card that does not fit fails at load time."""
+        spec = self.card.input
+        side = 32 if self.card.spatial_dims == 2 else 16
+        shape = [size if size else -(-side // spec.multiple_of) * spec.multiple_of
+                 for size in (spec.size or (None,) * self.card.spatial_dims)]
+        if int(np.prod(shape)) > 4_000_000:
+            return
+        probe = PreparedInput(np.zeros((1, self.n_channels, *shape), np.float32), tuple(shape),
+                              Geometry.identity(shape), np.ones(self.n_channels, np.float32),
+                              np.zeros(self.n_channels, np.float32), None, None, False, False, False)
+        try:
+            self.run(probe.samples.copy(), probe)
+        except ModelError as exc:
+            raise ModelError(f"the model does not run as its card describes it ({exc}); IBIX fed "
+                             f"{self.card.input.layout} with channels {list(self.card.input.channels)}: check the "
+                             "card's 'input.layout', 'input.channels', 'input.size' and 'input.multiple_of'") from None
+        finally:
+            self.evaluations = 0
 
     def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
                 cancel: Any = None) -> np.ndarray:
@@ -403,4 +424,6 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
         log.info("%s: assumed %s", path.name, assumption)
     log.info("%s loaded in %.2f s on %s (%s; card: %s)", path.name, time.perf_counter() - started, run_device,
              active, card_source)
-    return Model(session, resolved, path, run_device, memory_budget)
+    model = Model(session, resolved, path, run_device, memory_budget)
+    model.check_runs()
+    return model

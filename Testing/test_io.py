@@ -1,0 +1,57 @@
+"""Volumes and masks keep their geometry through SimpleITK; masks are resampled onto the reference grid."""
+import numpy as np
+import pytest
+
+import IBIXLogic as ibx
+
+OBLIQUE = np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, -1.0]])
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_write_read_round_trip_keeps_geometry(tmp_path, rng, suffix):
+    array = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    geometry = ibx.Geometry((10.0, -20.0, 5.5), (0.8, 1.2, 3.0), OBLIQUE)
+    path = ibx.write_volume(tmp_path / f"volume{suffix}", array, geometry)
+    back, back_geometry = ibx.read_volume(path)
+    np.testing.assert_array_equal(back, array)
+    assert back_geometry.matches(geometry.with_shape(array.shape))
+    assert [p.name for p in tmp_path.iterdir()] == [f"volume{suffix}"]  # no temporary file left
+
+
+def test_mask_on_another_grid_is_resampled_onto_the_reference(tmp_path):
+    reference = ibx.Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), np.eye(3), (10, 10, 10))
+    coarse = ibx.Geometry((0.5, 0.5, 0.5), (2.0, 2.0, 2.0), np.eye(3))
+    labels = np.zeros((5, 5, 5), np.uint8)
+    labels[2, 1, 3] = 7  # physical centre x = 0.5 + 2*3 = 6.5, y = 2.5, z = 4.5
+    ibx.write_volume(tmp_path / "labels.nrrd", labels, coarse)
+    mask = ibx.read_mask(tmp_path / "labels.nrrd", label=7, reference=reference)
+    assert mask.shape == (10, 10, 10)
+    np.testing.assert_array_equal(np.argwhere(mask), [[z, y, x] for z in (4, 5) for y in (2, 3) for x in (6, 7)])
+
+
+def test_read_mask_errors(tmp_path):
+    ibx.write_volume(tmp_path / "labels.nrrd", np.zeros((3, 3, 3), np.uint8), ibx.Geometry())
+    with pytest.raises(ibx.InputError, match="mask is empty"):
+        ibx.read_mask(tmp_path / "labels.nrrd")
+    with pytest.raises(ibx.InputError, match="no such file"):
+        ibx.read_volume(tmp_path / "missing.nrrd")
+    (tmp_path / "junk.nrrd").write_bytes(b"\x00garbage")
+    with pytest.raises(ibx.InputError, match="not a readable volume"):
+        ibx.read_volume(tmp_path / "junk.nrrd")
+
+
+def test_write_refuses_unknown_format_and_missing_folder(tmp_path):
+    with pytest.raises(ibx.InputError, match="unknown volume format"):
+        ibx.write_volume(tmp_path / "volume.png", np.zeros((2, 2, 2)), ibx.Geometry())
+    with pytest.raises(ibx.InputError, match="does not exist"):
+        ibx.write_volume(tmp_path / "no" / "volume.nrrd", np.zeros((2, 2, 2)), ibx.Geometry())
+
+
+def test_slice_axis_follows_direction_matrix():
+    lps = ibx.Geometry((0, 0, 0), (1, 1, 1), np.diag([-1.0, -1.0, 1.0]))
+    assert ibx.slice_array_axis(lps, "axial") == 0
+    assert ibx.slice_array_axis(lps, "coronal") == 1
+    assert ibx.slice_array_axis(lps, "sagittal") == 2
+    with pytest.raises(ibx.InputError, match="too oblique"):
+        diagonal = np.array([[1, 0, 0], [0, 0.70710678, -0.70710678], [0, 0.70710678, 0.70710678]])
+        ibx.slice_array_axis(ibx.Geometry((0, 0, 0), (1, 1, 1), diagonal), "axial")
