@@ -369,3 +369,20 @@ def test_job_compute_runs_in_a_worker_thread(case):
     node = job.finish()
     assert node.GetAttribute("IBIX.evaluations") == str(job.result.evaluations)
     assert "evaluations" in job.status
+
+
+def test_slice_view_is_radiological_patient_left_on_screen_right(slicer_app):
+    """A map hot only on the patient's left (RAS x < 0) appears on the right half of the axial view."""
+    shape = (1, 40, 40)
+    ijk = np.diag([1.0, 1.0, 1.0, 1.0])
+    ijk[:3, 3] = (-19.5, -19.5, 0.0)  # centred on RAS (0, 0, 0)
+    volume = slicer.util.addVolumeFromArray(np.full(shape, 50.0, np.float32), ijk, name="input")
+    hot = np.zeros(shape, np.float32)
+    hot[0, 15:25, 2:12] = 1.0  # low i = low RAS x = patient left
+    map_node = mrml.create_volume_node(hot, mrml.geometry_from_volume_node(volume), "left map")
+    mrml.show_overlay(map_node, volume, opacity=1.0)
+    rgb = slicer_app.render_slice((100, 100))[..., :3].astype(int)
+    coloured = np.any(np.abs(rgb - rgb[..., :1]) > 5, axis=-1)  # non-grey pixels: the overlay
+    assert coloured.any()
+    cols = np.nonzero(coloured)[1]
+    assert cols.min() > rgb.shape[1] // 2
