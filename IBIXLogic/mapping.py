@@ -32,6 +32,27 @@ def jitter_levels(n_jitters: int, max_jitter: float) -> np.ndarray:
     return k * (float(max_jitter) / n_jitters)
 
 
+def jitter_schedule(n_jitters: int, progressive: bool) -> list[tuple[int, np.ndarray]]:
+    """Nested jitter grids for progressive refinement: [(N_l, indices into jitter_levels(n_jitters, H)), ...].
+
+    Each level's grid h = k H / N_l is contained in the next one (N_l divides N_(l+1)), so a level evaluates
+    only the jitters that are new; the last level is N itself. Without ``progressive``: one level.
+    """
+    chain = [n_jitters]
+    while progressive and chain[0] > 1:
+        n = chain[0]
+        smallest = next(p for p in range(2, n + 1) if n % p == 0)
+        chain.insert(0, n // smallest)
+    k = np.concatenate([np.arange(-n_jitters, 0), np.arange(1, n_jitters + 1)])
+    done = np.zeros(len(k), bool)
+    schedule = []
+    for level in chain:
+        in_grid = k % (n_jitters // level) == 0
+        schedule.append((level, np.flatnonzero(in_grid & ~done)))
+        done |= in_grid
+    return schedule
+
+
 def robust_range(values: np.ndarray) -> float:
     """Spread between the 1st and 99th percentile (a strided subsample of at most ~1M values)."""
     flat = np.asarray(values).ravel()
@@ -138,14 +159,13 @@ def _max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[int]) -
 
 # -- perturbation engine ----------------------------------------------------------------------------------
 class _Perturber:
-    """Runs jittered copies of samples through the model and averages the difference quotients."""
+    """Runs jittered copies of samples through the model and sums the difference quotients."""
 
     def __init__(self, model: Model, prepared: PreparedInput, jitters: np.ndarray, channels: list[int],
                  cancel: Any, one_item_per_batch: bool = False):
         self.model, self.prepared, self.cancel = model, prepared, cancel
         self.one_item_per_batch = one_item_per_batch
         self.jitters = jitters.astype(np.float32)
-        self.weights = (1.0 / (len(jitters) * jitters)).astype(np.float32)
         self.channel_mask = np.zeros(prepared.samples.shape[1], np.float32)
         self.channel_mask[channels] = 1.0
         self.base: dict[int, np.ndarray] = {}
@@ -158,16 +178,19 @@ class _Perturber:
             self.base.update(zip(missing, out))
 
     def responses(self, n_items: int, sample_of: Callable[[int], int],
-                  direction_of: Callable[[int], np.ndarray], what: Callable[[int], str]
-                  ) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Yield (start, stop, F) for items start..stop-1: F has shape (stop - start, *sample_shape).
+                  direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
+                  subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield (start, stop, S) for items start..stop-1, S = sum over the jitters of (f(x + h d) - f(x)) / h.
 
         Item i perturbs sample ``sample_of(i)`` along ``direction_of(i)`` (a 0/1 map of the sample) on the
-        selected channels.
+        selected channels; ``subset`` picks jitters (indices into ``self.jitters``, default all). S has shape
+        (stop - start, *sample_shape); divide by the jitter count of the grid to get F.
         """
         samples = self.prepared.samples
-        n_jitters = len(self.jitters)
-        scales = self.jitters.reshape((-1, 1) + (1,) * (samples.ndim - 2)) \
+        jitters = self.jitters if subset is None else self.jitters[subset]
+        n_jitters = len(jitters)
+        weights = (1.0 / jitters).astype(np.float32)
+        scales = jitters.reshape((-1, 1) + (1,) * (samples.ndim - 2)) \
             * self.channel_mask.reshape((1, -1) + (1,) * (samples.ndim - 2))
 
         def make_batch(start: int, stop: int) -> np.ndarray:
@@ -179,7 +202,7 @@ class _Perturber:
             return batch.reshape((-1,) + samples.shape[1:])
 
         def describe(i: int) -> str:
-            return f"{what(i // n_jitters)} with jitter h = {self.jitters[i % n_jitters]:.6g}"
+            return f"{what(i // n_jitters)} with jitter h = {jitters[i % n_jitters]:.6g}"
 
         for start, stop, out in self.model.run_chunked(make_batch, n_items, self.prepared, describe,
                                                        per_item=n_jitters, cancel=self.cancel,
@@ -187,8 +210,8 @@ class _Perturber:
             out = out.reshape((stop - start, n_jitters, -1))
             for j, item in enumerate(range(start, stop)):
                 out[j] -= self.base[sample_of(item)].reshape(1, -1)
-            response = np.einsum("mkp,k->mp", out, self.weights)
-            yield start, stop, response.reshape((stop - start,) + self.prepared.sample_shape)
+            sums = np.einsum("mkp,k->mp", out, weights)
+            yield start, stop, sums.reshape((stop - start,) + self.prepared.sample_shape)
 
 
 def _report(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
@@ -198,7 +221,8 @@ def _report(progress: ProgressCallback | None, done: int, total: int, message: s
 
 # -- forward ----------------------------------------------------------------------------------------------
 def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jitter: float | None = None,
-                    channels: Any = None, geometry: Geometry | None = None,
+                    channels: Any = None, geometry: Geometry | None = None, progressive: bool = False,
+                    preview: Callable[[np.ndarray, int], None] | None = None, tolerance: float | None = None,
                     progress: ProgressCallback | None = None, cancel: Any = None) -> ForwardResult:
     """Forward mapping F(M^x): how the output reacts to jittering the masked input voxels.
 
@@ -218,6 +242,11 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
         Geometry of the input volume; resolves a 2D model's slice axis and is carried by the result.
+    progressive : bool
+        Evaluate nested jitter grids (N = 1, 2, 4, ... up to n_jitters, each reusing every earlier evaluation)
+        and call ``preview(normalized_map, N)`` after each level but the last.
+    tolerance : float, optional
+        With ``progressive``, stop once a level changes F by less than this fraction of max |F|.
 
     Returns
     -------
@@ -236,19 +265,32 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask_samples = prepared.to_samples(mask)
     touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
     perturber.base_outputs(touched)
-    signed = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
-    for start, stop, response in perturber.responses(
-            len(touched), lambda i: touched[i], lambda i: mask_samples[touched[i]],
-            lambda i: f"the input mask perturbed in sample {touched[i]}"):
-        signed[touched[start:stop]] = response
-        _report(progress, stop, len(touched), "forward mapping")
-    signed = prepared.from_samples(signed)
-    peak = float(np.abs(signed).max())
+    sums = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
+    schedule = jitter_schedule(n_jitters, progressive)
+    previous, used = None, 0
+    for level, (n_level, subset) in enumerate(schedule):
+        for start, stop, chunk in perturber.responses(
+                len(touched), lambda i: touched[i], lambda i: mask_samples[touched[i]],
+                lambda i: f"the input mask perturbed in sample {touched[i]}", subset):
+            sums[touched[start:stop]] += chunk
+            _report(progress, stop, len(touched), f"forward mapping, N = {n_level}")
+        used = n_level
+        signed = prepared.from_samples(sums / (2 * n_level))
+        peak = float(np.abs(signed).max())
+        last = level == len(schedule) - 1
+        change = None if previous is None else float(np.abs(signed - previous).max()) / max(peak, 1e-30)
+        stop_early = change is not None and tolerance is not None and change < tolerance
+        if preview is not None and not (last or stop_early):
+            preview(np.abs(signed) / peak if peak > 0 else np.zeros_like(signed), n_level)
+        if stop_early:
+            break
+        previous = signed
     normalized = np.abs(signed) / peak if peak > 0 else np.zeros_like(signed)
     units = model.card.output.units
     return ForwardResult(
         signed=signed, normalized=normalized.astype(np.float32), geometry=prepared.geometry,
-        parameters={"n_jitters": n_jitters, "max_jitter": h_max,
+        parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
+                    "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
                     "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
         evaluations=model.evaluations - evaluations_before, seconds=time.perf_counter() - started,
@@ -280,25 +322,28 @@ def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, 
 
 
 class _BlockSums:
-    """Per-block numerators and denominators of B, accumulated over samples."""
+    """Per-block numerators and denominators of B, accumulated over samples.
+
+    With several jitter levels (progressive refinement), each group's running sum of difference quotients is
+    kept between levels so that no evaluation is repeated, and ``on_level(numerator, denominator, N)`` is
+    called after each level; it returns True to stop early.
+    """
 
     def __init__(self, perturber: _Perturber, out_samples: np.ndarray, radius: int | None,
-                 progress: ProgressCallback | None):
+                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None):
         self.perturber, self.out_samples = perturber, out_samples
-        self.radius, self.progress = radius, progress
+        self.radius, self.schedule, self.progress = radius, schedule, progress
 
-    def compute(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
-        size = int(label_samples.max()) + 1
-        numerator, denominator = np.zeros(size), np.zeros(size)
+    def _items(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list, np.ndarray]:
+        """Groups of blocks perturbed together, as (sample, block ids), and the blocks that need evaluating."""
         present = [np.intersect1d(np.unique(label_samples[s]), ids) for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
-            wanted = np.unique(np.concatenate([np.zeros(0, int)] + [
-                locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
-                for s in touched]))
+            wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
+                      for s in touched]
         else:
-            wanted = np.unique(np.concatenate([np.zeros(0, int)] + [present[s] for s in touched]))
+            wanted = [present[s] for s in touched]
+        wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
         items: list[tuple[int, np.ndarray]] = []
         for s, blocks in enumerate(present):
             blocks = np.intersect1d(blocks, wanted)
@@ -309,9 +354,26 @@ class _BlockSums:
             else:
                 groups = [blocks[i:i + 1] for i in range(len(blocks))]
             items.extend((s, g) for g in groups)
+        return items, wanted
+
+    def compute(self, label_samples: np.ndarray, ids: np.ndarray,
+                on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
+        size = int(label_samples.max()) + 1
+        numerator, denominator = np.zeros(size), np.zeros(size)
+        items, wanted = self._items(label_samples, ids)
         if not items:
             return numerator, denominator
         self.perturber.base_outputs(sorted({s for s, _ in items}))
+        sample_shape = self.perturber.prepared.sample_shape
+        state = None
+        if len(self.schedule) > 1:
+            needed = len(items) * int(np.prod(sample_shape)) * 4
+            if needed > self.perturber.model.memory_budget:
+                raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
+                                 "sums; raise the memory budget or turn progressive refinement off")
+            state = np.zeros((len(items),) + sample_shape, np.float32)
         member = np.zeros(size, bool)
 
         def direction(i: int) -> np.ndarray:
@@ -320,20 +382,29 @@ class _BlockSums:
             member[group] = True
             return member[label_samples[s]]
 
-        chunks = self.perturber.responses(len(items), lambda i: items[i][0], direction,
-                                          lambda i: f"block(s) {items[i][1][:5].tolist()} of sample {items[i][0]}")
-        for start, stop, response in chunks:
-            magnitude = np.abs(response)
-            for j, (s, group) in enumerate(items[start:stop]):
-                owner = locality.owner_labels(label_samples[s], group).ravel()
-                weights = magnitude[j].ravel()
-                denominator += np.bincount(owner, weights, minlength=size)[:size]
-                inside = self.out_samples[s].ravel()
-                numerator += np.bincount(owner[inside], weights[inside], minlength=size)[:size]
-            _report(self.progress, stop, len(items), "backward mapping")
-        keep = np.zeros(size, bool)
-        keep[wanted] = True
-        numerator[~keep], denominator[~keep] = 0.0, 0.0
+        def what(i: int) -> str:
+            return f"block(s) {items[i][1][:5].tolist()} of sample {items[i][0]}"
+
+        for n_level, subset in self.schedule:
+            numerator[:], denominator[:] = 0.0, 0.0
+            for start, stop, sums in self.perturber.responses(len(items), lambda i: items[i][0], direction,
+                                                              what, subset):
+                if state is not None:
+                    state[start:stop] += sums
+                    sums = state[start:stop]
+                magnitude = np.abs(sums) / (2 * n_level)
+                for j, (s, group) in enumerate(items[start:stop]):
+                    owner = locality.owner_labels(label_samples[s], group).ravel()
+                    weights = magnitude[j].ravel()
+                    denominator += np.bincount(owner, weights, minlength=size)[:size]
+                    inside = self.out_samples[s].ravel()
+                    numerator += np.bincount(owner[inside], weights[inside], minlength=size)[:size]
+                _report(self.progress, stop, len(items), f"backward mapping, N = {n_level}")
+            keep = np.zeros(size, bool)
+            keep[wanted] = True
+            numerator[~keep], denominator[~keep] = 0.0, 0.0
+            if on_level is not None and on_level(numerator, denominator, n_level):
+                break
         return numerator, denominator
 
 
@@ -368,7 +439,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, c
                      blocks: Any = "slic", normalization: str = "fraction",
                      coarse_blocks: int | Sequence[int] | None = None, refine_threshold: float = 0.25,
                      method: str = "auto", locality_tolerance: float = 0.0, geometry: Geometry | None = None,
-                     progress: ProgressCallback | None = None, cancel: Any = None) -> BackwardResult:
+                     progressive: bool = False, preview: Callable[[np.ndarray, int], None] | None = None,
+                     tolerance: float | None = None, progress: ProgressCallback | None = None,
+                     cancel: Any = None) -> BackwardResult:
     """Backward mapping B(M^f): which input blocks drive the masked output voxels.
 
     Parameters
@@ -396,6 +469,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, c
         block; "brute" also evaluates one block at a time; "auto" is "local" unless the response is global.
     locality_tolerance : float
         0 (exact). Above 0, a global response is cut at the radius holding all but this fraction of it.
+    progressive, preview, tolerance
+        As for :func:`forward_mapping`: nested jitter grids, ``preview(painted_B, N)`` after each but the last,
+        and an optional early stop once no block's B changes by more than ``tolerance``.
 
     Returns
     -------
@@ -449,42 +525,69 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, c
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
         radius = radius_info.radius
-    sums = _BlockSums(perturber, out_samples, radius, progress)
+    schedule = jitter_schedule(n_jitters, progressive)
+    sums = _BlockSums(perturber, out_samples, radius, schedule, progress)
     evaluations_per_level, blocks_per_level = [], []
     if custom:
-        label_samples = np.ascontiguousarray(prepared.to_samples(np.asarray(blocks).astype(np.int32)))
         levels = [n_blocks]
-    label_samples_current = None
-    numerator = denominator = values = np.zeros(1)
+    state = {"numerator": np.zeros(1), "denominator": np.zeros(1), "values": np.zeros(1), "labels": None,
+             "jitters_used": n_jitters}
+
+    def merge(level_numerator: np.ndarray, level_denominator: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+        """B for every current block, with the new blocks' sums replacing those of the blocks they refine."""
+        size = len(level_numerator)
+        numerator = np.zeros(size)
+        denominator = np.zeros(size)
+        kept = min(size, len(state["numerator"]))
+        numerator[:kept], denominator[:kept] = state["numerator"][:kept], state["denominator"][:kept]
+        numerator[new_ids], denominator[new_ids] = level_numerator[new_ids], level_denominator[new_ids]
+        present = np.zeros(size, bool)
+        present[np.unique(state["labels"])] = True
+        numerator[~present], denominator[~present] = 0.0, 0.0
+        return numerator, denominator, _normalize_blocks(numerator, denominator, normalization)
+
     for level, k in enumerate(levels):
         check_cancel(cancel)
         level_start = model.evaluations
+        current = state["labels"]
         if custom:
-            label_samples_current = label_samples
-            new_ids = np.unique(label_samples[label_samples > 0])
+            current = np.ascontiguousarray(prepared.to_samples(np.asarray(blocks).astype(np.int32)))
+            new_ids = np.unique(current[current > 0])
         elif level == 0:
-            label_samples_current = _block_labels(prepared, touched, k, compactness, blocks)
-            new_ids = np.unique(label_samples_current[label_samples_current > 0])
+            current = _block_labels(prepared, touched, k, compactness, blocks)
+            new_ids = np.unique(current[current > 0])
         else:
+            values = state["values"]
             refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
-            region = np.isin(label_samples_current, refine)
-            fine = _block_labels(prepared, touched, k, compactness, blocks, region)
-            top = int(label_samples_current.max())
-            label_samples_current = np.where(fine > 0, fine + top, label_samples_current).astype(np.int32)
+            fine = _block_labels(prepared, touched, k, compactness, blocks, np.isin(current, refine))
+            top = int(current.max())
+            current = np.where(fine > 0, fine + top, current).astype(np.int32)
             new_ids = np.unique(fine[fine > 0]) + top
-        level_numerator, level_denominator = sums.compute(label_samples_current, new_ids)
-        size = len(level_numerator)
-        numerator = np.concatenate([numerator, np.zeros(size - len(numerator))])[:size]
-        denominator = np.concatenate([denominator, np.zeros(size - len(denominator))])[:size]
-        numerator[new_ids], denominator[new_ids] = level_numerator[new_ids], level_denominator[new_ids]
-        present = np.zeros(size, bool)
-        present[np.unique(label_samples_current)] = True
-        numerator[~present], denominator[~present] = 0.0, 0.0
-        values = _normalize_blocks(numerator, denominator, normalization)
+        state["labels"] = current
+        last_level = level == len(levels) - 1
+
+        def on_jitter_level(level_numerator, level_denominator, n_level, new_ids=new_ids, last_level=last_level):
+            _, _, values = merge(level_numerator, level_denominator, new_ids)
+            previous = state.get("preview_values")
+            change = None if previous is None or len(previous) != len(values) else float(
+                np.abs(values - previous).max())
+            state["preview_values"] = values
+            state["jitters_used"] = n_level
+            stop = change is not None and tolerance is not None and change < tolerance
+            if preview is not None and n_level < n_jitters and not stop:
+                preview(prepared.from_samples(values[state["labels"]].astype(np.float32)), n_level)
+            return stop
+
+        level_numerator, level_denominator = sums.compute(current, new_ids,
+                                                          on_jitter_level if len(schedule) > 1 else None)
+        state["numerator"], state["denominator"], state["values"] = merge(level_numerator, level_denominator,
+                                                                          new_ids)
+        state.pop("preview_values", None)
         evaluations_per_level.append(model.evaluations - level_start)
         blocks_per_level.append(int(len(new_ids)))
 
-    labels = prepared.from_samples(label_samples_current)
+    values = state["values"]
+    labels = prepared.from_samples(state["labels"])
     ids, compact = np.unique(labels, return_inverse=True)
     compact = compact.reshape(labels.shape).astype(np.int32)
     if ids[0] != 0:
@@ -494,7 +597,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, c
     block_values[0] = 0.0
     painted = block_values[compact]
     parameters = {
-        "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters, "max_jitter": h_max,
+        "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters,
+        "n_jitters_used": state["jitters_used"], "progressive": progressive, "tolerance": tolerance,
+        "max_jitter": h_max,
         "channels": [model.card.input.channels[c] for c in channel_list], "blocks": "labels" if custom else blocks,
         "normalization": normalization, "coarse_blocks": levels[:-1] if len(levels) > 1 else None,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
