@@ -24,6 +24,8 @@ from .geometry import Geometry
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 DEFAULT_OUTPUT = "ibix-output"
+#: Grey levels of an output in Hounsfield units under F (the soft-tissue window, level 40, width 400).
+CT_WINDOW = (-160.0, 240.0)
 
 
 # -- console and progress -----------------------------------------------------------------------------------
@@ -442,6 +444,8 @@ def forward_png(path: Path, model, inputs: Inputs, output: np.ndarray, result, m
                 f"{result.seconds:.1f} s on {result.device} · max |F| = {_fmt(float(np.abs(result.signed).max()))}")
     name = model.card.output.channels[0] if model.card.output.channels else "output"
     units = model.card.output.units
+    if units == "HU" and "window" not in kw:
+        kw["window"] = CT_WINDOW
     return figures.forward_figure(path, output, result.signed, mask, inputs.geometry, axis, slices,
                                   result.units, f"{name}{', ' + units if units else ''}", subtitle=subtitle,
                                   crop=crop, crop_reference=inputs.arrays[0], **kw)

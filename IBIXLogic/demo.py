@@ -136,7 +136,7 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
 
     if figures_dir is not None:
         t0 = time.perf_counter()
-        small = dict(dpi=72, max_colors=96, panel_inches=2.4)
+        small = dict(dpi=90, max_colors=256, panel_inches=2.5)
         docs = [cli.forward_png(Path(figures_dir) / f"{case.name}_forward.png", model, inputs, output, forward,
                                 input_mask, axis, forward_slices[:: max(1, -(-len(forward_slices) // 3))], **small),
                 cli.backward_png(Path(figures_dir) / f"{case.name}_backward.png", model, inputs, backward,

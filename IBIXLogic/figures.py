@@ -121,13 +121,15 @@ def _percentiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:
     return np.percentile(values[::step], q)
 
 
-def grey_window(values: np.ndarray) -> tuple[float, float]:
-    """Grey levels: the 1st to 99.5th percentile of the object (voxels above 20 % of the full range)."""
-    low, high = (float(v) for v in _percentiles(values, [1, 99.5]))
+def grey_window(values: np.ndarray, context: np.ndarray | None = None) -> tuple[float, float]:
+    """Grey levels for ``values``: the 3rd to 99.5th percentile of its object voxels, with the object told apart
+    from the background (below 20 % of the range) on ``context`` (e.g. the whole slices of a cropped view)."""
+    values = np.asarray(values, np.float32)
+    context = values if context is None else np.asarray(context, np.float32)
+    low, high = (float(v) for v in _percentiles(context, [1, 99.5]))
     if not high > low:
         low, high = float(np.min(values)), float(np.max(values))
         return low, (high if high > low else low + 1.0)
-    values = np.asarray(values)
     inside = values[values > low + 0.2 * (high - low)]
     if inside.size > 100:
         in_low, in_high = (float(v) for v in _percentiles(inside, [3, 99.5]))
@@ -181,13 +183,14 @@ def crop_box(images: Sequence[np.ndarray], keep: Sequence[np.ndarray], mode: str
 
 def overlay_figure(path: str | Path, *, background: np.ndarray, overlay: np.ndarray, mask: np.ndarray,
                    geometry: Geometry, axis: int | None, slices: Sequence[int], cmap: str, colorbar_label: str,
-                   title: str, subtitle: str = "", background_label: str = "image", mask_label: str = "mask", outline_color: str = "cyan",
+                   title: str, subtitle: str = "", scale_note: str = "", background_label: str = "image", mask_label: str = "mask", outline_color: str = "cyan",
                    vmax: float | None = None, threshold: float = DEFAULT_THRESHOLD, labels: np.ndarray | None = None,
-                   crop: str = "roi", crop_reference: np.ndarray | None = None, panel_inches: float = 2.9, dpi: int = 100, max_colors: int | None = None
+                   window: tuple[float, float] | None = None, crop: str = "roi", crop_reference: np.ndarray | None = None, panel_inches: float = 2.9, dpi: int = 100, max_colors: int | None = None
                    ) -> Path:
     """Write a PNG montage: ``overlay`` (>= 0) in colour over ``background`` in grey, ``mask`` outlined.
 
-    Values below ``threshold * vmax`` are transparent. ``labels`` (block labels) draws faint block borders
+    Values below ``threshold * vmax`` are transparent. ``window``: grey levels of the background (default: from
+    the object's percentiles). ``labels`` (block labels) draws faint block borders
     where the map is shown. ``max_colors`` quantises the PNG to a palette (smaller files for documentation).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -212,7 +215,8 @@ def overlay_figure(path: str | Path, *, background: np.ndarray, overlay: np.ndar
     references = backgrounds if crop_reference is None else [plane.take(crop_reference, s) for s in slices]
     rows_cut, cols_cut = crop_box(references, [m | (o >= threshold * vmax) for m, o in zip(masks, overlays)],
                                   crop, (plane.row_spacing, plane.col_spacing))
-    grey_low, grey_high = grey_window(np.stack([b[rows_cut, cols_cut] for b in backgrounds]))
+    grey_low, grey_high = window if window is not None else \
+        grey_window(np.stack([b[rows_cut, cols_cut] for b in backgrounds]), np.stack(backgrounds))
 
     import textwrap
 
@@ -269,7 +273,7 @@ def overlay_figure(path: str | Path, *, background: np.ndarray, overlay: np.ndar
             ax.text(0.5, 0.985, plane.edges[2], ha="center", va="top", **style)
     bar_ax = fig.add_axes([(panels_w + 0.3) / fig_w, bottom + 0.05 * (top - bottom),
                            0.16 / fig_w, 0.9 * (top - bottom)])
-    bar = fig.colorbar(ScalarMappable(norm, colormap), cax=bar_ax)
+    bar = fig.colorbar(ScalarMappable(norm, colormap), cax=bar_ax, extend="max" if peak > vmax * 1.0001 else "neither")
     bar.set_label(colorbar_label, fontsize=8.5)
     bar.ax.tick_params(labelsize=7.5)
     centre = 0.5
@@ -281,8 +285,11 @@ def overlay_figure(path: str | Path, *, background: np.ndarray, overlay: np.ndar
     handles = [Line2D([], [], color=outline_color, linewidth=1.6, label=mask_label)]
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(centre, 0.13 / fig_h), frameon=False,
                fontsize=8, ncol=1, borderpad=0.1)
-    fig.text(centre, 0.04 / fig_h, f"map drawn where it is at least {threshold:.0%} of the colour scale's maximum; "
-             "grey: " + background_label, ha="center", va="bottom", fontsize=6.5, color="0.35")
+    note = f"map drawn where it is at least {threshold:.0%} of the colour scale's top"
+    if peak > vmax * 1.0001:
+        note += f" (scale clipped at {scale_note or 'a robust maximum'}; largest value {peak:.3g})"
+    fig.text(centre, 0.04 / fig_h, note + "; grey: " + background_label, ha="center", va="bottom", fontsize=6.5,
+             color="0.35")
     return _save(fig, path, dpi, max_colors)
 
 
@@ -299,7 +306,7 @@ def _save(fig, path: Path, dpi: int, max_colors: int | None) -> Path:
             fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
             buffer.seek(0)
             image = Image.open(buffer).convert("RGB")
-            image.quantize(colors=int(max_colors), method=Image.Quantize.MEDIANCUT,
+            image.quantize(colors=int(max_colors), method=Image.Quantize.FASTOCTREE,
                            dither=Image.Dither.NONE).save(temporary, format="PNG", optimize=True)
         else:
             fig.savefig(temporary, format="png", dpi=dpi, facecolor="white")
@@ -310,10 +317,19 @@ def _save(fig, path: Path, dpi: int, max_colors: int | None) -> Path:
     return path
 
 
+def robust_max(values: np.ndarray, percentile: float = 99.0) -> float:
+    """The ``percentile`` of the nonzero |values| (a colour scale that a few extreme voxels do not wash out)."""
+    magnitude = np.abs(np.asarray(values, np.float32))
+    nonzero = magnitude[magnitude > 0]
+    return float(np.percentile(nonzero, percentile)) if nonzero.size else 0.0
+
+
 def forward_figure(path: str | Path, output: np.ndarray, forward_abs: np.ndarray, mask: np.ndarray,
                    geometry: Geometry, axis: int | None, slices: Sequence[int], units: str, output_name: str,
                    subtitle: str = "", **kw) -> Path:
     """F over the model output: where and how strongly the output reacts to jittering the input mask."""
+    kw.setdefault("vmax", robust_max(forward_abs))
+    kw.setdefault("scale_note", "the 99th percentile of the nonzero |F|")
     return overlay_figure(
         path, background=output, overlay=forward_abs, mask=mask, geometry=geometry, axis=axis, slices=slices,
         cmap="inferno", colorbar_label=f"|F|  ({units})", outline_color="cyan",
