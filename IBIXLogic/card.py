@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -118,18 +119,60 @@ def _describe(error) -> str:
     return f"model card field {where!r}: {error.message}"
 
 
+_MAX_CARD_DEPTH = 32
+
+
+def _json_clean(value: Any, where: str, depth: int = 0) -> Any:
+    """A deep copy of ``value`` with JSON types only (tuples become lists, numpy scalars Python numbers).
+
+    Refuses what JSON cannot hold or the schema cannot judge: non-text field names, NaN or infinite numbers,
+    other Python objects, absurd nesting. ``where`` is the field path, for the message.
+    """
+    name = where or "(the card itself)"
+    if depth > _MAX_CARD_DEPTH:
+        raise ModelCardError(f"model card field {name!r} is nested more than {_MAX_CARD_DEPTH} levels deep")
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        value = value.item()  # numpy scalar
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ModelCardError(f"model card field {name!r} has a field name {key!r} that is not text; "
+                                     "field names are JSON strings")
+            shown = key or "(empty name)"
+            out[key] = _json_clean(item, f"{where}.{shown}" if where else shown, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(item, f"{where}.{i}" if where else str(i), depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ModelCardError(f"model card field {name!r} is {value!r}; model cards take finite numbers only")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ModelCardError(f"model card field {name!r} holds a {type(value).__name__}; model cards take JSON "
+                         "values only (objects, arrays, text, numbers, true/false, null)")
+
+
 def validate_card(card: Any) -> dict:
-    """Check a card against the schema and the rules the schema cannot express; return it as a dict."""
+    """Check a card against the schema and the rules the schema cannot express; return it as a (new) dict."""
     import jsonschema
 
     if not isinstance(card, Mapping):
         raise ModelCardError(f"a model card must be a JSON object, got {type(card).__name__}")
-    card = dict(card)
+    card = _json_clean(card, "")
     validator = jsonschema.Draft202012Validator(card_schema())
     errors = sorted(validator.iter_errors(card), key=lambda e: (len(list(e.absolute_path)), str(e.message)))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
         raise ModelCardError(_describe(best))
+    # JSON Schema counts 2.0 as an integer: store the integer fields as Python ints.
+    for key in ("spatial_dims", "ibix_card"):
+        if key in card:
+            card[key] = int(card[key])
+    spec = card.get("input", {})
+    if "multiple_of" in spec:
+        spec["multiple_of"] = int(spec["multiple_of"])
+    if "size" in spec:
+        spec["size"] = [int(v) for v in spec["size"]]
     for side in ("input", "output"):
         intensity = card.get(side, {}).get("intensity")
         if intensity is None:
