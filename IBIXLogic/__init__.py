@@ -10,13 +10,13 @@ from .geometry import Geometry, slice_array_axis
 from .io import read_mask, read_volume, resample_mask, write_volume
 from .mapping import (BackwardResult, ForwardResult, backward_mapping, forward_mapping, jitter_levels,
                       measure_response_radius)
-from .runner import Model, load_model
+from .runner import Model, load_model, release_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackwardResult", "Cancelled", "ForwardResult", "Geometry", "IBIXError", "InputError", "Model", "ModelCard",
     "ModelCardError", "ModelError", "backward_mapping", "card_schema", "forward_mapping", "grid_blocks",
-    "jitter_levels", "load_model", "measure_response_radius", "read_mask", "read_volume", "resample_mask",
-    "slice_array_axis", "superpixel_blocks", "validate_card", "write_volume",
+    "jitter_levels", "load_model", "measure_response_radius", "read_mask", "read_volume", "release_models",
+    "resample_mask", "slice_array_axis", "superpixel_blocks", "validate_card", "write_volume",
 ]
