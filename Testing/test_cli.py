@@ -1,0 +1,320 @@
+"""The ``ibix`` command line: files and geometry, equality with the engine, exit codes and messages, demo."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import IBIXLogic as ibx
+import onnx_models as om
+from IBIXLogic.cli import main
+
+KERNEL = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.float32)
+# an oblique-free but non-identity geometry: flipped axes, anisotropic spacing, offset origin
+DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+ORIGIN = (12.5, -30.0, 7.0)
+SPACING = (0.9, 1.1, 2.5)
+SHAPE = (4, 20, 24)  # slices, rows, cols
+
+
+def write(path, array, origin=ORIGIN, spacing=SPACING, direction=DIRECTION):
+    image = sitk.GetImageFromArray(np.asarray(array))
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return Path(path)
+
+
+@pytest.fixture
+def case(tmp_path, rng):
+    """A convolution model, a 3-slice volume with a head-like blob, and input/output masks."""
+    model = om.save(om.convolution(KERNEL), tmp_path, "conv", {"spatial_dims": 2, "slice_axis": "axial"})
+    zz, yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    x = (100.0 * (((yy - 10) / 8.0) ** 2 + ((xx - 12) / 9.0) ** 2 < 1) + rng.normal(0, 5, SHAPE)).astype(np.float32)
+    volume = write(tmp_path / "t1.nrrd", x)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[1:3, 8:12, 9:14] = 1
+    mask[2, 14:16, 5:7] = 2
+    out_mask = np.zeros(SHAPE, np.uint8)
+    out_mask[2, 9:11, 10:13] = 1
+    return {"model": model, "x": x, "volume": volume, "mask": mask, "mask_path": write(tmp_path / "mask.nrrd", mask),
+            "out_mask": out_mask, "out_mask_path": write(tmp_path / "out_mask.nii.gz", out_mask),
+            "out": tmp_path / "results", "tmp": tmp_path}
+
+
+def geometry_of(path):
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection(), reader.GetSize()
+
+
+def assert_input_geometry(path):
+    origin, spacing, direction, size = geometry_of(path)
+    np.testing.assert_allclose(origin, ORIGIN, atol=1e-5)
+    np.testing.assert_allclose(spacing, SPACING, atol=1e-6)
+    np.testing.assert_allclose(direction, DIRECTION, atol=1e-6)
+    assert tuple(size) == tuple(reversed(SHAPE))
+
+
+def read(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def engine_model(case):
+    return ibx.load_model(case["model"], device="cpu")
+
+
+def geometry():
+    return ibx.Geometry(ORIGIN, SPACING, np.reshape(DIRECTION, (3, 3)), SHAPE)
+
+
+# -- results --------------------------------------------------------------------------------------------------
+def test_predict_writes_output_with_input_geometry(case, capsys):
+    code = main(["predict", "--model", str(case["model"]), "--input", str(case["volume"]),
+                 "--output", str(case["out"])])
+    assert code == 0
+    out = case["out"] / "output.nrrd"
+    assert_input_geometry(out)
+    expected = engine_model(case).predict(case["x"], geometry())
+    np.testing.assert_allclose(read(out), expected, atol=1e-5)
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert summary["command"] == "predict" and summary["predict"]["evaluations"] == SHAPE[0]
+    assert str(out) in summary["files"]
+    assert "output.nrrd" in capsys.readouterr().out
+
+
+def test_forward_equals_engine_and_summary(case):
+    code = main(["forward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask",
+                 str(case["mask_path"]), "--label", "1", "--n-jitters", "3", "--max-jitter", "7.5",
+                 "--output", str(case["out"])])
+    assert code == 0
+    mask = case["mask"] == 1
+    expected = ibx.forward_mapping(engine_model(case), case["x"], mask, n_jitters=3, max_jitter=7.5,
+                                   geometry=geometry())
+    for name, array in (("forward_signed.nrrd", expected.signed), ("forward_normalized.nrrd", expected.normalized)):
+        assert_input_geometry(case["out"] / name)
+        np.testing.assert_allclose(read(case["out"] / name), array, atol=1e-5)
+    # the convolution's F is the kernel applied to the mask, slice by slice
+    slices = np.stack([om.correlate(m, KERNEL) for m in mask])
+    np.testing.assert_allclose(read(case["out"] / "forward_signed.nrrd"), slices, atol=1e-4)
+    png = case["out"] / "forward.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert summary["command"] == "forward" and summary["label"] == 1
+    forward = summary["forward"]
+    assert forward["parameters"]["n_jitters"] == 3 and forward["parameters"]["max_jitter"] == 7.5
+    assert forward["evaluations"] == expected.evaluations
+    assert forward["device"] == "cpu" and forward["seconds"] >= 0
+    assert summary["figure"]["slices"] == [1, 2]
+    assert sorted(Path(f).name for f in summary["files"]) == sorted(
+        ["forward_signed.nrrd", "forward_normalized.nrrd", "forward.png", "summary.json"])
+
+
+def test_backward_equals_engine_nifti_and_summary(case):
+    code = main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+                 str(case["out_mask_path"]), "--n-blocks", "12", "--n-jitters", "2", "--blocks", "grid",
+                 "--method", "batched", "--format", "nifti", "--no-png", "--output", str(case["out"]), "-q"])
+    assert code == 0
+    expected = ibx.backward_mapping(engine_model(case), case["x"], case["out_mask"] > 0, n_blocks=12, n_jitters=2,
+                                    blocks="grid", method="batched", geometry=geometry())
+    assert_input_geometry(case["out"] / "backward.nii.gz")
+    np.testing.assert_allclose(read(case["out"] / "backward.nii.gz"), expected.map, atol=1e-5)
+    np.testing.assert_array_equal(read(case["out"] / "backward_blocks.nii.gz"), expected.labels)
+    assert not (case["out"] / "backward.png").exists()
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    backward = summary["backward"]
+    assert backward["evaluations"] == expected.evaluations
+    assert backward["evaluations_per_level"] == expected.evaluations_per_level
+    assert backward["parameters"]["blocks"] == "grid" and backward["parameters"]["method"] == "batched"
+    assert "response_radius" in backward and summary["seconds_total"] > 0
+
+
+def test_backward_local_coarse_to_fine_with_png(case):
+    code = main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask",
+                 str(case["out_mask_path"]), "--n-blocks", "40", "--coarse-blocks", "6", "--n-jitters", "2",
+                 "--output", str(case["out"]), "-q"])
+    assert code == 0
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert len(summary["backward"]["evaluations_per_level"]) == 2
+    assert summary["backward"]["response_radius"]["radius"] is not None
+    assert (case["out"] / "backward.png").stat().st_size > 1000
+
+
+def test_multichannel_order_and_channel_selection(tmp_path, rng):
+    weights = [0.5, -2.0, 3.0]
+    model = om.save(om.channel_mix(weights), tmp_path, "mix", {"input": {"channels": ["water", "fat", "in_phase"]}})
+    paths = [write(tmp_path / f"{c}.mha", rng.normal(size=SHAPE).astype(np.float32)) for c in ("w", "f", "i")]
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[1, 4:8, 4:8] = 1
+    mask_path = write(tmp_path / "m.nrrd", mask)
+    args = ["forward", "--model", str(model), "--mask", str(mask_path), "--max-jitter", "0.5", "--n-jitters", "2",
+            "--channels", "fat", "--no-png", "-q", "--output", str(tmp_path / "o")]
+    for p in paths:
+        args += ["--input", str(p)]
+    assert main(args) == 0
+    np.testing.assert_allclose(read(tmp_path / "o" / "forward_signed.nrrd"), weights[1] * mask, atol=1e-5)
+
+
+def test_mask_on_another_grid_is_resampled_with_a_note(case, capsys):
+    # the same physical box on a grid with half the in-plane spacing
+    fine = np.repeat(np.repeat(case["mask"], 2, axis=1), 2, axis=2)
+    origin = tuple(np.array(ORIGIN) + np.reshape(DIRECTION, (3, 3)) @ (-np.array(SPACING) / 4 * [1, 1, 0]))
+    path = write(case["tmp"] / "fine_mask.nrrd", fine, origin=origin,
+                 spacing=(SPACING[0] / 2, SPACING[1] / 2, SPACING[2]))
+    code = main(["forward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask", str(path),
+                 "--n-jitters", "2", "--no-png", "--output", str(case["out"])])
+    assert code == 0
+    assert "resampled" in capsys.readouterr().err
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert summary["forward"]["parameters"]["mask_voxels"] == int((case["mask"] > 0).sum())
+
+
+def test_quiet_prints_nothing(case, capsys):
+    code = main(["forward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask",
+                 str(case["mask_path"]), "--quiet", "--output", str(case["out"])])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (case["out"] / "forward.png").is_file()
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+def run_error(capsys, args):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_missing_files(case, capsys):
+    code, err = run_error(capsys, ["predict", "--model", str(case["model"]), "--input",
+                                   str(case["tmp"] / "nope.nrrd"), "--output", str(case["out"])])
+    assert code == 2 and "nope.nrrd" in err and "no such file" in err
+    code, err = run_error(capsys, ["predict", "--model", str(case["tmp"] / "nomodel.onnx"), "--input",
+                                   str(case["volume"]), "--output", str(case["out"])])
+    assert code == 2 and "nomodel.onnx" in err and "not found" in err
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["tmp"] / "nomask.nrrd"), "--output", str(case["out"])])
+    assert code == 2 and "nomask.nrrd" in err
+
+
+def test_unreadable_volume(case, capsys, rng):
+    bad = case["tmp"] / "garbage.nrrd"
+    bad.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    code, err = run_error(capsys, ["predict", "--model", str(case["model"]), "--input", str(bad),
+                                   "--output", str(case["out"])])
+    assert code == 2 and "garbage.nrrd" in err and "not a readable volume" in err
+
+
+def test_mask_that_does_not_overlap(case, capsys):
+    far = write(case["tmp"] / "far_mask.nrrd", case["mask"], origin=(500.0, 500.0, 500.0))
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(far), "--output", str(case["out"])])
+    assert code == 2 and "far_mask.nrrd" in err and "does not overlap" in err
+
+
+def test_empty_label(case, capsys):
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["mask_path"]), "--label", "7", "--output", str(case["out"])])
+    assert code == 2 and "label 7" in err
+
+
+def test_unwritable_output_folder(case, capsys):
+    blocker = case["tmp"] / "a_file"
+    blocker.write_text("not a folder")
+    folder = blocker / "results"
+    code, err = run_error(capsys, ["predict", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--output", str(folder)])
+    assert code == 2 and str(folder) in err and "output folder" in err
+
+
+def test_refuses_to_overwrite_an_input(case, capsys):
+    victim = case["tmp"] / "output.nrrd"
+    write(victim, case["x"])
+    before = victim.read_bytes()
+    code, err = run_error(capsys, ["predict", "--model", str(case["model"]), "--input", str(victim),
+                                   "--output", str(case["tmp"])])
+    assert code == 2 and "overwrite an input" in err
+    assert victim.read_bytes() == before
+
+
+def test_wrong_channel_count(tmp_path, capsys, rng):
+    model = om.save(om.channel_mix([1.0, 1.0, 1.0]), tmp_path, "mix", {"input": {"channels": ["water", "fat", "ip"]}})
+    volume = write(tmp_path / "w.nrrd", rng.normal(size=SHAPE).astype(np.float32))
+    code, err = run_error(capsys, ["predict", "--model", str(model), "--input", str(volume), "--input", str(volume),
+                                   "--output", str(tmp_path / "o")])
+    assert code == 2 and "3 input channel(s)" in err and "2 --input" in err
+
+
+def test_channels_on_different_grids(tmp_path, capsys, rng):
+    model = om.save(om.channel_mix([1.0, 1.0]), tmp_path, "mix2", {"input": {"channels": ["a", "b"]}})
+    a = write(tmp_path / "a.nrrd", rng.normal(size=SHAPE).astype(np.float32))
+    b = write(tmp_path / "b.nrrd", rng.normal(size=SHAPE).astype(np.float32), spacing=(2.0, 2.0, 2.0))
+    code, err = run_error(capsys, ["predict", "--model", str(model), "--input", str(a), "--input", str(b),
+                                   "--output", str(tmp_path / "o")])
+    assert code == 2 and "b.nrrd" in err and "grid" in err
+
+
+@pytest.mark.parametrize("option", [["--n-jitters", "0"], ["--max-jitter", "-1"], ["--method", "fast"],
+                                    ["--compactness", "abc"], ["--refine-threshold", "2"],
+                                    ["--locality-tolerance", "1"]])
+def test_bad_option_values(case, capsys, option):
+    code, err = run_error(capsys, ["backward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["out_mask_path"]), "--output", str(case["out"])] + option)
+    assert code == 2 and option[0] in err
+    assert not (case["out"] / "summary.json").exists()
+
+
+def test_slice_out_of_range_and_unknown_channel(case, capsys):
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["mask_path"]), "--slice", "9", "--output", str(case["out"])])
+    assert code == 2 and "--slice 9" in err
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["mask_path"]), "--channels", "T2", "--output", str(case["out"])])
+    assert code == 2 and "T2" in err
+
+
+def test_no_command_and_help(capsys):
+    assert main([]) == 2
+    assert main(["forward", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--n-jitters", "--max-jitter", "--channels", "--label", "--device", "--memory-budget",
+                   "--format", "--slice", "--quiet"):
+        assert option in text
+    assert "(default: 8)" in text and "(default: auto)" in text
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("ibix")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "IBIXLogic.cli"]
+    result = subprocess.run(command + ["backward", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for option in ("--n-blocks", "--compactness", "--blocks", "--block-labels", "--normalization",
+                   "--coarse-blocks", "--refine-threshold", "--method", "--locality-tolerance", "--out-label"):
+        assert option in result.stdout
+    assert "(default: 500)" in result.stdout and "(default: 0.25)" in result.stdout
+
+
+# -- demo -----------------------------------------------------------------------------------------------------
+def test_demo_quick(tmp_path, capsys):
+    started = time.perf_counter()
+    code = main(["demo", "--quick", "--output", str(tmp_path / "demo")])
+    seconds = time.perf_counter() - started
+    assert code == 0, capsys.readouterr().err
+    for demo in ("t1_to_t2", "mri_to_pct"):
+        folder = tmp_path / "demo" / demo
+        for name in ("output.nrrd", "forward_signed.nrrd", "forward_normalized.nrrd", "forward.png",
+                     "backward.nrrd", "backward_blocks.nrrd", "backward.png", "summary.json"):
+            assert (folder / name).is_file(), f"{demo}/{name} missing"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["quick"] and summary["backward"]["parameters"]["n_blocks"] == 100
+        assert summary["forward"]["evaluations"] > 0 and summary["backward"]["evaluations"] > 0
+    out = capsys.readouterr().out
+    assert "t1_to_t2" in out and "mri_to_pct" in out and "evaluations" in out
+    assert seconds < 60
