@@ -65,8 +65,9 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry)
         sitk.WriteImage(image, str(temporary), True)
         os.replace(temporary, path)
     except (RuntimeError, OSError) as exc:
-        temporary.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write ({exc}); check the folder is writable") from None
+    finally:  # also on KeyboardInterrupt or any other interruption: never leave the partial file
+        temporary.unlink(missing_ok=True)
     return path
 
 

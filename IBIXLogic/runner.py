@@ -304,27 +304,60 @@ class Model:
         """Yield (start, stop, outputs) over ``total`` items, each ``per_item`` samples, in memory-sized chunks.
 
         ``make_batch(start, stop)`` builds the input batch for items start..stop-1. A chunk that runs out of
-        memory is retried in halves.
+        memory is retried in halves; a single item that still does not fit is run a few samples at a time.
         """
         items = max(1, self.batch_size(prepared.sample_shape) // per_item)
         if max_items is not None:
             items = min(items, max_items)
+        piece = None  # samples per model call, once one item had to be split
         start = 0
         while start < total:
             check_cancel(cancel)
             stop = min(total, start + items)
+            describe_chunk = None if describe is None else (lambda i, s=start: describe(s * per_item + i))
             try:
-                out = self.run(make_batch(start, stop), prepared,
-                               None if describe is None else (lambda i, s=start: describe(s * per_item + i)))
+                if piece is None:
+                    out = self.run(make_batch(start, stop), prepared, describe_chunk)
+                else:
+                    out, piece = self._run_in_pieces(make_batch(start, stop), prepared, describe_chunk, piece,
+                                                     cancel)
             except MemoryError as exc:
-                if stop - start == 1:
-                    raise ModelError(f"out of memory running one sample of {list(prepared.sample_shape)} voxels "
-                                     f"({exc}); use a smaller volume, a smaller model, or the CPU") from None
-                items = max(1, (stop - start) // 2)
-                log.warning("out of memory with %d items per batch; retrying with %d", stop - start, items)
+                if stop - start > 1:
+                    items = max(1, (stop - start) // 2)
+                    log.warning("out of memory with %d items per batch; retrying with %d", stop - start, items)
+                elif per_item > 1:
+                    piece = max(1, per_item // 2)
+                    log.warning("out of memory with one item (%d samples); retrying %d samples at a time",
+                                per_item, piece)
+                else:
+                    raise self._out_of_memory(prepared, exc) from None
                 continue
             yield start, stop, out
             start = stop
+
+    def _run_in_pieces(self, batch: np.ndarray, prepared: PreparedInput, describe: Callable[[int], str] | None,
+                       piece: int, cancel: Any) -> tuple[np.ndarray, int]:
+        """Run ``batch`` ``piece`` samples at a time, halving ``piece`` on out-of-memory; (outputs, piece)."""
+        outputs, start = [], 0
+        while start < batch.shape[0]:
+            check_cancel(cancel)
+            stop = min(batch.shape[0], start + piece)
+            try:
+                outputs.append(self.run(batch[start:stop].copy(), prepared,
+                                        None if describe is None else (lambda i, s=start: describe(s + i))))
+            except MemoryError as exc:
+                if piece == 1:
+                    raise self._out_of_memory(prepared, exc) from None
+                piece = max(1, piece // 2)
+                log.warning("out of memory; retrying %d samples at a time", piece)
+                continue
+            start = stop
+        return np.concatenate(outputs), piece
+
+    @staticmethod
+    def _out_of_memory(prepared: PreparedInput, exc: BaseException) -> ModelError:
+        return ModelError(f"out of memory running one sample of {list(prepared.sample_shape)} voxels ({exc}); "
+                          "use a smaller volume, a smaller model, or the CPU")
 
     def check_runs(self) -> None:
         """Run the model once on a small constant input, so that a card that does not fit fails at load time."""
