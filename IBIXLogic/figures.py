@@ -317,11 +317,15 @@ def _save(fig, path: Path, dpi: int, max_colors: int | None) -> Path:
     return path
 
 
-def robust_max(values: np.ndarray, percentile: float = 99.0) -> float:
-    """The ``percentile`` of the nonzero |values| (a colour scale that a few extreme voxels do not wash out)."""
+def robust_max(values: np.ndarray, percentile: float = 99.0, spike: float = 2.5) -> float:
+    """Top of a colour scale: the largest |value|, unless it exceeds ``spike`` times the ``percentile`` of the
+    nonzero |values|, then that percentile (so that a few extreme voxels do not wash out the map)."""
     magnitude = np.abs(np.asarray(values, np.float32))
     nonzero = magnitude[magnitude > 0]
-    return float(np.percentile(nonzero, percentile)) if nonzero.size else 0.0
+    if not nonzero.size:
+        return 0.0
+    peak, robust = float(nonzero.max()), float(np.percentile(nonzero, percentile))
+    return robust if peak > spike * robust else peak
 
 
 def forward_figure(path: str | Path, output: np.ndarray, forward_abs: np.ndarray, mask: np.ndarray,
