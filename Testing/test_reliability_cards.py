@@ -59,7 +59,8 @@ VALID_CARDS = [
 
 json_leaf = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-             | st.sampled_from(["NCHW", "NDHWC", "axial", "x", "y", 2, 3, 0, -1, 1.0, 2.0, "", [], {}]))
+             | st.sampled_from(["NCHW", "NDHWC", "axial", "x", "y", 2, 3, 0, -1, 1.0, 2.0, ""])
+             | st.builds(list) | st.builds(dict))  # fresh containers: mutations must not touch shared objects
 json_values = st.recursive(
     json_leaf,
     lambda children: st.lists(children, max_size=4)
