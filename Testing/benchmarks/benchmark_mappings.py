@@ -1,0 +1,230 @@
+"""Benchmark of IBIX's forward and backward mappings on the demo T1->T2 model (run: make benchmark).
+
+Each case runs in its own process so that its peak memory (RSS) is its own. For every method the script prints
+model evaluations, wall time, the best time per evaluation measured in the same process (same model, device and
+batch size), the overhead ratio wall / (evaluations x best time per evaluation), peak memory, and agreement of B
+with brute force (every block, every jitter, one block at a time) on the same blocks and jitters: Pearson r and
+the largest absolute difference. Not part of the test suite; tests never assert timings.
+
+    python Testing/benchmarks/benchmark_mappings.py [--quick] [--json results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "Resources" / "Models" / "t1_to_t2_cae.onnx"
+T1 = ROOT / "Resources" / "SampleData" / "IBIX-T1.nrrd"
+OUT_MASK = ROOT / "Resources" / "SampleData" / "IBIX-T1-output-mask.nrrd"
+IN_MASK = ROOT / "Resources" / "SampleData" / "IBIX-T1-input-mask.nrrd"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def best_time_per_evaluation(model, prepared, repeats: int = 5) -> float:
+    """Fastest seconds per sample at the batch size the engine uses, excluding IBIX's own work."""
+    batch = np.repeat(prepared.samples[:1], model.batch_size(prepared.sample_shape), axis=0)
+    model_input = model._to_model(batch.copy(), prepared)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model._session_run(model_input)
+        best = min(best, (time.perf_counter() - started) / len(batch))
+    return best
+
+
+def agreement(values: np.ndarray, reference: np.ndarray) -> dict:
+    r = float(np.corrcoef(values.ravel(), reference.ravel())[0, 1])
+    return {"pearson_r": r, "max_abs_diff": float(np.abs(values - reference).max())}
+
+
+def t1_slice():
+    import IBIXLogic as ibx
+    volume, geometry = ibx.read_volume(T1)
+    out_mask = ibx.read_mask(OUT_MASK, reference=geometry)
+    k = int(np.flatnonzero(out_mask.reshape(len(out_mask), -1).any(axis=1))[0])
+    image = volume[k].astype(np.float32)
+    ventricle = out_mask[k]
+    small = np.zeros_like(ventricle)
+    centre = np.round(np.argwhere(ventricle).mean(axis=0)).astype(int)
+    small[centre[0] - 2:centre[0] + 3, centre[1] - 2:centre[1] + 3] = True
+    in_mask = ibx.read_mask(IN_MASK, reference=geometry)
+    return volume, geometry, k, image, {"5x5": small, "ventricle": ventricle}, in_mask
+
+
+def small_3d_model(folder: Path) -> Path:
+    """A small 3D convolutional encoder-decoder with fixed random weights (receptive field ~ +-7 voxels)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(7)
+    shapes = {"w1": (8, 1, 3, 3, 3), "w2": (8, 8, 3, 3, 3), "w3": (1, 8, 3, 3, 3)}
+    weights = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+    weights["scales"] = np.array([1, 1, 2, 2, 2], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 6), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2] * 3, strides=[2] * 3),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1] * 6), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Resize", ["r2", "", "scales"], ["u2"], mode="nearest"),
+             helper.make_node("Conv", ["u2", "w3"], ["y"], pads=[1] * 6)]
+    graph = helper.make_graph(nodes, "small3d",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "small3d.onnx"
+    onnx.save(model, str(path))
+    path.with_suffix(".json").write_text(json.dumps({
+        "spatial_dims": 3, "input": {"layout": "NCDHW", "channels": ["T1"], "multiple_of": 2,
+                                     "intensity": {"percentiles": [0.5, 99.5], "to": [0, 1], "clip": True}}}))
+    return path
+
+
+def run_case(name: str, quick: bool) -> dict:
+    import IBIXLogic as ibx
+    n_blocks = 150 if quick else 500
+    if name.startswith("2d-"):
+        _, _, _, image, masks, _ = t1_slice()
+        model = ibx.load_model(MODEL)
+        prepared = model.prepare(image)
+        per_eval = best_time_per_evaluation(model, prepared)
+        if name == "2d-forward":
+            small = masks["5x5"]
+            started = time.perf_counter()
+            result = ibx.forward_mapping(model, image, small, n_jitters=8)
+            wall = time.perf_counter() - started
+            return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, "wall_s": wall,
+                    "per_eval_s": per_eval, "peak_rss_mib": peak_rss_mib()}
+        _, mask_name, method = name.split("-", 2)
+        reference = ibx.backward_mapping(model, image, masks[mask_name], n_blocks=n_blocks, n_jitters=4,
+                                         method="batched")
+        model.evaluations = 0
+        kwargs = {"blocks": reference.labels}
+        label = method
+        if method == "coarse2":
+            kwargs = {"coarse_blocks": 10, "n_blocks": n_blocks}
+            label = "coarse-to-fine, 2 scales (K_c = 10)"
+        elif method == "multilevel":
+            kwargs = {"coarse_blocks": [10, 60], "n_blocks": n_blocks}
+            label = "multilevel (10, 60, K)"
+        first_preview = {}
+        if method == "progressive":
+            started_preview = time.perf_counter()
+            kwargs.update(progressive=True, preview=lambda m, n: first_preview.setdefault(
+                "s", time.perf_counter() - started_preview))
+        started = time.perf_counter()
+        result = ibx.backward_mapping(model, image, masks[mask_name], n_jitters=4,
+                                      method="local" if method in ("coarse2", "multilevel", "progressive")
+                                      else method, **kwargs)
+        wall = time.perf_counter() - started
+        out = {"case": f"backward, K = {n_blocks}, N = 4, {mask_name} output mask ({int(masks[mask_name].sum())} "
+                       f"voxels): {label}", "evaluations": result.evaluations, "wall_s": wall,
+               "per_eval_s": per_eval, "peak_rss_mib": peak_rss_mib(),
+               "brute_force_evaluations": int(reference.labels.max()) * 8 + 1,
+               "evaluations_per_level": result.evaluations_per_level, "radius": result.radius,
+               "blocks": int(result.labels.max())}
+        if "s" in first_preview:
+            out["first_preview_s"] = first_preview["s"]
+        if method in ("coarse2", "multilevel"):
+            out.update(agreement(result.map, reference.map), compared="painted maps (different blocks)")
+        else:
+            out.update(agreement(result.block_values, reference.block_values), compared="B per block")
+        return out
+    if name.startswith("volume-"):
+        volume, geometry, _, _, masks, in_mask = t1_slice()
+        out_mask = ibx.read_mask(OUT_MASK, reference=geometry)
+        model = ibx.load_model(MODEL)
+        started = time.perf_counter()
+        if name == "volume-forward":
+            result = ibx.forward_mapping(model, volume, in_mask, n_jitters=8, geometry=geometry)
+            label = f"2D model slice by slice, whole volume {volume.shape}: forward, N = 8, ventricle input mask " \
+                    f"({int(in_mask.sum())} voxels on {result.parameters['samples']} slices)"
+        else:
+            result = ibx.backward_mapping(model, volume, out_mask, n_blocks=n_blocks, n_jitters=4, geometry=geometry)
+            label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4"
+        wall = time.perf_counter() - started
+        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "peak_rss_mib": peak_rss_mib()}
+    if name.startswith("3d-"):
+        import SimpleITK as sitk
+        image = sitk.ReadImage(str(T1), sitk.sitkFloat32)
+        size = 64 if quick else 128
+        reference = sitk.Image([size] * 3, sitk.sitkFloat32)
+        reference.SetSpacing([s * n / size for s, n in zip(image.GetSpacing(), image.GetSize())])
+        reference.SetOrigin(image.GetOrigin())
+        reference.SetDirection(image.GetDirection())
+        volume = sitk.GetArrayFromImage(sitk.Resample(image, reference))
+        with tempfile.TemporaryDirectory() as folder:
+            model = ibx.load_model(small_3d_model(Path(folder)), memory_budget=2 * 2**30)
+            prepared = model.prepare(volume)
+            per_eval = best_time_per_evaluation(model, prepared, repeats=2)
+            mask = np.zeros(volume.shape, bool)
+            c = size // 2
+            mask[c - 2:c + 3, c - 2:c + 3, c - 2:c + 3] = True
+            started = time.perf_counter()
+            if name == "3d-forward":
+                result = ibx.forward_mapping(model, volume, mask, n_jitters=8)
+                label = f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask"
+                extra = {}
+            else:
+                result = ibx.backward_mapping(model, volume, mask, n_blocks=n_blocks, n_jitters=4)
+                label = f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask"
+                extra = {"brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius}
+            wall = time.perf_counter() - started
+        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "per_eval_s": per_eval,
+                "peak_rss_mib": peak_rss_mib(), **extra}
+    raise SystemExit(f"unknown case {name}")
+
+
+CASES = (["2d-forward"]
+         + [f"2d-{mask}-{method}" for mask in ("5x5", "ventricle")
+            for method in ("brute", "batched", "local", "progressive", "coarse2", "multilevel")]
+         + ["volume-forward", "volume-backward", "3d-forward", "3d-backward"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer blocks and a 64^3 3D case (a smoke run)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.quick)))
+        return
+    import onnxruntime
+    results = []
+    print(f"IBIX benchmark: ONNX Runtime {onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}")
+    print("| case | evaluations | wall (s) | best s/eval | overhead | peak RSS (MiB) | vs brute force |")
+    print("|---|---|---|---|---|---|---|")
+    for case in CASES:
+        command = [sys.executable, __file__, "--case", case] + (["--quick"] if args.quick else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            print(f"| {case} | failed: {done.stderr.strip().splitlines()[-1]} |||||")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(r)
+        overhead = r["wall_s"] / (r["evaluations"] * r["per_eval_s"]) if "per_eval_s" in r else None
+        fewer = (f"; {r['brute_force_evaluations'] / r['evaluations']:.1f}x fewer evaluations"
+                 if "brute_force_evaluations" in r else "")
+        agree = (f"r = {r['pearson_r']:.6f}, max |dB| = {r['max_abs_diff']:.1e}" if "pearson_r" in r else "")
+        preview = f"; first preview {r['first_preview_s']:.2f} s" if "first_preview_s" in r else ""
+        print(f"| {r['case']} | {r['evaluations']} | {r['wall_s']:.2f} | "
+              f"{r['per_eval_s'] * 1000:.2f} ms | {'' if overhead is None else f'{overhead:.2f}'} | "
+              f"{r['peak_rss_mib']:.0f} | {agree}{fewer}{preview} |" if "per_eval_s" in r else
+              f"| {r['case']} | {r['evaluations']} | {r['wall_s']:.2f} | | | {r['peak_rss_mib']:.0f} | |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
