@@ -177,6 +177,12 @@ def _mapping_options(group, n_jitters: int) -> None:
                             "percentile range")
     group.add_argument("--channels", nargs="+", default=None, metavar="CHANNEL",
                        help="input channels to jitter (card names or indices); none: all channels")
+    group.add_argument("--progressive", action="store_true", default=False,
+                       help="nested jitter grids N = 1, 2, 4 ... reuse every evaluation; a preview map is written "
+                            "(<map>_preview) after each level and replaced by the final map")
+    group.add_argument("--tolerance", type=_number(0.0, strict_min=True), default=None, metavar="FRACTION",
+                       help="with --progressive: stop once a level changes the map by less than this (F: fraction "
+                            "of max |F|; B: absolute)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +397,26 @@ class Outputs:
         self.written.append(Path(path))
 
 
+class Preview:
+    """The engine's ``preview(map, N)`` callback: writes ``<stem>_preview`` and removes it once the run ends."""
+
+    def __init__(self, outputs: Outputs, stem: str, geometry: Geometry, console: Console, progress: Progress):
+        self.outputs, self.stem, self.geometry = outputs, stem, geometry
+        self.console, self.progress = console, progress
+        self.path: Path | None = None
+
+    def __call__(self, values: np.ndarray, n_jitters: int) -> None:
+        from .io import write_volume
+
+        self.path = write_volume(self.outputs.volume(self.stem + "_preview"), values, self.geometry)
+        self.progress.close()
+        self.console.note(f"preview with N = {n_jitters} written to {self.path}")
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -522,12 +548,15 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     outputs.check(_stem_names(["forward_signed", "forward_normalized"], args.format,
                               ["summary.json"] + ([] if args.no_png else ["forward.png"])))
     progress = console.progress()
+    preview = Preview(outputs, "forward_normalized", inputs.geometry, console, progress)
     try:
         result = forward_mapping(model, inputs.x, mask, n_jitters=args.n_jitters, max_jitter=args.max_jitter,
                                  channels=_channels(args.channels, model), geometry=inputs.geometry,
+                                 progressive=args.progressive, preview=preview, tolerance=args.tolerance,
                                  progress=progress)
     finally:
         progress.close()
+        preview.remove()
     outputs.write_volume("forward_signed", result.signed, result.geometry)
     outputs.write_volume("forward_normalized", result.normalized, result.geometry)
     figure = {}
@@ -572,15 +601,18 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     outputs.check(_stem_names(["backward", "backward_blocks"], args.format,
                               ["summary.json"] + ([] if args.no_png else ["backward.png"])))
     progress = console.progress()
+    preview = Preview(outputs, "backward", inputs.geometry, console, progress)
     try:
         result = backward_mapping(
             model, inputs.x, mask, n_blocks=args.n_blocks, compactness=args.compactness, n_jitters=args.n_jitters,
             max_jitter=args.max_jitter, channels=_channels(args.channels, model), blocks=blocks,
             normalization=args.normalization, coarse_blocks=args.coarse_blocks,
             refine_threshold=args.refine_threshold, method=args.method,
-            locality_tolerance=args.locality_tolerance, geometry=inputs.geometry, progress=progress)
+            locality_tolerance=args.locality_tolerance, geometry=inputs.geometry, progressive=args.progressive,
+            preview=preview, tolerance=args.tolerance, progress=progress)
     finally:
         progress.close()
+        preview.remove()
     outputs.write_volume("backward", result.map, result.geometry)
     outputs.write_volume("backward_blocks", result.labels, result.geometry)
     figure = {}

@@ -318,3 +318,16 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "t1_to_t2" in out and "mri_to_pct" in out and "evaluations" in out
     assert seconds < 60
+
+
+def test_progressive_writes_previews_then_the_final_map(case, capsys):
+    code = main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+                 str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "4", "--progressive",
+                 "--no-png", "--output", str(case["out"])])
+    assert code == 0
+    notes = capsys.readouterr().err
+    assert "preview with N = 1 written to" in notes and "preview with N = 2 written to" in notes
+    assert not (case["out"] / "backward_preview.nrrd").exists()  # replaced by the final map
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert summary["backward"]["parameters"]["progressive"] is True
+    assert summary["backward"]["parameters"]["n_jitters_used"] == 4
