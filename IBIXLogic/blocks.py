@@ -7,6 +7,11 @@ import numpy as np
 
 from .errors import InputError
 
+#: Gaussian smoothing (voxels) SLIC applies first, so that noise does not fragment the blocks.
+SMOOTHING_VOXELS = 1.0
+#: Default SLIC compactness, for channels scaled to [0, 1]: blocks follow strong edges and stay compact.
+DEFAULT_COMPACTNESS = 0.5
+
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
     """Consecutive labels 1..K (0 stays 0)."""
@@ -15,10 +20,10 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return inverse if ids[0] == 0 else inverse + 1
 
 
-def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = 0.1,
+def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = DEFAULT_COMPACTNESS,
                       spacing: Sequence[float] | None = None, mask: np.ndarray | None = None,
                       channel_axis: int | None = None) -> np.ndarray:
-    """SLIC superpixels (2D) or supervoxels (3D) of an image.
+    """SLIC superpixels (2D) or supervoxels (3D) of an image, after a light smoothing (1 voxel).
 
     Parameters
     ----------
@@ -28,7 +33,8 @@ def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = 0.1
     n_blocks : int
         Approximate number of blocks (SLIC ``n_segments``).
     compactness : float
-        Balance of intensity and space: higher values give more regular blocks (SLIC ``compactness``).
+        Balance of intensity and space (SLIC ``compactness``; channels are in [0, 1], so 1 weighs one block step
+        like the whole intensity range): higher values give more regular blocks.
     spacing : sequence of float, optional
         Voxel size (mm) per spatial axis, so blocks are compact in millimetres.
     mask : ndarray of bool, optional
@@ -53,9 +59,11 @@ def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = 0.1
         scaled[..., c] = np.clip((channel - low) / (high - low), 0, 1) if high > low else 0.0
     if mask is not None and not np.any(mask):
         raise InputError("the region to cut into blocks is empty")
-    labels = slic(scaled, n_segments=int(n_blocks), compactness=float(compactness),
-                  spacing=None if spacing is None else np.asarray(spacing, float), mask=mask,
-                  start_label=1, channel_axis=-1, enforce_connectivity=True)
+    # spacing relative to the finest axis: blocks are compact in millimetres, while compactness keeps one
+    # meaning (intensity range per block step) whatever the voxel size
+    relative = None if spacing is None else np.asarray(spacing, float) / min(spacing)
+    labels = slic(scaled, n_segments=int(n_blocks), compactness=float(compactness), spacing=relative,
+                  sigma=SMOOTHING_VOXELS, mask=mask, start_label=1, channel_axis=-1, enforce_connectivity=True)
     return _relabel(labels)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .errors import IBIXError, InputError
+from .blocks import DEFAULT_COMPACTNESS
 from .geometry import Geometry
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="N", help="use the voxels of this label of the mask file; none: every nonzero voxel")
     group.add_argument("--n-blocks", type=_int_at_least(1), default=500, metavar="K",
                        help="K, blocks per sample (SLIC superpixels per slice for 2D models, supervoxels for 3D)")
-    group.add_argument("--compactness", type=_number(0.0, strict_min=True), default=0.1,
+    group.add_argument("--compactness", type=_number(0.0, strict_min=True), default=DEFAULT_COMPACTNESS,
                        help="SLIC compactness: higher gives more regular blocks")
     _mapping_options(group, 4)
     blocks = group.add_mutually_exclusive_group()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import locality
-from .blocks import grid_blocks, superpixel_blocks
+from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
 from .errors import InputError
 from .geometry import Geometry
 from .runner import Model, PreparedInput, ProgressCallback, check_cancel
@@ -434,7 +434,8 @@ def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int
     return labels
 
 
-def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, compactness: float = 0.1,
+def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
+                     compactness: float = DEFAULT_COMPACTNESS,
                      n_jitters: int = 4, max_jitter: float | None = None, channels: Any = None,
                      blocks: Any = "slic", normalization: str = "fraction",
                      coarse_blocks: int | Sequence[int] | None = None, refine_threshold: float = 0.25,
@@ -453,7 +454,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500, c
     n_blocks : int
         K, the number of blocks per sample (SLIC superpixels for 2D, supervoxels for 3D).
     compactness : float
-        SLIC compactness (channels scaled to [0, 1] first).
+        SLIC compactness (channels scaled to [0, 1] first; see :func:`superpixel_blocks`).
     blocks : {"slic", "grid"} or ndarray of int
         How the input is cut into blocks; an int array on the input grid gives the blocks (0 = none).
     normalization : {"fraction", "magnitude"}
