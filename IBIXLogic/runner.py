@@ -132,7 +132,8 @@ class Model:
         self.device = device
         self.provider = session.get_providers()[0]
         self.memory_budget = int(memory_budget)
-        self.evaluations = 0
+        self.evaluations = 0  # samples (images or volumes, whatever their size) run through the model
+        self.evaluated_voxels = 0  # voxels of those samples as the model saw them (padded)
         self._dtype = _NUMPY_TYPES[next(a.type for a in session.get_inputs() if a.name == card.input.name)]
 
     def __repr__(self) -> str:
@@ -289,6 +290,7 @@ class Model:
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
+        self.evaluated_voxels += batch.shape[0] * int(np.prod(self._padded_shape(sample_shape)))
         out = self._from_model(np.asarray(raw), sample_shape)
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
@@ -300,13 +302,15 @@ class Model:
 
     def run_chunked(self, make_batch: Callable[[int, int], np.ndarray], total: int, prepared: PreparedInput,
                     describe: Callable[[int], str] | None = None, per_item: int = 1,
-                    cancel: Any = None, max_items: int | None = None):
+                    cancel: Any = None, max_items: int | None = None,
+                    sample_shape: Sequence[int] | None = None):
         """Yield (start, stop, outputs) over ``total`` items, each ``per_item`` samples, in memory-sized chunks.
 
         ``make_batch(start, stop)`` builds the input batch for items start..stop-1. A chunk that runs out of
         memory is retried in halves; a single item that still does not fit is run a few samples at a time.
+        ``sample_shape`` sizes the batches when the samples are not ``prepared``'s (e.g. tiles of them).
         """
-        items = max(1, self.batch_size(prepared.sample_shape) // per_item)
+        items = max(1, self.batch_size(sample_shape or prepared.sample_shape) // per_item)
         if max_items is not None:
             items = min(items, max_items)
         piece = None  # samples per model call, once one item had to be split
@@ -377,7 +381,7 @@ class Model:
                              f"{self.card.input.layout} with channels {list(self.card.input.channels)}: check the "
                              "card's 'input.layout', 'input.channels', 'input.size' and 'input.multiple_of'") from None
         finally:
-            self.evaluations = 0
+            self.evaluations = self.evaluated_voxels = 0
 
     def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
                 cancel: Any = None) -> np.ndarray:
