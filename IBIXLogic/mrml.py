@@ -19,6 +19,7 @@ Conventions
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .geometry import Geometry
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "geometry_from_volume_node", "ijk_to_ras_from_geometry", "array_from_volume_node",
     "mask_from_segment", "segment_name",
     "prepare_forward", "prepare_backward", "prepare_generate",
-    "run_forward", "run_backward", "generate_output",
+    "run_forward", "run_backward", "generate_output", "run_in_progress",
     "create_volume_node", "show_overlay", "color_node",
 ]
 
@@ -47,6 +48,14 @@ ATTRIBUTE_PREFIX = "IBIX."
 COLOR_MAPS = {"forward": "Inferno", "backward": "Viridis", "signed": "DivergingBlueRed", "output": "Grey"}
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+#: Held while a Job computes: one IBIX run at a time per process (GUI and console alike), never interleaved.
+_RUN_LOCK = threading.Lock()
+
+
+def run_in_progress() -> bool:
+    """True while an IBIX run computes in this process."""
+    return _RUN_LOCK.locked()
 
 # matplotlib names used to build an equivalent colour table where Slicer's own colour files are not loaded
 # (e.g. the slicer-core wheel has no default colour files).
@@ -283,6 +292,31 @@ class Job:
     name: str | None = None
     result: Any = None
     seconds: float = 0.0
+    scene_closed: threading.Event = field(default_factory=threading.Event, repr=False)
+    _observer: Any = field(default=None, repr=False)
+
+    def watch_scene(self) -> None:
+        """Cancel the run when its scene starts closing (main thread).
+
+        The ``run_*`` functions watch for the duration of the run; a GUI that computes in a worker thread calls
+        this before starting the worker and ``unwatch_scene`` (or ``finish``) afterwards, so that no observer
+        outlives the run.
+        """
+        if self._observer is not None or self.reference_node is None:
+            return
+        scene = self.reference_node.GetScene()
+        if scene is None:
+            return
+        closed = self.scene_closed
+        tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, lambda caller, event: closed.set())
+        self._observer = (scene, tag)
+
+    def unwatch_scene(self) -> None:
+        """Remove the scene observer (main thread); ``finish`` and the ``run_*`` functions call it."""
+        if self._observer is not None:
+            scene, tag = self._observer
+            scene.RemoveObserver(tag)
+            self._observer = None
 
     @property
     def status(self) -> str:
@@ -304,7 +338,38 @@ class Job:
         return text
 
     def compute(self, progress: Callable | None = None, cancel=None):
-        """Run the engine (no MRML access; safe in a worker thread). Raises ``IBIXLogic.Cancelled``."""
+        """Run the engine (no MRML access; safe in a worker thread). Raises ``IBIXLogic.Cancelled``.
+
+        Only one run computes at a time in a process: a second one is refused with an ``InputError``. Closing
+        the scene during the run cancels it.
+        """
+        if not _RUN_LOCK.acquire(blocking=False):
+            raise InputError("another IBIX run is in progress: wait for it to finish (or cancel it), then run "
+                             "again; IBIX runs one explanation at a time")
+        try:
+            if self.scene_closed.is_set():
+                raise Cancelled("the scene was closed; the run was cancelled and nothing was written")
+            return self._compute(progress, self._cancel_or_closed(cancel))
+        except Cancelled:
+            if self.scene_closed.is_set():
+                raise Cancelled("the scene was closed during the run; it was cancelled and nothing was "
+                                "written") from None
+            raise
+        finally:
+            _RUN_LOCK.release()
+
+    def _cancel_or_closed(self, cancel):
+        closed = self.scene_closed
+
+        def stop() -> bool:
+            if closed.is_set():
+                return True
+            if cancel is None:
+                return False
+            return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+        return stop
+
+    def _compute(self, progress, cancel):
         ibx = _ibx()
         x = self.arrays[0] if len(self.arrays) == 1 else list(self.arrays)
         start = time.perf_counter()
@@ -342,6 +407,9 @@ class Job:
     def finish(self, show: bool = True, opacity: float = 0.6, threshold: float | None = None,
                legend: bool = True, colormap: str | None = None):
         """Create the result volume node (main thread). Returns the new vtkMRMLScalarVolumeNode."""
+        self.unwatch_scene()
+        if self.scene_closed.is_set():
+            raise Cancelled("the scene was closed during the run; it was cancelled and nothing was written")
         if self.result is None:
             raise InputError("the run has no result yet: call compute() first")
         array = np.asarray(self.result_array())
@@ -490,8 +558,7 @@ def run_forward(model, input_nodes, segmentation_node, segment_id, reference_nod
     """
     params, display = _split_display(dict(params))
     job = prepare_forward(model, input_nodes, segmentation_node, segment_id, reference_node, **params)
-    job.compute(progress=progress, cancel=cancel)
-    return job.finish(**display)
+    return _compute_and_finish(job, progress, cancel, display)
 
 
 def run_backward(model, input_nodes, segmentation_node, segment_id, output_node=None, reference_node=None,
@@ -504,15 +571,24 @@ def run_backward(model, input_nodes, segmentation_node, segment_id, output_node=
     params, display = _split_display(dict(params))
     job = prepare_backward(model, input_nodes, segmentation_node, segment_id, output_node, reference_node,
                            **params)
-    job.compute(progress=progress, cancel=cancel)
-    return job.finish(**display)
+    return _compute_and_finish(job, progress, cancel, display)
 
 
 def generate_output(model, input_nodes, name: str | None = None, progress=None, cancel=None, show: bool = True):
     """Run the model on the input volumes -> NEW scalar volume node with the output (output units)."""
     job = prepare_generate(model, input_nodes, name=name)
-    job.compute(progress=progress, cancel=cancel)
-    return job.finish(show=show)
+    return _compute_and_finish(job, progress, cancel, {"show": show})
+
+
+def _compute_and_finish(job: Job, progress, cancel, display: dict):
+    job.watch_scene()
+    try:
+        job.compute(progress=progress, cancel=cancel)
+        return job.finish(**display)
+    finally:
+        job.unwatch_scene()
+
+
 
 
 # --------------------------------------------------------------------------------------------------------------
