@@ -122,3 +122,51 @@ def owner_labels(labels: np.ndarray, group: np.ndarray) -> np.ndarray:
     _, nearest = ndimage.distance_transform_cdt(~perturbed, metric="chessboard", return_distances=True,
                                                 return_indices=True)
     return labels[tuple(nearest)]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Equal-sized tiles of the padded sample, one per block, each holding the block's context.
+
+    A block's response lies within ``radius`` of it, and the model's output there depends on inputs within
+    another ``radius``; a tile that holds the block dilated by 2*radius therefore reproduces the block's response
+    exactly, provided the tile starts at a multiple of the model's stride (``align``) so that pooling windows
+    fall where they fall in the whole sample. ``origins`` are in padded-sample coordinates.
+    """
+
+    shape: tuple[int, ...]
+    origins: np.ndarray
+
+    def slices(self, i: int) -> tuple[slice, ...]:
+        return tuple(slice(o, o + n) for o, n in zip(self.origins[i], self.shape))
+
+
+def tile_alignment(padded_shape: tuple[int, ...], multiple_of: int, largest: int = 32) -> int:
+    """Stride at which tiles start: the card's ``multiple_of`` and the largest power of two (up to ``largest``)
+    that divides every padded dimension (a pooling model that accepted the whole sample has a stride that
+    divides its size)."""
+    power = 1
+    while power * 2 <= largest and all(n % (power * 2) == 0 for n in padded_shape):
+        power *= 2
+    return int(np.lcm(multiple_of, power))
+
+
+def plan_tiles(low: np.ndarray, high: np.ndarray, radius: int, padded_shape: tuple[int, ...],
+               offset: tuple[int, ...], align: int) -> TilePlan:
+    """Tiles for blocks with inclusive index boxes ``low``..``high`` (sample coordinates).
+
+    ``offset`` is where the sample starts in the padded sample; ``align`` the stride tiles must start at.
+    """
+    padded = np.asarray(padded_shape)
+    need_low = np.clip(low + np.asarray(offset) - 2 * radius, 0, padded - 1)
+    need_high = np.clip(high + np.asarray(offset) + 2 * radius, 0, padded - 1)
+    extent = (need_high - need_low + 1).max(axis=0)
+    shape = np.minimum(padded, -(-(extent + align) // align) * align)
+    origins = np.clip(need_low // align * align, 0, padded - shape)
+    assert np.all(origins <= need_low) and np.all(origins + shape > need_high)
+    return TilePlan(tuple(int(n) for n in shape), origins)
+
+
+def footprint(block: np.ndarray, radius: int) -> np.ndarray:
+    """Voxels within ``radius`` (L-infinity) of a block mask: where its response can be nonzero."""
+    return ndimage.maximum_filter(block, size=2 * radius + 1, mode="constant", cval=0)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import locality
 from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
-from .errors import InputError
+from .errors import InputError, ModelError
 from .geometry import Geometry
 from .runner import Model, PreparedInput, ProgressCallback, check_cancel
 
@@ -82,7 +83,12 @@ class ForwardResult:
 
 @dataclass
 class BackwardResult:
-    """A backward mapping B on the input grid."""
+    """A backward mapping B on the input grid.
+
+    ``evaluations`` counts inputs run through the model (whole samples, or tiles of them);
+    ``equivalent_evaluations`` counts the voxels run through the model in units of one whole (padded) sample,
+    the measure of work that compares with brute force; ``tiling`` says whether tiles were used.
+    """
 
     map: np.ndarray
     labels: np.ndarray
@@ -95,12 +101,15 @@ class BackwardResult:
     evaluations_per_level: list = field(default_factory=list)
     blocks_per_level: list = field(default_factory=list)
     radius: dict | None = None
+    tiling: dict | None = None
+    equivalent_evaluations: float = 0.0
 
     def to_dict(self) -> dict:
         return {"mapping": "backward", "parameters": self.parameters, "evaluations": self.evaluations,
                 "evaluations_per_level": self.evaluations_per_level, "blocks_per_level": self.blocks_per_level,
+                "equivalent_evaluations": round(self.equivalent_evaluations, 1),
                 "blocks": int(self.labels.max()), "seconds": round(self.seconds, 4), "device": self.device,
-                "response_radius": self.radius, "geometry": self.geometry.to_dict()}
+                "response_radius": self.radius, "tiling": self.tiling, "geometry": self.geometry.to_dict()}
 
 
 # -- checks -----------------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def _max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[int]) -
 
 # -- perturbation engine ----------------------------------------------------------------------------------
 class _Perturber:
-    """Runs jittered copies of samples through the model and sums the difference quotients."""
+    """Runs jittered copies of samples (or of tiles of them) through the model and sums difference quotients."""
 
     def __init__(self, model: Model, prepared: PreparedInput, jitters: np.ndarray, channels: list[int],
                  cancel: Any, one_item_per_batch: bool = False):
@@ -168,50 +177,78 @@ class _Perturber:
         self.jitters = jitters.astype(np.float32)
         self.channel_mask = np.zeros(prepared.samples.shape[1], np.float32)
         self.channel_mask[channels] = 1.0
+        shape = prepared.sample_shape
+        padded = model._padded_shape(shape)
+        #: where the sample lies inside the padded sample the model sees (IBIX pads centred, edge values)
+        self.pads = tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, padded))
+        self.crop = tuple(slice(before, before + n) for (before, _), n in zip(self.pads, shape))
         self.base: dict[int, np.ndarray] = {}
+        self.padded_base: dict[int, np.ndarray] = {}
+        self._padded_input: dict[int, np.ndarray] = {}
+
+    def padded_input(self, sample: int) -> np.ndarray:
+        """The sample in input units, padded as the model sees it (channels, *padded_shape)."""
+        if sample not in self._padded_input:
+            self._padded_input[sample] = np.pad(self.prepared.samples[sample], ((0, 0),) + self.pads, mode="edge")
+        return self._padded_input[sample]
 
     def base_outputs(self, samples: Sequence[int]) -> None:
-        """Evaluate the unperturbed samples not evaluated yet."""
+        """Evaluate the unperturbed samples not evaluated yet (kept padded, for tiles, and cropped)."""
         missing = [int(s) for s in samples if int(s) not in self.base]
-        if missing:
-            out = self.model.predict_samples(self.prepared, missing, cancel=self.cancel)
-            self.base.update(zip(missing, out))
+        if not missing:
+            return
+        padded_shape = self.padded_input(missing[0]).shape[1:]
+        runs = self.model.run_chunked(lambda a, b: np.stack([self.padded_input(s) for s in missing[a:b]]),
+                                      len(missing), self.prepared,
+                                      lambda i: f"the unperturbed input (sample {missing[i]})",
+                                      cancel=self.cancel, sample_shape=padded_shape)
+        for start, stop, out in runs:
+            for s, padded in zip(missing[start:stop], out):
+                self.padded_base[s] = padded
+                self.base[s] = padded[self.crop]
 
-    def responses(self, n_items: int, sample_of: Callable[[int], int],
-                  direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
-                  subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+    def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
+                  direction_of: Callable[[int], np.ndarray], base_of: Callable[[int], np.ndarray],
+                  what: Callable[[int], str], subset: np.ndarray | None = None,
+                  shape: tuple[int, ...] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (start, stop, S) for items start..stop-1, S = sum over the jitters of (f(x + h d) - f(x)) / h.
 
-        Item i perturbs sample ``sample_of(i)`` along ``direction_of(i)`` (a 0/1 map of the sample) on the
-        selected channels; ``subset`` picks jitters (indices into ``self.jitters``, default all). S has shape
-        (stop - start, *sample_shape); divide by the jitter count of the grid to get F.
+        Item i perturbs the input ``input_of(i)`` (channels, *shape; input units) along ``direction_of(i)`` (a 0/1
+        map) on the selected channels, against the unperturbed output ``base_of(i)``; ``subset`` picks jitters
+        (indices into ``self.jitters``, default all). Divide S by the jitter count of the grid to get F.
         """
-        samples = self.prepared.samples
+        shape = tuple(shape or self.prepared.sample_shape)
+        channels = self.prepared.samples.shape[1]
         jitters = self.jitters if subset is None else self.jitters[subset]
         n_jitters = len(jitters)
         weights = (1.0 / jitters).astype(np.float32)
-        scales = jitters.reshape((-1, 1) + (1,) * (samples.ndim - 2)) \
-            * self.channel_mask.reshape((1, -1) + (1,) * (samples.ndim - 2))
+        scales = jitters.reshape((-1, 1) + (1,) * len(shape)) * self.channel_mask.reshape((1, -1) + (1,) * len(shape))
 
         def make_batch(start: int, stop: int) -> np.ndarray:
-            batch = np.empty((stop - start, n_jitters) + samples.shape[1:], np.float32)
+            batch = np.empty((stop - start, n_jitters, channels) + shape, np.float32)
             for j, item in enumerate(range(start, stop)):
-                direction = direction_of(item).astype(np.float32)
-                np.multiply(scales, direction, out=batch[j])
-                batch[j] += samples[sample_of(item)]
-            return batch.reshape((-1,) + samples.shape[1:])
+                np.multiply(scales, direction_of(item).astype(np.float32), out=batch[j])
+                batch[j] += input_of(item)
+            return batch.reshape((-1, channels) + shape)
 
         def describe(i: int) -> str:
             return f"{what(i // n_jitters)} with jitter h = {jitters[i % n_jitters]:.6g}"
 
         for start, stop, out in self.model.run_chunked(make_batch, n_items, self.prepared, describe,
                                                        per_item=n_jitters, cancel=self.cancel,
-                                                       max_items=1 if self.one_item_per_batch else None):
+                                                       max_items=1 if self.one_item_per_batch else None,
+                                                       sample_shape=shape):
             out = out.reshape((stop - start, n_jitters, -1))
             for j, item in enumerate(range(start, stop)):
-                out[j] -= self.base[sample_of(item)].reshape(1, -1)
+                out[j] -= base_of(item).reshape(1, -1)
             sums = np.einsum("mkp,k->mp", out, weights)
-            yield start, stop, sums.reshape((stop - start,) + self.prepared.sample_shape)
+            yield start, stop, sums.reshape((stop - start,) + shape)
+
+    def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
+                         what: Callable[[int], str], subset: np.ndarray | None = None):
+        """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
+        return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
+                              lambda i: self.base[samples[i]], what, subset)
 
 
 def _report(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
@@ -269,8 +306,8 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
     for level, (n_level, subset) in enumerate(schedule):
-        for start, stop, chunk in perturber.responses(
-                len(touched), lambda i: touched[i], lambda i: mask_samples[touched[i]],
+        for start, stop, chunk in perturber.sample_responses(
+                touched, lambda i: mask_samples[touched[i]],
                 lambda i: f"the input mask perturbed in sample {touched[i]}", subset):
             sums[touched[start:stop]] += chunk
             _report(progress, stop, len(touched), f"forward mapping, N = {n_level}")
@@ -301,20 +338,27 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
 def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, jitter: float,
                             channels: list[int], tolerance: float = 0.0, cancel: Any = None
                             ) -> locality.ResponseRadius:
-    """Response radius of the model around probe voxels of one sample (2 evaluations per probe)."""
-    before = model.evaluations
-    points = locality.probe_points(prepared.sample_shape)
+    """Response radius of the model around probe voxels of one sample (2 evaluations per probe, jitters +-H)."""
     perturber = _Perturber(model, prepared, np.array([-jitter, jitter]), channels, cancel)
+    return _measure_radius(perturber, sample, tolerance)
+
+
+def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> locality.ResponseRadius:
+    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``."""
+    model, shape = perturber.model, perturber.prepared.sample_shape
+    before = model.evaluations
+    points = locality.probe_points(shape)
     perturber.base_outputs([sample])
-    responses = np.empty((len(points),) + prepared.sample_shape, np.float32)
+    responses = np.empty((len(points),) + shape, np.float32)
 
     def direction(i: int) -> np.ndarray:
-        single = np.zeros(prepared.sample_shape, np.float32)
+        single = np.zeros(shape, np.float32)
         single[tuple(points[i])] = 1.0
         return single
 
-    for start, stop, response in perturber.responses(len(points), lambda i: sample, direction,
-                                                     lambda i: f"probe voxel {tuple(points[i])}"):
+    largest = np.array([0, len(perturber.jitters) - 1])
+    for start, stop, response in perturber.sample_responses([sample] * len(points), direction,
+                                                            lambda i: f"probe voxel {tuple(points[i])}", largest):
         responses[start:stop] = response
     measured, is_global = locality.radius_from_responses(responses, points, tolerance)
     return locality.ResponseRadius(measured, RADIUS_MARGIN, is_global, tolerance, len(points),
@@ -324,17 +368,22 @@ def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, 
 class _BlockSums:
     """Per-block numerators and denominators of B, accumulated over samples.
 
-    With several jitter levels (progressive refinement), each group's running sum of difference quotients is
-    kept between levels so that no evaluation is repeated, and ``on_level(numerator, denominator, N)`` is
-    called after each level; it returns True to stop early.
+    Without locality every block is perturbed on its own, in whole samples. With a response radius, blocks that
+    cannot reach the output mask are skipped (their B is exactly 0), and the others are perturbed either in
+    groups of far-apart blocks in whole samples, or one block per tile of the sample that holds its context;
+    whichever runs fewer voxels through the model. With several jitter levels (progressive refinement), each
+    item's running sum is kept between levels so that no evaluation is repeated, and
+    ``on_level(numerator, denominator, N)`` is called after each level; it returns True to stop early.
     """
 
     def __init__(self, perturber: _Perturber, out_samples: np.ndarray, radius: int | None,
-                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None):
+                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
         self.perturber, self.out_samples = perturber, out_samples
         self.radius, self.schedule, self.progress = radius, schedule, progress
+        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
-    def _items(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list, np.ndarray]:
+    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list, np.ndarray]:
         """Groups of blocks perturbed together, as (sample, block ids), and the blocks that need evaluating."""
         present = [np.intersect1d(np.unique(label_samples[s]), ids) for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
@@ -344,17 +393,46 @@ class _BlockSums:
         else:
             wanted = [present[s] for s in touched]
         wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
-        items: list[tuple[int, np.ndarray]] = []
+        groups: list[tuple[int, np.ndarray]] = []
         for s, blocks in enumerate(present):
             blocks = np.intersect1d(blocks, wanted)
             if len(blocks) == 0:
                 continue
             if self.radius is not None:
-                groups = locality.disjoint_groups(label_samples[s], blocks, self.radius)
+                groups.extend((s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
             else:
-                groups = [blocks[i:i + 1] for i in range(len(blocks))]
-            items.extend((s, g) for g in groups)
-        return items, wanted
+                groups.extend((s, blocks[i:i + 1]) for i in range(len(blocks)))
+        return groups, wanted
+
+    def _tile_items(self, label_samples: np.ndarray, groups: list) -> tuple[list, locality.TilePlan] | None:
+        """One tile per block, when tiles run fewer voxels through the model than whole-sample groups."""
+        perturber = self.perturber
+        blocks = [(s, int(b)) for s, group in groups for b in group]
+        low = np.empty((len(blocks), label_samples.ndim - 1), np.int64)
+        high = np.empty_like(low)
+        for s in {s for s, _ in blocks}:
+            rows = [i for i, (t, _) in enumerate(blocks) if t == s]
+            low[rows], high[rows] = locality.block_boxes(label_samples[s], np.array([blocks[i][1] for i in rows]))
+        padded_shape = perturber.padded_input(blocks[0][0]).shape[1:]
+        plan = locality.plan_tiles(low, high, self.radius, padded_shape, tuple(p[0] for p in perturber.pads),
+                                   locality.tile_alignment(padded_shape, perturber.model.card.input.multiple_of))
+        if len(blocks) * np.prod(plan.shape) >= 0.8 * len(groups) * np.prod(padded_shape):
+            return None
+        return blocks, plan
+
+    def _tiles_reproduce_the_model(self, sample: int, plan: locality.TilePlan, block_mask: np.ndarray) -> bool:
+        """Check on one tile that the model is shift-equivariant at the tiles' alignment (1 evaluation)."""
+        perturber = self.perturber
+        window = plan.slices(0)
+        tile = perturber.padded_input(sample)[(slice(None),) + window][None].copy()
+        try:
+            out = perturber.model.run(tile, perturber.prepared)[0]
+        except ModelError:
+            return False
+        region = locality.footprint(block_mask, self.radius)
+        expected = perturber.padded_base[sample][window]
+        scale = float(np.abs(expected[region]).max(initial=0.0)) + 1e-12
+        return bool(np.abs(out - expected)[region].max(initial=0.0) <= 1e-4 * scale + 1e-7)
 
     def compute(self, label_samples: np.ndarray, ids: np.ndarray,
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
@@ -362,44 +440,85 @@ class _BlockSums:
         """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
         size = int(label_samples.max()) + 1
         numerator, denominator = np.zeros(size), np.zeros(size)
-        items, wanted = self._items(label_samples, ids)
-        if not items:
+        groups, wanted = self._groups(label_samples, ids)
+        if not groups:
             return numerator, denominator
-        self.perturber.base_outputs(sorted({s for s, _ in items}))
-        sample_shape = self.perturber.prepared.sample_shape
+        perturber = self.perturber
+        perturber.base_outputs(sorted({s for s, _ in groups}))
+        tiled = self._tile_items(label_samples, groups) if self.tiles else None
+        if tiled is not None:
+            blocks, plan = tiled
+            padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s, _ in blocks}
+            inside = np.zeros(perturber.padded_input(blocks[0][0]).shape[1:], bool)
+            inside[perturber.crop] = True
+            padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s, _ in blocks}
+
+            def window(i: int) -> tuple[slice, ...]:
+                return plan.slices(i)
+
+            def direction(i: int) -> np.ndarray:
+                s, b = blocks[i]
+                return padded_labels[s][window(i)] == b
+
+            def reader(i: int) -> tuple[np.ndarray, np.ndarray, int]:
+                s, b = blocks[i]
+                inner = inside[window(i)]
+                region = locality.footprint(direction(i) & inner, self.radius) & inner
+                return region, region & padded_out[s][window(i)], b
+
+            s0, b0 = blocks[0]
+            if not self._tiles_reproduce_the_model(s0, plan, direction(0) & inside[window(0)]):
+                tiled = None
+                self.tiling = {"tiles": False, "reason": "the model is not shift-equivariant at its multiple_of"}
+            else:
+                self.tiling = {"tiles": True, "tile_shape": list(plan.shape), "items": len(blocks)}
+                n_items, shape = len(blocks), plan.shape
+                responses = partial(perturber.responses, n_items,
+                                    lambda i: perturber.padded_input(blocks[i][0])[(slice(None),) + window(i)],
+                                    direction, lambda i: perturber.padded_base[blocks[i][0]][window(i)],
+                                    lambda i: f"block {blocks[i][1]} of sample {blocks[i][0]} (tile)",
+                                    shape=shape)
+        if tiled is None:
+            if self.radius is not None and self.tiling is None:
+                self.tiling = {"tiles": False, "groups": len(groups)}
+            member = np.zeros(size, bool)
+            n_items, shape = len(groups), perturber.prepared.sample_shape
+
+            def direction(i: int) -> np.ndarray:
+                s, group = groups[i]
+                member[:] = False
+                member[group] = True
+                return member[label_samples[s]]
+
+            responses = partial(perturber.sample_responses, [s for s, _ in groups], direction,
+                                lambda i: f"block(s) {groups[i][1][:5].tolist()} of sample {groups[i][0]}")
         state = None
         if len(self.schedule) > 1:
-            needed = len(items) * int(np.prod(sample_shape)) * 4
-            if needed > self.perturber.model.memory_budget:
+            needed = n_items * int(np.prod(shape)) * 4
+            if needed > perturber.model.memory_budget:
                 raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
                                  "sums; raise the memory budget or turn progressive refinement off")
-            state = np.zeros((len(items),) + sample_shape, np.float32)
-        member = np.zeros(size, bool)
-
-        def direction(i: int) -> np.ndarray:
-            s, group = items[i]
-            member[:] = False
-            member[group] = True
-            return member[label_samples[s]]
-
-        def what(i: int) -> str:
-            return f"block(s) {items[i][1][:5].tolist()} of sample {items[i][0]}"
-
+            state = np.zeros((n_items,) + tuple(shape), np.float32)
         for n_level, subset in self.schedule:
             numerator[:], denominator[:] = 0.0, 0.0
-            for start, stop, sums in self.perturber.responses(len(items), lambda i: items[i][0], direction,
-                                                              what, subset):
+            for start, stop, sums in responses(subset=subset):
                 if state is not None:
                     state[start:stop] += sums
                     sums = state[start:stop]
                 magnitude = np.abs(sums) / (2 * n_level)
-                for j, (s, group) in enumerate(items[start:stop]):
+                for j, item in enumerate(range(start, stop)):
+                    if tiled is not None:
+                        region, in_mask, block = reader(item)
+                        denominator[block] += magnitude[j][region].sum()
+                        numerator[block] += magnitude[j][in_mask].sum()
+                        continue
+                    s, group = groups[item]
                     owner = locality.owner_labels(label_samples[s], group).ravel()
                     weights = magnitude[j].ravel()
                     denominator += np.bincount(owner, weights, minlength=size)[:size]
-                    inside = self.out_samples[s].ravel()
-                    numerator += np.bincount(owner[inside], weights[inside], minlength=size)[:size]
-                _report(self.progress, stop, len(items), f"backward mapping, N = {n_level}")
+                    inside_mask = self.out_samples[s].ravel()
+                    numerator += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
+                _report(self.progress, stop, n_items, f"backward mapping, N = {n_level}")
             keep = np.zeros(size, bool)
             keep[wanted] = True
             numerator[~keep], denominator[~keep] = 0.0, 0.0
@@ -495,7 +614,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     levels = [_check_count("coarse_blocks", k) for k in levels] + [n_blocks]
     if any(b >= a for a, b in zip(levels[1:], levels)):
         raise InputError(f"coarse_blocks must increase and stay below n_blocks: {levels}")
-    before = model.evaluations
+    before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     out_mask = _check_mask(out_mask, prepared.volume_shape, "output mask")
     channel_list = _channel_indices(model, channels)
@@ -520,8 +639,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     perturber = _Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
                            one_item_per_batch=method == "brute")
     if method in ("auto", "local"):
-        radius_info = measure_response_radius(model, prepared, int(touched[0]), h_max, channel_list,
-                                              locality_tolerance, cancel)
+        radius_info = _measure_radius(perturber, int(touched[0]), locality_tolerance)
         if radius_info.is_global and method == "local":
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
@@ -611,4 +729,6 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         map=painted, labels=compact, block_values=block_values, geometry=prepared.geometry,
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
-        radius=None if radius_info is None else radius_info.to_dict())
+        radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
+            model._padded_shape(prepared.sample_shape))))
