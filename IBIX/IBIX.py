@@ -245,10 +245,11 @@ class IBIXParameterNode:
     backwardJitters: Annotated[int, WithinRange(1, 256)] = 4
     maxJitter: Annotated[float, WithinRange(0.0, 10000.0)] = 0.0  # 0: automatic
     blocks: Annotated[int, WithinRange(2, 100000)] = 500
-    compactness: Annotated[float, WithinRange(0.0001, 1000.0)] = 0.1
+    compactness: Annotated[float, WithinRange(0.0001, 1000.0)] = 0.5  # IBIXLogic.blocks.DEFAULT_COMPACTNESS
+    progressive: bool = True
     coarseToFine: bool = False
     coarseBlocks: Annotated[int, WithinRange(2, 100000)] = 50
-    refineThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    refineThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.25
     normalization: str = "fraction"
     signedDisplay: bool = False
     colormap: str = "Auto"
@@ -482,6 +483,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 self._jobDone = True
 
+        job.watch_scene()  # closing the scene cancels the run
         self._thread = threading.Thread(target=work, name=f"IBIX {kind}", daemon=True)
         self._setStatus(f"Running {kind}...")
         self.ui.progressBar.setValue(0)
@@ -500,6 +502,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elapsed = time.time() - self._jobStart
         if not self._jobDone:
             self._setStatus(f"{message or 'running'} ({done}/{total}, {elapsed:.0f} s)")
+            self._job.show_preview(**self._displayOptions())  # main thread: the latest preview map, if new
             return
         self._timer.stop()
         self._thread.join()
@@ -507,6 +510,8 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, error = self._job, self._error
         self._job = None
         engine = _engine()
+        job.unwatch_scene()
+        job.remove_preview()
         if isinstance(error, engine.Cancelled):
             self._setStatus("Cancelled; the scene was not changed.")
         elif error is not None:
@@ -648,7 +653,8 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def forwardParameters(p):
-        params = {"n_jitters": int(p.forwardJitters), "display": "signed" if p.signedDisplay else "normalized"}
+        params = {"n_jitters": int(p.forwardJitters), "display": "signed" if p.signedDisplay else "normalized",
+                  "progressive": bool(p.progressive)}
         if p.maxJitter > 0:
             params["max_jitter"] = float(p.maxJitter)
         return params
@@ -656,7 +662,8 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def backwardParameters(p):
         params = {"n_blocks": int(p.blocks), "compactness": float(p.compactness),
-                  "n_jitters": int(p.backwardJitters), "normalization": p.normalization}
+                  "n_jitters": int(p.backwardJitters), "normalization": p.normalization,
+                  "progressive": bool(p.progressive)}
         if p.maxJitter > 0:
             params["max_jitter"] = float(p.maxJitter)
         if p.coarseToFine:

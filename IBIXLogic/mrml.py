@@ -292,6 +292,11 @@ class Job:
     name: str | None = None
     result: Any = None
     seconds: float = 0.0
+    preview: tuple | None = None               # (map, N) from the worker thread, shown by show_preview()
+    preview_node: Any = None
+    _preview_shown: int = 0
+    _preview_nodes: list = field(default_factory=list)
+    _views_before: list = field(default_factory=list)
     scene_closed: threading.Event = field(default_factory=threading.Event, repr=False)
     _observer: Any = field(default=None, repr=False)
 
@@ -373,12 +378,17 @@ class Job:
         ibx = _ibx()
         x = self.arrays[0] if len(self.arrays) == 1 else list(self.arrays)
         start = time.perf_counter()
+        store_preview = None
+        if self.params.get("progressive"):
+            def store_preview(values, n_jitters):
+                self.preview = (values, n_jitters)
         if self.kind == "forward":
-            self.result = ibx.forward_mapping(self.model, x, self.mask, geometry=self.geometry,
+            self.result = ibx.forward_mapping(self.model, x, self.mask, geometry=self.geometry, preview=store_preview,
                                               progress=progress, cancel=cancel, **self.params)
         elif self.kind == "backward":
             self.result = ibx.backward_mapping(self.model, x, self.mask, geometry=self.geometry,
-                                               progress=progress, cancel=cancel, **self.params)
+                                               preview=store_preview, progress=progress, cancel=cancel,
+                                               **self.params)
         elif self.kind == "output":
             self.result = self.model.predict(x, geometry=self.geometry, progress=progress, cancel=cancel)
         else:  # pragma: no cover
@@ -403,6 +413,47 @@ class Job:
         card = self.model.card
         out = (card.output.channels[0] if getattr(card.output, "channels", None) else "output")
         return f"{out} generated from {base}"
+
+    def show_preview(self, opacity: float = 0.6, threshold: float | None = None, legend: bool = True,
+                     colormap: str | None = None):
+        """Show the latest progressive preview (main thread) in a temporary node that the final map replaces."""
+        preview = self.preview
+        if preview is None or preview[1] == self._preview_shown:
+            return None
+        values, n_jitters = preview
+        name = f"{self.name or self.default_name()} (preview, N = {n_jitters})"
+        if self.preview_node is None:
+            scene = _scene(self.reference_node)
+            existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+            self._views_before = [(c, c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
+                                  for c in _slice_composite_nodes(scene)]
+            self.preview_node = create_volume_node(np.asarray(values, np.float32), self.geometry, name, scene=scene)
+            show_overlay(self.preview_node, self.reference_node, colormap=colormap, opacity=opacity,
+                         threshold=threshold, legend=legend)
+            self._preview_nodes = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())
+                                   if scene.GetNthNode(i).GetID() not in existing]
+        else:
+            slicer.util.updateVolumeFromArray(self.preview_node, np.asarray(values, np.float32))
+            self.preview_node.SetName(name)
+        self._preview_shown = n_jitters
+        return self.preview_node
+
+    def remove_preview(self) -> None:
+        """Remove the preview node (the final map, a failure or a cancel leaves no trace of it)."""
+        if self.preview_node is not None and self.scene_closed.is_set():  # the scene took it with it
+            self.preview_node, self._preview_nodes, self._views_before = None, [], []
+        if self.preview_node is not None:
+            scene = _scene(self.reference_node)
+            for composite, background, foreground, opacity in self._views_before:  # the views as they were
+                composite.SetBackgroundVolumeID(background)
+                composite.SetForegroundVolumeID(foreground)
+                composite.SetForegroundOpacity(opacity)
+            for node_id in reversed(self._preview_nodes):  # legend, colour table, display nodes, the map
+                node = scene.GetNodeByID(node_id)
+                if node is not None:
+                    scene.RemoveNode(node)
+            self.preview_node = None
+            self._preview_nodes = []
 
     def finish(self, show: bool = True, opacity: float = 0.6, threshold: float | None = None,
                legend: bool = True, colormap: str | None = None):
@@ -587,8 +638,6 @@ def _compute_and_finish(job: Job, progress, cancel, display: dict):
         return job.finish(**display)
     finally:
         job.unwatch_scene()
-
-
 
 
 # --------------------------------------------------------------------------------------------------------------

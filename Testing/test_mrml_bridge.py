@@ -371,6 +371,23 @@ def test_job_compute_runs_in_a_worker_thread(case):
     assert "evaluations" in job.status
 
 
+def test_progressive_preview_node_is_replaced_by_the_final_map(case):
+    """A progressive run shows a preview node while it computes; the final map (or a cancel) removes it."""
+    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
+    before = _snapshot(case)
+    job = mrml.prepare_forward(model, [case["volume"]], case["segmentation"], case["seg_id"], n_jitters=4,
+                               progressive=True)
+    job.compute()
+    preview = job.show_preview()
+    assert "preview, N = 2" in preview.GetName()
+    np.testing.assert_allclose(mrml.slicer.util.arrayFromVolume(preview), job.preview[0])
+    assert job.show_preview() is None  # nothing new to show: no second node
+    job.remove_preview()
+    _assert_unchanged(case, before)  # e.g. a cancel: no trace of the preview
+    node = job.finish(show=False)
+    assert node.GetAttribute("IBIX.parameters").count('"progressive": true') == 1
+
+
 def test_slice_view_is_radiological_patient_left_on_screen_right(slicer_app):
     """A map hot only on the patient's left (RAS x < 0) appears on the right half of the axial view."""
     shape = (1, 40, 40)

@@ -57,7 +57,8 @@ def test_ui_parameter_names_are_parameter_node_fields():
     for node in ast.walk(module_tree()):
         if isinstance(node, ast.ClassDef) and node.name == "IBIXParameterNode":
             fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-    assert {"modelPath", "forwardJitters", "backwardJitters", "maxJitter", "blocks", "compactness", "coarseToFine",
+    assert {"modelPath", "forwardJitters", "backwardJitters", "maxJitter", "blocks", "compactness", "progressive",
+            "coarseToFine",
             "coarseBlocks", "refineThreshold", "normalization", "signedDisplay", "colormap", "opacity", "threshold",
             "showLegend"} <= fields
     names = set()
@@ -293,10 +294,11 @@ def test_console_api_on_a_slicer_core_scene(ibix_module, slicer_app, tmp_path):
     # GUI parameters -> engine parameters
     p = types.SimpleNamespace(forwardJitters=8, backwardJitters=4, maxJitter=0.0, blocks=500, compactness=0.1,
                               coarseToFine=True, coarseBlocks=50, refineThreshold=0.5, normalization="fraction",
-                              signedDisplay=False)
-    assert logic.forwardParameters(p) == {"n_jitters": 8, "display": "normalized"}
+                              signedDisplay=False, progressive=True)
+    assert logic.forwardParameters(p) == {"n_jitters": 8, "display": "normalized", "progressive": True}
     assert logic.backwardParameters(p) == {"n_blocks": 500, "compactness": 0.1, "n_jitters": 4,
-                                           "normalization": "fraction", "coarse_blocks": 50, "refine_threshold": 0.5}
+                                           "normalization": "fraction", "coarse_blocks": 50, "refine_threshold": 0.5,
+                                           "progressive": True}
     p.maxJitter = 2.5
     assert logic.forwardParameters(p)["max_jitter"] == 2.5
 
