@@ -559,9 +559,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                      blocks: Any = "slic", normalization: str = "fraction",
                      coarse_blocks: int | Sequence[int] | None = None, refine_threshold: float = 0.25,
                      method: str = "auto", locality_tolerance: float = 0.0, geometry: Geometry | None = None,
-                     progressive: bool = False, preview: Callable[[np.ndarray, int], None] | None = None,
-                     tolerance: float | None = None, progress: ProgressCallback | None = None,
-                     cancel: Any = None) -> BackwardResult:
+                     tiles: bool = True, progressive: bool = False,
+                     preview: Callable[[np.ndarray, int], None] | None = None, tolerance: float | None = None,
+                     progress: ProgressCallback | None = None, cancel: Any = None) -> BackwardResult:
     """Backward mapping B(M^f): which input blocks drive the masked output voxels.
 
     Parameters
@@ -589,6 +589,11 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         block; "brute" also evaluates one block at a time; "auto" is "local" unless the response is global.
     locality_tolerance : float
         0 (exact). Above 0, a global response is cut at the radius holding all but this fraction of it.
+    tiles : bool
+        With the local method, perturb each relevant block in a tile of the sample that holds its context
+        (block dilated by twice the response radius, aligned to the model's stride) when that runs fewer voxels
+        through the model than whole samples; exact for shift-equivariant convolutional models, which IBIX
+        checks once per run.
     progressive, preview, tolerance
         As for :func:`forward_mapping`: nested jitter grids, ``preview(painted_B, N)`` after each but the last,
         and an optional early stop once no block's B changes by more than ``tolerance``.
@@ -645,7 +650,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
         radius = radius_info.radius
     schedule = jitter_schedule(n_jitters, progressive)
-    sums = _BlockSums(perturber, out_samples, radius, schedule, progress)
+    sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
     evaluations_per_level, blocks_per_level = [], []
     if custom:
         levels = [n_blocks]
@@ -722,7 +727,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "channels": [model.card.input.channels[c] for c in channel_list], "blocks": "labels" if custom else blocks,
         "normalization": normalization, "coarse_blocks": levels[:-1] if len(levels) > 1 else None,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
-        "locality_tolerance": locality_tolerance, "output_mask_voxels": int(out_mask.sum()),
+        "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
     }
     return BackwardResult(

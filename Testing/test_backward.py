@@ -56,22 +56,29 @@ def test_local_method_is_exact_and_cheaper_on_a_nonlinear_model(tmp_path, rng):
     local = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local")
     np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
     assert local.radius["is_global"] is False and local.radius["measured"] >= 3
-    assert local.evaluations * 4 < brute.evaluations
+    assert local.tiling["tiles"] is True
+    assert local.equivalent_evaluations * 4 < brute.equivalent_evaluations == brute.evaluations
+    grouped = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local",
+                                   tiles=False)
+    np.testing.assert_allclose(grouped.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
+    assert grouped.tiling["tiles"] is False
+    assert grouped.evaluations * 4 < brute.evaluations
 
 
 def test_3d_supervoxels_local_equals_batched(tmp_path, rng):
     kernel = rng.normal(size=(3, 3, 3)).astype(np.float32)
     model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
-    x = rng.normal(size=(16, 18, 20)).astype(np.float32)
+    x = rng.normal(size=(30, 34, 38)).astype(np.float32)
     out_mask = np.zeros(x.shape, bool)
-    out_mask[7:9, 8:10, 9:11] = True
-    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=60, compactness=1.0, n_jitters=1,
+    out_mask[14:16, 16:18, 18:20] = True
+    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=150, compactness=1.0, n_jitters=1,
                                    method="batched")
     local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
     expected = expected_fraction(batched.labels, out_mask, lambda block: om.correlate(block, kernel))
     np.testing.assert_allclose(batched.block_values, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(local.block_values, expected, rtol=1e-5, atol=1e-7)
-    assert local.evaluations < batched.evaluations
+    assert local.tiling["tiles"] is True
+    assert local.equivalent_evaluations < batched.evaluations / 4
 
 
 def test_2d_model_backward_on_volume_uses_only_touched_slices(tmp_path, rng):
