@@ -110,9 +110,11 @@ def registerSampleData():
          ["IBIX-T1", "IBIX-T1 input mask", "IBIX-T1 output mask"],
          ["VolumeFile", "SegmentationFile", "SegmentationFile"]),
         ("IBIX pelvis (Dixon MRI + CT)",
-         ["IBIX-Pelvis-water.nrrd", "IBIX-Pelvis-fat.nrrd", "IBIX-Pelvis-inphase.nrrd", "IBIX-Pelvis-ct.nrrd"],
-         ["IBIX-Pelvis-water", "IBIX-Pelvis-fat", "IBIX-Pelvis-inphase", "IBIX-Pelvis-ct"],
-         ["VolumeFile"] * 4),
+         ["IBIX-Pelvis-water.nrrd", "IBIX-Pelvis-fat.nrrd", "IBIX-Pelvis-inphase.nrrd", "IBIX-Pelvis-ct.nrrd",
+          "IBIX-Pelvis-input-mask.nrrd", "IBIX-Pelvis-output-mask.nrrd"],
+         ["IBIX-Pelvis-water", "IBIX-Pelvis-fat", "IBIX-Pelvis-inphase", "IBIX-Pelvis-ct",
+          "IBIX-Pelvis input mask", "IBIX-Pelvis output mask"],
+         ["VolumeFile"] * 4 + ["SegmentationFile"] * 2),
     ]
     for sampleName, fileNames, nodeNames, fileTypes in cases:
         present = [i for i, name in enumerate(fileNames) if os.path.exists(os.path.join(sampleDir, name))]

@@ -2,7 +2,9 @@
 
 Each case runs in its own process so that its peak memory (RSS) is its own. For every method the script prints
 model evaluations, wall time, the best time per evaluation measured in the same process (same model, device and
-batch size), the overhead ratio wall / (evaluations x best time per evaluation), peak memory, and agreement of B
+batch size), the overhead ratio wall / (work x best time per evaluation), where work is the number of
+full-size evaluations that the voxels run through the model add up to (tiles are smaller than the sample), peak
+memory (RSS of the case's own process), and agreement of B
 with brute force (every block, every jitter, one block at a time) on the same blocks and jitters: Pearson r and
 the largest absolute difference. Not part of the test suite; tests never assert timings.
 
@@ -111,7 +113,18 @@ def run_case(name: str, quick: bool) -> dict:
         model.evaluations = 0
         kwargs = {"blocks": reference.labels}
         label = method
-        if method == "coarse2":
+        if method == "local-groups":
+            kwargs["tiles"] = False
+            label = "local, whole-sample groups (no tiles)"
+        elif method == "local":
+            label = "local (default: tiles)"
+        elif method == "progressive":
+            label = "local, progressive N = 1, 2, 4"
+        elif method == "brute":
+            label = "brute force (one block at a time)"
+        elif method == "batched":
+            label = "batched (every block, batched)"
+        elif method == "coarse2":
             kwargs = {"coarse_blocks": 10, "n_blocks": n_blocks}
             label = "coarse-to-fine, 2 scales (K_c = 10)"
         elif method == "multilevel":
@@ -124,14 +137,14 @@ def run_case(name: str, quick: bool) -> dict:
                 "s", time.perf_counter() - started_preview))
         started = time.perf_counter()
         result = ibx.backward_mapping(model, image, masks[mask_name], n_jitters=4,
-                                      method="local" if method in ("coarse2", "multilevel", "progressive")
-                                      else method, **kwargs)
+                                      method=method if method in ("brute", "batched") else "local", **kwargs)
         wall = time.perf_counter() - started
         out = {"case": f"backward, K = {n_blocks}, N = 4, {mask_name} output mask ({int(masks[mask_name].sum())} "
                        f"voxels): {label}", "evaluations": result.evaluations, "wall_s": wall,
                "per_eval_s": per_eval, "peak_rss_mib": peak_rss_mib(),
                "brute_force_evaluations": int(reference.labels.max()) * 8 + 1,
                "evaluations_per_level": result.evaluations_per_level, "radius": result.radius,
+               "equivalent": result.equivalent_evaluations, "tiling": result.tiling,
                "blocks": int(result.labels.max())}
         if "s" in first_preview:
             out["first_preview_s"] = first_preview["s"]
@@ -153,7 +166,8 @@ def run_case(name: str, quick: bool) -> dict:
             result = ibx.backward_mapping(model, volume, out_mask, n_blocks=n_blocks, n_jitters=4, geometry=geometry)
             label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4"
         wall = time.perf_counter() - started
-        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "peak_rss_mib": peak_rss_mib()}
+        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "peak_rss_mib": peak_rss_mib(),
+                "equivalent": getattr(result, "equivalent_evaluations", None)}
     if name.startswith("3d-"):
         import SimpleITK as sitk
         image = sitk.ReadImage(str(T1), sitk.sitkFloat32)
@@ -178,7 +192,8 @@ def run_case(name: str, quick: bool) -> dict:
             else:
                 result = ibx.backward_mapping(model, volume, mask, n_blocks=n_blocks, n_jitters=4)
                 label = f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask"
-                extra = {"brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius}
+                extra = {"brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius,
+                         "equivalent": result.equivalent_evaluations, "tiling": result.tiling}
             wall = time.perf_counter() - started
         return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "per_eval_s": per_eval,
                 "peak_rss_mib": peak_rss_mib(), **extra}
@@ -187,7 +202,7 @@ def run_case(name: str, quick: bool) -> dict:
 
 CASES = (["2d-forward"]
          + [f"2d-{mask}-{method}" for mask in ("5x5", "ventricle")
-            for method in ("brute", "batched", "local", "progressive", "coarse2", "multilevel")]
+            for method in ("brute", "batched", "local-groups", "local", "progressive", "coarse2", "multilevel")]
          + ["volume-forward", "volume-backward", "3d-forward", "3d-backward"])
 
 
@@ -203,7 +218,8 @@ def main() -> None:
     import onnxruntime
     results = []
     print(f"IBIX benchmark: ONNX Runtime {onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}")
-    print("| case | evaluations | wall (s) | best s/eval | overhead | peak RSS (MiB) | vs brute force |")
+    print("| case | evaluations (full-size equivalent) | wall (s) | best s/eval | overhead | peak RSS (MiB) | "
+          "vs brute force |")
     print("|---|---|---|---|---|---|---|")
     for case in CASES:
         command = [sys.executable, __file__, "--case", case] + (["--quick"] if args.quick else [])
@@ -213,15 +229,18 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(r)
-        overhead = r["wall_s"] / (r["evaluations"] * r["per_eval_s"]) if "per_eval_s" in r else None
-        fewer = (f"; {r['brute_force_evaluations'] / r['evaluations']:.1f}x fewer evaluations"
+        work = r.get("equivalent") or r["evaluations"]  # voxels run, in whole-sample units
+        overhead = r["wall_s"] / (work * r["per_eval_s"]) if "per_eval_s" in r else None
+        fewer = (f"; {r['brute_force_evaluations'] / work:.1f}x less model work"
                  if "brute_force_evaluations" in r else "")
+        evaluations = (f"{r['evaluations']} ({r['equivalent']:.0f})" if r.get("equivalent") is not None
+                       else f"{r['evaluations']}")
         agree = (f"r = {r['pearson_r']:.6f}, max |dB| = {r['max_abs_diff']:.1e}" if "pearson_r" in r else "")
         preview = f"; first preview {r['first_preview_s']:.2f} s" if "first_preview_s" in r else ""
-        print(f"| {r['case']} | {r['evaluations']} | {r['wall_s']:.2f} | "
+        print(f"| {r['case']} | {evaluations} | {r['wall_s']:.2f} | "
               f"{r['per_eval_s'] * 1000:.2f} ms | {'' if overhead is None else f'{overhead:.2f}'} | "
               f"{r['peak_rss_mib']:.0f} | {agree}{fewer}{preview} |" if "per_eval_s" in r else
-              f"| {r['case']} | {r['evaluations']} | {r['wall_s']:.2f} | | | {r['peak_rss_mib']:.0f} | |", flush=True)
+              f"| {r['case']} | {evaluations} | {r['wall_s']:.2f} | | | {r['peak_rss_mib']:.0f} | |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
