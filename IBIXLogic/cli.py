@@ -80,6 +80,12 @@ class Progress:
             self.bar = None
             self.key = None
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # -- argument types -----------------------------------------------------------------------------------------
 def _int_at_least(minimum: int):
@@ -413,7 +419,10 @@ class Preview:
         self.progress.close()
         self.console.note(f"preview with N = {n_jitters} written to {self.path}")
 
-    def remove(self) -> None:
+    def __enter__(self) -> "Preview":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
@@ -519,12 +528,9 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     inputs = load_inputs(args.inputs, model)
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.model, args.card])
     outputs.check(_stem_names(["output"], args.format, ["summary.json"]))
-    progress = console.progress()
     t0, before = time.perf_counter(), model.evaluations
-    try:
+    with console.progress() as progress:
         output = model.predict(inputs.x, inputs.geometry, progress=progress)
-    finally:
-        progress.close()
     seconds, evaluations = time.perf_counter() - t0, model.evaluations - before
     outputs.write_volume("output", output, inputs.geometry)
     summary = _summary("predict", model, inputs, started, outputs,
@@ -548,16 +554,12 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     slices = figures.choose_slices(mask, axis, requested=args.slice)
     outputs.check(_stem_names(["forward_signed", "forward_normalized"], args.format,
                               ["summary.json"] + ([] if args.no_png else ["forward.png"])))
-    progress = console.progress()
-    preview = Preview(outputs, "forward_normalized", inputs.geometry, console, progress)
-    try:
+    with console.progress() as progress, Preview(outputs, "forward_normalized", inputs.geometry, console,
+                                                 progress) as preview:
         result = forward_mapping(model, inputs.x, mask, n_jitters=args.n_jitters, max_jitter=args.max_jitter,
                                  channels=_channels(args.channels, model), geometry=inputs.geometry,
                                  progressive=args.progressive, preview=preview, tolerance=args.tolerance,
                                  progress=progress)
-    finally:
-        progress.close()
-        preview.remove()
     outputs.write_volume("forward_signed", result.signed, result.geometry)
     outputs.write_volume("forward_normalized", result.normalized, result.geometry)
     figure = {}
@@ -601,9 +603,8 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     slices = figures.choose_slices(mask, axis, requested=args.slice)
     outputs.check(_stem_names(["backward", "backward_blocks"], args.format,
                               ["summary.json"] + ([] if args.no_png else ["backward.png"])))
-    progress = console.progress()
-    preview = Preview(outputs, "backward", inputs.geometry, console, progress)
-    try:
+    with console.progress() as progress, Preview(outputs, "backward", inputs.geometry, console,
+                                                 progress) as preview:
         result = backward_mapping(
             model, inputs.x, mask, n_blocks=args.n_blocks, compactness=args.compactness, n_jitters=args.n_jitters,
             max_jitter=args.max_jitter, channels=_channels(args.channels, model), blocks=blocks,
@@ -611,9 +612,6 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
             refine_threshold=args.refine_threshold, method=args.method,
             locality_tolerance=args.locality_tolerance, geometry=inputs.geometry, progressive=args.progressive,
             preview=preview, tolerance=args.tolerance, progress=progress)
-    finally:
-        progress.close()
-        preview.remove()
     outputs.write_volume("backward", result.map, result.geometry)
     outputs.write_volume("backward_blocks", result.labels, result.geometry)
     figure = {}

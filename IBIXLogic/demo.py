@@ -91,23 +91,17 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
     output_mask = cli.load_mask(_require(data / case.output_mask), None, inputs.geometry, console, "output mask")
     steps.append(Step(case.name, "load model and data", 0, time.perf_counter() - t0, []))
 
-    progress = console.progress()
     t0, before = time.perf_counter(), model.evaluations
-    try:
+    with console.progress() as progress:
         output = model.predict(inputs.x, inputs.geometry, progress=progress)
-    finally:
-        progress.close()
     seconds = time.perf_counter() - t0
     path = outputs.write_volume("output", output, inputs.geometry)
     steps.append(Step(case.name, "predict", model.evaluations - before, seconds, [path]))
 
     axis = cli.display_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    progress = console.progress()
-    try:
+    with console.progress() as progress:
         forward = forward_mapping(model, inputs.x, input_mask, geometry=inputs.geometry, progress=progress,
                                   **params["forward"])
-    finally:
-        progress.close()
     t0 = time.perf_counter()
     files = [outputs.write_volume("forward_signed", forward.signed, forward.geometry),
              outputs.write_volume("forward_normalized", forward.normalized, forward.geometry)]
@@ -118,12 +112,9 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
     steps.append(Step(case.name, "forward map F", forward.evaluations, forward.seconds, files))
     steps.append(Step(case.name, "forward files + PNG", 0, time.perf_counter() - t0, []))
 
-    progress = console.progress()
-    try:
+    with console.progress() as progress:
         backward = backward_mapping(model, inputs.x, output_mask, geometry=inputs.geometry, progress=progress,
                                     **params["backward"])
-    finally:
-        progress.close()
     t0 = time.perf_counter()
     files = [outputs.write_volume("backward", backward.map, backward.geometry),
              outputs.write_volume("backward_blocks", backward.labels, backward.geometry)]

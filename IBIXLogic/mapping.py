@@ -536,7 +536,11 @@ def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalizat
 
 def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
                   kind: str, masks: np.ndarray | None = None) -> np.ndarray:
-    """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere."""
+    """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere.
+
+    ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
+    its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
+    """
     labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
     offset = 0
     for s in samples:
@@ -546,7 +550,8 @@ def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int
         if kind == "grid":
             sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
         else:
-            sample_labels = superpixel_blocks(prepared.samples[s], n_blocks, compactness,
+            share = n_blocks if region is None else max(1, round(n_blocks * region.mean()))
+            sample_labels = superpixel_blocks(prepared.samples[s], share, compactness,
                                               prepared.sample_spacing, region, channel_axis=0)
         labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
         offset = int(labels[s].max(initial=offset))

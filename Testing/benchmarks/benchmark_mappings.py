@@ -178,7 +178,7 @@ def run_case(name: str, quick: bool) -> dict:
         reference.SetDirection(image.GetDirection())
         volume = sitk.GetArrayFromImage(sitk.Resample(image, reference))
         with tempfile.TemporaryDirectory() as folder:
-            model = ibx.load_model(small_3d_model(Path(folder)), memory_budget=2 * 2**30)
+            model = ibx.load_model(small_3d_model(Path(folder)))
             prepared = model.prepare(volume)
             per_eval = best_time_per_evaluation(model, prepared, repeats=2)
             mask = np.zeros(volume.shape, bool)
