@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import time
@@ -16,6 +15,7 @@ import numpy as np
 from .card import Intensity, ModelCard, read_card, resolve_card
 from .errors import Cancelled, InputError, ModelError
 from .geometry import Geometry, slice_array_axis
+from .model_file import check_external_data
 
 log = logging.getLogger("IBIX")
 
@@ -307,13 +307,16 @@ class Model:
         """Yield (start, stop, outputs) over ``total`` items, each ``per_item`` samples, in memory-sized chunks.
 
         ``make_batch(start, stop)`` builds the input batch for items start..stop-1. A chunk that runs out of
-        memory is retried in halves; a single item that still does not fit is run a few samples at a time.
+        memory is retried in halves; an item larger than the memory budget allows, or that runs out of memory, is
+        run a few samples at a time.
         ``sample_shape`` sizes the batches when the samples are not ``prepared``'s (e.g. tiles of them).
         """
-        items = max(1, self.batch_size(sample_shape or prepared.sample_shape) // per_item)
+        capacity = self.batch_size(sample_shape or prepared.sample_shape)
+        items = max(1, capacity // per_item)
         if max_items is not None:
             items = min(items, max_items)
-        piece = None  # samples per model call, once one item had to be split
+        # samples per model call when one item holds more samples than fit at once (e.g. 2N jitters of a volume)
+        piece = capacity if capacity < per_item else None
         start = 0
         while start < total:
             check_cancel(cancel)
@@ -413,111 +416,7 @@ def _onnxruntime():
     return onnxruntime
 
 
-# -- model file checks and the session cache ---------------------------------------------------------------
-#: Protobuf fields that lead to TensorProtos in an ONNX file: {message: {field number: message of that field}}.
-#: ModelProto 7 graph, 25 functions; GraphProto 1 node, 5 initializer, 15 sparse_initializer; NodeProto
-#: 5 attribute; AttributeProto 5 t, 6 g, 10 tensors, 11 graphs, 22 sparse_tensor, 23 sparse_tensors;
-#: FunctionProto 7 node; SparseTensorProto 1 values, 2 indices; TensorProto 13 external_data.
-_PROTO_FIELDS = {
-    "model": {7: "graph", 25: "function"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "function": {7: "node"},
-    "node": {5: "attribute"},
-    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-    "tensor": {13: "entry"},
-}
-_MAX_PROTO_DEPTH = 64
-
-
-class _ProtoError(Exception):
-    pass
-
-
-def _varint(data, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _ProtoError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _scan_proto(data, pos: int, end: int, kind: str, found: list, depth: int = 0) -> None:
-    """Walk one protobuf message of ``kind``; append the ``location`` of every external tensor to ``found``."""
-    if depth > _MAX_PROTO_DEPTH:
-        raise _ProtoError("messages nested too deeply")
-    fields = _PROTO_FIELDS.get(kind, {})
-    key = value = None
-    while pos < end:
-        tag, pos = _varint(data, pos, end)
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            _, pos = _varint(data, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(data, pos, end)
-            if pos + length > end:
-                raise _ProtoError("field runs past the end of its message")
-            if kind == "entry" and number in (1, 2):
-                text = bytes(data[pos:pos + length]).decode("utf-8", "replace")
-                key, value = (text, value) if number == 1 else (key, text)
-            elif number in fields:
-                _scan_proto(data, pos, pos + length, fields[number], found, depth + 1)
-            pos += length
-        else:
-            raise _ProtoError(f"unsupported wire type {wire}")
-        if pos > end:
-            raise _ProtoError("field runs past the end of its message")
-    if kind == "entry" and key == "location":
-        found.append(value or "")
-
-
-def external_data_locations(path: Path) -> list[str]:
-    """The external-data ``location`` of every tensor in an ONNX file, read without ONNX or ONNX Runtime.
-
-    A minimal protobuf walk over the messages that can hold tensors (graphs, subgraphs, functions, node
-    attributes, sparse tensors); tensor payloads are skipped, not read. Raises ModelError for a file that is
-    not a well-formed protobuf message.
-    """
-    found: list[str] = []
-    with open(path, "rb") as handle:
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                _scan_proto(data, 0, len(data), "model", found)
-            except _ProtoError as exc:
-                raise ModelError(f"{path}: not a loadable ONNX model ({exc}); check the file is a complete ONNX "
-                                 "export") from None
-    return found
-
-
-def check_external_data(path: Path) -> None:
-    """Refuse a model whose external data would be read from outside the model's own folder.
-
-    Checked before ONNX Runtime opens the file, so that a model cannot make IBIX read another file (an absolute
-    location, ``..``, or a symbolic link leading out of the folder).
-    """
-    folder = path.resolve().parent
-    for location in external_data_locations(path):
-        where = Path(location)
-        target = (folder / where).resolve()
-        if not location or where.is_absolute() or location.startswith(("/", "\\")) or ":" in location \
-                or (target != folder and folder not in target.parents):
-            raise ModelError(f"{path}: refused: the model's external data location {location!r} points outside "
-                             f"the model's folder {folder}; IBIX reads external tensor data only from files "
-                             "beside the model (re-export it with its .data file in the same folder)")
-        if not target.is_file():
-            raise ModelError(f"{path}: the model's external data file {location!r} is missing from {folder}; "
-                             "copy it beside the model")
-
-
+# -- the session cache ---------------------------------------------------------------------------------
 #: Loaded ONNX Runtime sessions, most recent last, keyed by (file, size, mtime, inode, providers).
 _SESSIONS: "OrderedDict[tuple, Any]" = OrderedDict()
 _SESSIONS_LOCK = threading.Lock()

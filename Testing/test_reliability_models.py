@@ -15,7 +15,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import IBIXLogic as ibx  # noqa: E402
 import onnx_models as om  # noqa: E402
-from IBIXLogic import runner  # noqa: E402
+from IBIXLogic import model_file, runner  # noqa: E402
 
 PACKAGE = Path(ibx.__file__).parent
 
@@ -183,7 +183,7 @@ def test_external_data_in_a_subgraph_is_found(model_folder):
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3])])
     path = model_folder / "subgraph.onnx"
     path.write_bytes(helper.make_model(graph).SerializeToString())
-    assert runner.external_data_locations(path) == ["../secret.bin", "../secret.bin"]
+    assert model_file.external_data_locations(path) == ["../secret.bin", "../secret.bin"]
     with pytest.raises(ibx.ModelError, match="points outside"):
         ibx.load_model(path)
 
@@ -206,11 +206,11 @@ def test_the_scan_agrees_with_onnx_on_real_models(tmp_path):
     for name in ("t1_to_t2_cae", "mri_to_pct_unet"):
         path = PACKAGE.parent / "Resources" / "Models" / f"{name}.onnx"
         if path.is_file():
-            assert runner.external_data_locations(path) == []
+            assert model_file.external_data_locations(path) == []
     path = om.save(om.small_autoencoder(), tmp_path, "cae")
     onnx.save(onnx.load(str(path)), str(tmp_path / "split.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location="split.data", size_threshold=64)
-    locations = runner.external_data_locations(tmp_path / "split.onnx")
+    locations = model_file.external_data_locations(tmp_path / "split.onnx")
     assert locations and set(locations) == {"split.data"}
     model = ibx.load_model(tmp_path / "split.onnx", device="cpu")
     x = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
