@@ -171,3 +171,18 @@ def test_default_max_jitter_is_15_percent_of_robust_range(tmp_path, rng):
 
 def test_jitter_levels_are_symmetric():
     np.testing.assert_allclose(ibx.jitter_levels(2, 10.0), [-10, -5, 5, 10])
+
+
+def test_tiny_memory_budget_runs_one_sample_at_a_time_with_the_same_map(tmp_path, rng):
+    path = om.save(om.small_autoencoder(), tmp_path, "cae")
+    roomy, tight = ibx.load_model(path), ibx.load_model(path, memory_budget=1)
+    assert tight.batch_size((32, 32)) == 1
+    calls = []
+    run = tight._session_run
+    tight._session_run = lambda batch: calls.append(len(batch)) or run(batch)
+    x = rng.normal(size=(32, 32)).astype(np.float32)
+    mask = box_mask(x.shape, slice(10, 14), slice(12, 16))
+    expected = ibx.forward_mapping(roomy, x, mask, n_jitters=4)
+    result = ibx.forward_mapping(tight, x, mask, n_jitters=4)
+    np.testing.assert_array_equal(result.signed, expected.signed)
+    assert result.evaluations == expected.evaluations == 9 and set(calls) == {1}
