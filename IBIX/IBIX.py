@@ -184,20 +184,30 @@ def ensureDependencies(prompt=True):
     """Install what IBIX needs, after asking. Raises RuntimeError when the user declines or pip fails.
 
     ONNX Runtime: ``onnxruntime-gpu`` where an NVIDIA GPU is present, ``onnxruntime`` otherwise, never both
-    (the other flavour is uninstalled first). Uses ``slicer.pydeps.pip_ensure`` / ``slicer.packaging.pip_ensure``
-    where the Slicer release has it (5.11+), else asks with ``confirmOkCancelDisplay`` and runs ``pip_install``.
+    (the other flavour is uninstalled first). Asks first (``confirmOkCancelDisplay``), then uninstalls the other
+    flavour and installs with ``slicer.pydeps.pip_ensure`` / ``slicer.packaging.pip_ensure`` where the Slicer
+    release has it (5.11+), else ``slicer.util.pip_install``.
     """
     onnxPackage, others = missingRequirements()
     if onnxPackage is None and not others:
         return False
     requirements = ([f"{onnxPackage}>=1.17"] if onnxPackage else []) + others
+    other = None
     if onnxPackage:
         other = "onnxruntime" if onnxPackage == "onnxruntime-gpu" else "onnxruntime-gpu"
-        if _installedDistributions(other):
-            slicer.util.pip_uninstall(other)
-
+        other = other if _installedDistributions(other) else None
+    text = ("IBIX needs these Python packages, which are not installed yet:\n\n  "
+            + "\n  ".join(requirements)
+            + (f"\n\n{other} will be uninstalled first (the two ONNX Runtime packages cannot coexist)."
+               if other else "")
+            + "\n\nInstall them now? (This can take a few minutes; Slicer may stop responding meanwhile.)")
+    if prompt and not slicer.util.confirmOkCancelDisplay(text, "IBIX: install Python packages"):
+        raise RuntimeError("IBIX cannot run without " + ", ".join(requirements)
+                           + ": install them (accept the prompt, or run slicer.util.pip_install(...))")
+    if other:  # only after consent
+        slicer.util.pip_uninstall(other)
     pipEnsure = None
-    for moduleName in ("slicer.pydeps", "slicer.packaging"):
+    for moduleName in ("slicer.pydeps", "slicer.packaging"):  # Slicer >= 5.11
         try:
             import importlib
 
@@ -209,14 +219,8 @@ def ensureDependencies(prompt=True):
     if pipEnsure is not None:
         from packaging.requirements import Requirement
 
-        pipEnsure([Requirement(r) for r in requirements], prompt_install=prompt, requester="IBIX")
+        pipEnsure([Requirement(r) for r in requirements], prompt_install=False, requester="IBIX")
     else:
-        text = ("IBIX needs these Python packages, which are not installed yet:\n\n  "
-                + "\n  ".join(requirements)
-                + "\n\nInstall them now? (This can take a few minutes; Slicer may stop responding meanwhile.)")
-        if prompt and not slicer.util.confirmOkCancelDisplay(text, "IBIX: install Python packages"):
-            raise RuntimeError("IBIX cannot run without " + ", ".join(requirements)
-                               + ": install them (accept the prompt, or run slicer.util.pip_install(...))")
         slicer.util.pip_install(" ".join(requirements))
     onnxPackage, others = missingRequirements()
     if onnxPackage or others:

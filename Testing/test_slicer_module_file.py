@@ -238,6 +238,7 @@ def test_dependency_choice_asks_first_and_never_installs_both(ibix_module, monke
     assert IBIX.ensureDependencies() is True
     kinds = [c[0] for c in calls]
     assert "ask" in kinds and kinds.index("ask") < kinds.index("install")
+    assert "uninstall" not in kinds or kinds.index("ask") < kinds.index("uninstall") < kinds.index("install")
     install = [c[1] for c in calls if c[0] == "install"][0]
     assert expect_install in install.split()[0] or install.startswith(expect_install + ">=")
     other = "onnxruntime" if expect_install == "onnxruntime-gpu" else "onnxruntime-gpu"
@@ -250,13 +251,15 @@ def test_dependency_prompt_declined_raises(ibix_module, monkeypatch):
     import slicer
 
     monkeypatch.setattr(IBIX, "missingRequirements", lambda: ("onnxruntime", []))
-    monkeypatch.setattr(IBIX, "_installedDistributions", lambda *names: [])
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: False, raising=False)
     installs = []
     monkeypatch.setattr(slicer.util, "pip_install", lambda r: installs.append(r), raising=False)
+    monkeypatch.setattr(IBIX, "_installedDistributions", lambda *names: ["onnxruntime-gpu"])
+    uninstalls = []
+    monkeypatch.setattr(slicer.util, "pip_uninstall", lambda r: uninstalls.append(r), raising=False)
     with pytest.raises(RuntimeError, match="cannot run without"):
         IBIX.ensureDependencies()
-    assert not installs
+    assert not installs and not uninstalls  # declining changes nothing
 
 
 def test_console_api_on_a_slicer_core_scene(ibix_module, slicer_app, tmp_path):
