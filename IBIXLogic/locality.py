@@ -141,14 +141,16 @@ class TilePlan:
         return tuple(slice(o, o + n) for o, n in zip(self.origins[i], self.shape))
 
 
-def tile_alignment(padded_shape: tuple[int, ...], multiple_of: int, largest: int = 32) -> int:
-    """Stride at which tiles start: the card's ``multiple_of`` and the largest power of two (up to ``largest``)
-    that divides every padded dimension (a pooling model that accepted the whole sample has a stride that
+def tile_alignments(padded_shape: tuple[int, ...], multiple_of: int, largest: int = 32) -> list[int]:
+    """Candidate strides for tile origins, smallest first: the card's ``multiple_of`` and its doublings up to
+    ``largest`` that divide every padded dimension (a model that accepted the whole sample has a stride that
     divides its size)."""
-    power = 1
-    while power * 2 <= largest and all(n % (power * 2) == 0 for n in padded_shape):
-        power *= 2
-    return int(np.lcm(multiple_of, power))
+    candidates, align = [], max(1, int(multiple_of))
+    while align <= max(largest, multiple_of):
+        if all(n % align == 0 for n in padded_shape):
+            candidates.append(align)
+        align *= 2
+    return candidates
 
 
 def plan_tiles(low: np.ndarray, high: np.ndarray, radius: int, padded_shape: tuple[int, ...],

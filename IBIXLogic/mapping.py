@@ -405,7 +405,12 @@ class _BlockSums:
         return groups, wanted
 
     def _tile_items(self, label_samples: np.ndarray, groups: list) -> tuple[list, locality.TilePlan] | None:
-        """One tile per block, when tiles run fewer voxels through the model than whole-sample groups."""
+        """One tile per block, when tiles run fewer voxels through the model than whole-sample groups.
+
+        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
+        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
+        reproduce the whole-sample output is used (checked on the unperturbed input, 2 tile evaluations each).
+        """
         perturber = self.perturber
         blocks = [(s, int(b)) for s, group in groups for b in group]
         low = np.empty((len(blocks), label_samples.ndim - 1), np.int64)
@@ -414,25 +419,45 @@ class _BlockSums:
             rows = [i for i, (t, _) in enumerate(blocks) if t == s]
             low[rows], high[rows] = locality.block_boxes(label_samples[s], np.array([blocks[i][1] for i in rows]))
         padded_shape = perturber.padded_input(blocks[0][0]).shape[1:]
-        plan = locality.plan_tiles(low, high, self.radius, padded_shape, tuple(p[0] for p in perturber.pads),
-                                   locality.tile_alignment(padded_shape, perturber.model.card.input.multiple_of))
-        if len(blocks) * np.prod(plan.shape) >= 0.8 * len(groups) * np.prod(padded_shape):
-            return None
-        return blocks, plan
+        offset = tuple(p[0] for p in perturber.pads)
+        for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
+            plan = locality.plan_tiles(low, high, self.radius, padded_shape, offset, align)
+            if len(blocks) * np.prod(plan.shape) >= 0.8 * len(groups) * np.prod(padded_shape):
+                self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
+                return None
+            if self._tiles_reproduce_the_model(blocks[0][0], plan.shape, align):
+                self.tiling = {"tiles": True, "tile_shape": list(plan.shape), "alignment": align,
+                               "items": len(blocks)}
+                return blocks, plan
+        self.tiling = {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
+        return None
 
-    def _tiles_reproduce_the_model(self, sample: int, plan: locality.TilePlan, block_mask: np.ndarray) -> bool:
-        """Check on one tile that the model is shift-equivariant at the tiles' alignment (1 evaluation)."""
+    def _tiles_reproduce_the_model(self, sample: int, shape: tuple[int, ...], align: int) -> bool:
+        """Whether tiles of ``shape`` starting at multiples of ``align`` reproduce the whole sample's output.
+
+        Checked at the tile origins (align, align, ...) and at the far corner, away from tile borders that are
+        not the sample's (within the response radius of such a border the tile lacks context).
+        """
         perturber = self.perturber
-        window = plan.slices(0)
-        tile = perturber.padded_input(sample)[(slice(None),) + window][None].copy()
-        try:
-            out = perturber.model.run(tile, perturber.prepared)[0]
-        except ModelError:
-            return False
-        region = locality.footprint(block_mask, self.radius)
-        expected = perturber.padded_base[sample][window]
-        scale = float(np.abs(expected[region]).max(initial=0.0)) + 1e-12
-        return bool(np.abs(out - expected)[region].max(initial=0.0) <= 1e-4 * scale + 1e-7)
+        padded = perturber.padded_input(sample)
+        base = perturber.padded_base[sample]
+        spatial = padded.shape[1:]
+        origins = {tuple(min(align, p - n) for p, n in zip(spatial, shape)),
+                   tuple(p - n for p, n in zip(spatial, shape))}
+        for origin in sorted(origins):
+            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+            try:
+                out = perturber.model.run(padded[(slice(None),) + window][None].copy(), perturber.prepared)[0]
+            except ModelError:
+                return False
+            interior = tuple(slice(0 if o == 0 else self.radius, n if o + n == p else n - self.radius)
+                             for o, n, p in zip(origin, shape, spatial))
+            expected = base[window][interior]
+            if expected.size == 0:
+                continue
+            if np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+                return False
+        return True
 
     def compute(self, label_samples: np.ndarray, ids: np.ndarray,
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
@@ -466,21 +491,14 @@ class _BlockSums:
                 region = locality.footprint(direction(i) & inner, self.radius) & inner
                 return region, region & padded_out[s][window(i)], b
 
-            s0, b0 = blocks[0]
-            if not self._tiles_reproduce_the_model(s0, plan, direction(0) & inside[window(0)]):
-                tiled = None
-                self.tiling = {"tiles": False, "reason": "the model is not shift-equivariant at its multiple_of"}
-            else:
-                self.tiling = {"tiles": True, "tile_shape": list(plan.shape), "items": len(blocks)}
-                n_items, shape = len(blocks), plan.shape
-                responses = partial(perturber.responses, n_items,
-                                    lambda i: perturber.padded_input(blocks[i][0])[(slice(None),) + window(i)],
-                                    direction, lambda i: perturber.padded_base[blocks[i][0]][window(i)],
-                                    lambda i: f"block {blocks[i][1]} of sample {blocks[i][0]} (tile)",
-                                    shape=shape)
+            n_items, shape = len(blocks), plan.shape
+            responses = partial(perturber.responses, n_items,
+                                lambda i: perturber.padded_input(blocks[i][0])[(slice(None),) + window(i)],
+                                direction, lambda i: perturber.padded_base[blocks[i][0]][window(i)],
+                                lambda i: f"block {blocks[i][1]} of sample {blocks[i][0]} (tile)", shape=shape)
         if tiled is None:
-            if self.radius is not None and self.tiling is None:
-                self.tiling = {"tiles": False, "groups": len(groups)}
+            if self.radius is not None:
+                self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
             member = np.zeros(size, bool)
             n_items, shape = len(groups), perturber.prepared.sample_shape
 

@@ -57,6 +57,7 @@ def test_local_method_is_exact_and_cheaper_on_a_nonlinear_model(tmp_path, rng):
     np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
     assert local.radius["is_global"] is False and local.radius["measured"] >= 3
     assert local.tiling["tiles"] is True
+    assert local.tiling["alignment"] == 2  # the model's max-pooling stride, found without a card
     assert local.equivalent_evaluations * 4 < brute.equivalent_evaluations == brute.evaluations
     grouped = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local",
                                    tiles=False)
