@@ -85,19 +85,3 @@ def grid_blocks(shape: Sequence[int], n_blocks: int, spacing: Sequence[float] | 
     if mask is not None:
         labels = _relabel(np.where(mask, labels, 0))
     return labels
-
-
-def block_bounding_boxes(labels: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper (inclusive) index corners of each label 1..n_labels, shape (n_labels, ndim).
-
-    Labels that do not occur get an empty box (lower > upper).
-    """
-    ndim = labels.ndim
-    low = np.full((n_labels + 1, ndim), np.iinfo(np.int64).max, np.int64)
-    high = np.full((n_labels + 1, ndim), -1, np.int64)
-    flat = labels.ravel()
-    coords = np.indices(labels.shape).reshape(ndim, -1)
-    for axis in range(ndim):
-        np.minimum.at(low[:, axis], flat, coords[axis])
-        np.maximum.at(high[:, axis], flat, coords[axis])
-    return low[1:], high[1:]

@@ -124,3 +124,13 @@ def small_autoencoder(seed: int = 0, layout: str = "NCHW", **kw) -> onnx.ModelPr
              helper.make_node("Conv", ["u2", "w3"], ["core_out"], pads=[1, 1, 1, 1])]
     initializers = {"w1": w1, "b1": bias, "w2": w2, "w3": w3, "scales": np.array([1, 1, 2, 2], np.float32)}
     return build(nodes, initializers, layout, **kw)
+
+
+def convolution_plus_mean(kernel: np.ndarray, weight: float, **kw) -> onnx.ModelProto:
+    """A 2D convolution plus ``weight`` times the image mean: a local response with a small global part."""
+    kernel = np.asarray(kernel, np.float32)
+    nodes = [helper.make_node("Conv", ["core_in", "w"], ["c"], pads=[k // 2 for k in kernel.shape] * 2),
+             helper.make_node("ReduceMean", ["core_in"], ["m"], axes=[2, 3], keepdims=1),
+             helper.make_node("Mul", ["m", "g"], ["gm"]),
+             helper.make_node("Add", ["c", "gm"], ["core_out"])]
+    return build(nodes, {"w": kernel[None, None], "g": np.float32(weight)}, **kw)

@@ -122,3 +122,45 @@ def test_backward_result_summary_is_json_serialisable(tmp_path, rng):
     result = ibx.backward_mapping(model, x, out_mask, n_blocks=16, blocks="grid", n_jitters=1)
     summary = json.loads(json.dumps(result.to_dict()))
     assert summary["evaluations"] == result.evaluations and summary["blocks"] == 16
+
+
+def test_global_response_is_detected_and_handled(tmp_path, rng):
+    """A response that reaches everywhere (here an image mean) cannot be cut exactly: auto falls back to the
+    batched path, local refuses, and a locality tolerance gives an approximation that says what it cut."""
+    model = ibx.load_model(om.save(om.convolution_plus_mean(KERNEL, 1e-3), tmp_path, "global"))
+    x = rng.normal(size=(40, 40)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[18:22, 18:22] = True
+    blocks = ibx.grid_blocks(x.shape, 100)
+    batched = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2, method="batched")
+    auto = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2)
+    assert auto.radius["is_global"] is True and auto.tiling is None
+    np.testing.assert_allclose(auto.block_values, batched.block_values, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ibx.InputError, match="global"):
+        ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2, method="local")
+    cut = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2, locality_tolerance=0.05)
+    assert cut.radius["is_global"] is False and cut.radius["measured"] == 1 and cut.radius["tolerance"] == 0.05
+    assert cut.equivalent_evaluations < batched.evaluations / 4
+    far = cut.block_values == 0
+    assert far.sum() > 50 and np.all(batched.block_values[far] < 0.02)  # what was cut is what barely mattered
+    near = ~far
+    np.testing.assert_allclose(cut.block_values[near], batched.block_values[near], atol=0.05)
+
+
+def test_radius_from_responses_exact_and_with_tolerance():
+    from IBIXLogic import locality
+    response = np.zeros((1, 31, 31))
+    response[0, 15, 15] = 1.0
+    response[0, 15, 18] = 0.5  # 3 voxels away
+    response[0, 5, 15] = 1e-3  # 10 voxels away: a faint far tail
+    points = np.array([[15, 15]])
+    assert locality.radius_from_responses(response, points) == (10, False)
+    assert locality.radius_from_responses(response, points, tolerance=0.01) == (3, False)
+    assert locality.radius_from_responses(np.ones((1, 9, 9)), np.array([[4, 4]])) == (4, True)
+
+
+def test_tile_alignments_are_doublings_that_divide_the_sample():
+    from IBIXLogic import locality
+    assert locality.tile_alignments((64, 72), 1) == [1, 2, 4, 8]
+    assert locality.tile_alignments((240, 200), 8) == [8]
+    assert locality.tile_alignments((128, 128, 128), 2) == [2, 4, 8, 16, 32]
