@@ -680,7 +680,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     state = {"numerator": np.zeros(1), "denominator": np.zeros(1), "values": np.zeros(1), "labels": None,
              "jitters_used": n_jitters}
 
-    def merge(level_numerator: np.ndarray, level_denominator: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    def merge(level_numerator: np.ndarray, level_denominator: np.ndarray,
+              new_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """B for every current block, with the new blocks' sums replacing those of the blocks they refine."""
         size = len(level_numerator)
         numerator = np.zeros(size)
@@ -711,9 +712,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             current = np.where(fine > 0, fine + top, current).astype(np.int32)
             new_ids = np.unique(fine[fine > 0]) + top
         state["labels"] = current
-        last_level = level == len(levels) - 1
 
-        def on_jitter_level(level_numerator, level_denominator, n_level, new_ids=new_ids, last_level=last_level):
+        def on_jitter_level(level_numerator, level_denominator, n_level, new_ids=new_ids):
             _, _, values = merge(level_numerator, level_denominator, new_ids)
             previous = state.get("preview_values")
             change = None if previous is None or len(previous) != len(values) else float(
