@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--locality-tolerance", type=_number(0.0, 1.0, strict_max=True), default=0.0,
                        metavar="FRACTION",
                        help="0: exact; above 0: cut a global response at the radius holding all but this fraction")
+    group.add_argument("--no-tiles", dest="tiles", action="store_false", default=True,
+                       help="local method: perturb blocks in whole samples only, not in tiles of them")
     _figure_options(backward)
     backward.set_defaults(handler=cmd_backward)
 
@@ -610,8 +612,8 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
             max_jitter=args.max_jitter, channels=_channels(args.channels, model), blocks=blocks,
             normalization=args.normalization, coarse_blocks=args.coarse_blocks,
             refine_threshold=args.refine_threshold, method=args.method,
-            locality_tolerance=args.locality_tolerance, geometry=inputs.geometry, progressive=args.progressive,
-            preview=preview, tolerance=args.tolerance, progress=progress)
+            locality_tolerance=args.locality_tolerance, tiles=args.tiles, geometry=inputs.geometry,
+            progressive=args.progressive, preview=preview, tolerance=args.tolerance, progress=progress)
     outputs.write_volume("backward", result.map, result.geometry)
     outputs.write_volume("backward_blocks", result.labels, result.geometry)
     figure = {}

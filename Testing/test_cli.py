@@ -331,3 +331,13 @@ def test_progressive_writes_previews_then_the_final_map(case, capsys):
     summary = json.loads((case["out"] / "summary.json").read_text())
     assert summary["backward"]["parameters"]["progressive"] is True
     assert summary["backward"]["parameters"]["n_jitters_used"] == 4
+    assert summary["backward"]["parameters"]["tiles"] is True
+
+
+def test_no_tiles_reaches_the_engine(case):
+    code = main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+                 str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "1", "--no-tiles", "--no-png",
+                 "--quiet", "--output", str(case["out"])])
+    assert code == 0
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert summary["backward"]["parameters"]["tiles"] is False
