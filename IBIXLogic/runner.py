@@ -506,8 +506,20 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
                          "onnxruntime-gpu with a working CUDA, or use device 'cpu' or 'auto'")
     providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
     started = time.perf_counter()
-    session = _session(path, providers)
+    try:
+        session = _session(path, providers)
+    except ModelError as exc:
+        if not want_cuda:
+            raise
+        # a CUDA start that fails (drivers, libraries, memory) is no reason to refuse a model the CPU can run
+        session = _session(path, ["CPUExecutionProvider"])
+        if device == "cuda":
+            raise ModelError(f"device 'cuda' was asked for but CUDA could not start ({exc}); use device 'cpu' or "
+                             "'auto', or fix the CUDA installation") from None
     active = session.get_providers()[0]
+    if device == "cuda" and active != "CUDAExecutionProvider":
+        raise ModelError("device 'cuda' was asked for but CUDA could not start for this model; use device 'cpu' "
+                         "or 'auto', or fix the CUDA installation")
     if want_cuda and active != "CUDAExecutionProvider":
         log.warning("CUDA could not start for %s; running on the CPU", path.name)
     run_device = "cuda" if active == "CUDAExecutionProvider" else "cpu"

@@ -162,3 +162,18 @@ def test_cancel_stops_a_run(conv_model, image, mask):
     event.set()
     with pytest.raises(ibx.Cancelled):
         ibx.backward_mapping(conv_model, image, mask, n_blocks=20, n_jitters=1, cancel=event)
+
+
+def test_cuda_that_cannot_start_falls_back_to_the_cpu_with_a_warning(tmp_path, monkeypatch, caplog):
+    """ONNX Runtime claims a CUDA provider that cannot start here: auto runs on the CPU and says so."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    path = om.save(om.convolution(KERNEL), tmp_path, "conv")
+    with caplog.at_level("WARNING", logger="IBIX"):
+        model = ibx.load_model(path, device="auto")
+    assert model.device == "cpu" and model.provider == "CPUExecutionProvider"
+    assert "CUDA could not start" in caplog.text
+    with pytest.raises(ibx.ModelError, match="device 'cuda' was asked for but CUDA could not start"):
+        ibx.load_model(path, device="cuda")
