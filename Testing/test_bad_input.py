@@ -164,6 +164,7 @@ def test_cancel_stops_a_run(conv_model, image, mask):
         ibx.backward_mapping(conv_model, image, mask, n_blocks=20, n_jitters=1, cancel=event)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_cuda_that_cannot_start_falls_back_to_the_cpu_with_a_warning(tmp_path, monkeypatch, caplog):
     """ONNX Runtime claims a CUDA provider that cannot start here: auto runs on the CPU and says so."""
     import onnxruntime
