@@ -124,23 +124,6 @@ def owner_labels(labels: np.ndarray, group: np.ndarray) -> np.ndarray:
     return labels[tuple(nearest)]
 
 
-@dataclass(frozen=True)
-class TilePlan:
-    """Equal-sized tiles of the padded sample, one per block, each holding the block's context.
-
-    A block's response lies within ``radius`` of it, and the model's output there depends on inputs within
-    another ``radius``; a tile that holds the block dilated by 2*radius therefore reproduces the block's response
-    exactly, provided the tile starts at a multiple of the model's stride (``align``) so that pooling windows
-    fall where they fall in the whole sample. ``origins`` are in padded-sample coordinates.
-    """
-
-    shape: tuple[int, ...]
-    origins: np.ndarray
-
-    def slices(self, i: int) -> tuple[slice, ...]:
-        return tuple(slice(o, o + n) for o, n in zip(self.origins[i], self.shape))
-
-
 def tile_alignments(padded_shape: tuple[int, ...], multiple_of: int, largest: int = 32) -> list[int]:
     """Candidate strides for tile origins, smallest first: the card's ``multiple_of`` and its doublings up to
     ``largest`` that divide every padded dimension (a model that accepted the whole sample has a stride that
@@ -153,20 +136,70 @@ def tile_alignments(padded_shape: tuple[int, ...], multiple_of: int, largest: in
     return candidates
 
 
-def plan_tiles(low: np.ndarray, high: np.ndarray, radius: int, padded_shape: tuple[int, ...],
-               offset: tuple[int, ...], align: int) -> TilePlan:
-    """Tiles for blocks with inclusive index boxes ``low``..``high`` (sample coordinates).
+@dataclass(frozen=True)
+class Tile:
+    """A window of the padded sample that holds some blocks of one group and their context.
 
-    ``offset`` is where the sample starts in the padded sample; ``align`` the stride tiles must start at.
+    A block's response lies within ``radius`` of it, and the model's output there depends on inputs within
+    another ``radius``; a window that holds the block dilated by 2*radius therefore reproduces the block's response
+    exactly, provided the window starts at a multiple of the model's stride, so that pooling windows fall where
+    they fall in the whole sample. Blocks of one group are more than 2*radius apart, so several of them can share
+    a window without seeing each other. ``origin`` is in padded-sample coordinates.
+    """
+
+    members: tuple[int, ...]
+    origin: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def window(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + n) for o, n in zip(self.origin, self.shape))
+
+
+def _window(low: np.ndarray, high: np.ndarray, padded: np.ndarray, align: int) -> tuple[np.ndarray, np.ndarray]:
+    """Origin and shape of the smallest aligned window holding the inclusive box low..high."""
+    start = low // align * align
+    shape = np.minimum(padded, -(-(high + 1 - start) // align) * align)
+    origin = np.clip(start, 0, padded - shape)
+    return origin, shape
+
+
+def plan_tiles(low: np.ndarray, high: np.ndarray, members: list[np.ndarray], radius: int,
+               padded_shape: tuple[int, ...], offset: tuple[int, ...], align: int) -> list[Tile]:
+    """Windows for blocks with inclusive index boxes ``low``..``high`` (sample coordinates).
+
+    ``members`` lists the rows of ``low``/``high`` that may share a window (one group of far-apart blocks each);
+    within a group, windows are merged greedily while one window costs fewer voxels than the two it replaces.
+    ``offset`` is where the sample starts in the padded sample; ``align`` the stride windows start at.
     """
     padded = np.asarray(padded_shape)
     need_low = np.clip(low + np.asarray(offset) - 2 * radius, 0, padded - 1)
     need_high = np.clip(high + np.asarray(offset) + 2 * radius, 0, padded - 1)
-    extent = (need_high - need_low + 1).max(axis=0)
-    shape = np.minimum(padded, -(-(extent + align) // align) * align)
-    origins = np.clip(need_low // align * align, 0, padded - shape)
-    assert np.all(origins <= need_low) and np.all(origins + shape > need_high)
-    return TilePlan(tuple(int(n) for n in shape), origins)
+    tiles = []
+    for group in members:
+        clusters = [[int(i)] for i in group]
+
+        def cost(rows: list[int]) -> int:
+            return int(np.prod(_window(need_low[rows].min(0), need_high[rows].max(0), padded, align)[1]))
+
+        costs = [cost(c) for c in clusters]
+        while len(clusters) > 1:
+            saving, best = 0, None
+            for a in range(len(clusters)):
+                for b in range(a + 1, len(clusters)):
+                    merged = cost(clusters[a] + clusters[b])
+                    if costs[a] + costs[b] - merged > saving:
+                        saving, best = costs[a] + costs[b] - merged, (a, b, merged)
+            if best is None:
+                break
+            a, b, merged = best
+            clusters[a], costs[a] = clusters[a] + clusters[b], merged
+            del clusters[b], costs[b]
+        for rows in clusters:
+            origin, shape = _window(need_low[rows].min(0), need_high[rows].max(0), padded, align)
+            assert np.all(origin <= need_low[rows]) and np.all(origin + shape > need_high[rows])
+            tiles.append(Tile(tuple(rows), tuple(int(o) for o in origin), tuple(int(n) for n in shape)))
+    return tiles
 
 
 def footprint(block: np.ndarray, radius: int) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -365,14 +364,26 @@ def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> loc
                                    model.evaluations - before)
 
 
+@dataclass
+class _Item:
+    """Blocks of one sample perturbed in the same model input: the whole sample, or a window of it."""
+
+    sample: int
+    blocks: np.ndarray
+    window: tuple[slice, ...] | None = None  # in padded-sample coordinates
+
+    def shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return sample_shape if self.window is None else tuple(w.stop - w.start for w in self.window)
+
+
 class _BlockSums:
     """Per-block numerators and denominators of B, accumulated over samples.
 
     Without locality every block is perturbed on its own, in whole samples. With a response radius, blocks that
-    cannot reach the output mask are skipped (their B is exactly 0), and the others are perturbed either in
-    groups of far-apart blocks in whole samples, or one block per tile of the sample that holds its context;
-    whichever runs fewer voxels through the model. With several jitter levels (progressive refinement), each
-    item's running sum is kept between levels so that no evaluation is repeated, and
+    cannot reach the output mask are skipped (their B is exactly 0), and the others are perturbed in groups of
+    far-apart blocks, either in whole samples or in windows (tiles) of the sample that hold them and their
+    context; whichever runs fewer voxels through the model. With several jitter levels (progressive refinement),
+    each item's running sum is kept between levels so that no evaluation is repeated, and
     ``on_level(numerator, denominator, N)`` is called after each level; it returns True to stop early.
     """
 
@@ -383,8 +394,8 @@ class _BlockSums:
         self.tiles = tiles and radius is not None and not perturber.model.card.input.size
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
-    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list, np.ndarray]:
-        """Groups of blocks perturbed together, as (sample, block ids), and the blocks that need evaluating."""
+    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
+        """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
         present = [np.intersect1d(np.unique(label_samples[s]), ids) for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
@@ -393,42 +404,46 @@ class _BlockSums:
         else:
             wanted = [present[s] for s in touched]
         wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
-        groups: list[tuple[int, np.ndarray]] = []
+        groups: list[_Item] = []
         for s, blocks in enumerate(present):
             blocks = np.intersect1d(blocks, wanted)
             if len(blocks) == 0:
                 continue
             if self.radius is not None:
-                groups.extend((s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
+                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
             else:
-                groups.extend((s, blocks[i:i + 1]) for i in range(len(blocks)))
+                groups.extend(_Item(s, blocks[i:i + 1]) for i in range(len(blocks)))
         return groups, wanted
 
-    def _tile_items(self, label_samples: np.ndarray, groups: list) -> tuple[list, locality.TilePlan] | None:
-        """One tile per block, when tiles run fewer voxels through the model than whole-sample groups.
+    def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
+        """Windowed items holding the groups' blocks, when they run fewer voxels than whole samples.
 
         Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
         card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
         reproduce the whole-sample output is used (checked on the unperturbed input, 2 tile evaluations each).
         """
         perturber = self.perturber
-        blocks = [(s, int(b)) for s, group in groups for b in group]
-        low = np.empty((len(blocks), label_samples.ndim - 1), np.int64)
-        high = np.empty_like(low)
-        for s in {s for s, _ in blocks}:
-            rows = [i for i, (t, _) in enumerate(blocks) if t == s]
-            low[rows], high[rows] = locality.block_boxes(label_samples[s], np.array([blocks[i][1] for i in rows]))
-        padded_shape = perturber.padded_input(blocks[0][0]).shape[1:]
+        padded_shape = perturber.padded_input(groups[0].sample).shape[1:]
         offset = tuple(p[0] for p in perturber.pads)
+        boxes = [locality.block_boxes(label_samples[g.sample], g.blocks) for g in groups]
+        low, high = np.concatenate([b[0] for b in boxes]), np.concatenate([b[1] for b in boxes])
+        rows = np.split(np.arange(len(low)), np.cumsum([len(g.blocks) for g in groups])[:-1])
+        owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
         for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
-            plan = locality.plan_tiles(low, high, self.radius, padded_shape, offset, align)
-            if len(blocks) * np.prod(plan.shape) >= 0.8 * len(groups) * np.prod(padded_shape):
+            tiles = locality.plan_tiles(low, high, rows, self.radius, padded_shape, offset, align)
+            voxels = sum(int(np.prod(t.shape)) for t in tiles)
+            if voxels >= 0.8 * len(groups) * np.prod(padded_shape):
                 self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
                 return None
-            if self._tiles_reproduce_the_model(blocks[0][0], plan.shape, align):
-                self.tiling = {"tiles": True, "tile_shape": list(plan.shape), "alignment": align,
-                               "items": len(blocks)}
-                return blocks, plan
+            if self._tiles_reproduce_the_model(groups[0].sample, tiles[0].shape, align):
+                items = []
+                for tile in tiles:
+                    group = groups[owner[tile.members[0]]]
+                    blocks = np.concatenate([g.blocks for g in groups])[list(tile.members)]
+                    items.append(_Item(group.sample, blocks, tile.window))
+                self.tiling = {"tiles": True, "alignment": align, "items": len(items), "blocks": int(len(low)),
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+                return items
         self.tiling = {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
         return None
 
@@ -469,74 +484,81 @@ class _BlockSums:
         if not groups:
             return numerator, denominator
         perturber = self.perturber
-        perturber.base_outputs(sorted({s for s, _ in groups}))
-        tiled = self._tile_items(label_samples, groups) if self.tiles else None
-        if tiled is not None:
-            blocks, plan = tiled
-            padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s, _ in blocks}
-            inside = np.zeros(perturber.padded_input(blocks[0][0]).shape[1:], bool)
-            inside[perturber.crop] = True
-            padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s, _ in blocks}
-
-            def window(i: int) -> tuple[slice, ...]:
-                return plan.slices(i)
-
-            def direction(i: int) -> np.ndarray:
-                s, b = blocks[i]
-                return padded_labels[s][window(i)] == b
-
-            def reader(i: int) -> tuple[np.ndarray, np.ndarray, int]:
-                s, b = blocks[i]
-                inner = inside[window(i)]
-                region = locality.footprint(direction(i) & inner, self.radius) & inner
-                return region, region & padded_out[s][window(i)], b
-
-            n_items, shape = len(blocks), plan.shape
-            responses = partial(perturber.responses, n_items,
-                                lambda i: perturber.padded_input(blocks[i][0])[(slice(None),) + window(i)],
-                                direction, lambda i: perturber.padded_base[blocks[i][0]][window(i)],
-                                lambda i: f"block {blocks[i][1]} of sample {blocks[i][0]} (tile)", shape=shape)
-        if tiled is None:
+        perturber.base_outputs(sorted({g.sample for g in groups}))
+        items = self._tiles(label_samples, groups) if self.tiles else None
+        if items is None:
+            items = groups
             if self.radius is not None:
                 self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
-            member = np.zeros(size, bool)
-            n_items, shape = len(groups), perturber.prepared.sample_shape
-
-            def direction(i: int) -> np.ndarray:
-                s, group = groups[i]
-                member[:] = False
-                member[group] = True
-                return member[label_samples[s]]
-
-            responses = partial(perturber.sample_responses, [s for s, _ in groups], direction,
-                                lambda i: f"block(s) {groups[i][1][:5].tolist()} of sample {groups[i][0]}")
+        sample_shape = perturber.prepared.sample_shape
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(items):  # items of one shape go through the model together
+            shapes.setdefault(item.shape(sample_shape), []).append(i)
         state = None
         if len(self.schedule) > 1:
-            needed = n_items * int(np.prod(shape)) * 4
+            needed = sum(int(np.prod(item.shape(sample_shape))) for item in items) * 4
             if needed > perturber.model.memory_budget:
                 raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
                                  "sums; raise the memory budget or turn progressive refinement off")
-            state = np.zeros((n_items,) + tuple(shape), np.float32)
+            state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
+        padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
+        inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
+        inside[perturber.crop] = True
+        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels}
+        member = np.zeros(size, bool)
+
+        def direction(item: _Item) -> np.ndarray:
+            member[:] = False
+            member[item.blocks] = True
+            if item.window is None:
+                return member[label_samples[item.sample]]
+            return member[padded_labels[item.sample][item.window]]
+
+        def input_of(item: _Item) -> np.ndarray:
+            if item.window is None:
+                return perturber.prepared.samples[item.sample]
+            return perturber.padded_input(item.sample)[(slice(None),) + item.window]
+
+        def base_of(item: _Item) -> np.ndarray:
+            if item.window is None:
+                return perturber.base[item.sample]
+            return perturber.padded_base[item.sample][item.window]
+
+        def add_sums(item: _Item, magnitude: np.ndarray) -> None:
+            """Each block's response, read where it can be nonzero (where it is nearer than the others)."""
+            if item.window is None:
+                owner = locality.owner_labels(label_samples[item.sample], item.blocks).ravel()
+                weights = magnitude.ravel()
+                inside_mask = self.out_samples[item.sample].ravel()
+                denominator[:] += np.bincount(owner, weights, minlength=size)[:size]
+                numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
+                return
+            inner = inside[item.window]
+            labels = padded_labels[item.sample][item.window]
+            out = padded_out[item.sample][item.window]
+            for block in item.blocks:
+                region = locality.footprint((labels == block) & inner, self.radius) & inner
+                denominator[block] += magnitude[region].sum()
+                numerator[block] += magnitude[region & out].sum()
+
         for n_level, subset in self.schedule:
             numerator[:], denominator[:] = 0.0, 0.0
-            for start, stop, sums in responses(subset=subset):
-                if state is not None:
-                    state[start:stop] += sums
-                    sums = state[start:stop]
-                magnitude = np.abs(sums) / (2 * n_level)
-                for j, item in enumerate(range(start, stop)):
-                    if tiled is not None:
-                        region, in_mask, block = reader(item)
-                        denominator[block] += magnitude[j][region].sum()
-                        numerator[block] += magnitude[j][in_mask].sum()
-                        continue
-                    s, group = groups[item]
-                    owner = locality.owner_labels(label_samples[s], group).ravel()
-                    weights = magnitude[j].ravel()
-                    denominator += np.bincount(owner, weights, minlength=size)[:size]
-                    inside_mask = self.out_samples[s].ravel()
-                    numerator += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
-                _report(self.progress, stop, n_items, f"backward mapping, N = {n_level}")
+            done = 0
+            for shape, indices in shapes.items():
+                chosen = [items[i] for i in indices]
+                runs = perturber.responses(
+                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(chosen[j]),
+                    lambda j: base_of(chosen[j]),
+                    lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                for start, stop, sums in runs:
+                    for j in range(start, stop):
+                        if state is not None:
+                            state[indices[j]] += sums[j - start]
+                        total = state[indices[j]] if state is not None else sums[j - start]
+                        add_sums(chosen[j], np.abs(total) / (2 * n_level))
+                    _report(self.progress, done + stop, len(items), f"backward mapping, N = {n_level}")
+                done += len(chosen)
             keep = np.zeros(size, bool)
             keep[wanted] = True
             numerator[~keep], denominator[~keep] = 0.0, 0.0

@@ -58,6 +58,8 @@ def test_local_method_is_exact_and_cheaper_on_a_nonlinear_model(tmp_path, rng):
     assert local.radius["is_global"] is False and local.radius["measured"] >= 3
     assert local.tiling["tiles"] is True
     assert local.tiling["alignment"] == 2  # the model's max-pooling stride, found without a card
+    import json
+    assert json.loads(json.dumps(local.to_dict()))["tiling"] == local.tiling
     assert local.equivalent_evaluations * 4 < brute.equivalent_evaluations == brute.evaluations
     grouped = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local",
                                    tiles=False)
