@@ -635,10 +635,10 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     locality_tolerance : float
         0 (exact). Above 0, a global response is cut at the radius holding all but this fraction of it.
     tiles : bool
-        With the local method, perturb each relevant block in a tile of the sample that holds its context
-        (block dilated by twice the response radius, aligned to the model's stride) when that runs fewer voxels
-        through the model than whole samples; exact for shift-equivariant convolutional models, which IBIX
-        checks once per run.
+        With the local method, perturb the relevant blocks in tiles of the sample that hold their context (each
+        block dilated by twice the response radius, aligned to the model's stride; far-apart blocks may share a
+        tile) when that runs fewer voxels through the model than whole samples; exact for shift-equivariant
+        convolutional models, which IBIX checks once per run.
     progressive, preview, tolerance
         As for :func:`forward_mapping`: nested jitter grids, ``preview(painted_B, N)`` after each but the last,
         and an optional early stop once no block's B changes by more than ``tolerance``.
