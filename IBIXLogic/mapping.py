@@ -396,7 +396,9 @@ class _BlockSums:
 
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
-        present = [np.intersect1d(np.unique(label_samples[s]), ids) for s in range(len(label_samples))]
+        occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
+        present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
+                   for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
             wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
@@ -711,8 +713,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         kept = min(size, len(state["numerator"]))
         numerator[:kept], denominator[:kept] = state["numerator"][:kept], state["denominator"][:kept]
         numerator[new_ids], denominator[new_ids] = level_numerator[new_ids], level_denominator[new_ids]
-        present = np.zeros(size, bool)
-        present[np.unique(state["labels"])] = True
+        present = np.bincount(state["labels"].ravel(), minlength=size)[:size] > 0
         numerator[~present], denominator[~present] = 0.0, 0.0
         return numerator, denominator, _normalize_blocks(numerator, denominator, normalization)
 
@@ -722,10 +723,10 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         current = state["labels"]
         if custom:
             current = np.ascontiguousarray(prepared.to_samples(np.asarray(blocks).astype(np.int32)))
-            new_ids = np.unique(current[current > 0])
+            new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
         elif level == 0:
             current = _block_labels(prepared, touched, k, compactness, blocks)
-            new_ids = np.unique(current[current > 0])
+            new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
         else:
             values = state["values"]
             refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
@@ -757,11 +758,11 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
 
     values = state["values"]
     labels = prepared.from_samples(state["labels"])
-    ids, compact = np.unique(labels, return_inverse=True)
-    compact = compact.reshape(labels.shape).astype(np.int32)
-    if ids[0] != 0:
-        compact += 1
-        ids = np.concatenate([[0], ids])
+    ids = np.flatnonzero(np.bincount(labels.ravel()))  # consecutive labels 1..K, 0 = no block
+    ids = ids if len(ids) and ids[0] == 0 else np.concatenate([[0], ids])
+    relabel = np.zeros(int(labels.max()) + 1, np.int32)
+    relabel[ids] = np.arange(len(ids), dtype=np.int32)
+    compact = relabel[labels]
     block_values = values[ids].astype(np.float32)
     block_values[0] = 0.0
     painted = block_values[compact]
