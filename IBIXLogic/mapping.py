@@ -176,11 +176,9 @@ class _Perturber:
         self.jitters = jitters.astype(np.float32)
         self.channel_mask = np.zeros(prepared.samples.shape[1], np.float32)
         self.channel_mask[channels] = 1.0
-        shape = prepared.sample_shape
-        padded = model._padded_shape(shape)
-        #: where the sample lies inside the padded sample the model sees (IBIX pads centred, edge values)
-        self.pads = tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, padded))
-        self.crop = tuple(slice(before, before + n) for (before, _), n in zip(self.pads, shape))
+        #: where the sample lies inside the padded sample the model sees
+        self.pads = model.padding(prepared.sample_shape)
+        self.crop = tuple(slice(before, before + n) for (before, _), n in zip(self.pads, prepared.sample_shape))
         self.base: dict[int, np.ndarray] = {}
         self.padded_base: dict[int, np.ndarray] = {}
         self._padded_input: dict[int, np.ndarray] = {}
@@ -431,6 +429,7 @@ class _BlockSums:
         low, high = np.concatenate([b[0] for b in boxes]), np.concatenate([b[1] for b in boxes])
         rows = np.split(np.arange(len(low)), np.cumsum([len(g.blocks) for g in groups])[:-1])
         owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
+        all_blocks = np.concatenate([g.blocks for g in groups])
         for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
             tiles = locality.plan_tiles(low, high, rows, self.radius, padded_shape, offset, align)
             voxels = sum(int(np.prod(t.shape)) for t in tiles)
@@ -438,11 +437,8 @@ class _BlockSums:
                 self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
                 return None
             if self._tiles_reproduce_the_model(groups[0].sample, tiles[0].shape, align):
-                items = []
-                for tile in tiles:
-                    group = groups[owner[tile.members[0]]]
-                    blocks = np.concatenate([g.blocks for g in groups])[list(tile.members)]
-                    items.append(_Item(group.sample, blocks, tile.window))
+                items = [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window)
+                         for t in tiles]
                 self.tiling = {"tiles": True, "alignment": align, "items": len(items), "blocks": int(len(low)),
                                "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
                 return items

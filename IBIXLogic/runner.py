@@ -220,6 +220,10 @@ class Model:
                 out.append(-(-n // m) * m)
         return tuple(out)
 
+    def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
+        return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self._padded_shape(shape)))
+
     def batch_size(self, sample_shape: Sequence[int]) -> int:
         """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
@@ -229,11 +233,9 @@ class Model:
 
     def _to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
         batch = prepared.normalize(batch)
-        sample_shape = batch.shape[2:]
-        padded = self._padded_shape(sample_shape)
-        if padded != tuple(sample_shape):
-            pads = [(0, 0), (0, 0)] + [((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(sample_shape, padded)]
-            batch = np.pad(batch, pads, mode="edge")
+        pads = self.padding(batch.shape[2:])
+        if any(before or after for before, after in pads):
+            batch = np.pad(batch, ((0, 0), (0, 0)) + pads, mode="edge")
         if self.card.input.channels_last:
             batch = np.moveaxis(batch, 1, -1)
         return np.ascontiguousarray(batch, dtype=self._dtype)
@@ -251,7 +253,7 @@ class Model:
         if tuple(out.shape[1:]) != padded:
             raise ModelError(f"the model returned images of shape {list(out.shape[1:])} for inputs of shape "
                              f"{list(padded)}; IBIX needs the output on the input's grid")
-        crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(sample_shape, padded))
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(self.padding(sample_shape), sample_shape))
         out = out[(slice(None),) + crop].astype(np.float32)
         scale, offset = _affine(self.card.output.intensity)
         if (scale, offset) != (1.0, 0.0):
