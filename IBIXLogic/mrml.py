@@ -31,6 +31,7 @@ import vtk
 
 from .errors import Cancelled, InputError
 from .geometry import Geometry
+from .io import resample_mask
 
 __all__ = [
     "ATTRIBUTE_PREFIX", "COLOR_MAPS", "Job",
@@ -253,15 +254,7 @@ def mask_from_segment(segmentation_node, segment_id: str, reference_node, what: 
             mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = seg_mask[
                 lo[2] + t[2]:hi[2] + t[2], lo[1] + t[1]:hi[1] + t[1], lo[0] + t[0]:hi[0] + t[0]]
     else:
-        jj, ii = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
-        for k in range(shape[0]):  # slice by slice to bound memory
-            idx = (linear @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)]).astype(float)
-                   + translation[:, None])
-            idx = np.rint(idx).astype(np.int64)
-            inside = np.all((idx >= 0) & (idx < np.array(seg_shape_ijk)[:, None]), axis=0)
-            values = np.zeros(ii.size, dtype=bool)
-            values[inside] = seg_mask[idx[2, inside], idx[1, inside], idx[0, inside]]
-            mask[k] = values.reshape(ii.shape)
+        mask = resample_mask(seg_mask, geometry_from_ijk_to_ras(seg_ijk_to_ras, seg_mask.shape), reference_geometry)
     if not mask.any():
         raise InputError(f"segment '{name}' of '{segmentation_node.GetName()}' ({what}) does not overlap the "
                          f"volume '{reference_node.GetName()}': paint inside the volume, then run again")
@@ -378,16 +371,13 @@ class Job:
         ibx = _ibx()
         x = self.arrays[0] if len(self.arrays) == 1 else list(self.arrays)
         start = time.perf_counter()
-        store_preview = None
-        if self.params.get("progressive"):
-            def store_preview(values, n_jitters):
-                self.preview = (values, n_jitters)
         if self.kind == "forward":
-            self.result = ibx.forward_mapping(self.model, x, self.mask, geometry=self.geometry, preview=store_preview,
-                                              progress=progress, cancel=cancel, **self.params)
+            self.result = ibx.forward_mapping(self.model, x, self.mask, geometry=self.geometry,
+                                              preview=self._store_preview, progress=progress, cancel=cancel,
+                                              **self.params)
         elif self.kind == "backward":
             self.result = ibx.backward_mapping(self.model, x, self.mask, geometry=self.geometry,
-                                               preview=store_preview, progress=progress, cancel=cancel,
+                                               preview=self._store_preview, progress=progress, cancel=cancel,
                                                **self.params)
         elif self.kind == "output":
             self.result = self.model.predict(x, geometry=self.geometry, progress=progress, cancel=cancel)
@@ -395,6 +385,10 @@ class Job:
             raise InputError(f"unknown job kind {self.kind!r}")
         self.seconds = time.perf_counter() - start
         return self.result
+
+    def _store_preview(self, values: np.ndarray, n_jitters: int) -> None:
+        """The engine's preview callback (worker thread; progressive runs only): keep the latest map."""
+        self.preview = (values, n_jitters)
 
     def result_array(self) -> np.ndarray:
         if self.kind == "forward":
