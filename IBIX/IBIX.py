@@ -11,7 +11,6 @@ import threading
 import time
 from typing import Annotated
 
-import ctk
 import qt
 import slicer
 import vtk

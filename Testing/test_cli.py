@@ -1,6 +1,5 @@
 """The ``ibix`` command line: files and geometry, equality with the engine, exit codes and messages, demo."""
 import json
-import os
 import subprocess
 import sys
 import time
