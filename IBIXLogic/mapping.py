@@ -522,8 +522,11 @@ class _BlockSums:
                 return perturber.base[item.sample]
             return perturber.padded_base[item.sample][item.window]
 
-        def add_sums(item: _Item, magnitude: np.ndarray) -> None:
+        regions: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}  # per tile, reused across jitter levels
+
+        def add_sums(index: int, magnitude: np.ndarray) -> None:
             """Each block's response, read where it can be nonzero (where it is nearer than the others)."""
+            item = items[index]
             if item.window is None:
                 owner = locality.owner_labels(label_samples[item.sample], item.blocks).ravel()
                 weights = magnitude.ravel()
@@ -531,13 +534,17 @@ class _BlockSums:
                 denominator[:] += np.bincount(owner, weights, minlength=size)[:size]
                 numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
                 return
-            inner = inside[item.window]
-            labels = padded_labels[item.sample][item.window]
-            out = padded_out[item.sample][item.window]
-            for block in item.blocks:
-                region = locality.footprint((labels == block) & inner, self.radius) & inner
+            if index not in regions:
+                inner = inside[item.window]
+                labels = padded_labels[item.sample][item.window]
+                out = padded_out[item.sample][item.window]
+                regions[index] = []
+                for block in item.blocks:
+                    region = locality.footprint((labels == block) & inner, self.radius) & inner
+                    regions[index].append((block, region, region & out))
+            for block, region, region_in_mask in regions[index]:
                 denominator[block] += magnitude[region].sum()
-                numerator[block] += magnitude[region & out].sum()
+                numerator[block] += magnitude[region_in_mask].sum()
 
         for n_level, subset in self.schedule:
             numerator[:], denominator[:] = 0.0, 0.0
@@ -554,7 +561,7 @@ class _BlockSums:
                         if state is not None:
                             state[indices[j]] += sums[j - start]
                         total = state[indices[j]] if state is not None else sums[j - start]
-                        add_sums(chosen[j], np.abs(total) / (2 * n_level))
+                        add_sums(indices[j], np.abs(total) / (2 * n_level))
                     _report(self.progress, done + stop, len(items), f"backward mapping, N = {n_level}")
                 done += len(chosen)
             keep = np.zeros(size, bool)

@@ -70,11 +70,11 @@ def fastest(function, repeats: int = REPEATS):
     return best, result
 
 
-def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, float]:
-    """(fastest wall time, result, bare model time) of ``function()``.
+def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, float, float]:
+    """(fastest wall time, result, bare model time, peak RSS in MiB after the first run) of ``function()``.
 
-    The bare time replays the batches of the last run (their shapes, on random data) through the model's own
-    ONNX Runtime call (I/O binding included where the model uses it), fastest of 3 (1 for a single long run).
+    The bare time replays the batches of a run (their shapes, on random data) through the model's own ONNX
+    Runtime call (I/O binding included where the model uses it), fastest of 3 (1 for a single long run).
     """
     session_run = model._session_run
     batches = []
@@ -83,13 +83,13 @@ def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, flo
         batches.append((batch.shape, batch.dtype))
         return session_run(batch)
 
-    def run():
-        batches.clear()
-        return function()
-
     model._session_run = recording
     try:
-        wall, result = fastest(run, repeats)
+        wall, result = fastest(function, 1)
+        peak = peak_rss_mib()
+        model._session_run = session_run
+        if repeats > 1:
+            wall = min(wall, fastest(function, repeats - 1)[0])
     finally:
         model._session_run = session_run
     rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, flo
     for shape, dtype in batches:
         data = rng.random(shape, dtype=np.float32).astype(dtype)
         bare += fastest(lambda: session_run(data), 3 if repeats > 1 else 1)[0]
-    return wall, result, bare
+    return wall, result, bare, peak
 
 
 def agreement(values: np.ndarray, reference: np.ndarray) -> dict:
@@ -155,11 +155,11 @@ def run_case(name: str, quick: bool) -> dict:
         prepared = model.prepare(image)
         per_eval = best_time_per_evaluation(model, prepared)
         if name == "2d-forward":
-            wall, result, bare = measure(model, lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
+            wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
             return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, "wall_s": wall,
                     "bare_model_s": bare,
                     "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-                    "peak_rss_mib": peak_rss_mib()}
+                    "peak_rss_mib": peak}
         _, mask_name, method = name.split("-", 2)
         started = time.perf_counter()
         blocks = ibx.superpixel_blocks(image, n_blocks)
@@ -192,18 +192,20 @@ def run_case(name: str, quick: bool) -> dict:
                 previews.append(marks[0] - started)
             return result
 
-        wall, result, bare = measure(model, run, 1 if method in ("brute", "batched") else REPEATS)
+        wall, result, bare, peak = measure(model, run, 1 if method in ("brute", "batched") else REPEATS)
         out = {"case": f"backward, K = {n_blocks}, N = 4, {mask_name} output mask ({int(masks[mask_name].sum())} "
                        f"voxels): {labels[method]}", "evaluations": result.evaluations, "wall_s": wall,
                "bare_model_s": bare,
                "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-               "peak_rss_mib": peak_rss_mib(), "blocks_s": blocks_s,
+               "peak_rss_mib": peak,
                "brute_force_evaluations": int(reference.labels.max()) * 8 + 1,
                "evaluations_per_level": result.evaluations_per_level, "radius": result.radius,
                "equivalent": result.equivalent_evaluations, "tiling": result.tiling,
                "blocks": int(result.labels.max())}
         if previews:
             out["first_preview_s"] = min(previews)
+        if "blocks" in kwargs:
+            out["blocks_s"] = blocks_s
         if method in ("coarse2", "multilevel"):
             out.update(agreement(result.map, reference.map), compared="painted maps (different blocks)")
         else:
@@ -216,18 +218,18 @@ def run_case(name: str, quick: bool) -> dict:
         prepared = model.prepare(volume, geometry=geometry)
         per_eval = best_time_per_evaluation(model, prepared)
         if name == "volume-forward":
-            wall, result, bare = measure(model, lambda: ibx.forward_mapping(model, volume, in_mask, n_jitters=8,
+            wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, volume, in_mask, n_jitters=8,
                                                                             geometry=geometry), 3)
             label = f"2D model slice by slice, whole volume {volume.shape}: forward, N = 8, ventricle input mask " \
                     f"({int(in_mask.sum())} voxels on {result.parameters['samples']} slices)"
         else:
-            wall, result, bare = measure(model, lambda: ibx.backward_mapping(model, volume, out_mask, n_blocks=n_blocks,
+            wall, result, bare, peak = measure(model, lambda: ibx.backward_mapping(model, volume, out_mask, n_blocks=n_blocks,
                                                                              n_jitters=4, geometry=geometry), 3)
             label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4 " \
                     "(blocks included)"
         return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "bare_model_s": bare,
                 "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-                "peak_rss_mib": peak_rss_mib(), "equivalent": getattr(result, "equivalent_evaluations", None)}
+                "peak_rss_mib": peak, "equivalent": getattr(result, "equivalent_evaluations", None)}
     if name.startswith("3d-"):
         import SimpleITK as sitk
         image = sitk.ReadImage(str(T1), sitk.sitkFloat32)
@@ -246,20 +248,20 @@ def run_case(name: str, quick: bool) -> dict:
             mask[c - 2:c + 3, c - 2:c + 3, c - 2:c + 3] = True
             extra = {}
             if name == "3d-forward":
-                wall, result, bare = measure(model, lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
+                wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
                 label = f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask"
             else:
                 started = time.perf_counter()
                 blocks = ibx.superpixel_blocks(volume, n_blocks)
                 extra["blocks_s"] = time.perf_counter() - started
-                wall, result, bare = measure(model, lambda: ibx.backward_mapping(model, volume, mask, blocks=blocks,
+                wall, result, bare, peak = measure(model, lambda: ibx.backward_mapping(model, volume, mask, blocks=blocks,
                                                                                  n_jitters=4), 2)
                 label = f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask"
                 extra.update({"brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius,
                               "equivalent": result.equivalent_evaluations, "tiling": result.tiling})
             per_eval = min(per_eval, best_time_per_evaluation(model, prepared, repeats=2))
         return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "per_eval_s": per_eval,
-                "bare_model_s": bare, "peak_rss_mib": peak_rss_mib(), **extra}
+                "bare_model_s": bare, "peak_rss_mib": peak, **extra}
     raise SystemExit(f"unknown case {name}")
 
 
