@@ -70,11 +70,13 @@ def fastest(function, repeats: int = REPEATS):
     return best, result
 
 
-def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, float, float]:
-    """(fastest wall time, result, bare model time, peak RSS in MiB after the first run) of ``function()``.
+def measure(model, prepared, function, repeats: int = REPEATS) -> tuple[object, dict]:
+    """Run ``function()`` ``repeats`` times; (result, figures).
 
-    The bare time replays the batches of a run (their shapes, on random data) through the model's own ONNX
-    Runtime call (I/O binding included where the model uses it), fastest of 3 (1 for a single long run).
+    Figures: the fastest wall time; the peak RSS (MiB) after the first run, before anything else runs; the best
+    time per whole-sample evaluation, measured after the first and after the last run; and the bare model time:
+    the batches of the first run replayed (their shapes, on random data) through the model's own ONNX Runtime
+    call (I/O binding included where the model uses it), fastest of 3 (of 1 for a single long run).
     """
     session_run = model._session_run
     batches = []
@@ -86,18 +88,20 @@ def measure(model, function, repeats: int = REPEATS) -> tuple[float, object, flo
     model._session_run = recording
     try:
         wall, result = fastest(function, 1)
-        peak = peak_rss_mib()
-        model._session_run = session_run
-        if repeats > 1:
-            wall = min(wall, fastest(function, repeats - 1)[0])
     finally:
         model._session_run = session_run
+    peak = peak_rss_mib()
+    eval_repeats = 5 if prepared.samples[0].size < 2**20 else 2
+    per_eval = best_time_per_evaluation(model, prepared, eval_repeats)
+    if repeats > 1:
+        wall = min(wall, fastest(function, repeats - 1)[0])
+        per_eval = min(per_eval, best_time_per_evaluation(model, prepared, eval_repeats))
     rng = np.random.default_rng(0)
     bare = 0.0
     for shape, dtype in batches:
         data = rng.random(shape, dtype=np.float32).astype(dtype)
         bare += fastest(lambda: session_run(data), 3 if repeats > 1 else 1)[0]
-    return wall, result, bare, peak
+    return result, {"wall_s": wall, "per_eval_s": per_eval, "bare_model_s": bare, "peak_rss_mib": peak}
 
 
 def agreement(values: np.ndarray, reference: np.ndarray) -> dict:
@@ -153,19 +157,14 @@ def run_case(name: str, quick: bool) -> dict:
         _, _, _, image, masks, _ = t1_slice()
         model = ibx.load_model(MODEL)
         prepared = model.prepare(image)
-        per_eval = best_time_per_evaluation(model, prepared)
         if name == "2d-forward":
-            wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
-            return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, "wall_s": wall,
-                    "bare_model_s": bare,
-                    "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-                    "peak_rss_mib": peak}
+            result, figures = measure(model, prepared,
+                                      lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
+            return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, **figures}
         _, mask_name, method = name.split("-", 2)
         started = time.perf_counter()
         blocks = ibx.superpixel_blocks(image, n_blocks)
         blocks_s = time.perf_counter() - started
-        reference = ibx.backward_mapping(model, image, masks[mask_name], blocks=blocks, n_jitters=4,
-                                         method="batched")
         kwargs = {"blocks": blocks}
         labels = {"local-groups": "local, whole-sample groups (no tiles)", "local": "local (default: tiles)",
                   "progressive": "local, progressive N = 1, 2, 4", "brute": "brute force (one block at a time)",
@@ -192,12 +191,11 @@ def run_case(name: str, quick: bool) -> dict:
                 previews.append(marks[0] - started)
             return result
 
-        wall, result, bare, peak = measure(model, run, 1 if method in ("brute", "batched") else REPEATS)
+        result, figures = measure(model, prepared, run, 1 if method in ("brute", "batched") else REPEATS)
+        reference = ibx.backward_mapping(model, image, masks[mask_name], blocks=blocks, n_jitters=4,
+                                         method="batched")
         out = {"case": f"backward, K = {n_blocks}, N = 4, {mask_name} output mask ({int(masks[mask_name].sum())} "
-                       f"voxels): {labels[method]}", "evaluations": result.evaluations, "wall_s": wall,
-               "bare_model_s": bare,
-               "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-               "peak_rss_mib": peak,
+                       f"voxels): {labels[method]}", "evaluations": result.evaluations, **figures,
                "brute_force_evaluations": int(reference.labels.max()) * 8 + 1,
                "evaluations_per_level": result.evaluations_per_level, "radius": result.radius,
                "equivalent": result.equivalent_evaluations, "tiling": result.tiling,
@@ -216,20 +214,18 @@ def run_case(name: str, quick: bool) -> dict:
         out_mask = ibx.read_mask(OUT_MASK, reference=geometry)
         model = ibx.load_model(MODEL)
         prepared = model.prepare(volume, geometry=geometry)
-        per_eval = best_time_per_evaluation(model, prepared)
         if name == "volume-forward":
-            wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, volume, in_mask, n_jitters=8,
-                                                                            geometry=geometry), 3)
+            result, figures = measure(model, prepared, lambda: ibx.forward_mapping(
+                model, volume, in_mask, n_jitters=8, geometry=geometry), 3)
             label = f"2D model slice by slice, whole volume {volume.shape}: forward, N = 8, ventricle input mask " \
                     f"({int(in_mask.sum())} voxels on {result.parameters['samples']} slices)"
         else:
-            wall, result, bare, peak = measure(model, lambda: ibx.backward_mapping(model, volume, out_mask, n_blocks=n_blocks,
-                                                                             n_jitters=4, geometry=geometry), 3)
+            result, figures = measure(model, prepared, lambda: ibx.backward_mapping(
+                model, volume, out_mask, n_blocks=n_blocks, n_jitters=4, geometry=geometry), 3)
             label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4 " \
                     "(blocks included)"
-        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "bare_model_s": bare,
-                "per_eval_s": min(per_eval, best_time_per_evaluation(model, prepared)),
-                "peak_rss_mib": peak, "equivalent": getattr(result, "equivalent_evaluations", None)}
+        return {"case": label, "evaluations": result.evaluations, **figures,
+                "equivalent": getattr(result, "equivalent_evaluations", None)}
     if name.startswith("3d-"):
         import SimpleITK as sitk
         image = sitk.ReadImage(str(T1), sitk.sitkFloat32)
@@ -239,29 +235,26 @@ def run_case(name: str, quick: bool) -> dict:
         reference.SetOrigin(image.GetOrigin())
         reference.SetDirection(image.GetDirection())
         volume = sitk.GetArrayFromImage(sitk.Resample(image, reference))
+        mask = np.zeros(volume.shape, bool)
+        c = size // 2
+        mask[c - 2:c + 3, c - 2:c + 3, c - 2:c + 3] = True
         with tempfile.TemporaryDirectory() as folder:
             model = ibx.load_model(small_3d_model(Path(folder)))
             prepared = model.prepare(volume)
-            per_eval = best_time_per_evaluation(model, prepared, repeats=2)
-            mask = np.zeros(volume.shape, bool)
-            c = size // 2
-            mask[c - 2:c + 3, c - 2:c + 3, c - 2:c + 3] = True
-            extra = {}
             if name == "3d-forward":
-                wall, result, bare, peak = measure(model, lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
-                label = f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask"
-            else:
-                started = time.perf_counter()
-                blocks = ibx.superpixel_blocks(volume, n_blocks)
-                extra["blocks_s"] = time.perf_counter() - started
-                wall, result, bare, peak = measure(model, lambda: ibx.backward_mapping(model, volume, mask, blocks=blocks,
-                                                                                 n_jitters=4), 2)
-                label = f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask"
-                extra.update({"brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius,
-                              "equivalent": result.equivalent_evaluations, "tiling": result.tiling})
-            per_eval = min(per_eval, best_time_per_evaluation(model, prepared, repeats=2))
-        return {"case": label, "evaluations": result.evaluations, "wall_s": wall, "per_eval_s": per_eval,
-                "bare_model_s": bare, "peak_rss_mib": peak, **extra}
+                result, figures = measure(model, prepared,
+                                          lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
+                return {"case": f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask",
+                        "evaluations": result.evaluations, **figures}
+            started = time.perf_counter()
+            blocks = ibx.superpixel_blocks(volume, n_blocks)
+            blocks_s = time.perf_counter() - started
+            result, figures = measure(model, prepared, lambda: ibx.backward_mapping(
+                model, volume, mask, blocks=blocks, n_jitters=4), 2)
+        return {"case": f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask",
+                "evaluations": result.evaluations, **figures, "blocks_s": blocks_s,
+                "brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius,
+                "equivalent": result.equivalent_evaluations, "tiling": result.tiling}
     raise SystemExit(f"unknown case {name}")
 
 
