@@ -299,30 +299,40 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask_samples = prepared.to_samples(mask)
     touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
     perturber.base_outputs(touched)
-    sums = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
+
+    def on_output_grid(touched_values: np.ndarray) -> np.ndarray:
+        """A map on the touched samples, placed on the whole output grid (0 on the other samples)."""
+        values = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
+        values[touched] = touched_values
+        return prepared.from_samples(values)
+
+    # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
+    sums = np.zeros((len(touched),) + prepared.sample_shape, np.float32)
     schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
     for level, (n_level, subset) in enumerate(schedule):
         for start, stop, chunk in perturber.sample_responses(
                 touched, lambda i: mask_samples[touched[i]],
                 lambda i: f"the input mask perturbed in sample {touched[i]}", subset):
-            sums[touched[start:stop]] += chunk
+            sums[start:stop] += chunk
             _report(progress, stop, len(touched), f"forward mapping, N = {n_level}")
         used = n_level
-        signed = prepared.from_samples(sums / (2 * n_level))
-        peak = float(np.abs(signed).max())
+        level_map = sums / (2 * n_level)
+        magnitude = np.abs(level_map)
+        peak = float(magnitude.max())
         last = level == len(schedule) - 1
-        change = None if previous is None else float(np.abs(signed - previous).max()) / max(peak, 1e-30)
+        change = None if previous is None else float(np.abs(level_map - previous).max()) / max(peak, 1e-30)
         stop_early = change is not None and tolerance is not None and change < tolerance
         if preview is not None and not (last or stop_early):
-            preview(np.abs(signed) / peak if peak > 0 else np.zeros_like(signed), n_level)
+            preview(on_output_grid(magnitude / peak if peak > 0 else 0.0), n_level)
         if stop_early:
             break
-        previous = signed
-    normalized = np.abs(signed) / peak if peak > 0 else np.zeros_like(signed)
+        previous = level_map
+    signed = on_output_grid(level_map)
+    normalized = on_output_grid(magnitude / peak if peak > 0 else 0.0)
     units = model.card.output.units
     return ForwardResult(
-        signed=signed, normalized=normalized.astype(np.float32), geometry=prepared.geometry,
+        signed=signed, normalized=normalized, geometry=prepared.geometry,
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
