@@ -121,6 +121,11 @@ class PreparedInput:
         return batch
 
 
+def _is_out_of_memory(message: str) -> bool:
+    """Whether an ONNX Runtime error message says that memory ran out."""
+    return "alloc" in message.lower() or "memory" in message.lower()
+
+
 class _DeviceBuffers:
     """ONNX Runtime I/O binding with buffers that stay on the model's device from batch to batch.
 
@@ -312,9 +317,17 @@ class Model:
         for start in range(0, batch.shape[0], step):
             chunk = batch[start:start + step]
             if self.io_binding:
-                outputs.append(self._bound.run(self.session, chunk))
-            else:
-                outputs.append(self.session.run([self.card.output.name], {self.card.input.name: chunk})[0])
+                try:
+                    outputs.append(self._bound.run(self.session, chunk))
+                    continue
+                except Exception as exc:  # ONNX Runtime raises its own exception types
+                    if _is_out_of_memory(str(exc)):
+                        raise
+                    # a binding the device refuses is no reason to stop: plain runs give the same outputs
+                    log.warning("ONNX Runtime I/O binding failed on %s (%s); running without it", self.device,
+                                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                    self.io_binding = False
+            outputs.append(self.session.run([self.card.output.name], {self.card.input.name: chunk})[0])
         return np.concatenate(outputs)[:n] if len(outputs) > 1 else outputs[0][:n]
 
     def run(self, batch: np.ndarray, prepared: PreparedInput,
@@ -330,7 +343,7 @@ class Model:
             raw = self._session_run(model_input)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             text = str(exc)
-            if "alloc" in text.lower() or "memory" in text.lower():
+            if _is_out_of_memory(text):
                 raise MemoryError(text) from None
             first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "

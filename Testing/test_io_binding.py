@@ -45,3 +45,16 @@ def test_bound_forward_and_backward_equal_plain_ones(tmp_path, rng):
     result = ibx.backward_mapping(model, x, out_mask, blocks=expected.labels, n_jitters=2)
     assert result.tiling["tiles"] is True  # tiles of several shapes: more shapes than buffers are kept
     np.testing.assert_array_equal(result.block_values, expected.block_values)
+
+
+def test_a_failing_binding_falls_back_to_plain_runs_with_a_warning(tmp_path, rng, caplog):
+    path = om.save(om.convolution(KERNEL), tmp_path, "conv")
+    plain, model = ibx.load_model(path), bound(ibx.load_model(path))
+    model._bound.device = "no-such-device"  # ONNX Runtime refuses to place buffers there
+    x = rng.normal(size=(20, 24)).astype(np.float32)
+    mask = box_mask(x.shape, slice(8, 12), slice(6, 10))
+    with caplog.at_level("WARNING", logger="IBIX"):
+        result = ibx.forward_mapping(model, x, mask, n_jitters=2)
+    np.testing.assert_array_equal(result.signed, ibx.forward_mapping(plain, x, mask, n_jitters=2).signed)
+    assert model.io_binding is False
+    assert "I/O binding failed on cpu" in caplog.text and "running without it" in caplog.text
