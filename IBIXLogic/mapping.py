@@ -726,7 +726,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         kept = min(size, len(state["numerator"]))
         numerator[:kept], denominator[:kept] = state["numerator"][:kept], state["denominator"][:kept]
         numerator[new_ids], denominator[new_ids] = level_numerator[new_ids], level_denominator[new_ids]
-        present = np.bincount(state["labels"].ravel(), minlength=size)[:size] > 0
+        # blocks of untouched samples were never evaluated, so their sums are 0 whether present or not
+        present = np.bincount(state["labels"][touched].ravel(), minlength=size)[:size] > 0
         numerator[~present], denominator[~present] = 0.0, 0.0
         return numerator, denominator, _normalize_blocks(numerator, denominator, normalization)
 
@@ -770,15 +771,22 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         blocks_per_level.append(int(len(new_ids)))
 
     values = state["values"]
-    labels = prepared.from_samples(state["labels"])
-    ids = np.flatnonzero(np.bincount(labels.ravel()))  # consecutive labels 1..K, 0 = no block
+    # consecutive labels 1..K (0 = no block), computed on the samples that hold blocks: most slices of a
+    # volume hold none
+    all_labels = state["labels"]
+    occupied = np.flatnonzero(all_labels.reshape(len(all_labels), -1).any(axis=1))
+    labels = all_labels[occupied]
+    ids = np.flatnonzero(np.bincount(labels.ravel()))
     ids = ids if len(ids) and ids[0] == 0 else np.concatenate([[0], ids])
-    relabel = np.zeros(int(labels.max()) + 1, np.int32)
+    relabel = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     relabel[ids] = np.arange(len(ids), dtype=np.int32)
-    compact = relabel[labels]
     block_values = values[ids].astype(np.float32)
     block_values[0] = 0.0
-    painted = block_values[compact]
+    compact = np.zeros(all_labels.shape, np.int32)
+    compact[occupied] = relabel[labels]
+    painted = np.zeros(all_labels.shape, np.float32)
+    painted[occupied] = block_values[compact[occupied]]
+    compact, painted = prepared.from_samples(compact), prepared.from_samples(painted)
     parameters = {
         "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters,
         "n_jitters_used": state["jitters_used"], "progressive": progressive, "tolerance": tolerance,
