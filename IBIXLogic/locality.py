@@ -42,10 +42,14 @@ class ResponseRadius:
 
 
 def probe_points(shape: tuple[int, ...], count: int = 5) -> np.ndarray:
-    """Probe voxels around the centre at different offsets modulo 8, so pooling phases differ."""
-    offsets = np.array([(0, 0, 0), (1, 3, 5), (3, 6, 2), (6, 1, 7), (5, 5, 3), (2, 7, 4), (7, 2, 6)])
+    """Probe voxels near the centre, probe i at offset (i, 3i, 5i) modulo 8 along the axes.
+
+    The probes fall on ``count`` different positions modulo 8 along every axis (1, 3 and 5 are coprime with 8), so
+    8 probes meet every pooling phase of a model whose stride divides 8.
+    """
+    offsets = (np.arange(count)[:, None] * np.array([1, 3, 5])) % 8
     centre = np.asarray(shape) // 2
-    points = centre + offsets[:count, -len(shape):] - 4
+    points = centre + offsets[:, -len(shape):] - 4
     return np.clip(points, 0, np.asarray(shape) - 1)
 
 

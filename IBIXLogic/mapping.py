@@ -20,7 +20,9 @@ from .runner import Model, PreparedInput, ProgressCallback, check_cancel
 
 #: Default maximum jitter H as a fraction of the input's robust range (1st to 99th percentile).
 DEFAULT_JITTER_FRACTION = 0.15
-#: Voxels added to the measured response radius before it is relied on.
+#: Probe voxels the response radius is measured at, at least.
+PROBES = 5
+#: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
 RADIUS_MARGIN = 2
 METHODS = ("auto", "local", "batched", "brute")
 NORMALIZATIONS = ("fraction", "magnitude")
@@ -354,7 +356,11 @@ def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> loc
     """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``."""
     model, shape = perturber.model, perturber.prepared.sample_shape
     before = model.evaluations
-    points = locality.probe_points(shape)
+    # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
+    # divides 8, the probes meet every such position and the largest reach is measured, not guessed.
+    stride = model.card.input.multiple_of
+    every_phase = stride in (2, 4, 8)
+    points = locality.probe_points(shape, max(PROBES, stride) if every_phase else PROBES)
     perturber.base_outputs([sample])
     responses = np.empty((len(points),) + shape, np.float32)
 
@@ -368,8 +374,8 @@ def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> loc
                                                             lambda i: f"probe voxel {tuple(points[i])}", largest):
         responses[start:stop] = response
     measured, is_global = locality.radius_from_responses(responses, points, tolerance)
-    return locality.ResponseRadius(measured, RADIUS_MARGIN, is_global, tolerance, len(points),
-                                   model.evaluations - before)
+    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance,
+                                   len(points), model.evaluations - before)
 
 
 @dataclass

@@ -4,7 +4,7 @@ import pytest
 
 import IBIXLogic as ibx
 import onnx_models as om
-from test_forward import KERNEL
+from test_forward import KERNEL, box_mask
 
 
 def expected_fraction(labels, out_mask, response_of_block):
@@ -166,3 +166,28 @@ def test_tile_alignments_are_doublings_that_divide_the_sample():
     assert locality.tile_alignments((64, 72), 1) == [1, 2, 4, 8]
     assert locality.tile_alignments((240, 200), 8) == [8]
     assert locality.tile_alignments((128, 128, 128), 2) == [2, 4, 8, 16, 32]
+
+
+def test_probes_meet_every_phase_modulo_8_along_every_axis():
+    from IBIXLogic import locality
+    points = locality.probe_points((100, 90, 80), 8)
+    for axis in range(3):
+        assert sorted(points[:, axis] % 8) == list(range(8))
+    assert len({tuple(p) for p in locality.probe_points((100, 90), 5)}) == 5
+
+
+def test_stride_8_demo_model_is_exact_with_the_radius_as_measured(rng):
+    """The T1->T2 demo autoencoder pools to 1/8: with its stride declared, all 8 phases are probed and the
+    radius is used without a margin; B still equals brute force."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    model = ibx.load_model(root / "Resources" / "Models" / "t1_to_t2_cae.onnx")
+    t1, _ = ibx.read_volume(root / "Resources" / "SampleData" / "IBIX-T1.nrrd")
+    image = t1[93, 40:200, 20:180].astype(np.float32)  # 160x160 voxels around the ventricles
+    out_mask = box_mask(image.shape, slice(77, 83), slice(77, 83))
+    brute = ibx.backward_mapping(model, image, out_mask, n_blocks=150, n_jitters=1, method="brute")
+    local = ibx.backward_mapping(model, image, out_mask, blocks=brute.labels, n_jitters=1, method="local")
+    assert local.radius["probes"] == 8 and local.radius["margin"] == 0 and local.radius["measured"] >= 16
+    assert local.tiling["tiles"] is True and local.tiling["alignment"] == 8
+    np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
+    assert (local.block_values == 0).sum() > 0  # some blocks are out of reach: B exactly 0, never evaluated
