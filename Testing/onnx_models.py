@@ -126,6 +126,22 @@ def small_autoencoder(seed: int = 0, layout: str = "NCHW", **kw) -> onnx.ModelPr
     return build(nodes, initializers, layout, **kw)
 
 
+def small_autoencoder_3d(seed: int = 7) -> onnx.ModelProto:
+    """A 3D convolutional encoder-decoder (conv, ReLU, 2x max-pooling, conv, upsampling, conv) with random weights:
+    stride 2, a receptive field of about +-7 voxels."""
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (8, 1, 3, 3, 3), "w2": (8, 8, 3, 3, 3), "w3": (1, 8, 3, 3, 3)}
+    weights = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+    nodes = [helper.make_node("Conv", ["core_in", "w1"], ["c1"], pads=[1] * 6),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2] * 3, strides=[2] * 3),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1] * 6),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Resize", ["r2", "", "scales"], ["u2"], mode="nearest"),
+             helper.make_node("Conv", ["u2", "w3"], ["core_out"], pads=[1] * 6)]
+    return build(nodes, {**weights, "scales": np.array([1, 1, 2, 2, 2], np.float32)}, "NCDHW")
+
+
 def convolution_plus_mean(kernel: np.ndarray, weight: float, **kw) -> onnx.ModelProto:
     """A 2D convolution plus ``weight`` times the image mean: a local response with a small global part."""
     kernel = np.asarray(kernel, np.float32)

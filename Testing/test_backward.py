@@ -191,3 +191,17 @@ def test_stride_8_demo_model_is_exact_with_the_radius_as_measured(rng):
     assert local.tiling["tiles"] is True and local.tiling["alignment"] == 8
     np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-6, atol=1e-9)
     assert (local.block_values == 0).sum() > 0  # some blocks are out of reach: B exactly 0, never evaluated
+
+
+def test_3d_pooling_model_with_declared_stride_is_exact_without_margin(tmp_path, rng):
+    model = ibx.load_model(om.save(om.small_autoencoder_3d(), tmp_path, "cae3d",
+                                   {"spatial_dims": 3, "input": {"layout": "NCDHW", "multiple_of": 2}}))
+    x = rng.normal(size=(32, 36, 40)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[15:17, 17:19, 19:21] = True
+    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=120, compactness=1.0, n_jitters=1,
+                                   method="batched")
+    local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
+    assert local.radius["margin"] == 0 and local.radius["probes"] == 5 and local.radius["measured"] >= 5
+    assert local.tiling["tiles"] is True
+    np.testing.assert_allclose(local.block_values, batched.block_values, rtol=1e-6, atol=1e-9)

@@ -124,30 +124,12 @@ def t1_slice():
 
 
 def small_3d_model(folder: Path) -> Path:
-    """A small 3D convolutional encoder-decoder with fixed random weights (receptive field ~ +-7 voxels)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(7)
-    shapes = {"w1": (8, 1, 3, 3, 3), "w2": (8, 8, 3, 3, 3), "w3": (1, 8, 3, 3, 3)}
-    weights = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
-    weights["scales"] = np.array([1, 1, 2, 2, 2], np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 6), helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2] * 3, strides=[2] * 3),
-             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1] * 6), helper.make_node("Relu", ["c2"], ["r2"]),
-             helper.make_node("Resize", ["r2", "", "scales"], ["u2"], mode="nearest"),
-             helper.make_node("Conv", ["u2", "w3"], ["y"], pads=[1] * 6)]
-    graph = helper.make_graph(nodes, "small3d",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
-                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = folder / "small3d.onnx"
-    onnx.save(model, str(path))
-    path.with_suffix(".json").write_text(json.dumps({
+    """The tests' small 3D encoder-decoder (stride 2, receptive field ~ +-7 voxels), saved with its card."""
+    sys.path.insert(0, str(ROOT / "Testing"))
+    import onnx_models
+    return onnx_models.save(onnx_models.small_autoencoder_3d(), folder, "small3d", {
         "spatial_dims": 3, "input": {"layout": "NCDHW", "channels": ["T1"], "multiple_of": 2,
-                                     "intensity": {"percentiles": [0.5, 99.5], "to": [0, 1], "clip": True}}}))
-    return path
+                                     "intensity": {"percentiles": [0.5, 99.5], "to": [0, 1], "clip": True}}})
 
 
 def run_case(name: str, quick: bool) -> dict:
