@@ -41,16 +41,45 @@ class ResponseRadius:
                 "evaluations": self.evaluations}
 
 
-def probe_points(shape: tuple[int, ...], count: int = 5) -> np.ndarray:
+def probe_points(shape: tuple[int, ...], count: int = 5, spacing: int = 0) -> np.ndarray:
     """Probe voxels near the centre, probe i at offset (i, 3i, 5i) modulo 8 along the axes.
 
     The probes fall on ``count`` different positions modulo 8 along every axis (1, 3 and 5 are coprime with 8), so
-    8 probes meet every pooling phase of a model whose stride divides 8.
+    8 probes meet every pooling phase of a model whose stride divides 8. With ``spacing`` (a multiple of 8), they
+    stand on a grid that many voxels apart around the centre, so that one evaluation can perturb them all.
     """
-    offsets = (np.arange(count)[:, None] * np.array([1, 3, 5])) % 8
-    centre = np.asarray(shape) // 2
-    points = centre + offsets[:, -len(shape):] - 4
+    ndim = len(shape)
+    offsets = ((np.arange(count)[:, None] * np.array([1, 3, 5])) % 8)[:, -ndim:]
+    if spacing:
+        side = grid_side(count, ndim)
+        grid = np.array(np.unravel_index(np.arange(count), (side,) * ndim)).T
+        offsets = offsets + grid * spacing - (side - 1) * spacing // 2 // 8 * 8
+    points = np.asarray(shape) // 2 + offsets - 4
     return np.clip(points, 0, np.asarray(shape) - 1)
+
+
+def grid_side(count: int, ndim: int) -> int:
+    """Probes per axis of the smallest grid that holds ``count`` probes."""
+    side = 1
+    while side ** ndim < count:
+        side += 1
+    return side
+
+
+def probe_spacing(shape: tuple[int, ...], count: int) -> int:
+    """Grid spacing (a multiple of 8) that keeps ``count`` probes a spacing away from each other and the borders."""
+    return int(min(shape) // (grid_side(count, len(shape)) + 1) // 8 * 8)
+
+
+def split_by_nearest_probe(response: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The response to perturbing all probes at once, split into one response per probe: each voxel goes to the
+    nearest probe (L-infinity), shape (n_probes, *response.shape)."""
+    probe_at = np.full(response.shape, -1, np.int32)
+    probe_at[tuple(points.T)] = np.arange(len(points))
+    _, nearest = ndimage.distance_transform_cdt(probe_at < 0, metric="chessboard", return_distances=True,
+                                                return_indices=True)
+    owner = probe_at[tuple(nearest)]
+    return np.stack([np.where(owner == i, response, 0) for i in range(len(points))])
 
 
 def radius_from_responses(responses: np.ndarray, points: np.ndarray, tolerance: float = 0.0) -> tuple[int, bool]:

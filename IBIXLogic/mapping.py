@@ -353,27 +353,48 @@ def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, 
 
 
 def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> locality.ResponseRadius:
-    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``."""
+    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
+
+    The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
+    to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
+    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
+    """
     model, shape = perturber.model, perturber.prepared.sample_shape
     before = model.evaluations
     # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
     # divides 8, the probes meet every such position and the largest reach is measured, not guessed.
     stride = model.card.input.multiple_of
     every_phase = stride in (2, 4, 8)
-    points = locality.probe_points(shape, max(PROBES, stride) if every_phase else PROBES)
+    count = max(PROBES, stride) if every_phase else PROBES
     perturber.base_outputs([sample])
-    responses = np.empty((len(points),) + shape, np.float32)
-
-    def direction(i: int) -> np.ndarray:
-        single = np.zeros(shape, np.float32)
-        single[tuple(points[i])] = 1.0
-        return single
-
     largest = np.array([0, len(perturber.jitters) - 1])
-    for start, stop, response in perturber.sample_responses([sample] * len(points), direction,
-                                                            lambda i: f"probe voxel {tuple(points[i])}", largest):
-        responses[start:stop] = response
-    measured, is_global = locality.radius_from_responses(responses, points, tolerance)
+
+    def responses_to(directions: list[np.ndarray], what: Callable[[int], str]) -> np.ndarray:
+        out = np.empty((len(directions),) + shape, np.float32)
+        for start, stop, response in perturber.sample_responses([sample] * len(directions), lambda i: directions[i],
+                                                                what, largest):
+            out[start:stop] = response
+        return out
+
+    def probes(points: np.ndarray) -> np.ndarray:
+        marked = np.zeros(shape, np.float32)
+        marked[tuple(points.T)] = 1.0
+        return marked
+
+    spacing = locality.probe_spacing(shape, count)
+    measured = None
+    if spacing >= 16:
+        points = locality.probe_points(shape, count, spacing)
+        together = responses_to([probes(points)], lambda i: f"{len(points)} probe voxels {spacing} apart")[0]
+        measured, is_global = locality.radius_from_responses(locality.split_by_nearest_probe(together, points),
+                                                             points, tolerance)
+        if 2 * (measured + 1) >= spacing:  # responses may meet: measure each probe on its own
+            measured = None
+    if measured is None:
+        points = locality.probe_points(shape, count)
+        separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
+                                lambda i: f"probe voxel {tuple(points[i])}")
+        measured, is_global = locality.radius_from_responses(separate, points, tolerance)
     return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance,
                                    len(points), model.evaluations - before)
 

@@ -205,3 +205,30 @@ def test_3d_pooling_model_with_declared_stride_is_exact_without_margin(tmp_path,
     assert local.radius["margin"] == 0 and local.radius["probes"] == 5 and local.radius["measured"] >= 5
     assert local.tiling["tiles"] is True
     np.testing.assert_allclose(local.block_values, batched.block_values, rtol=1e-6, atol=1e-9)
+
+
+def test_probes_perturbed_together_measure_what_single_probes_measure(tmp_path, rng):
+    from IBIXLogic import locality
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae", {"input": {"multiple_of": 2}}))
+    x = rng.normal(size=(64, 72)).astype(np.float32)
+    prepared = model.prepare(x)
+    radius = ibx.measure_response_radius(model, prepared, 0, 1.0, [0])
+    assert radius.evaluations == 3  # the unperturbed image and the jitters +-H with all probes at once
+    points = locality.probe_points(x.shape, 5, locality.probe_spacing(x.shape, 5))
+    grids = np.indices(x.shape)
+    reaches = []
+    for point in points:  # the oracle: one forward mapping per probe voxel
+        single = np.zeros(x.shape, bool)
+        single[tuple(point)] = True
+        response = ibx.forward_mapping(model, x, single, n_jitters=1, max_jitter=1.0).signed
+        distance = np.max(np.abs(grids - point[:, None, None]), axis=0)
+        reaches.append(distance[response != 0].max())
+    assert radius.measured == max(reaches) and radius.margin == 0
+
+
+def test_probes_whose_responses_could_meet_are_measured_one_by_one(tmp_path, rng):
+    kernel = rng.normal(size=(15, 15)).astype(np.float32)  # reach 7: half of the 16-voxel probe spacing
+    model = ibx.load_model(om.save(om.convolution(kernel), tmp_path, "wide"))
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    radius = ibx.measure_response_radius(model, model.prepare(x), 0, 1.0, [0])
+    assert radius.measured == 7 and radius.evaluations == 3 + 2 * 5
