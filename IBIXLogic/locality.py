@@ -74,12 +74,11 @@ def probe_spacing(shape: tuple[int, ...], count: int) -> int:
 def split_by_nearest_probe(response: np.ndarray, points: np.ndarray) -> np.ndarray:
     """The response to perturbing all probes at once, split into one response per probe: each voxel goes to the
     nearest probe (L-infinity), shape (n_probes, *response.shape)."""
-    probe_at = np.full(response.shape, -1, np.int32)
-    probe_at[tuple(points.T)] = np.arange(len(points))
-    _, nearest = ndimage.distance_transform_cdt(probe_at < 0, metric="chessboard", return_distances=True,
-                                                return_indices=True)
-    owner = probe_at[tuple(nearest)]
-    return np.stack([np.where(owner == i, response, 0) for i in range(len(points))])
+    where = np.nonzero(response)
+    distances = np.max(np.abs(np.stack(where)[None] - points[:, :, None]), axis=1)  # (probes, responding voxels)
+    split = np.zeros((len(points),) + response.shape, response.dtype)
+    split[(np.argmin(distances, axis=0),) + where] = response[where]
+    return split
 
 
 def radius_from_responses(responses: np.ndarray, points: np.ndarray, tolerance: float = 0.0) -> tuple[int, bool]:
@@ -88,16 +87,17 @@ def radius_from_responses(responses: np.ndarray, points: np.ndarray, tolerance: 
     ``responses`` has shape (n_probes, *sample_shape); ``points`` the probed voxel of each.
     """
     shape = responses.shape[1:]
-    grids = np.indices(shape)
     radius = 0
-    for response, point in zip(np.abs(responses), points):
-        distance = np.max(np.abs(grids - point.reshape((-1,) + (1,) * len(shape))), axis=0)
-        if tolerance > 0 and response.sum() > 0:
-            mass = np.bincount(distance.ravel(), weights=response.ravel())
-            inside = np.cumsum(mass) / mass.sum()
-            reach = int(np.searchsorted(inside, 1.0 - tolerance))
+    for response, point in zip(responses, points):
+        where = np.nonzero(response)
+        if not where[0].size:
+            continue
+        distance = np.max(np.abs(np.stack(where) - point[:, None]), axis=0)
+        if tolerance > 0:
+            mass = np.bincount(distance, weights=np.abs(response[where]))
+            reach = int(np.searchsorted(np.cumsum(mass) / mass.sum(), 1.0 - tolerance))
         else:
-            reach = int(distance[response > 0].max(initial=0))
+            reach = int(distance.max())
         radius = max(radius, reach)
     is_global = 2 * radius + 1 >= min(shape)
     return radius, is_global
@@ -106,13 +106,16 @@ def radius_from_responses(responses: np.ndarray, points: np.ndarray, tolerance: 
 def relevant_blocks(labels: np.ndarray, ids: np.ndarray, out_mask: np.ndarray, radius: int) -> np.ndarray:
     """Blocks among ``ids`` within ``radius`` (L-infinity voxels) of the output mask.
 
-    Any other block's response is exactly zero on the output mask, so its B is exactly 0.
+    Any other block's response is exactly zero on the output mask, so its B is exactly 0. Only the mask's bounding
+    box grown by ``radius`` is searched: every voxel that near the mask lies in it.
     """
-    if not out_mask.any() or len(ids) == 0:
+    where = np.nonzero(out_mask)
+    if not where[0].size or len(ids) == 0:
         return ids[:0]
-    distance = ndimage.distance_transform_cdt(~out_mask, metric="chessboard")
-    nearest = np.asarray(ndimage.minimum(distance, labels, ids))
-    return ids[nearest <= radius]
+    box = tuple(slice(max(0, int(w.min()) - radius), int(w.max()) + radius + 1) for w in where)
+    distance = ndimage.distance_transform_cdt(~out_mask[box], metric="chessboard")
+    near = np.unique(labels[box][distance <= radius])
+    return ids[np.isin(ids, near)]
 
 
 def block_boxes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

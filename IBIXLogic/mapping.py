@@ -462,9 +462,15 @@ class _BlockSums:
         perturber = self.perturber
         padded_shape = perturber.padded_input(groups[0].sample).shape[1:]
         offset = tuple(p[0] for p in perturber.pads)
-        boxes = [locality.block_boxes(label_samples[g.sample], g.blocks) for g in groups]
-        low, high = np.concatenate([b[0] for b in boxes]), np.concatenate([b[1] for b in boxes])
-        rows = np.split(np.arange(len(low)), np.cumsum([len(g.blocks) for g in groups])[:-1])
+        starts = np.cumsum([0] + [len(g.blocks) for g in groups])
+        rows = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]  # each group's rows of low/high
+        low = np.zeros((starts[-1], label_samples.ndim - 1), np.int64)
+        high = low.copy()
+        for s in {g.sample for g in groups}:  # one pass over each sample's labels
+            members = [i for i, g in enumerate(groups) if g.sample == s]
+            at = np.concatenate([rows[i] for i in members])
+            low[at], high[at] = locality.block_boxes(label_samples[s],
+                                                     np.concatenate([groups[i].blocks for i in members]))
         owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
         all_blocks = np.concatenate([g.blocks for g in groups])
         for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
