@@ -347,7 +347,8 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
 def measure_response_radius(model: Model, prepared: PreparedInput, sample: int, jitter: float,
                             channels: list[int], tolerance: float = 0.0, cancel: Any = None
                             ) -> locality.ResponseRadius:
-    """Response radius of the model around probe voxels of one sample (2 evaluations per probe, jitters +-H)."""
+    """Response radius of the model around probe voxels of one sample, jittered by +-``jitter``: the probes are
+    perturbed together, far apart (2 evaluations), or one by one (2 each) where their responses could meet."""
     perturber = _Perturber(model, prepared, np.array([-jitter, jitter]), channels, cancel)
     return _measure_radius(perturber, sample, tolerance)
 
