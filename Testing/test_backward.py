@@ -68,15 +68,21 @@ def test_local_method_is_exact_and_cheaper_on_a_nonlinear_model(tmp_path, rng):
     assert grouped.evaluations * 4 < brute.evaluations
 
 
+def batched_and_local_3d(model, rng, shape, n_blocks):
+    """(output mask, batched B, local B) for a random volume and a 2x2x2 output mask at its centre."""
+    x = rng.normal(size=shape).astype(np.float32)
+    out_mask = np.zeros(shape, bool)
+    out_mask[tuple(slice(c - 1, c + 1) for c in np.asarray(shape) // 2)] = True
+    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=n_blocks, compactness=1.0, n_jitters=1,
+                                   method="batched")
+    local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
+    return out_mask, batched, local
+
+
 def test_3d_supervoxels_local_equals_batched(tmp_path, rng):
     kernel = rng.normal(size=(3, 3, 3)).astype(np.float32)
     model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
-    x = rng.normal(size=(30, 34, 38)).astype(np.float32)
-    out_mask = np.zeros(x.shape, bool)
-    out_mask[14:16, 16:18, 18:20] = True
-    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=150, compactness=1.0, n_jitters=1,
-                                   method="batched")
-    local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
+    out_mask, batched, local = batched_and_local_3d(model, rng, (30, 34, 38), 150)
     expected = expected_fraction(batched.labels, out_mask, lambda block: om.correlate(block, kernel))
     np.testing.assert_allclose(batched.block_values, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(local.block_values, expected, rtol=1e-5, atol=1e-7)
@@ -196,12 +202,7 @@ def test_stride_8_demo_model_is_exact_with_the_radius_as_measured(rng):
 def test_3d_pooling_model_with_declared_stride_is_exact_without_margin(tmp_path, rng):
     model = ibx.load_model(om.save(om.small_autoencoder_3d(), tmp_path, "cae3d",
                                    {"spatial_dims": 3, "input": {"layout": "NCDHW", "multiple_of": 2}}))
-    x = rng.normal(size=(32, 36, 40)).astype(np.float32)
-    out_mask = np.zeros(x.shape, bool)
-    out_mask[15:17, 17:19, 19:21] = True
-    batched = ibx.backward_mapping(model, x, out_mask, n_blocks=120, compactness=1.0, n_jitters=1,
-                                   method="batched")
-    local = ibx.backward_mapping(model, x, out_mask, blocks=batched.labels, n_jitters=1, method="local")
+    _, batched, local = batched_and_local_3d(model, rng, (32, 36, 40), 120)
     assert local.radius["margin"] == 0 and local.radius["probes"] == 5 and local.radius["measured"] >= 5
     assert local.tiling["tiles"] is True
     np.testing.assert_allclose(local.block_values, batched.block_values, rtol=1e-6, atol=1e-9)
