@@ -75,9 +75,15 @@ def split_by_nearest_probe(response: np.ndarray, points: np.ndarray) -> np.ndarr
     """The response to perturbing all probes at once, split into one response per probe: each voxel goes to the
     nearest probe (L-infinity), shape (n_probes, *response.shape)."""
     where = np.nonzero(response)
-    distances = np.max(np.abs(np.stack(where)[None] - points[:, :, None]), axis=1)  # (probes, responding voxels)
+    coordinates = np.stack(where).astype(np.int32)
+    nearest = np.full(len(where[0]), np.iinfo(np.int32).max, np.int32)
+    owner = np.zeros(len(where[0]), np.intp)
+    for i, point in enumerate(points):  # one probe at a time: a global response may cover the whole sample
+        distance = np.abs(coordinates - point[:, None].astype(np.int32)).max(axis=0)
+        closer = distance < nearest
+        nearest[closer], owner[closer] = distance[closer], i
     split = np.zeros((len(points),) + response.shape, response.dtype)
-    split[(np.argmin(distances, axis=0),) + where] = response[where]
+    split[(owner,) + where] = response[where]
     return split
 
 
