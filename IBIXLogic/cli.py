@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mask", type=Path, required=True, metavar="LABELS",
                        help="input mask M^x: a label volume (resampled onto the input's grid if it differs)")
     group.add_argument("--label", type=_int_at_least(0), default=None, metavar="N",
-                       help="use the voxels of this label of the mask file; none: every nonzero voxel")
+                       help="use the voxels of this label of the mask file (needed when it holds several labels)")
     _mapping_options(group, 8)
     _figure_options(forward)
     forward.set_defaults(handler=cmd_forward)
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output mask M^f: a label volume on the output (= input) grid, resampled if it "
                             "differs")
     group.add_argument("--out-label", "--label", dest="out_label", type=_int_at_least(0), default=None,
-                       metavar="N", help="use the voxels of this label of the mask file; none: every nonzero voxel")
+                       metavar="N", help="use the voxels of this label of the mask file (needed when it holds several labels)")
     group.add_argument("--n-blocks", type=_int_at_least(1), default=500, metavar="K",
                        help="K, blocks per sample (SLIC superpixels per slice for 2D models, supervoxels for 3D)")
     group.add_argument("--compactness", type=_number(0.0, strict_min=True), default=DEFAULT_COMPACTNESS,

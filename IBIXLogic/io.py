@@ -92,12 +92,24 @@ def read_mask(path: str | os.PathLike, label: int | None = None,
     path : path-like
         Label volume (NIfTI, NRRD or MHA).
     label : int, optional
-        Voxels equal to this label form the mask; by default every nonzero voxel.
+        Voxels equal to this label form the mask. By default the file must hold one nonzero value (a binary
+        mask, whatever that value is); a file with several (an image, or a map of several labels) is refused
+        rather than read as the union of everything nonzero.
     reference : Geometry, optional
         Grid the mask must lie on. A mask on another grid is resampled onto it (nearest neighbour).
     """
     array, geometry = read_volume(path)
-    mask = array != 0 if label is None else array == label
+    if label is None:
+        mask = array != 0
+        values = array[mask]
+        if values.size and np.any(values != values[0]):
+            distinct = np.unique(values)
+            shown = ", ".join(f"{v:g}" for v in distinct[:8]) + (", …" if len(distinct) > 8 else "")
+            raise InputError(f"{path}: the mask file holds {len(distinct)} different nonzero values ({shown}), so it "
+                             "is an image or a map of several labels, not one mask; pick one label (label= in "
+                             "Python, --label or --out-label on the command line) or give a binary mask")
+    else:
+        mask = array == label
     if not mask.any():
         present = np.unique(array)[:10].tolist()
         raise InputError(f"{path}: the mask is empty" + (f" for label {label} (labels present: {present})"

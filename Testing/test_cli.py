@@ -168,16 +168,16 @@ def test_mask_on_another_grid_is_resampled_with_a_note(case, capsys):
     path = write(case["tmp"] / "fine_mask.nrrd", fine, origin=origin,
                  spacing=(SPACING[0] / 2, SPACING[1] / 2, SPACING[2]))
     code = main(["forward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask", str(path),
-                 "--n-jitters", "2", "--no-png", "--output", str(case["out"])])
+                 "--label", "1", "--n-jitters", "2", "--no-png", "--output", str(case["out"])])
     assert code == 0
     assert "resampled" in capsys.readouterr().err
     summary = json.loads((case["out"] / "summary.json").read_text())
-    assert summary["forward"]["parameters"]["mask_voxels"] == int((case["mask"] > 0).sum())
+    assert summary["forward"]["parameters"]["mask_voxels"] == int((case["mask"] == 1).sum())
 
 
 def test_quiet_prints_nothing(case, capsys):
     code = main(["forward", "--model", str(case["model"]), "--input", str(case["volume"]), "--mask",
-                 str(case["mask_path"]), "--quiet", "--output", str(case["out"])])
+                 str(case["mask_path"]), "--label", "1", "--quiet", "--output", str(case["out"])])
     assert code == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
@@ -214,8 +214,15 @@ def test_unreadable_volume(case, capsys, rng):
 def test_mask_that_does_not_overlap(case, capsys):
     far = write(case["tmp"] / "far_mask.nrrd", case["mask"], origin=(500.0, 500.0, 500.0))
     code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
-                                   "--mask", str(far), "--output", str(case["out"])])
+                                   "--mask", str(far), "--label", "1", "--output", str(case["out"])])
     assert code == 2 and "far_mask.nrrd" in err and "does not overlap" in err
+
+
+def test_mask_with_several_labels_needs_one(case, capsys):
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["mask_path"]), "--output", str(case["out"])])
+    assert code == 2 and "mask.nrrd" in err and "2 different nonzero values (1, 2)" in err and "--label" in err
+    assert not case["out"].exists()
 
 
 def test_empty_label(case, capsys):
@@ -272,10 +279,12 @@ def test_bad_option_values(case, capsys, option):
 
 def test_slice_out_of_range_and_unknown_channel(case, capsys):
     code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
-                                   "--mask", str(case["mask_path"]), "--slice", "9", "--output", str(case["out"])])
+                                   "--mask", str(case["mask_path"]), "--label", "1", "--slice", "9",
+                                   "--output", str(case["out"])])
     assert code == 2 and "--slice 9" in err
     code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
-                                   "--mask", str(case["mask_path"]), "--channels", "T2", "--output", str(case["out"])])
+                                   "--mask", str(case["mask_path"]), "--label", "1", "--channels", "T2",
+                                   "--output", str(case["out"])])
     assert code == 2 and "T2" in err
 
 

@@ -55,3 +55,26 @@ def test_slice_axis_follows_direction_matrix():
     with pytest.raises(ibx.InputError, match="too oblique"):
         diagonal = np.array([[1, 0, 0], [0, 0.70710678, -0.70710678], [0, 0.70710678, 0.70710678]])
         ibx.slice_array_axis(ibx.Geometry((0, 0, 0), (1, 1, 1), diagonal), "axial")
+
+
+def test_a_mask_file_with_several_values_needs_a_label(tmp_path):
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, 1:3, 1:3] = 3
+    labels[2, 3:5, 4:6] = 9
+    ibx.write_volume(tmp_path / "labels.nrrd", labels, ibx.Geometry())
+    with pytest.raises(ibx.InputError, match=r"holds 2 different nonzero values \(3, 9\).*pick one label"):
+        ibx.read_mask(tmp_path / "labels.nrrd")
+    np.testing.assert_array_equal(ibx.read_mask(tmp_path / "labels.nrrd", label=9), labels == 9)
+    binary = (labels > 0).astype(np.float32) * 255  # one nonzero value, whatever it is: a mask
+    ibx.write_volume(tmp_path / "binary.nrrd", binary, ibx.Geometry())
+    np.testing.assert_array_equal(ibx.read_mask(tmp_path / "binary.nrrd"), labels > 0)
+
+
+def test_an_image_given_as_a_mask_is_refused_and_left_unchanged(tmp_path):
+    import hashlib
+    from pathlib import Path
+    t1 = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "IBIX-T1.nrrd"
+    before = hashlib.sha256(t1.read_bytes()).hexdigest()
+    with pytest.raises(ibx.InputError, match="is an image or a map of several labels"):
+        ibx.read_mask(t1)
+    assert hashlib.sha256(t1.read_bytes()).hexdigest() == before
