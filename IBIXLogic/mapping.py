@@ -188,7 +188,8 @@ class _Perturber:
     def padded_input(self, sample: int) -> np.ndarray:
         """The sample in input units, padded as the model sees it (channels, *padded_shape)."""
         if sample not in self._padded_input:
-            self._padded_input[sample] = np.pad(self.prepared.samples[sample], ((0, 0),) + self.pads, mode="edge")
+            self._padded_input[sample] = pad_input_units(self.model, self.prepared, self.prepared.samples[sample],
+                                                         self.pads)
         return self._padded_input[sample]
 
     def base_outputs(self, samples: Sequence[int]) -> None:
@@ -248,6 +249,21 @@ class _Perturber:
         """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
         return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
                               lambda i: self.base[samples[i]], what, subset)
+
+
+def pad_input_units(model: Model, prepared: PreparedInput, sample: np.ndarray,
+                    widths: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A sample (channels, *shape) in input units padded as the model pads it in model units: a constant padding
+    value is taken back to input units per channel (exact unless the card's clipping would change it)."""
+    padding = model.card.input.padding
+    if padding.mode != "constant":
+        return model.pad(sample, widths)
+    padded = np.empty((sample.shape[0],) + tuple(n + a + b for n, (a, b) in zip(sample.shape[1:], widths)),
+                      sample.dtype)
+    for c in range(sample.shape[0]):
+        value = (padding.value - prepared.offset[c]) / prepared.scale[c]
+        padded[c] = np.pad(sample[c], widths, mode="constant", constant_values=value)
+    return padded
 
 
 def _report(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
@@ -427,7 +443,8 @@ class _BlockSums:
                  schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
         self.perturber, self.out_samples = perturber, out_samples
         self.radius, self.schedule, self.progress = radius, schedule, progress
-        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        card_input = perturber.model.card.input
+        self.tiles = tiles and radius is not None and not card_input.size and card_input.patch is None
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
@@ -543,7 +560,8 @@ class _BlockSums:
                 raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
-        padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
+        padded_labels = {s: perturber.model.pad(label_samples[s], perturber.pads, direction=True)
+                         for s in {i.sample for i in items}}
         inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
         inside[perturber.crop] = True
         padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels}

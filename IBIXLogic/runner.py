@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import windows
 from .card import Intensity, ModelCard, read_card, resolve_card
 from .errors import Cancelled, InputError, ModelError
 from .geometry import Geometry, slice_array_axis
@@ -252,6 +253,16 @@ class Model:
 
     # -- running ------------------------------------------------------------------------------------------
     def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of a sample of ``shape`` once padded: what the model takes, or with sliding windows
+        (``input.patch``) at least one window along every axis."""
+        patch = self.card.input.patch
+        if patch is not None:
+            return tuple(max(int(n), p) for n, p in zip(shape, patch.size))
+        return self._model_shape(shape)
+
+    def _model_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape the model is fed for an image of ``shape``: the fixed ``input.size`` or the next multiple of
+        ``input.multiple_of``."""
         spec = self.card.input
         out = []
         for axis, n in enumerate(shape):
@@ -267,21 +278,49 @@ class Model:
         return tuple(out)
 
     def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
-        return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self._padded_shape(shape)))
+        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (the card's ``input.padding``;
+        by default centred, the odd voxel after the image)."""
+        return windows.pad_widths(shape, self._padded_shape(shape), self.card.input.padding.position)
 
-    def batch_size(self, sample_shape: Sequence[int]) -> int:
-        """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
+    def pad(self, batch: np.ndarray, widths: Sequence[tuple[int, int]], direction: bool = False) -> np.ndarray:
+        """``batch`` (..., *spatial; model units) padded by ``widths`` as the card says; a perturbation
+        ``direction`` is padded with the same mode and the constant 0 (padding is linear in the image)."""
+        padding = self.card.input.padding
+        return windows.pad(batch, widths, padding.mode, 0.0 if direction else padding.value)
+
+    def windows(self, sample_shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The sliding windows over a padded sample of ``sample_shape`` (one window covering it without
+        ``input.patch``)."""
+        padded = self._padded_shape(sample_shape)
+        patch = self.card.input.patch
+        if patch is None:
+            return [tuple(slice(0, n) for n in padded)]
+        return windows.plan_windows(padded, patch.size, patch.overlap)
+
+    def importance_map(self) -> np.ndarray:
+        """Blending weights of one window's output (``input.patch``)."""
+        patch = self.card.input.patch
+        return windows.importance_map(patch.size, patch.blend, patch.sigma_scale)
+
+    def _capacity(self, shape: Sequence[int]) -> int:
+        """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
-        per_sample = int(np.prod(self._padded_shape(sample_shape))) * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
-        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_sample, 1))))
+        per_image = int(np.prod(self._model_shape(shape))) * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
+        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_image, 1))))
 
-    def _to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
-        batch = prepared.normalize(batch)
-        pads = self.padding(batch.shape[2:])
-        if any(before or after for before, after in pads):
-            batch = np.pad(batch, ((0, 0), (0, 0)) + pads, mode="edge")
+    def batch_size(self, sample_shape: Sequence[int]) -> int:
+        """How many samples go through the model at once (the model's fixed batch, or the memory budget; with
+        sliding windows, as many samples as their windows fit)."""
+        patch = self.card.input.patch
+        if patch is None:
+            return self._capacity(sample_shape)
+        return max(1, self._capacity(patch.size) // len(self.windows(sample_shape)))
+
+    def _to_model(self, batch: np.ndarray) -> np.ndarray:
+        """Images in model units padded to the model's shape, in the model's layout and type."""
+        batch = self.pad(batch, windows.pad_widths(batch.shape[2:], self._model_shape(batch.shape[2:]),
+                                                   self.card.input.padding.position))
         if self.card.input.channels_last:
             batch = np.moveaxis(batch, 1, -1)
         return np.ascontiguousarray(batch, dtype=self._dtype)
@@ -295,11 +334,12 @@ class Model:
         if n_out != 1:
             raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
         out = raw[..., 0] if channels_last else raw[:, 0]
-        padded = self._padded_shape(sample_shape)
+        padded = self._model_shape(sample_shape)
         if tuple(out.shape[1:]) != padded:
             raise ModelError(f"the model returned images of shape {list(out.shape[1:])} for inputs of shape "
                              f"{list(padded)}; IBIX needs the output on the input's grid")
-        crop = tuple(slice(before, before + n) for (before, _), n in zip(self.padding(sample_shape), sample_shape))
+        widths = windows.pad_widths(sample_shape, padded, self.card.input.padding.position)
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(widths, sample_shape))
         out = out[(slice(None),) + crop].astype(np.float32)
         scale, offset = _affine(self.card.output.intensity)
         if (scale, offset) != (1.0, 0.0):
@@ -335,10 +375,38 @@ class Model:
         """Model outputs (output units) for a batch of samples in input units.
 
         ``batch`` has shape (n, channels, *sample_shape) and is overwritten. ``describe(i)`` names sample i in
-        the error raised when the model returns NaN or infinite values.
+        the error raised when the model returns NaN or infinite values. With sliding windows (``input.patch``)
+        each sample is padded to hold a window, cut into windows, and the windows' outputs are blended.
         """
+        batch = prepared.normalize(batch)
+        if self.card.input.patch is None:
+            return self.run_model_units(batch, describe)
         sample_shape = batch.shape[2:]
-        model_input = self._to_model(batch, prepared)
+        plan = self.windows(sample_shape)
+        widths = self.padding(sample_shape)
+        padded = self.pad(batch, widths)
+        parts = np.stack([padded[(i, slice(None)) + w] for i in range(len(batch)) for w in plan])
+        outputs = self.run_windows(parts, None if describe is None else
+                                   lambda j: f"{describe(j // len(plan))}, window {j % len(plan) + 1} of {len(plan)}")
+        weights = self.importance_map()
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(widths, sample_shape))
+        return np.stack([windows.blend(outputs[i * len(plan):(i + 1) * len(plan)], plan, padded.shape[2:],
+                                       weights)[crop] for i in range(len(batch))])
+
+    def run_windows(self, parts: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for windows of padded samples in model units, (n, channels, *patch_size),
+        run as many at a time as the batch size allows."""
+        step = self._capacity(parts.shape[2:])
+        outputs = [self.run_model_units(parts[a:a + step], None if describe is None else
+                                        (lambda j, a=a: describe(a + j)))
+                   for a in range(0, len(parts), step)]
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def run_model_units(self, batch: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for images already in model units, (n, channels, *shape): padded to the
+        model's shape, run, cropped back to ``shape``."""
+        sample_shape = batch.shape[2:]
+        model_input = self._to_model(batch)
         try:
             raw = self._session_run(model_input)
         except Exception as exc:  # ONNX Runtime raises its own exception types
@@ -349,7 +417,7 @@ class Model:
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
-        self.evaluated_voxels += batch.shape[0] * int(np.prod(self._padded_shape(sample_shape)))
+        self.evaluated_voxels += batch.shape[0] * int(np.prod(self._model_shape(sample_shape)))
         out = self._from_model(np.asarray(raw), sample_shape)
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
@@ -431,6 +499,8 @@ class Model:
         side = 32 if self.card.spatial_dims == 2 else 16
         shape = [size if size else -(-side // spec.multiple_of) * spec.multiple_of
                  for size in (spec.size or (None,) * self.card.spatial_dims)]
+        if spec.patch is not None:
+            shape = list(spec.patch.size)
         if int(np.prod(shape)) > 4_000_000:
             return
         probe = PreparedInput(np.zeros((1, self.n_channels, *shape), np.float32), tuple(shape),

@@ -1,0 +1,211 @@
+"""Oracle tests of padding (``input.padding``) and sliding-window inference (``input.patch``)."""
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import IBIXLogic as ibx
+import onnx_models as om
+from IBIXLogic import windows
+
+BOX = np.ones((5, 5), np.float32)  # a sum over a 5x5 window: near the border it sums padded voxels
+
+
+def reference_pad(x, padded_shape, mode, value, position):
+    """The padding a card describes, written out independently: numpy's pad per axis."""
+    widths = []
+    for n, p in zip(x.shape, padded_shape):
+        extra = p - n
+        before = extra // 2 if position == "center" else 0
+        widths.append((before, extra - before))
+    if mode == "constant":
+        return np.pad(x, widths, mode="constant", constant_values=value), widths
+    return np.pad(x, widths, mode={"edge": "edge", "reflect": "reflect"}[mode]), widths
+
+
+@pytest.mark.parametrize("position", ["center", "end"])
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+@pytest.mark.parametrize("grow", ["size", "multiple_of"])
+def test_padding_modes_and_positions(tmp_path, rng, mode, position, grow):
+    padding = {"mode": mode, "position": position}
+    if mode == "constant":
+        padding["value"] = 0.7  # model units: after the intensity mapping
+    card = {"input": {"intensity": {"from": [0.0, 10.0], "to": [0.0, 1.0]}, "padding": padding}}
+    card["input"].update({"size": [12, 13]} if grow == "size" else {"multiple_of": 4})
+    model = ibx.load_model(om.save(om.convolution(BOX), tmp_path, "box", card))
+    x = rng.uniform(0, 10, (7, 9)).astype(np.float32)
+    original = x.copy()
+    padded_shape = (12, 13) if grow == "size" else (8, 12)
+    padded, widths = reference_pad(x / 10.0, padded_shape, mode, 0.7, position)
+    full = om.correlate(padded, BOX)
+    expected = full[widths[0][0]:widths[0][0] + 7, widths[1][0]:widths[1][0] + 9]
+    np.testing.assert_allclose(model.predict(x), expected, atol=1e-5)
+    np.testing.assert_array_equal(x, original)
+    assert model.card.summary()["padding"]["mode"] == mode
+    # the padding matters: edge, centred (the default) gives another answer at the border
+    default_padded, default_widths = reference_pad(x / 10.0, padded_shape, "edge", 0.0, "center")
+    if (mode, position) != ("edge", "center"):
+        default = om.correlate(default_padded, BOX)[default_widths[0][0]:default_widths[0][0] + 7,
+                                                    default_widths[1][0]:default_widths[1][0] + 9]
+        assert np.abs(default - expected).max() > 1e-2
+
+
+def test_default_padding_is_centred_edge(tmp_path):
+    model = ibx.load_model(om.save(om.identity(), tmp_path, "id", {"input": {"multiple_of": 8}}))
+    assert model.card.input.padding == ibx.card.Padding("edge", 0.0, "center")
+    assert model.padding((5, 8)) == ((1, 2), (0, 0))
+
+
+# -- window placement and weights -------------------------------------------------------------------------
+def reference_starts(n, size, overlap):
+    """Window starts along one axis as MONAI's dense_patch_slices places them (written from its description)."""
+    step = size if n == size else max(1, int(size * (1 - overlap)))
+    count = next(d for d in range(math.ceil(n / step)) if d * step + size >= n) + 1
+    return [min(d * step, n - size) for d in range(count)]
+
+
+@pytest.mark.parametrize("n, size, overlap, starts", [
+    (128, 64, 0.25, [0, 48, 64]), (28, 16, 0.25, [0, 12]), (100, 64, 0.25, [0, 36]), (64, 64, 0.5, [0]),
+    (10, 3, 0.9, list(range(8))), (20, 8, 0.0, [0, 8, 12]), (9, 8, 0.5, [0, 1])])
+def test_window_starts_as_dense_patch_slices(n, size, overlap, starts):
+    assert reference_starts(n, size, overlap) == starts
+    plan = windows.plan_windows((n, 5), (size, 5), overlap)
+    assert [w[0].start for w in plan] == starts
+    assert all(w[1] == slice(0, 5) for w in plan)
+
+
+def test_windows_cover_and_order():
+    plan = windows.plan_windows((10, 20, 30), (8, 12, 12), 0.25)
+    assert len(plan) == 2 * 2 * 3
+    assert plan[0] == (slice(0, 8), slice(0, 12), slice(0, 12))
+    assert plan[1] == (slice(0, 8), slice(0, 12), slice(9, 21))  # last axis fastest
+    cover = np.zeros((10, 20, 30), int)
+    for w in plan:
+        cover[w] += 1
+    assert cover.min() >= 1
+
+
+def test_gaussian_importance_map():
+    size, scale = (7, 10), 0.125
+    weights = windows.importance_map(size, "gaussian", scale)
+    axes = [np.exp(-((np.arange(n) - (n - 1) / 2) ** 2) / (2 * (scale * n) ** 2)) for n in size]
+    expected = np.outer(*axes)
+    expected = np.maximum(expected, max(expected.min(), 1e-3))
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert weights.min() == pytest.approx(1e-3)  # MONAI's floor
+    np.testing.assert_array_equal(windows.importance_map(size, "constant"), np.ones(size))
+
+
+def test_touched_windows():
+    plan = windows.plan_windows((20,), (8,), 0.5)  # starts 0, 4, 8, 12
+    region = np.zeros(20, bool)
+    region[9] = True
+    assert windows.touched_windows(plan, region).tolist() == [1, 2]
+    assert windows.touched_windows(plan, np.zeros(20, bool)).tolist() == []
+
+
+# -- windowed predict against an independent sliding-window evaluation ------------------------------------
+def reference_sliding_window(path, volume, patch, overlap, blend, sigma_scale, dims):
+    """Sliding-window inference written out for the test: pad (centred, edge) to hold a window, place windows,
+    run each one on its own with ONNX Runtime, blend, crop. ``volume``: (slices, rows, cols) or (rows, cols)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fixed = session.get_inputs()[0].shape[0]
+
+    def infer(image):
+        padded, widths = reference_pad(image, [max(n, p) for n, p in zip(image.shape, patch)], "edge", 0.0,
+                                       "center")
+        starts = [reference_starts(n, p, overlap) for n, p in zip(padded.shape, patch)]
+        if blend == "gaussian":
+            weight = np.ones(())
+            for p in patch:
+                weight = weight[..., None] * np.exp(-((np.arange(p) - (p - 1) / 2) ** 2) / (2 * (sigma_scale * p) ** 2))
+            weight = np.maximum(weight, max(weight.min(), 1e-3))
+        else:
+            weight = np.ones(patch)
+        total, count = np.zeros(padded.shape), np.zeros(padded.shape)
+        for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, len(patch)):
+            window = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            batch = np.repeat(padded[window][None, None].astype(np.float32), fixed if isinstance(fixed, int) else 1, 0)
+            out = session.run(None, {session.get_inputs()[0].name: batch})[0][0, 0]
+            total[window] += weight * out
+            count[window] += weight
+        blended = total / count
+        return blended[tuple(slice(b, b + n) for (b, _), n in zip(widths, image.shape))]
+
+    if dims == 2 and volume.ndim == 3:
+        return np.stack([infer(s) for s in volume])
+    return infer(volume)
+
+
+CASES_2D = [((40, 37), [16, 16], 0.25, "gaussian", None), ((3, 40, 37), [16, 20], 0.5, "constant", None),
+            ((2, 12, 50), [16, 16], 0.25, "gaussian", 3), ((30, 30), [8, 8], 0.0, "constant", 2)]
+
+
+@pytest.mark.parametrize("shape, patch, overlap, blend, batch", CASES_2D)
+def test_windowed_predict_2d_equals_independent_sliding_window(tmp_path, rng, shape, patch, overlap, blend, batch):
+    card = {"input": {"patch": {"size": patch, "overlap": overlap, "blend": blend, "sigma_scale": 0.2},
+                      "multiple_of": 2}}
+    net = om.small_autoencoder(seed=3, **({} if batch is None else {"batch": batch}))
+    path = om.save(net, tmp_path, "ae", card)
+    model = ibx.load_model(path)
+    x = rng.normal(size=shape).astype(np.float32)
+    got = model.predict(x)
+    expected = reference_sliding_window(path, x.astype(np.float64), patch, overlap, blend, 0.2, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    n_windows = len(windows.plan_windows([max(n, p) for n, p in zip(shape[-2:], patch)], patch, overlap))
+    assert model.evaluations == n_windows * (shape[0] if len(shape) == 3 else 1)
+
+
+@pytest.mark.parametrize("shape, overlap, blend", [((10, 20, 30), 0.25, "gaussian"), ((6, 20, 26), 0.5, "constant")])
+def test_windowed_predict_3d_equals_independent_sliding_window(tmp_path, rng, shape, overlap, blend):
+    patch = [8, 12, 12]
+    card = {"input": {"patch": {"size": patch, "overlap": overlap, "blend": blend}, "multiple_of": 2}}
+    path = om.save(om.small_autoencoder_3d(), tmp_path, "ae3", card)
+    model = ibx.load_model(path)
+    x = rng.normal(0, 0.05, size=shape).astype(np.float32)  # outputs of order 1 (the network has no biases)
+    expected = reference_sliding_window(path, x.astype(np.float64), patch, overlap, blend, 0.125, 3)
+    np.testing.assert_allclose(model.predict(x), expected, atol=1e-5)
+
+
+def test_window_smaller_than_fixed_size_is_padded_to_it(tmp_path, rng):
+    """A fixed-size model run on windows smaller than its size: each window is padded as the card says."""
+    card = {"input": {"layout": "NCHW", "size": [12, 12], "patch": {"size": [8, 8], "overlap": 0.5},
+                      "padding": {"mode": "constant", "value": 0.0, "position": "end"}}}
+    model = ibx.load_model(om.save(om.convolution(BOX, spatial=[12, 12]), tmp_path, "fixed", card))
+    x = rng.normal(size=(14, 11)).astype(np.float32)
+    # zero padding at the end of a window = the window's own zero-padded convolution
+    plan = windows.plan_windows(x.shape, (8, 8), 0.5)
+    total, count = np.zeros(x.shape), np.zeros(x.shape)
+    for w in plan:
+        total[w] += om.correlate(x[w], BOX)
+        count[w] += 1
+    np.testing.assert_allclose(model.predict(x), total / count, atol=1e-5)
+
+
+# -- bad cards --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, words", [
+    ({"size": [16, 16], "patch": {"size": [32, 16]}}, ["input.patch.size", "larger", "[16, 16]"]),
+    ({"patch": {"size": [16, 16], "overlap": 1.0}}, ["input.patch.overlap", "[0, 1)"]),
+    ({"patch": {"size": [16, 16], "overlap": -0.1}}, ["input.patch.overlap", "[0, 1)"]),
+    ({"patch": {"size": [16, 16], "blend": "cosine"}}, ["input.patch.blend", "gaussian"]),
+    ({"padding": {"mode": "wrap"}}, ["input.padding.mode", "reflect"]),
+    ({"padding": {"position": "start"}}, ["input.padding.position", "end"]),
+    ({"padding": {"mode": "edge", "value": 1.0}}, ["input.padding.value", "constant"]),
+    ({"padding": {"value": 1.0}}, ["input.padding.value", "constant"]),
+    ({"patch": {"size": [16, 16, 16]}, "multiple_of": 2}, ["input.patch.size", "2D"]),
+    ({"patch": {"size": [16, 15]}, "multiple_of": 2}, ["input.patch.size", "multiple_of"]),
+    ({"patch": {"overlap": 0.5}}, ["input.patch", "size"]),
+])
+def test_bad_cards_name_the_field(tmp_path, change, words):
+    path = om.save(om.identity(), tmp_path, "id")
+    with pytest.raises(ibx.ModelCardError) as info:
+        ibx.load_model(path, card={"spatial_dims": 2, "input": change})
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_patch_larger_than_the_models_fixed_shape(tmp_path):
+    path = om.save(om.identity(spatial=[16, 16]), tmp_path, "fixed")
+    with pytest.raises(ibx.ModelCardError, match="input.patch.size.*fixed size"):
+        ibx.load_model(path, card={"input": {"layout": "NCHW", "patch": {"size": [16, 20]}}})
