@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import locality
+from . import locality, windows
 from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
 from .errors import InputError, ModelError
 from .geometry import Geometry
@@ -184,6 +184,17 @@ class _Perturber:
         self.base: dict[int, np.ndarray] = {}
         self.padded_base: dict[int, np.ndarray] = {}
         self._padded_input: dict[int, np.ndarray] = {}
+        #: sliding windows (``input.patch``): the windows of a padded sample, their blending weights and sum, and
+        #: each evaluated sample's unperturbed window outputs, reused for the windows a perturbation leaves alone
+        self.windowed = model.card.input.patch is not None
+        if self.windowed:
+            padded_shape = model._padded_shape(prepared.sample_shape)
+            self.plan = model.windows(prepared.sample_shape)
+            self.weights = model.importance_map()
+            self.weight_sum = windows.weight_sum(self.plan, padded_shape, self.weights)
+            self.window_base: dict[int, np.ndarray] = {}
+            #: window evaluations a brute-force run of the whole windowed pipeline would have made
+            self.brute_force_windows = 0
 
     def padded_input(self, sample: int) -> np.ndarray:
         """The sample in input units, padded as the model sees it (channels, *padded_shape)."""
@@ -197,6 +208,17 @@ class _Perturber:
         missing = [int(s) for s in samples if int(s) not in self.base]
         if not missing:
             return
+        if self.windowed:
+            for s in missing:
+                check_cancel(self.cancel)
+                padded = self.model_input(s)
+                self.window_base[s] = self.model.run_windows(
+                    np.stack([padded[(slice(None),) + w] for w in self.plan]),
+                    lambda j, s=s: f"the unperturbed input (sample {s}, window {j + 1})")
+                self.padded_base[s] = windows.blend(self.window_base[s], self.plan, padded.shape[1:], self.weights)
+                self.base[s] = self.padded_base[s][self.crop]
+                self.brute_force_windows += len(self.plan)
+            return
         padded_shape = self.padded_input(missing[0]).shape[1:]
         runs = self.model.run_chunked(lambda a, b: np.stack([self.padded_input(s) for s in missing[a:b]]),
                                       len(missing), self.prepared,
@@ -207,16 +229,30 @@ class _Perturber:
                 self.padded_base[s] = padded
                 self.base[s] = padded[self.crop]
 
+    def model_input(self, sample: int, direction: np.ndarray | None = None, jitter: float = 0.0) -> np.ndarray:
+        """Sample ``sample`` jittered by ``jitter`` along ``direction`` on the selected channels, as the model sees
+        it: in model units, padded as the card says (channels, *padded_shape)."""
+        x = self.prepared.samples[sample][None].copy()
+        if direction is not None:
+            x += (jitter * self.channel_mask).reshape((1, -1) + (1,) * direction.ndim) * direction
+        return self.model.pad(self.prepared.normalize(x), self.pads)[0]
+
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
                   direction_of: Callable[[int], np.ndarray], base_of: Callable[[int], np.ndarray],
                   what: Callable[[int], str], subset: np.ndarray | None = None,
-                  shape: tuple[int, ...] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                  shape: tuple[int, ...] | None = None, sample_of: Callable[[int], int] | None = None
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (start, stop, S) for items start..stop-1, S = sum over the jitters of (f(x + h d) - f(x)) / h.
 
         Item i perturbs the input ``input_of(i)`` (channels, *shape; input units) along ``direction_of(i)`` (a 0/1
         map) on the selected channels, against the unperturbed output ``base_of(i)``; ``subset`` picks jitters
         (indices into ``self.jitters``, default all). Divide S by the jitter count of the grid to get F.
+        With sliding windows, items perturb whole samples (``sample_of(i)``) and only the windows a perturbation
+        touches are evaluated again (see :meth:`window_responses`).
         """
+        if self.windowed:
+            yield from self.window_responses(n_items, sample_of, direction_of, what, subset)
+            return
         shape = tuple(shape or self.prepared.sample_shape)
         channels = self.prepared.samples.shape[1]
         jitters = self.jitters if subset is None else self.jitters[subset]
@@ -244,11 +280,45 @@ class _Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
+    def window_responses(self, n_items: int, sample_of: Callable[[int], int],
+                         direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
+                         subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """:meth:`responses` of a model run in sliding windows, one item at a time.
+
+        The blended output is sum_w g o_w / sum_w g (g: the importance map), so a perturbation changes it by
+        sum_{w in T} g (o_w(x + h d) - o_w(x)) / sum_w g, T the windows that hold a perturbed voxel of the padded
+        sample: only those are evaluated, against the unperturbed window outputs evaluated once per sample.
+        """
+        jitters = self.jitters if subset is None else self.jitters[subset]
+        for i in range(n_items):
+            check_cancel(self.cancel)
+            sample = sample_of(i)
+            self.base_outputs([sample])
+            direction = direction_of(i).astype(np.float32)
+            touched = windows.touched_windows(self.plan, self.model.pad(direction, self.pads, direction=True) != 0)
+            total = np.zeros(self.weight_sum.shape, np.float64)
+            for h in jitters:
+                padded = self.model_input(sample, direction, h)
+                out = self.model.run_windows(
+                    np.stack([padded[(slice(None),) + self.plan[t]] for t in touched]),
+                    lambda j, h=h: f"{what(i)} with jitter h = {h:.6g} (window {touched[j] + 1})")
+                for t, window_out in zip(touched, out):
+                    total[self.plan[t]] += self.weights * (window_out - self.window_base[sample][t]) / float(h)
+            self.brute_force_windows += len(jitters) * len(self.plan)
+            yield i, i + 1, (total / self.weight_sum)[self.crop][None].astype(np.float32)
+
+    def window_summary(self, evaluations: int) -> dict | None:
+        """Window evaluations made (``evaluations``) against a brute-force run; None without sliding windows."""
+        if not self.windowed:
+            return None
+        return {"windows_per_sample": len(self.plan), "window_evaluations": int(evaluations),
+                "brute_force_window_evaluations": int(self.brute_force_windows)}
+
     def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
                          what: Callable[[int], str], subset: np.ndarray | None = None):
         """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
         return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
-                              lambda i: self.base[samples[i]], what, subset)
+                              lambda i: self.base[samples[i]], what, subset, sample_of=lambda i: int(samples[i]))
 
 
 def pad_input_units(model: Model, prepared: PreparedInput, sample: np.ndarray,
@@ -354,7 +424,8 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
-                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
+                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name,
+                    "windows": perturber.window_summary(model.evaluations - evaluations_before)},
         evaluations=model.evaluations - evaluations_before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit")
 
@@ -617,7 +688,8 @@ class _BlockSums:
                     len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(chosen[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
-                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape,
+                    sample_of=lambda j: chosen[j].sample)
                 for start, stop, sums in runs:
                     for j in range(start, stop):
                         if state is not None:
@@ -848,11 +920,12 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
         "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
+        "windows": perturber.window_summary(model.evaluations - before),
     }
     return BackwardResult(
         map=painted, labels=compact, block_values=block_values, geometry=prepared.geometry,
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model._padded_shape(prepared.sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(model.sample_voxels(
+            prepared.sample_shape)))

@@ -302,6 +302,13 @@ class Model:
         patch = self.card.input.patch
         return windows.importance_map(patch.size, patch.blend, patch.sigma_scale)
 
+    def sample_voxels(self, sample_shape: Sequence[int]) -> int:
+        """Voxels the model runs for one whole sample of ``sample_shape`` (all its windows, with ``input.patch``)."""
+        patch = self.card.input.patch
+        if patch is None:
+            return int(np.prod(self._model_shape(sample_shape)))
+        return len(self.windows(sample_shape)) * int(np.prod(self._model_shape(patch.size)))
+
     def _capacity(self, shape: Sequence[int]) -> int:
         """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
         if self.card.fixed_batch:

@@ -119,11 +119,17 @@ def blend(outputs: np.ndarray, windows: Sequence[tuple[slice, ...]], shape: Sequ
     ``outputs`` has shape (n_windows, *patch_size); the result has ``shape`` (float32, summed in float64).
     """
     total = np.zeros(tuple(shape), np.float64)
-    count = np.zeros(tuple(shape), np.float64)
     for out, window in zip(outputs, windows):
         total[window] += weights * out.astype(np.float64)
+    return (total / weight_sum(windows, shape, weights)).astype(np.float32)
+
+
+def weight_sum(windows: Sequence[tuple[slice, ...]], shape: Sequence[int], weights: np.ndarray) -> np.ndarray:
+    """Sum of the windows' blending weights at each voxel of an image of ``shape`` (float64)."""
+    count = np.zeros(tuple(shape), np.float64)
+    for window in windows:
         count[window] += weights
-    return (total / count).astype(np.float32)
+    return count
 
 
 def touched_windows(windows: Sequence[tuple[slice, ...]], region: np.ndarray) -> np.ndarray:
