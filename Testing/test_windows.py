@@ -262,3 +262,69 @@ def test_windowed_backward_equals_brute_force(tmp_path, rng, method):
     np.testing.assert_allclose(result.block_values[1:], expected, atol=1e-4)
     assert result.parameters["windows"]["window_evaluations"] < \
         result.parameters["windows"]["brute_force_window_evaluations"]
+
+
+# -- the published-style Keras autoencoder: a fixed 232x200 input padded with zeros at the bottom and right ----
+KERAS_CARD = {"input": {"layout": "NHWC", "size": [232, 200],
+                        "intensity": {"from": [0, 255], "to": [0, 1], "clip": True},
+                        "padding": {"mode": "constant", "value": 0, "position": "end"}},
+              "output": {"layout": "NHWC", "intensity": {"from": [0, 1], "to": [0, 255]}}}
+
+
+def keras_pipeline(path):
+    """The autoencoder as its authors run it, written out: scale to [0, 1], zeros at the bottom and right up to
+    232x200, channels last, batch 1, crop, scale back to [0, 255]."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(image):
+        rows, cols = image.shape
+        padded = np.zeros((232, 200), np.float32)
+        padded[:rows, :cols] = np.clip(image / 255.0, 0, 1)
+        out = session.run(None, {session.get_inputs()[0].name: padded[None, :, :, None]})[0]
+        return out[0, :rows, :cols, 0].astype(np.float64) * 255.0
+    return run
+
+
+def keras_slice(rng):
+    from scipy import ndimage
+    return np.clip(ndimage.gaussian_filter(rng.uniform(0, 255, (217, 181)), 3) * 3 - 250, 0, 255).astype(np.float32)
+
+
+def test_keras_style_padding_forward_and_backward_equal_independent_equations(tmp_path, rng):
+    path = om.save(om.small_autoencoder(seed=2, layout="NHWC", batch=1, spatial=[232, 200]), tmp_path, "keras",
+                   KERAS_CARD)
+    model = ibx.load_model(path)
+    run = keras_pipeline(path)
+    x = keras_slice(rng)
+    np.testing.assert_allclose(model.predict(x), run(x), atol=1e-3)  # grey levels 0..255
+
+    n_jitters, h_max = 3, 20.0
+    levels = np.concatenate([np.arange(-n_jitters, 0), np.arange(1, n_jitters + 1)]) * h_max / n_jitters
+
+    def forward(mask):  # F = 1/(2N) sum_k (f(x + h_k M) - f(x)) / h_k
+        return sum((run(x + h * mask) - run(x)) / h for h in levels) / (2 * n_jitters)
+
+    mask = np.zeros(x.shape, bool)
+    mask[205:215, 170:179] = True  # near the bottom-right corner, where the zeros start
+    result = ibx.forward_mapping(model, x, mask, n_jitters=n_jitters, max_jitter=h_max)
+    expected = forward(mask.astype(np.float32))
+    assert np.corrcoef(result.signed.ravel(), expected.ravel())[0, 1] >= 0.9999
+
+    labels = np.zeros(x.shape, np.int32)
+    for k, (r, c) in enumerate([(195, 160), (195, 170), (205, 160), (205, 170), (180, 150), (100, 100)]):
+        labels[r:r + 10, c:c + 10] = k + 1
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[200:217, 165:181] = True
+    back = ibx.backward_mapping(model, x, out_mask, blocks=labels, n_jitters=n_jitters, max_jitter=h_max,
+                                method="batched")
+    responses = [np.abs(forward((labels == k).astype(np.float32))) for k in range(1, 7)]
+    expected_b = np.array([r[out_mask].sum() / r.sum() if r.sum() else 0.0 for r in responses])
+    assert np.corrcoef(back.block_values[1:], expected_b)[0, 1] >= 0.9999
+    np.testing.assert_allclose(back.block_values[1:], expected_b, atol=1e-3)
+
+    # the default padding (centred, edge values) is another pipeline, with another map
+    default_card = {"input": {k: v for k, v in KERAS_CARD["input"].items() if k != "padding"},
+                    "output": KERAS_CARD["output"]}
+    default = ibx.forward_mapping(ibx.load_model(path, card=default_card), x, mask, n_jitters=n_jitters,
+                                  max_jitter=h_max)
+    assert np.abs(default.signed - expected).max() > 0.05 * np.abs(expected).max()
