@@ -453,6 +453,8 @@ def _measure_radius(perturber: _Perturber, sample: int, tolerance: float) -> loc
     # divides 8, the probes meet every such position and the largest reach is measured, not guessed.
     stride = model.card.input.multiple_of
     every_phase = stride in (2, 4, 8)
+    if perturber.windowed:  # windows that start off the stride's grid see the probes at other phases
+        every_phase = every_phase and all(w.start % stride == 0 for window in perturber.plan for w in window)
     count = max(PROBES, stride) if every_phase else PROBES
     perturber.base_outputs([sample])
     largest = np.array([0, len(perturber.jitters) - 1])
