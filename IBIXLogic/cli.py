@@ -296,7 +296,7 @@ class Inputs:
 
 
 def load_model(path: Path, card: Path | None, device: str, memory_budget_mib: float = 512.0):
-    from .runner import load_model as engine_load
+    from .model import load_model as engine_load
 
     if card is not None and not Path(card).is_file():
         raise InputError(f"{card}: model card not found")
@@ -545,7 +545,7 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     from . import figures
-    from .mapping import forward_mapping
+    from .forward import forward_mapping
 
     started = time.perf_counter()
     model = load_model(args.model, args.card, args.device, args.memory_budget)
@@ -583,7 +583,7 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
 def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     from . import figures
     from .io import read_volume
-    from .mapping import backward_mapping
+    from .backward import backward_mapping
 
     started = time.perf_counter()
     model = load_model(args.model, args.card, args.device, args.memory_budget)

@@ -72,7 +72,8 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
              console=None, figures_dir: Path | None = None) -> list[Step]:
     """Run one demo into ``folder``; returns the steps with their evaluations, times and files."""
     from . import cli, figures
-    from .mapping import backward_mapping, forward_mapping
+    from .backward import backward_mapping
+    from .forward import forward_mapping
 
     console = console or cli.Console()
     params = QUICK if quick else FULL

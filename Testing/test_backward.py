@@ -212,8 +212,7 @@ def test_probes_perturbed_together_measure_what_single_probes_measure(tmp_path, 
     from IBIXLogic import locality
     model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae", {"input": {"multiple_of": 2}}))
     x = rng.normal(size=(64, 72)).astype(np.float32)
-    prepared = model.prepare(x)
-    radius = ibx.measure_response_radius(model, prepared, 0, 1.0, [0])
+    radius = ibx.measure_response_radius(model, x, 1.0, channels=[0])
     assert radius.evaluations == 3  # the unperturbed image and the jitters +-H with all probes at once
     points = locality.probe_points(x.shape, 5, locality.probe_spacing(x.shape, 5))
     grids = np.indices(x.shape)
@@ -231,5 +230,5 @@ def test_probes_whose_responses_could_meet_are_measured_one_by_one(tmp_path, rng
     kernel = rng.normal(size=(15, 15)).astype(np.float32)  # reach 7: half of the 16-voxel probe spacing
     model = ibx.load_model(om.save(om.convolution(kernel), tmp_path, "wide"))
     x = rng.normal(size=(64, 64)).astype(np.float32)
-    radius = ibx.measure_response_radius(model, model.prepare(x), 0, 1.0, [0])
+    radius = ibx.measure_response_radius(model, x, 1.0, channels=[0])
     assert radius.measured == 7 and radius.evaluations == 3 + 2 * 5

@@ -3,7 +3,7 @@ import numpy as np
 
 import IBIXLogic as ibx
 import onnx_models as om
-from IBIXLogic.mapping import jitter_levels, jitter_schedule
+from IBIXLogic.perturb import jitter_levels, jitter_schedule
 
 
 def test_schedule_levels_are_nested_and_cover_the_grid_once():

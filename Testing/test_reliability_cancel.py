@@ -104,11 +104,11 @@ def test_cancel_event_already_set_before_start(model, case):
 
 def test_coarse_to_fine_is_cancelled_between_levels(model, case, monkeypatch):
     """A cancel that fires while the second level's blocks are being made stops before that level runs."""
-    from IBIXLogic import mapping
+    from IBIXLogic import backward
 
     x, mask = case
     event = __import__("threading").Event()
-    real = mapping._block_labels
+    real = backward._block_labels
     calls = []
 
     def labels_then_cancel(*args, **kwargs):
@@ -116,7 +116,7 @@ def test_coarse_to_fine_is_cancelled_between_levels(model, case, monkeypatch):
         if len(calls) == 2:  # level 1 is being cut into finer blocks
             event.set()
         return real(*args, **kwargs)
-    monkeypatch.setattr(mapping, "_block_labels", labels_then_cancel)
+    monkeypatch.setattr(backward, "_block_labels", labels_then_cancel)
     before = model.evaluations
     with pytest.raises(ibx.Cancelled):
         ibx.backward_mapping(model, x, mask, n_blocks=40, coarse_blocks=[6, 15], n_jitters=1, cancel=event)
@@ -161,4 +161,4 @@ def test_200_forward_mappings_keep_memory_flat(tmp_path, capsys):
         print(f"\n[reliability] {LONG_RUNS} forward mappings: RSS peak {max(rss):.1f} MiB, run 20 {rss[19]:.1f} MiB, "
               f"run {LONG_RUNS} {rss[-1]:.1f} MiB, drift {drift:+.1f} MiB")
     assert drift < DRIFT_BOUND_MIB
-    assert ibx.runner.cached_sessions() <= ibx.runner.SESSION_CACHE_SIZE
+    assert ibx.model.cached_sessions() <= ibx.model.SESSION_CACHE_SIZE

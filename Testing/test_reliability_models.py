@@ -15,7 +15,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import IBIXLogic as ibx  # noqa: E402
 import onnx_models as om  # noqa: E402
-from IBIXLogic import model_file, runner  # noqa: E402
+from IBIXLogic import model as ibx_model, model_file  # noqa: E402
 
 PACKAGE = Path(ibx.__file__).parent
 
@@ -197,7 +197,7 @@ def test_missing_external_data_file_is_named(model_folder):
 def test_onnxruntime_refusal_also_surfaces_as_a_model_error(model_folder, monkeypatch):
     """Without IBIX's own scan, ONNX Runtime (>= 1.20) refuses too; the refusal must read as a ModelError."""
     path = _external(model_folder, "../secret.bin")
-    monkeypatch.setattr(runner, "check_external_data", lambda p: None)
+    monkeypatch.setattr(ibx_model, "check_external_data", lambda p: None)
     with pytest.raises(ibx.ModelError, match=r"(?i)external data|not a loadable"):
         ibx.load_model(path)
 
@@ -243,7 +243,7 @@ def test_loading_the_same_file_twice_reuses_the_session(tmp_path):
     second = ibx.load_model(path, card={"input": {"channels": ["T1"]}}, device="cpu")
     assert second.session is first.session
     assert second.card.input.channels == ("T1",) and first.card.input.channels == ("input",)
-    assert runner.cached_sessions() == 1
+    assert ibx_model.cached_sessions() == 1
 
 
 def test_a_modified_file_gets_a_new_session_and_the_old_one_is_released(tmp_path):
@@ -256,7 +256,7 @@ def test_a_modified_file_gets_a_new_session_and_the_old_one_is_released(tmp_path
     second = ibx.load_model(path, device="cpu")
     assert second.session is not first.session
     assert second.predict(x)[3, 3] == 18.0
-    assert runner.cached_sessions() == 1  # the stale session of the same file was dropped
+    assert ibx_model.cached_sessions() == 1  # the stale session of the same file was dropped
     assert first.predict(x)[3, 3] == 9.0  # a Model still in use keeps its own session
 
 
@@ -264,6 +264,6 @@ def test_cache_is_bounded_and_release_models_empties_it(tmp_path):
     paths = [om.save(om.convolution(np.full((3, 3), float(i))), tmp_path, f"m{i}") for i in range(4)]
     for path in paths:
         ibx.load_model(path, device="cpu")
-    assert runner.cached_sessions() == runner.SESSION_CACHE_SIZE
-    assert ibx.release_models() == runner.SESSION_CACHE_SIZE
-    assert runner.cached_sessions() == 0
+    assert ibx_model.cached_sessions() == ibx_model.SESSION_CACHE_SIZE
+    assert ibx.release_models() == ibx_model.SESSION_CACHE_SIZE
+    assert ibx_model.cached_sessions() == 0
