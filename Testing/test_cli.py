@@ -349,3 +349,38 @@ def test_no_tiles_reaches_the_engine(case):
     assert code == 0
     summary = json.loads((case["out"] / "summary.json").read_text())
     assert summary["backward"]["parameters"]["tiles"] is False
+
+
+# -- JSON-lines progress --------------------------------------------------------------------------------------
+def run_jsonl(arguments):
+    """``ibix`` in a child process with JSON-lines progress: (exit code, parsed stdout records, stderr)."""
+    result = subprocess.run([sys.executable, "-m", "IBIXLogic.cli", *arguments, "--progress-format", "jsonl"],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "forward", "backward"])
+def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(case, command):
+    arguments = [command, "--model", str(case["model"]), "--input", str(case["volume"]), "--output",
+                 str(case["out"])]
+    if command == "forward":
+        arguments += ["--mask", str(case["mask_path"]), "--label", "1"]
+    if command == "backward":
+        arguments += ["--out-mask", str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "1"]
+    code, records, _ = run_jsonl(arguments)
+    assert code == 0
+    progress, last = records[:-1], records[-1]
+    assert progress and all(set(r) == {"stage", "done", "total"} and 0 <= r["done"] <= r["total"] for r in progress)
+    assert last["stage"] == "finished"
+    assert Path(last["summary"]).is_absolute() and json.loads(Path(last["summary"]).read_text())["command"] == command
+    expected = {"predict": {"output"}, "forward": {"forward_signed", "forward_normalized", "forward_png"},
+                "backward": {"backward", "backward_blocks", "backward_png"}}[command] | {"summary"}
+    assert set(last["files"]) == expected and all(Path(p).is_file() for p in last["files"].values())
+
+
+def test_jsonl_failure_ends_with_the_failed_record_and_the_exit_code(case):
+    code, records, err = run_jsonl(["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                    "--mask", str(case["tmp"] / "missing.nrrd"), "--output", str(case["out"])])
+    assert code == 2
+    assert records[-1]["stage"] == "failed" and "missing.nrrd" in records[-1]["error"]
+    assert "missing.nrrd" in err  # the human message stays on stderr
