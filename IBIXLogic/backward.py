@@ -378,6 +378,18 @@ def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
     return levels
 
 
+def _check_options(method: str, normalization: str, refine_threshold: float, locality_tolerance: float,
+                   blocks: Any) -> None:
+    check_choice("method", method, METHODS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if not 0 <= refine_threshold <= 1:
+        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
+    if not 0 <= locality_tolerance < 1:
+        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
+    if isinstance(blocks, str) and blocks not in ("slic", "grid"):
+        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
+
+
 def _check_block_labels(blocks: Any, shape: tuple[int, ...], levels: list[int]) -> np.ndarray:
     """A user's block label image on the input grid."""
     if len(levels) > 1:
@@ -445,12 +457,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     started = time.perf_counter()
     n_blocks = check_count("n_blocks (K)", n_blocks)
     n_jitters = check_count("n_jitters (N)", n_jitters)
-    check_choice("method", method, METHODS)
-    check_choice("normalization", normalization, NORMALIZATIONS)
-    if not 0 <= refine_threshold <= 1:
-        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
-    if not 0 <= locality_tolerance < 1:
-        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
+    _check_options(method, normalization, refine_threshold, locality_tolerance, blocks)
     levels = _block_levels(n_blocks, coarse_blocks)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
@@ -460,10 +467,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     out_samples = prepared.to_samples(out_mask)
     touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
     custom = not isinstance(blocks, str)
-    if custom:
-        given = _check_block_labels(blocks, prepared.volume_shape, levels)
-    elif blocks not in ("slic", "grid"):
-        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
+    given = _check_block_labels(blocks, prepared.volume_shape, levels) if custom else None
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
                           one_item_per_batch=method == "brute")
