@@ -54,7 +54,7 @@ def test_padding_modes_and_positions(tmp_path, rng, mode, position, grow):
 def test_default_padding_is_centred_edge(tmp_path):
     model = ibx.load_model(om.save(om.identity(), tmp_path, "id", {"input": {"multiple_of": 8}}))
     assert model.card.input.padding == ibx.card.Padding("edge", 0.0, "center")
-    assert model.padding((5, 8)) == ((1, 2), (0, 0))
+    assert model.pipeline.padding((5, 8)) == ((1, 2), (0, 0))
 
 
 # -- window placement and weights -------------------------------------------------------------------------
