@@ -329,3 +329,18 @@ def test_keras_style_padding_forward_and_backward_equal_independent_equations(tm
     default = ibx.forward_mapping(ibx.load_model(path, card=default_card), x, mask, n_jitters=n_jitters,
                                   max_jitter=h_max)
     assert np.abs(default.signed - expected).max() > 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("padding", [{"mode": "constant", "value": 0.3, "position": "end"},
+                                     {"mode": "reflect", "position": "center"}])
+def test_tiles_follow_the_cards_padding(tmp_path, rng, padding):
+    """Backward with tiles (the local method) pads tiles as the model pads: equal to brute force at the border."""
+    card = {"input": {"multiple_of": 8, "padding": padding, "intensity": {"from": [0, 2], "to": [0, 1]}}}
+    model = ibx.load_model(om.save(om.small_autoencoder(seed=4), tmp_path, "cae", card))
+    x = rng.uniform(0, 2, size=(61, 70)).astype(np.float32)  # padded to 64 x 72
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[55:61, 62:70] = True  # the bottom-right corner, next to the padding
+    brute = ibx.backward_mapping(model, x, out_mask, n_blocks=120, compactness=1.0, n_jitters=2, method="brute")
+    local = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local")
+    assert local.tiling["tiles"] is True
+    np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-5, atol=1e-7)
