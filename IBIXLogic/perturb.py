@@ -10,7 +10,7 @@ import numpy as np
 
 from . import locality, windows
 from .checks import channel_indices, check_max_jitter
-from .errors import InputError
+from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
 from .pipeline import PreparedInput
@@ -21,6 +21,15 @@ DEFAULT_JITTER_FRACTION = 0.15
 PROBES = 5
 #: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
 RADIUS_MARGIN = 2
+#: Sides (voxels) of the windows the response radius is measured in, in turn, on samples larger than twice that;
+#: a response that reaches across a window is measured in the next, and last on the whole sample.
+PROBE_WINDOWS = (48, 96)
+#: Largest model stride tile and probe windows are aligned to (their origins are multiples of it, at most).
+LARGEST_ALIGNMENT = 32
+#: Samples of at most this many voxels are evaluated whole for the unperturbed output of their tiles.
+WHOLE_BASE_VOXELS = 2**20
+#: Tiles are used when they run fewer than this share of the voxels of the whole samples they replace.
+TILE_SAVING = 0.8
 
 
 def jitter_levels(n_jitters: int, max_jitter: float) -> np.ndarray:
@@ -63,11 +72,25 @@ def resolve_max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[
     chosen = check_max_jitter(max_jitter)
     if chosen is not None:
         return chosen
-    spread = robust_range(prepared.samples[:, channels])
+    every = list(channels) == list(range(prepared.samples.shape[1]))
+    spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
     if not spread > 0:
         raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
                          "(15 % of that range) is 0; give max_jitter explicitly (input units)")
     return DEFAULT_JITTER_FRACTION * spread
+
+
+def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive lower and upper index corners of a non-empty mask's bounding box."""
+    where = [np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+             for axis in range(mask.ndim)]
+    return np.array([w[0] for w in where]), np.array([w[-1] for w in where])
+
+
+def box_centre(mask: np.ndarray) -> tuple[int, ...]:
+    """The centre voxel of the bounding box of a non-empty mask."""
+    low, high = mask_box(mask)
+    return tuple(int(v) for v in (low + high) // 2)
 
 
 def report_progress(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
@@ -80,7 +103,7 @@ class Perturber:
     """Runs jittered copies of samples (or of tiles of them) through the model and sums difference quotients.
 
     With sliding windows (card ``input.patch``) only the windows a perturbation touches are run again: the
-    unperturbed outputs of every window are evaluated once per sample and reused (see :meth:`window_responses`).
+    unperturbed outputs of every window are evaluated once per sample and reused (see :meth:`patch_responses`).
     """
 
     def __init__(self, model: Model, prepared: PreparedInput, jitters: np.ndarray, channels: list[int],
@@ -96,14 +119,17 @@ class Perturber:
         self.base: dict[int, np.ndarray] = {}
         self.padded_base: dict[int, np.ndarray] = {}
         self._padded_input: dict[int, np.ndarray] = {}
-        self.windowed = model.card.input.patch is not None
-        if self.windowed:
+        self._window_base: dict[tuple, np.ndarray] = {}
+        #: small samples (slices) are evaluated whole once, so that their tiles need no output of their own
+        self.small_sample = int(np.prod(prepared.sample_shape)) <= WHOLE_BASE_VOXELS
+        self.patched = model.card.input.patch is not None
+        if self.patched:
             pipeline = model.pipeline
-            self.plan = pipeline.windows(prepared.sample_shape)
-            self.weights = pipeline.importance_map()
-            self.weight_sum = windows.weight_sum(self.plan, pipeline.padded_shape(prepared.sample_shape),
-                                                 self.weights)
-            self.window_base: dict[int, np.ndarray] = {}  # each sample's unperturbed window outputs
+            self.patches = pipeline.windows(prepared.sample_shape)
+            self.patch_weights = pipeline.importance_map()
+            self.patch_weight_sum = windows.weight_sum(self.patches, pipeline.padded_shape(prepared.sample_shape),
+                                                       self.patch_weights)
+            self.patch_base: dict[int, np.ndarray] = {}  # each sample's unperturbed window outputs
             #: window evaluations a brute-force run of the whole windowed pipeline would have made
             self.brute_force_windows = 0
 
@@ -114,13 +140,8 @@ class Perturber:
         clipping changes it, which the tiles' check of the model's output then finds.
         """
         if sample not in self._padded_input:
-            x, padding = self.prepared.samples[sample], self.model.card.input.padding
-            if padding.mode == "constant":
-                values = (padding.value - self.prepared.offset) / self.prepared.scale
-                padded = np.stack([windows.pad(x[c], self.pads, "constant", float(v)) for c, v in enumerate(values)])
-            else:
-                padded = self.model.pipeline.pad(x, self.pads)
-            self._padded_input[sample] = padded
+            padded_shape = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+            self._padded_input[sample] = self.window_input(sample, tuple(slice(0, n) for n in padded_shape))
         return self._padded_input[sample]
 
     def model_input(self, sample: int, direction: np.ndarray | None = None, jitter: float = 0.0) -> np.ndarray:
@@ -136,16 +157,17 @@ class Perturber:
         missing = [int(s) for s in samples if int(s) not in self.base]
         if not missing:
             return
-        if self.windowed:
+        if self.patched:
             for s in missing:
                 check_cancel(self.cancel)
                 padded = self.model_input(s)
-                self.window_base[s] = self.model.run_windows(
-                    np.stack([padded[(slice(None),) + w] for w in self.plan]),
+                self.patch_base[s] = self.model.run_windows(
+                    np.stack([padded[(slice(None),) + w] for w in self.patches]),
                     lambda j, s=s: f"the unperturbed input (sample {s}, window {j + 1})")
-                self.padded_base[s] = windows.blend(self.window_base[s], self.plan, padded.shape[1:], self.weights)
+                self.padded_base[s] = windows.blend(self.patch_base[s], self.patches, padded.shape[1:],
+                                                    self.patch_weights)
                 self.base[s] = self.padded_base[s][self.crop]
-                self.brute_force_windows += len(self.plan)
+                self.brute_force_windows += len(self.patches)
             return
         padded_shape = self.padded_input(missing[0]).shape[1:]
         runs = self.model.run_chunked(lambda a, b: np.stack([self.padded_input(s) for s in missing[a:b]]),
@@ -157,6 +179,132 @@ class Perturber:
                 self.padded_base[s] = padded
                 self.base[s] = padded[self.crop]
 
+    # -- windows of the padded sample (tiles), without padding or evaluating the whole sample ---------------
+    def window_input(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The padded sample's ``window`` in input units, (channels, *window shape)."""
+        if sample in self._padded_input:
+            return self._padded_input[sample][(slice(None),) + window]
+        # a constant padding value (model units) in input units, per channel: exact unless the card's clipping
+        # changes it, which the tiles' check of the model's output then finds
+        fill = (self.model.card.input.padding.value - self.prepared.offset) / self.prepared.scale
+        return self.model.pipeline.padded_window(self.prepared.samples[sample], window, fill)
+
+    def overlap(self, window: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Where ``window`` (padded-sample coordinates) meets the sample: (slices of the sample, of the window)."""
+        source, target = [], []
+        for w, (before, _), n in zip(window, self.pads, self.prepared.sample_shape):
+            low, high = max(w.start - before, 0), max(min(w.stop - before, n), max(w.start - before, 0))
+            source.append(slice(low, high))
+            target.append(slice(low + before - w.start, high + before - w.start))
+        return tuple(source), tuple(target)
+
+    def window_of(self, values: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+        """``window`` of an array on the sample grid placed in the padded sample, 0 (False) in the padding."""
+        out = np.zeros(tuple(w.stop - w.start for w in window), values.dtype)
+        source, target = self.overlap(window)
+        out[target] = values[source]
+        return out
+
+    def inside(self, window: tuple[slice, ...]) -> np.ndarray:
+        """Which voxels of ``window`` lie in the sample rather than in its padding."""
+        out = np.zeros(tuple(w.stop - w.start for w in window), bool)
+        out[self.overlap(window)[1]] = True
+        return out
+
+    def window_base(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The unperturbed output on ``window``: cut from the whole sample's if that was evaluated, else the
+        window's own output (which equals it wherever the window holds the context of a voxel)."""
+        if sample in self.padded_base:
+            return self.padded_base[sample][window]
+        return self._window_output(sample, window)
+
+    def _window_output(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The model's output on ``window`` alone (unperturbed), evaluated once."""
+        key = (sample, tuple((w.start, w.stop) for w in window))
+        if key not in self._window_base:
+            self._window_base[key] = self.model.run(self.window_input(sample, window)[None].copy(),
+                                                    self.prepared, lambda i: f"a tile of sample {sample}")[0]
+        return self._window_base[key]
+
+    def window_bases(self, windows: Sequence[tuple[int, tuple[slice, ...]]]) -> None:
+        """Evaluate the unperturbed output of the (sample, window) pairs not known yet, windows of one shape
+        together."""
+        missing: dict[tuple, list] = {}
+        for sample, window in windows:
+            key = (sample, tuple((w.start, w.stop) for w in window))
+            if sample not in self.padded_base and key not in self._window_base:
+                missing.setdefault(tuple(w.stop - w.start for w in window), []).append((key, sample, window))
+        for shape, entries in missing.items():
+            entries = list({key: (key, s, w) for key, s, w in entries}.values())
+            runs = self.model.run_chunked(
+                lambda a, b: np.stack([self.window_input(s, w) for _, s, w in entries[a:b]]), len(entries),
+                self.prepared, lambda i: f"the unperturbed input (a tile of sample {entries[i][1]})",
+                cancel=self.cancel, sample_shape=shape)
+            for start, stop, out in runs:
+                for (key, _, _), values in zip(entries[start:stop], out):
+                    self._window_base[key] = values
+
+    def tiles_reproduce(self, sample: int, shape: tuple[int, ...], align: int, radius: int,
+                        at: tuple[int, ...] | None = None) -> bool:
+        """Whether windows of ``shape`` starting at multiples of ``align`` reproduce the model's output.
+
+        Compared away from the window's borders that are not the sample's (within ``radius`` of such a border a
+        window lacks context). Against the whole sample's output, if that was evaluated, at the origin (align,
+        align, ...), an odd multiple of ``align``, and at the far corner. Otherwise against a window ``align``
+        voxels wider on each side, at the origin ``at`` (a tile about to be used, whose output is then known) when
+        it lies at least ``align`` from the start of every axis, else at the same two origins: a model whose stride
+        does not divide ``align`` then sees another pooling phase and fails the check.
+        """
+        padded = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+        whole = sample in self.padded_base
+        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)), tuple(p - n for p, n in zip(padded, shape))}
+        if not whole and at is not None and all(o >= align for o in at):
+            origins = {tuple(at)}
+        for origin in sorted(origins):
+            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+            try:
+                out = self._window_output(sample, window)
+                if whole:
+                    reference = self.padded_base[sample][window]
+                else:
+                    wider = tuple(slice(max(0, w.start - align), min(p, w.stop + align))
+                                  for w, p in zip(window, padded))
+                    reference = self._window_output(sample, wider)[
+                        tuple(slice(w.start - o.start, w.stop - o.start) for w, o in zip(window, wider))]
+            except ModelError:
+                return False
+            interior = tuple(slice(0 if o == 0 else radius, n if o + n == p else n - radius)
+                             for o, n, p in zip(origin, shape, padded))
+            expected = reference[interior]
+            if expected.size and np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+                return False
+        return True
+
+    def has_probe_window(self, near: Sequence[int]) -> bool:
+        """Whether the sample is much larger than the smallest window the response radius is measured in."""
+        return bool(_probe_windows(self, near))
+
+    def checked_tiles(self, sample: int, low: np.ndarray, high: np.ndarray, members: list[np.ndarray],
+                      radius: int, whole_items: int) -> tuple[list[locality.Tile] | None, dict]:
+        """Tiles holding the boxes ``low``..``high`` (sample coordinates; rows grouped by ``members``) and their
+        context, when they run fewer voxels than ``whole_items`` whole samples; (tiles or None, what was decided).
+
+        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
+        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
+        reproduce the model's output (:meth:`tiles_reproduce`, on ``sample``) is used.
+        """
+        padded_shape = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+        offset = tuple(before for before, _ in self.pads)
+        for align in locality.tile_alignments(padded_shape, self.model.card.input.multiple_of, LARGEST_ALIGNMENT):
+            tiles = locality.plan_tiles(low, high, members, radius, padded_shape, offset, align)
+            voxels = sum(int(np.prod(t.shape)) for t in tiles)
+            if voxels >= TILE_SAVING * whole_items * np.prod(padded_shape):
+                return None, {"tiles": False, "reason": "tiles would not run fewer voxels"}
+            if self.tiles_reproduce(sample, tiles[0].shape, align, radius, tiles[0].origin):
+                return tiles, {"tiles": True, "alignment": align, "items": len(tiles),
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+        return None, {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
+
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
                   direction_of: Callable[[int], np.ndarray], base_of: Callable[[int], np.ndarray],
                   what: Callable[[int], str], subset: np.ndarray | None = None,
@@ -167,10 +315,10 @@ class Perturber:
         Item i perturbs the input ``input_of(i)`` (channels, *shape; input units) along ``direction_of(i)`` (a 0/1
         map) on the selected channels, against the unperturbed output ``base_of(i)``; ``subset`` picks jitters
         (indices into ``self.jitters``, default all). Divide S by the jitter count of the grid to get F.
-        With sliding windows, items perturb whole samples, ``sample_of(i)``: see :meth:`window_responses`.
+        With sliding windows, items perturb whole samples, ``sample_of(i)``: see :meth:`patch_responses`.
         """
-        if self.windowed:
-            yield from self.window_responses(n_items, sample_of, direction_of, what, subset)
+        if self.patched:
+            yield from self.patch_responses(n_items, sample_of, direction_of, what, subset)
             return
         shape = tuple(shape or self.prepared.sample_shape)
         channels = self.prepared.samples.shape[1]
@@ -199,7 +347,7 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
-    def window_responses(self, n_items: int, sample_of: Callable[[int], int],
+    def patch_responses(self, n_items: int, sample_of: Callable[[int], int],
                          direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
                          subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """:meth:`responses` of a model run in sliding windows, one item at a time.
@@ -215,23 +363,24 @@ class Perturber:
             self.base_outputs([sample])
             direction = direction_of(i).astype(np.float32)
             padded_direction = self.model.pipeline.pad(direction, self.pads, direction=True)
-            touched = windows.touched_windows(self.plan, padded_direction != 0)
-            total = np.zeros(self.weight_sum.shape, np.float64)
+            touched = windows.touched_windows(self.patches, padded_direction != 0)
+            total = np.zeros(self.patch_weight_sum.shape, np.float64)
             for h in jitters:
                 padded = self.model_input(sample, direction, h)
                 out = self.model.run_windows(
-                    np.stack([padded[(slice(None),) + self.plan[t]] for t in touched]),
+                    np.stack([padded[(slice(None),) + self.patches[t]] for t in touched]),
                     lambda j, h=h: f"{what(i)} with jitter h = {h:.6g} (window {touched[j] + 1})")
                 for t, window_out in zip(touched, out):
-                    total[self.plan[t]] += self.weights * (window_out - self.window_base[sample][t]) / float(h)
-            self.brute_force_windows += len(jitters) * len(self.plan)
-            yield i, i + 1, (total / self.weight_sum)[self.crop][None].astype(np.float32)
+                    change = window_out - self.patch_base[sample][t]
+                    total[self.patches[t]] += self.patch_weights * change / float(h)
+            self.brute_force_windows += len(jitters) * len(self.patches)
+            yield i, i + 1, (total / self.patch_weight_sum)[self.crop][None].astype(np.float32)
 
-    def window_summary(self, evaluations: int) -> dict | None:
+    def patch_summary(self, evaluations: int) -> dict | None:
         """Window evaluations made (``evaluations``) against a brute-force run; None without sliding windows."""
-        if not self.windowed:
+        if not self.patched:
             return None
-        return {"windows_per_sample": len(self.plan), "window_evaluations": int(evaluations),
+        return {"windows_per_sample": len(self.patches), "window_evaluations": int(evaluations),
                 "brute_force_window_evaluations": int(self.brute_force_windows)}
 
     def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
@@ -272,29 +421,44 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
                            tolerance)
 
 
-def response_radius(perturber: Perturber, sample: int, tolerance: float) -> locality.ResponseRadius:
-    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
+def _probe_windows(perturber: Perturber, near: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Windows of PROBE_WINDOWS voxels a side around ``near`` (sample coordinates), for those at most half the
+    size of the sample. Their origins are multiples of the card's stride and of 8 where possible, so that the
+    probes meet the pooling phases they would meet in the whole sample. None for a model run in sliding windows
+    (``input.patch``): a part of the sample is not run as the whole sample's windows are."""
+    if perturber.patched:
+        return []
+    padded = np.asarray(perturber.model.pipeline.padded_shape(perturber.prepared.sample_shape))
+    stride = perturber.model.card.input.multiple_of
+    align = max(locality.tile_alignments(tuple(padded), stride, 8) or [stride])
+    centre = np.asarray(near) + np.array([before for before, _ in perturber.pads])
+    found = []
+    for size in PROBE_WINDOWS:
+        side = np.minimum(padded, -(-size // align) * align)
+        if np.prod(side) * 2 > np.prod(padded):
+            break
+        origin = np.clip((centre - side // 2) // align * align, 0, (padded - side) // align * align)
+        found.append(tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side)))
+    return found
 
-    The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
-    to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
-    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
-    """
-    model, shape = perturber.model, perturber.prepared.sample_shape
-    before = model.evaluations
-    # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
-    # divides 8, the probes meet every such position and the largest reach is measured, not guessed.
-    stride = model.card.input.multiple_of
-    every_phase = stride in (2, 4, 8)
-    if perturber.windowed:  # windows that start off the stride's grid see the probes at other phases
-        every_phase = every_phase and all(w.start % stride == 0 for window in perturber.plan for w in window)
-    count = max(PROBES, stride) if every_phase else PROBES
-    perturber.base_outputs([sample])
+
+def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None,
+           count: int) -> tuple[int, bool, int]:
+    """(measured radius, global?, probes) from probes in ``window`` of the padded sample (None: the sample)."""
+    if window is None:
+        shape = perturber.prepared.sample_shape
+        perturber.base_outputs([sample])
+        source, base = perturber.prepared.samples[sample], perturber.base[sample]
+    else:
+        shape = tuple(w.stop - w.start for w in window)
+        source, base = perturber.window_input(sample, window), perturber.window_base(sample, window)
     largest = np.array([0, len(perturber.jitters) - 1])
 
     def responses_to(directions: list[np.ndarray], what: Callable[[int], str]) -> np.ndarray:
         out = np.empty((len(directions),) + shape, np.float32)
-        for start, stop, response in perturber.sample_responses([sample] * len(directions), lambda i: directions[i],
-                                                                what, largest):
+        for start, stop, response in perturber.responses(len(directions), lambda i: source, lambda i: directions[i],
+                                                         lambda i: base, what, largest, shape,
+                                                         sample_of=lambda i: sample):
             out[start:stop] = response
         return out
 
@@ -317,6 +481,34 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float) -> loca
         separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
                                 lambda i: f"probe voxel {tuple(points[i])}")
         measured, is_global = locality.radius_from_responses(separate, points, tolerance)
-    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance,
-                                   len(points), model.evaluations - before)
+    return measured, is_global, len(points)
 
+
+def response_radius(perturber: Perturber, sample: int, tolerance: float, near: Sequence[int] | None = None
+                    ) -> locality.ResponseRadius:
+    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
+
+    The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
+    to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
+    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
+    With ``near`` (a voxel of the sample) on a sample much larger than the PROBE_WINDOWS, the probes stand in
+    a window around it, so that the whole sample is not evaluated; a response that reaches across a window is
+    measured again in the next larger one, and last on the whole sample.
+    """
+    model = perturber.model
+    before = model.evaluations
+    # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
+    # divides 8, the probes meet every such position (windows start at multiples of it) and the largest reach
+    # is measured, not guessed.
+    stride = model.card.input.multiple_of
+    every_phase = stride in (2, 4, 8)
+    if perturber.patched:  # sliding windows that start off the stride's grid see the probes at other phases
+        every_phase = every_phase and all(w.start % stride == 0 for patch in perturber.patches for w in patch)
+    count = max(PROBES, stride) if every_phase else PROBES
+    for window in ([] if near is None else _probe_windows(perturber, near)) + [None]:
+        measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)
+        if not is_global:
+            break
+    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance, probes,
+                                   model.evaluations - before,
+                                   None if window is None else tuple(w.stop - w.start for w in window))

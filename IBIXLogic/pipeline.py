@@ -175,8 +175,11 @@ class Pipeline:
                                  np.array([a[1] for a in affines], np.float32), clip, slice_axis,
                                  in_plane and card.transpose, in_plane and card.flip_rows,
                                  in_plane and card.flip_cols)
-        samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
-        prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if slice_axis is None and not (prepared.transpose or prepared.flip_rows or prepared.flip_cols):
+            prepared.samples = volume[None]  # one sample, as it is: no copy of a large volume
+        else:
+            samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
+            prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
         self.padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
         return prepared
 
@@ -234,6 +237,27 @@ class Pipeline:
         if patch is None:
             return int(np.prod(self.model_shape(sample_shape)))
         return len(self.windows(sample_shape)) * int(np.prod(self.model_shape(patch.size)))
+
+    def padded_window(self, sample: np.ndarray, window: tuple[slice, ...], fill: Any = None) -> np.ndarray:
+        """``window`` (padded-sample coordinates) of ``sample`` (channels, *shape) padded as the card says,
+        without padding the whole sample. ``fill``: the constant of ``"constant"`` padding, per channel or one for
+        all, in the units of ``sample`` (default the card's value, model units); 0 for a perturbation direction
+        or block labels."""
+        pads = self.padding(sample.shape[1:])
+        mode = self.card.input.padding.mode
+        positions = [np.arange(w.start, w.stop) - before for w, (before, _) in zip(window, pads)]
+        index = [windows.source_index(p, n, mode) for p, n in zip(positions, sample.shape[1:])]
+        out = sample[(slice(None),) + np.ix_(*index)]
+        if mode == "constant":
+            outside = np.zeros(out.shape[1:], bool)
+            for axis, (p, n) in enumerate(zip(positions, sample.shape[1:])):
+                outside |= ((p < 0) | (p >= n)).reshape((-1,) + (1,) * (len(positions) - axis - 1))
+            if outside.any():
+                value = self.card.input.padding.value if fill is None else fill
+                values = np.broadcast_to(np.asarray(value, out.dtype), (out.shape[0],))
+                for channel, v in enumerate(values):
+                    out[channel][outside] = v
+        return out
 
     def to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
         """A batch of samples in input units (overwritten) as the model's input tensor (no sliding windows)."""

@@ -58,6 +58,17 @@ def pad(array: np.ndarray, widths: Sequence[tuple[int, int]], mode: str = "edge"
     return np.pad(array, full, mode=mode)
 
 
+def source_index(positions: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """Index into an axis of ``n`` voxels that padding ``mode`` copies to each of ``positions`` (which may lie
+    outside 0..n-1): the nearest voxel for ``"edge"`` (and ``"constant"``, whose padded voxels are overwritten),
+    the mirror image without repeating the border voxel for ``"reflect"`` (numpy's ``reflect``)."""
+    if mode != "reflect" or n == 1:
+        return np.clip(positions, 0, n - 1)
+    period = 2 * (n - 1)
+    folded = np.mod(positions, period)
+    return np.where(folded >= n, period - folded, folded)
+
+
 def scan_interval(image_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
     """Step between window starts along each axis: max(1, int(size * (1 - overlap))), or size where the axis
     equals the window."""

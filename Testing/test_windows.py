@@ -344,3 +344,23 @@ def test_tiles_follow_the_cards_padding(tmp_path, rng, padding):
     local = ibx.backward_mapping(model, x, out_mask, blocks=brute.labels, n_jitters=2, method="local")
     assert local.tiling["tiles"] is True
     np.testing.assert_allclose(local.block_values, brute.block_values, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("padding", [{"mode": "constant", "value": -2.5, "position": "end"},
+                                     {"mode": "edge", "position": "center"},
+                                     {"mode": "reflect", "position": "center"},
+                                     {"mode": "reflect", "position": "end"}])
+def test_padded_window_is_a_window_of_the_padded_sample(tmp_path, rng, padding):
+    """Tiles cut from a sample padded as the card says, without padding the whole sample (reflect: more padding
+    than the axis is long, mirrored again)."""
+    model = ibx.load_model(om.save(om.identity(), tmp_path, "id", {"input": {"size": [16, 12],
+                                                                             "padding": padding}}))
+    sample = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    pipeline = model.pipeline
+    padded = pipeline.pad(sample, pipeline.padding((5, 4)))
+    assert padded.shape == (2, 16, 12)
+    for window in [(slice(0, 16), slice(0, 12)), (slice(3, 9), slice(7, 12)), (slice(10, 16), slice(0, 5))]:
+        np.testing.assert_array_equal(pipeline.padded_window(sample, window), padded[(slice(None),) + window])
+    direction = pipeline.padded_window(np.ones((1, 5, 4), np.float32), (slice(0, 16), slice(0, 12)), 0)
+    expected = pipeline.pad(np.ones((1, 5, 4), np.float32), pipeline.padding((5, 4)), direction=True)
+    np.testing.assert_array_equal(direction, expected)
