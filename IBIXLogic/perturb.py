@@ -348,8 +348,8 @@ class Perturber:
             yield start, stop, sums.reshape((stop - start,) + shape)
 
     def patch_responses(self, n_items: int, sample_of: Callable[[int], int],
-                         direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
-                         subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                        direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
+                        subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """:meth:`responses` of a model run in sliding windows, one item at a time.
 
         The blended output is sum_w g o_w / sum_w g (g: the importance map), so a perturbation changes it by
