@@ -225,8 +225,9 @@ def test_windowed_forward_equals_brute_force(tmp_path, rng, dims):
     if dims == 2:
         card = {"input": {"patch": {"size": [16, 16], "overlap": 0.25, "blend": "gaussian"}, "multiple_of": 2,
                           "padding": {"mode": "reflect"}}}
-        # rows fewer than the window: each slice is padded (reflect, centred) before its windows are placed
-        path, shape = om.save(om.small_autoencoder(seed=5), tmp_path, "ae", card), (3, 13, 44)
+        # rows fewer than the window: each slice is padded (reflect, centred) before its windows are placed;
+        # a fixed batch of 2 (windows go through the model two at a time)
+        path, shape = om.save(om.small_autoencoder(seed=5, batch=2), tmp_path, "ae", card), (3, 13, 44)
     else:
         card = {"input": {"patch": {"size": [8, 12, 12], "overlap": 0.5, "blend": "gaussian"}, "multiple_of": 2}}
         path, shape = om.save(om.small_autoencoder_3d(), tmp_path, "ae3", card), (10, 26, 30)
