@@ -127,10 +127,10 @@ class Model:
         sliding windows, as many samples as their windows fit)."""
         patch = self.card.input.patch
         if patch is None:
-            return self._capacity(sample_shape)
-        return max(1, self._capacity(patch.size) // len(self.pipeline.windows(sample_shape)))
+            return self.capacity(sample_shape)
+        return max(1, self.capacity(patch.size) // len(self.pipeline.windows(sample_shape)))
 
-    def _capacity(self, shape: Sequence[int]) -> int:
+    def capacity(self, shape: Sequence[int]) -> int:
         """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
@@ -187,7 +187,7 @@ class Model:
     def run_windows(self, parts: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
         """Outputs (output units) for windows of padded samples in model units, (n, channels, *patch_size), as
         many at a time as the batch size allows."""
-        step = self._capacity(parts.shape[2:])
+        step = self.capacity(parts.shape[2:])
         outputs = [self.run_model_units(parts[a:a + step], None if describe is None else
                                         (lambda j, a=a: describe(a + j)))
                    for a in range(0, len(parts), step)]

@@ -356,25 +356,31 @@ class Perturber:
 
         The blended output is sum_w g o_w / sum_w g (g: the importance map), so a perturbation changes it by
         sum_{w in T} g (o_w(x + h d) - o_w(x)) / sum_w g, T the windows that hold a perturbed voxel of the padded
-        sample: only those are evaluated, against the unperturbed window outputs evaluated once per sample.
+        sample: only those are evaluated, against the unperturbed window outputs evaluated once per sample. The
+        (jitter, window) pairs of an item go through the model as many at a time as the batch size allows.
         """
         jitters = self.jitters if subset is None else self.jitters[subset]
+        step = self.model.capacity(self.patch_weights.shape)
         for i in range(n_items):
-            check_cancel(self.cancel)
             sample = sample_of(i)
             self.base_outputs([sample])
             direction = direction_of(i).astype(np.float32)
             padded_direction = self.model.pipeline.pad(direction, self.pads, direction=True)
             touched = windows.touched_windows(self.patches, padded_direction != 0)
+            pairs = [(float(h), int(t)) for h in jitters for t in touched]
             total = np.zeros(self.patch_weight_sum.shape, np.float64)
-            for h in jitters:
-                padded = self.model_input(sample, direction, h)
-                out = self.model.run_windows(
-                    np.stack([padded[(slice(None),) + self.patches[t]] for t in touched]),
-                    lambda j, h=h: f"{what(i)} with jitter h = {h:.6g} (window {touched[j] + 1})")
-                for t, window_out in zip(touched, out):
-                    change = window_out - self.patch_base[sample][t]
-                    total[self.patches[t]] += self.patch_weights * change / float(h)
+            jittered: tuple[float, np.ndarray] | None = None  # the padded input of the current jitter
+            for start in range(0, len(pairs), step):
+                check_cancel(self.cancel)
+                chunk, parts = pairs[start:start + step], []
+                for h, t in chunk:
+                    if jittered is None or jittered[0] != h:
+                        jittered = (h, self.model_input(sample, direction, h))
+                    parts.append(jittered[1][(slice(None),) + self.patches[t]])
+                out = self.model.run_windows(np.stack(parts), lambda j: f"{what(i)} with jitter h = "
+                                             f"{chunk[j][0]:.6g} (window {chunk[j][1] + 1})")
+                for (h, t), window_out in zip(chunk, out):
+                    total[self.patches[t]] += self.patch_weights * (window_out - self.patch_base[sample][t]) / h
             self.brute_force_windows += len(jitters) * len(self.patches)
             yield i, i + 1, (total / self.patch_weight_sum)[self.crop][None].astype(np.float32)
 

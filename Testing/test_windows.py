@@ -365,3 +365,23 @@ def test_padded_window_is_a_window_of_the_padded_sample(tmp_path, rng, padding):
     direction = pipeline.padded_window(np.ones((1, 5, 4), np.float32), (slice(0, 16), slice(0, 12)), 0)
     expected = pipeline.pad(np.ones((1, 5, 4), np.float32), pipeline.padding((5, 4)), direction=True)
     np.testing.assert_array_equal(direction, expected)
+
+
+def test_windowed_forward_can_be_cancelled_between_window_batches(tmp_path, rng):
+    card = {"input": {"patch": {"size": [8, 12, 12], "overlap": 0.5}, "multiple_of": 2}}
+    model = ibx.load_model(om.save(om.small_autoencoder_3d(), tmp_path, "ae3", card), memory_budget=2**22)
+    x = rng.normal(0, 0.2, size=(10, 26, 30)).astype(np.float32)
+    mask = np.zeros(x.shape, bool)
+    mask[4:6, 10:14, 12:16] = True
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(ibx.Cancelled):
+        ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=0.1, cancel=cancel)
+    assert model.evaluations < 2 * 2 * 32  # stopped before every window of every jitter ran
+    expected = brute_force_forward(model, x, mask, 2, 0.1)  # a cancelled run leaves nothing behind
+    np.testing.assert_allclose(ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=0.1).signed, expected,
+                               atol=1e-5 * np.abs(expected).max())
