@@ -14,7 +14,7 @@ import numpy as np
 from . import locality
 from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
 from .checks import channel_indices, check_choice, check_count, check_mask
-from .errors import InputError, ModelError
+from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
@@ -360,6 +360,26 @@ def _label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
     return boxes
 
 
+def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.ndarray, n_blocks: int,
+                  compactness: float, blocks: Any, refine_threshold: float, given: np.ndarray | None,
+                  near: Callable[[int], tuple[slice, ...]] | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[slice, ...]]]:
+    """The labels of a level, its new blocks and the samples' boxes of blocks: the user's blocks, the first
+    level's blocks (near the output mask where that can be told), or the previous level's blocks with those of
+    B >= refine_threshold * max B cut finer."""
+    if refinement.labels is not None:
+        values = refinement.values
+        refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
+        fine = _block_labels(prepared, touched, n_blocks, compactness, blocks, np.isin(refinement.labels, refine))
+        top = int(refinement.labels.max())
+        current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
+        return current, np.unique(fine[fine > 0]) + top, _label_boxes(current)
+    current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if given is not None
+               else _block_labels(prepared, touched, n_blocks, compactness, blocks, near=near))
+    boxes = _label_boxes(current)
+    return current, np.flatnonzero(_label_counts(current, boxes)[1:]) + 1, boxes
+
+
 def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
     """Where blocks can reach the output mask of a sample: the mask's bounding box grown by the radius."""
     if radius is None:
@@ -485,24 +505,11 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
     refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
     evaluations_per_level, blocks_per_level = [], []
-    for level, k in enumerate(levels):
+    for k in levels:
         check_cancel(cancel)
         level_start = model.evaluations
-        if level > 0:
-            values = refinement.values
-            refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
-            fine = _block_labels(prepared, touched, k, compactness, blocks, np.isin(refinement.labels, refine))
-            top = int(refinement.labels.max())
-            current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
-            new_ids = np.unique(fine[fine > 0]) + top
-        else:
-            current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if custom
-                       else _block_labels(prepared, touched, k, compactness, blocks,
-                                         near=_reach(out_samples, radius)))
-            new_ids = None
-        boxes = _label_boxes(current)
-        if new_ids is None:
-            new_ids = np.flatnonzero(_label_counts(current, boxes)[1:]) + 1
+        current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
+                                                refine_threshold, given, _reach(out_samples, radius))
         refinement.next_level(current, new_ids, boxes)
         level_sums = sums.compute(current, new_ids, boxes,
                                   refinement.on_jitter_level if len(schedule) > 1 else None)
