@@ -51,7 +51,17 @@ def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[flo
                 f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
                 f"both {low}; the channel is (nearly) constant, check the input volume")
     scale = (intensity.target[1] - intensity.target[0]) / (high - low)
-    return scale, intensity.target[0] - low * scale
+    offset = intensity.target[0] - low * scale
+    if values is not None:  # the model is fed float32: the mapped input must stay finite and distinct there
+        extremes = np.array([values.min(), values.max()], np.float64) * scale + offset
+        limit = float(np.finfo(np.float32).max)
+        if not (np.all(np.abs(extremes) < limit) and limit > abs(scale) >= float(np.finfo(np.float32).tiny)):
+            key = "percentiles" if intensity.kind == "percentile" else "from"
+            raise InputError(
+                f"the card's input intensity mapping ({key} {list(intensity.source)} -> {list(intensity.target)}, "
+                f"a scale factor of {scale:.3g}) takes this input's values [{values.min():.6g}, {values.max():.6g}] "
+                f"beyond what float32 holds; check the input's units or fix 'input.intensity' in the model card")
+    return scale, offset
 
 
 @dataclass
