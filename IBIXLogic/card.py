@@ -16,6 +16,8 @@ from .errors import ModelCardError
 _FLOAT_MAX = 1.7976931348623157e308
 SCHEMA_PATH = Path(__file__).with_name("model_card.schema.json")
 LAYOUTS = {2: ("NCHW", "NHWC"), 3: ("NCDHW", "NDHWC")}
+#: Most input values (batch x channels x voxels) one model call may take: 4 GiB of float32.
+MAX_CALL_VOXELS = 2**30
 #: Channel dimensions this small (and no spatial dimension) suggest where the channels are.
 _MAX_CHANNELS_GUESS = 16
 
@@ -245,6 +247,12 @@ def validate_card(card: Any) -> dict:
     return card
 
 
+def _short(path: Path, limit: int = 120) -> str:
+    """A path for a message, shortened in the middle when absurdly long."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
+
+
 def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Path) -> tuple[dict, str]:
     """Load the card given by the caller or the ``<model>.json`` beside the model.
 
@@ -260,10 +268,15 @@ def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Pa
     except TypeError:  # an os.PathLike that returns bytes
         raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got "
                              f"{card!r}") from None
-    if card is None and not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ModelCardError(f"card: {_short(path)} cannot be opened ({exc.strerror or exc}); give the path of a "
+                             "JSON file or the card itself (a dict)") from None
+    if card is None and not found:
         return {}, "no card"
-    if not path.is_file():
-        raise ModelCardError(f"{path}: model card not found")
+    if not found:
+        raise ModelCardError(f"{_short(path)}: model card not found")
     try:
         if path.stat().st_size > MAX_CARD_BYTES:
             raise ModelCardError(f"{path}: the model card is {path.stat().st_size / 2**20:.1f} MiB; a card is a "
@@ -381,6 +394,11 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     elif any(d is not None for d in onnx_size):
         size = onnx_size
         assumed.append(f"fixed spatial size {list(onnx_size)} from the model's input shape")
+    call_voxels = math.prod([_static(arg_in.shape[0]) or 1, len(channels), *(d or 1 for d in size or ())])
+    if call_voxels > MAX_CALL_VOXELS:
+        raise ModelCardError(f"the model's input {arg_in.name!r} declares the fixed shape {list(arg_in.shape)}: "
+                             f"{call_voxels:.3g} values per model call, more than the {MAX_CALL_VOXELS:.3g} IBIX "
+                             "runs at once; export the model with dynamic (or smaller) batch and spatial dimensions")
     slice_axis = card.get("slice_axis")
     if dims == 2 and slice_axis is None:
         slice_axis = "axial"

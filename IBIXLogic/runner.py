@@ -296,11 +296,14 @@ class Model:
             batch = np.moveaxis(batch, 1, -1)
         return np.ascontiguousarray(batch, dtype=self._dtype)
 
-    def _from_model(self, raw: np.ndarray, sample_shape: Sequence[int]) -> np.ndarray:
+    def _from_model(self, raw: np.ndarray, sample_shape: Sequence[int], n_samples: int) -> np.ndarray:
         channels_last = self.card.output.channels_last
         if raw.ndim != len(sample_shape) + 2:
             raise ModelError(f"the model returned shape {raw.shape}; expected a batch of "
                              f"{len(sample_shape)}D images with one channel")
+        if raw.shape[0] != n_samples:
+            raise ModelError(f"the model returned {raw.shape[0]} output image(s) (shape {list(raw.shape)}) for a "
+                             f"batch of {n_samples} input(s); IBIX needs one output per input along the batch axis")
         n_out = raw.shape[-1] if channels_last else raw.shape[1]
         if n_out != 1:
             raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
@@ -360,7 +363,7 @@ class Model:
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
         self.evaluated_voxels += batch.shape[0] * int(np.prod(self._padded_shape(sample_shape)))
-        out = self._from_model(np.asarray(raw), sample_shape)
+        out = self._from_model(np.asarray(raw), sample_shape, batch.shape[0])
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
             i = int(np.flatnonzero(~finite)[0])

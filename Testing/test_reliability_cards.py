@@ -286,3 +286,8 @@ def test_an_input_the_percentile_mapping_takes_beyond_float32_is_refused(identit
     x[0, 0] = 3e38
     with pytest.raises(ibx.InputError, match="input intensity mapping .* beyond what float32 holds.*'input.intensity'"):
         model.predict(x)
+
+
+def test_a_card_path_the_file_system_refuses_is_named(identity_path):
+    with pytest.raises(ibx.ModelCardError, match=r"card: .*\.\.\..* \(5000 characters\) cannot be opened"):
+        ibx.load_model(identity_path, card="9" * 5000, device="cpu")

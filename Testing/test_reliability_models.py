@@ -267,3 +267,29 @@ def test_cache_is_bounded_and_release_models_empties_it(tmp_path):
     assert runner.cached_sessions() == runner.SESSION_CACHE_SIZE
     assert ibx.release_models() == runner.SESSION_CACHE_SIZE
     assert runner.cached_sessions() == 0
+
+
+# -- declared shapes and outputs that do not fit (found by the hostile generator) ---------------------------------
+
+@pytest.mark.parametrize("shape", [[1, 1, 100000, 100000], [1, 1, 4096, 4096, 4096], [2**40, 1, 8, 8],
+                                   ["N", 1, 2**62, 2**62]])
+def test_huge_declared_input_shapes_are_refused_at_load_time(tmp_path, shape):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "huge", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    layout = "NCHW" if len(shape) == 4 else "NCDHW"
+    with pytest.raises(ibx.ModelCardError, match=r"declares the fixed shape .* values per model call, more than"):
+        ibx.load_model(om.save(model, tmp_path, "huge"), card={"input": {"layout": layout, "channels": ["a"]}})
+
+
+def test_a_model_that_returns_fewer_outputs_than_inputs_is_named(tmp_path):
+    """A reduction over the batch axis: one output image for a batch of several."""
+    model = om.build([helper.make_node("ReduceMean", ["core_in"], ["core_out"], axes=[0], keepdims=1)], {})
+    loaded = ibx.load_model(om.save(model, tmp_path, "batch_of_one"), device="cpu")
+    x = np.linspace(0, 1, 120, dtype=np.float32).reshape(12, 10)
+    mask = np.zeros(x.shape, bool)
+    mask[4:6, 4:6] = True
+    with pytest.raises(ibx.ModelError, match=r"returned 1 output image\(s\) .* for a batch of \d+ input\(s\)"):
+        ibx.forward_mapping(loaded, x, mask, n_jitters=2)
