@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import channel_indices, check_count, check_mask
+from .checks import channel_indices, check_arguments, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter
@@ -51,9 +51,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask : ndarray of bool
         The input voxels M^x to jitter, same shape as the input.
     n_jitters : int
-        N: the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
+        N (1 to 10000): the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
     max_jitter : float, optional
-        H in input units; default 15 % of the input's 1st-99th percentile range.
+        H in input units; default 15 % of the input's 1st-99th percentile range. An H whose smallest jitter H/N
+        float32 cannot resolve on this input is refused with the smallest usable value.
     channels : str, int or sequence, optional
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
@@ -71,12 +72,14 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         A 2D model on a volume is run only on the slices the mask touches; F is 0 elsewhere.
     """
     started = time.perf_counter()
-    n_jitters = check_count("n_jitters (N)", n_jitters)
+    checked = check_arguments(n_jitters=n_jitters, max_jitter=max_jitter, geometry=geometry, progressive=progressive,
+                              preview=preview, tolerance=tolerance, progress=progress, cancel=cancel)
+    n_jitters, tolerance = checked["n_jitters"], checked["tolerance"]
     evaluations_before = model.evaluations
     prepared = model.prepare(x, geometry)
     mask = check_mask(mask, prepared.volume_shape, "input mask")
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     mask_samples = prepared.to_samples(mask)
     touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .card import ModelCard, read_card, resolve_card
+from .checks import check_arguments
 from .errors import Cancelled, InputError, ModelError
 from .geometry import Geometry
 from .model_file import check_external_data
@@ -271,6 +272,7 @@ class Model:
     def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
                 cancel: Any = None) -> np.ndarray:
         """The model's output (output units, float32) for input ``x`` on the input's grid."""
+        check_arguments(geometry=geometry, progress=progress, cancel=cancel)
         prepared = self.prepare(x, geometry)
         return prepared.from_samples(self.predict_samples(prepared, progress=progress, cancel=cancel))
 
@@ -370,12 +372,14 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
     memory_budget : int
         Bytes one batch of samples (inputs and activations) may take; sets the batch size.
     """
-    path = Path(path)
-    if device not in ("auto", "cuda", "cpu"):
-        raise InputError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-    if not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
-        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if not path.is_file():
+    checked = check_arguments(path=path, device=device, memory_budget=memory_budget)
+    path, memory_budget = checked["path"], checked["memory_budget"]
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ModelError(f"model path {str(path)[:80]!r} ({len(str(path))} characters) cannot be opened "
+                         f"({exc.strerror or exc})") from None
+    if not found:
         raise ModelError(f"{path}: model file not found")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: the model file is empty; export the model again")

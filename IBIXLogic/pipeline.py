@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .card import Intensity, ModelCard
+from .checks import check_volume
 from .errors import InputError, ModelError
 from .geometry import Geometry, slice_array_axis
 
@@ -129,15 +130,18 @@ class Pipeline:
 
     def stack_channels(self, x: Any) -> np.ndarray:
         """The input as one float32 array (channels, *shape), checked against the card's channels."""
+        names = list(self.card.input.channels)
         if isinstance(x, np.ndarray) and self.n_channels == 1 and x.ndim in (2, 3):
-            arrays = [x]
+            given = [x]
         elif isinstance(x, (list, tuple)):
-            arrays = [np.asarray(a) for a in x]
+            given = list(x)
         else:
-            arrays = [np.asarray(x)]
-        if len(arrays) != self.n_channels:
+            given = [x]
+        if len(given) != self.n_channels:
             raise InputError(f"the model takes {self.n_channels} input channel(s) {list(self.card.input.channels)} "
-                             f"but {len(arrays)} volume(s) were given; pass one volume per channel, in that order")
+                             f"but {len(given)} volume(s) were given; pass one volume per channel, in that order")
+        arrays = [check_volume(f"input channel {names[i]!r}" if len(names) > 1 else "input", a)
+                  for i, a in enumerate(given)]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise InputError(f"input channels have different shapes {sorted(shapes)}; resample them onto one grid")
@@ -148,14 +152,7 @@ class Pipeline:
             raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
         if min(shape) < 1:
             raise InputError(f"input has an empty dimension: shape {shape}")
-        stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-        bad = ~np.isfinite(stacked)
-        if bad.any():
-            channel, *position = np.argwhere(bad)[0]
-            raise InputError(f"input channel {self.card.input.channels[channel]!r} has {int(bad.sum())} NaN or "
-                             f"infinite voxel(s), the first at array index {tuple(int(p) for p in position)}; "
-                             "replace them (e.g. with 0) before running IBIX")
-        return stacked
+        return np.stack(arrays)
 
     def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:
         """Cut ``x`` into model samples and fix the intensity mapping from the unperturbed input."""

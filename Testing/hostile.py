@@ -494,7 +494,7 @@ def _model_specs(rng: np.random.Generator) -> list[tuple[str, Callable[[], Any],
     add("declared shape lies", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
                                                     [_tensor("y", ["N", 3, "H", "W"])]))
     # ordinary models, which must load and explain correctly
-    kernel = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.float32)
+    kernel = om.KERNEL
     for layout in ("NCHW", "NHWC"):
         add(f"convolution {layout}", lambda lo=layout: om.convolution(kernel, lo))
         add(f"polynomial {layout}", lambda lo=layout: om.polynomial(0.5, -1.0, lo))
@@ -619,7 +619,7 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
     import onnx_models as om
 
     rng = np.random.default_rng(seed)
-    kernel = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.float32)
+    kernel = om.KERNEL
     paths = {"conv": om.save(om.convolution(kernel), workdir, "conv"),
              "conv3d": om.save(om.convolution(np.ones((3, 3, 3)) / 27, "NCDHW"), workdir, "conv3d"),
              "mix": om.save(om.channel_mix([1.0, 2.0]), workdir, "mix")}
@@ -632,16 +632,18 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
     mask3[2, 4:6, 4:6] = True
     cases: list[Case] = []
 
-    def api(function: str, model: str = "conv", x: Any = None, mask: Any = None, names: tuple = (), **kwargs):
+    default = object()
+
+    def api(function: str, model: str = "conv", x: Any = default, mask: Any = default, names: tuple = (), **kwargs):
         """A case calling ``function`` (predict, forward, backward) with a fresh copy of the defaults."""
         def make():
             def call():
                 import IBIXLogic as ibx
                 m = ibx.load_model(paths[model], device="cpu")
                 three = model == "conv3d"
-                xx = (volume if three else image).copy() if x is None else x
-                mm = (mask3 if three else mask2).copy() if mask is None else mask
-                if model == "mix" and x is None:
+                xx = (volume if three else image).copy() if x is default else x
+                mm = (mask3 if three else mask2).copy() if mask is default else mask
+                if model == "mix" and x is default:
                     xx = [image.copy(), image.copy() * 2]
                 watch(xx, mm, kwargs)
                 options = dict(kwargs)
@@ -649,7 +651,7 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
                     return m.predict(xx, **options)
                 if function == "forward":
                     result = ibx.forward_mapping(m, xx, mm, **options)
-                    if model == "conv" and x is None and set(kwargs) <= {"n_jitters", "max_jitter", "progress",
+                    if model == "conv" and x is default and set(kwargs) <= {"n_jitters", "max_jitter", "progress",
                                                                            "cancel", "progressive", "tolerance"}:
                         expected = om.correlate(np.asarray(mm) != 0, kernel)
                         if np.abs(result.signed - expected).max() > 1e-3 * np.abs(expected).max():
@@ -666,7 +668,7 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
 
     for function in ("predict", "forward", "backward"):
         for what, value in _array_values(rng, shape2):
-            add(f"input: {what}", function, ("input",), x=value)
+            add(f"input: {what}", function, ("input", "volume"), x=value)
     for what, value in _array_values(rng, shape3)[:12]:
         add(f"3D input: {what}", "forward", ("input",), model="conv3d", x=value)
     for function in ("forward", "backward"):
