@@ -490,6 +490,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
         "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
+        "model_assumptions": list(model.card.assumptions),
     }
     return BackwardResult(
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,

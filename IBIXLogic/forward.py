@@ -121,7 +121,8 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
-                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
+                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name,
+                    "model_assumptions": list(model.card.assumptions)},
         evaluations=model.evaluations - evaluations_before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit")
 

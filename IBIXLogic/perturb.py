@@ -267,7 +267,7 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float) -> loca
     if measured is None:
         points = locality.probe_points(shape, count)
         separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
-                                lambda i: f"probe voxel {tuple(points[i])}")
+                                lambda i: f"probe voxel {tuple(int(p) for p in points[i])}")
         measured, is_global = locality.radius_from_responses(separate, points, tolerance)
     return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance,
                                    len(points), model.evaluations - before)
