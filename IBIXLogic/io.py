@@ -75,6 +75,10 @@ def resample_mask(mask: np.ndarray, geometry: Geometry, reference: Geometry) -> 
     """Nearest-neighbour resampling of a boolean mask onto a reference grid (reference.shape needed)."""
     if reference.shape is None:
         raise InputError("the reference geometry needs a shape to resample a mask onto it")
+    if geometry.dimension != reference.dimension:
+        raise InputError(f"the mask is {geometry.dimension}D (shape {tuple(np.shape(mask))}) but the volume is "
+                         f"{reference.dimension}D (shape {tuple(reference.shape)}); give a mask of the volume's "
+                         "dimension, on its grid")
     image = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
     geometry.to_sitk(image)
     target = sitk.Image([int(s) for s in reversed(reference.shape)], sitk.sitkUInt8)
@@ -115,7 +119,10 @@ def read_mask(path: str | os.PathLike, label: int | None = None,
         raise InputError(f"{path}: the mask is empty" + (f" for label {label} (labels present: {present})"
                                                          if label is not None else ""))
     if reference is not None and not geometry.matches(reference):
-        mask = resample_mask(mask, geometry, reference)
+        try:
+            mask = resample_mask(mask, geometry, reference)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         if not mask.any():
             raise InputError(f"{path}: the mask does not overlap the reference volume after resampling onto "
                              "its grid; check that mask and volume belong together")
