@@ -351,6 +351,10 @@ def _tensor(name: str, shape: list, elem: int | None = None):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT if elem is None else elem, shape)
 
 
+#: A dynamic 2D image tensor shape.
+DYNAMIC = ["N", 1, "H", "W"]
+
+
 def _model_specs(rng: np.random.Generator) -> list[tuple[str, Callable[[], Any], dict | None]]:
     """(kind, builder of the ONNX model or of the raw file bytes, card) for every hostile model."""
     import onnx_models as om
@@ -404,7 +408,7 @@ def _model_specs(rng: np.random.Generator) -> list[tuple[str, Callable[[], Any],
             [node("ReduceMean", ["x"], ["m"], keepdims=0), node("Reshape", ["m", "shape"], ["y"])]
             if r == 0 else [node("ReduceMean", ["x"], ["y"], axes=list(range(r, 4)), keepdims=0)] if r < 4 else
             [node("Unsqueeze", ["x", "ax"], ["y"])],
-            [_tensor("x", ["N", 1, "H", "W"])], [_tensor("y", [] if r == 0 else ["N", 1, "H", "W", 1][:r])],
+            [_tensor("x", DYNAMIC)], [_tensor("y", [] if r == 0 else ["N", 1, "H", "W", 1][:r])],
             {"shape": np.array([], np.int64), "ax": np.array([4], np.int64)}))
     for classes in (2, 3, 10):
         add("multi-channel output", lambda c=classes: om.build(
@@ -422,36 +426,37 @@ def _model_specs(rng: np.random.Generator) -> list[tuple[str, Callable[[], Any],
     for k in (10.0, 50.0, 100.0, 1e4):
         add("exp(k x), Inf for large inputs", lambda k=k: unary([("Mul", {"_with": "k"}), ("Exp", {})],
                                                                {"k": np.float32(k)}))
-    add("x * 1e38 (overflow)", lambda: unary([("Mul", {"_with": "k"}), ("Mul", {"_with": "k"})], {"k": np.float32(1e38)}))
+    add("x * 1e38 (overflow)", lambda: unary([("Mul", {"_with": "k"}), ("Mul", {"_with": "k"})],
+                                             {"k": np.float32(1e38)}))
     # several inputs or outputs
-    two_in = lambda: _graph_model([node("Add", ["a", "b"], ["y"])], [_tensor("a", ["N", 1, "H", "W"]),  # noqa: E731
-                                                                     _tensor("b", ["N", 1, "H", "W"])],
-                                  [_tensor("y", ["N", 1, "H", "W"])])
+    two_in = lambda: _graph_model([node("Add", ["a", "b"], ["y"])], [_tensor("a", DYNAMIC),  # noqa: E731
+                                                                     _tensor("b", DYNAMIC)],
+                                  [_tensor("y", DYNAMIC)])
     two_out = lambda: _graph_model([node("Identity", ["x"], ["y"]), node("Neg", ["x"], ["z"])],  # noqa: E731
-                                   [_tensor("x", ["N", 1, "H", "W"])],
-                                   [_tensor("y", ["N", 1, "H", "W"]), _tensor("z", ["N", 1, "H", "W"])])
+                                   [_tensor("x", DYNAMIC)],
+                                   [_tensor("y", DYNAMIC), _tensor("z", DYNAMIC)])
     add("two inputs", two_in)
     add("two inputs, card names one", two_in, {"input": {"name": "a"}})
     add("two inputs, card names another", two_in, {"input": {"name": "c"}})
     add("two outputs", two_out)
     add("two outputs, card names one", two_out, {"output": {"name": "z"}})
     add("two outputs, card names a missing one", two_out, {"output": {"name": "w"}})
-    add("no outputs", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])], []))
+    add("no outputs", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", DYNAMIC)], []))
     add("no inputs", lambda: _graph_model([node("Constant", [], ["y"], value=helper.make_tensor(
         "c", TensorProto.FLOAT, [1, 1, 2, 2], [1, 2, 3, 4]))], [], [_tensor("y", [1, 1, 2, 2])]))
     # element types
     for elem in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL,
                  TensorProto.STRING):
         add("integer, boolean or text input", lambda e=elem: _graph_model(
-            [node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"], e)],
-            [_tensor("y", ["N", 1, "H", "W"], e)]))
+            [node("Identity", ["x"], ["y"])], [_tensor("x", DYNAMIC, e)],
+            [_tensor("y", DYNAMIC, e)]))
     for elem in (TensorProto.FLOAT16, TensorProto.DOUBLE):
         add("float16 or double model", lambda e=elem: _graph_model(
-            [node("Mul", ["x", "x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"], e)],
-            [_tensor("y", ["N", 1, "H", "W"], e)]))
+            [node("Mul", ["x", "x"], ["y"])], [_tensor("x", DYNAMIC, e)],
+            [_tensor("y", DYNAMIC, e)]))
     add("float input, integer output", lambda: _graph_model(
-        [node("Cast", ["x"], ["y"], to=TensorProto.INT32)], [_tensor("x", ["N", 1, "H", "W"])],
-        [_tensor("y", ["N", 1, "H", "W"], TensorProto.INT32)]))
+        [node("Cast", ["x"], ["y"], to=TensorProto.INT32)], [_tensor("x", DYNAMIC)],
+        [_tensor("y", DYNAMIC, TensorProto.INT32)]))
     # huge or odd declared dimensions
     for shape in ([1, 1, 100000, 100000], [1, 1, 2**31 - 1, 2], [1, 1, 65536, 65536], [1, 1, 4096, 4096, 4096],
                   [10**6, 1, 8, 8], [2**40, 1, 8, 8], ["N", 10**6, "H", "W"], ["N", 1, 0, 8], ["N", 1, -5, 8],
@@ -479,19 +484,19 @@ def _model_specs(rng: np.random.Generator) -> list[tuple[str, Callable[[], Any],
     for batch in (1, 2, 3, 7):
         add(f"fixed batch {batch}", lambda b=batch: om.convolution(np.ones((3, 3)), batch=b))
     # opsets, IR versions, unknown operators, broken graphs
-    add("opset 1000", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
-                                           [_tensor("y", ["N", 1, "H", "W"])], opset=1000))
-    add("IR version 99", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
-                                              [_tensor("y", ["N", 1, "H", "W"])], ir_version=99))
+    add("opset 1000", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", DYNAMIC)],
+                                           [_tensor("y", DYNAMIC)], opset=1000))
+    add("IR version 99", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", DYNAMIC)],
+                                              [_tensor("y", DYNAMIC)], ir_version=99))
     add("unknown operator", lambda: _graph_model([node("Frobnicate", ["x"], ["y"], domain="ibix.hostile")],
-                                                 [_tensor("x", ["N", 1, "H", "W"])], [_tensor("y", ["N", 1, "H", "W"])],
+                                                 [_tensor("x", DYNAMIC)], [_tensor("y", DYNAMIC)],
                                                  domain_ops=["ibix.hostile"]))
-    add("undefined tensor", lambda: _graph_model([node("Add", ["x", "ghost"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
-                                                 [_tensor("y", ["N", 1, "H", "W"])]))
+    add("undefined tensor", lambda: _graph_model([node("Add", ["x", "ghost"], ["y"])], [_tensor("x", DYNAMIC)],
+                                                 [_tensor("y", DYNAMIC)]))
     add("cycle", lambda: _graph_model([node("Add", ["x", "b"], ["a"]), node("Neg", ["a"], ["b"]),
-                                       node("Identity", ["a"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
-                                      [_tensor("y", ["N", 1, "H", "W"])]))
-    add("declared shape lies", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", ["N", 1, "H", "W"])],
+                                       node("Identity", ["a"], ["y"])], [_tensor("x", DYNAMIC)],
+                                      [_tensor("y", DYNAMIC)]))
+    add("declared shape lies", lambda: _graph_model([node("Identity", ["x"], ["y"])], [_tensor("x", DYNAMIC)],
                                                     [_tensor("y", ["N", 3, "H", "W"])]))
     # ordinary models, which must load and explain correctly
     kernel = om.KERNEL
