@@ -581,6 +581,12 @@ def make_model_cases(seed: int, workdir: Path) -> list[Case]:
 
 
 # -- arrays and parameters ----------------------------------------------------------------------------------------
+def _label(value: Any) -> str:
+    """A case label for a value (long values shortened)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _array_values(rng: np.random.Generator, shape: tuple[int, ...]) -> list[tuple[str, Any]]:
     """Hostile stand-ins for an array of ``shape``."""
     good = rng.uniform(0, 1, shape).astype(np.float32)
@@ -689,23 +695,23 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
                     float("nan"), [2], complex(2, 0)]
     for function, name in (("forward", "n_jitters"), ("backward", "n_jitters"), ("backward", "n_blocks")):
         for value in count_values:
-            add(f"{name}={value!r}", function, (name,), **{name: value})
+            add(f"{name}={_label(value)}", function, (name,), **{name: value})
     jitter_values = [0, -1.0, 1e-45, 1e-40, 1e-30, 1e-12, 1e-7, 1e30, 1e39, float("inf"), float("nan"), "1", True,
                      None, [1.0], np.float32(0.1), np.float64(1e-300), complex(1, 1), 10**400]
     for function in ("forward", "backward"):
         for value in jitter_values:
-            add(f"max_jitter={value!r}", function, ("max_jitter",), max_jitter=value)
+            add(f"max_jitter={_label(value)}", function, ("max_jitter",), max_jitter=value)
     for value in (1.0, "x", "input", 0, 1, -1, 5, [], [0, 0], ["input", "input"], True, None, 2.0, [1.5], {"a": 1}):
-        add(f"channels={value!r}", "forward", ("channel",), channels=value)
+        add(f"channels={_label(value)}", "forward", ("channel",), channels=value)
     for value in (1.0, "x", "water", [0, 1], [0, 0], 2, [], True):
-        add(f"two-channel channels={value!r}", "forward", ("channel",), model="mix", channels=value)
+        add(f"two-channel channels={_label(value)}", "forward", ("channel",), model="mix", channels=value)
     for name, values in (("progress", [5, "x", True, object()]), ("cancel", [True, "x", 0, 1, object(), [], False]),
                          ("preview", [5, "x"]), ("tolerance", [-1.0, "x", float("nan"), float("inf"), [0.1]]),
                          ("progressive", ["yes", 2, None]), ("geometry", ["x", 5, {"spacing": 1}, [1, 1]])):
         for value in values:
             for function in ("forward", "backward"):
                 extra = {"progressive": True} if name in ("preview", "tolerance") else {}
-                add(f"{name}={value!r}", function, (name,), **{name: value, **extra})
+                add(f"{name}={_label(value)}", function, (name,), **{name: value, **extra})
     for name, values in (("compactness", ["x", -1.0, float("nan"), float("inf"), 0.0, 1e300, None, [1]]),
                          ("locality_tolerance", ["0", -0.5, 1.0, float("nan"), None, True]),
                          ("refine_threshold", [float("nan"), "0.5", -0.1, None]),
@@ -713,7 +719,7 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
                          ("normalization", ["sum", None, 1]), ("method", ["fast", None, 1, "LOCAL"]),
                          ("blocks", ["hexagons", None, 5, 1.5, [1, 2]]), ("tiles", ["x", 2, None])):
         for value in values:
-            add(f"{name}={value!r}", "backward", (name,), **{name: value})
+            add(f"{name}={_label(value)}", "backward", (name,), **{name: value})
     base_labels = (np.arange(shape2[0] * shape2[1]).reshape(shape2) % 6 + 1).astype(np.int64)
     for what, labels in (("2**31 labels", base_labels + 2**31 - 1), ("2**40 labels", base_labels * 2**40),
                          ("uint64 2**63", base_labels.astype(np.uint64) + np.uint64(2**63)),
@@ -726,14 +732,14 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
                          ("sparse labels", base_labels * 1000003)):
         add(f"blocks: {what}", "backward", ("block", "label"), blocks=labels)
     for value in ("gpu", 5, None, "CPU", ""):
-        cases.append(Case(f"device={value!r}", lambda v=value: (
+        cases.append(Case(f"device={_label(value)}", lambda v=value: (
             lambda: __import__("IBIXLogic").load_model(paths["conv"], device=v), ("device",))))
     for value in (0, -1, 1, 1.5, "x", True, 2**70, float("inf"), None):
-        cases.append(Case(f"memory_budget={value!r}", lambda v=value: (
+        cases.append(Case(f"memory_budget={_label(value)}", lambda v=value: (
             lambda: _predict_with_budget(paths["conv"], v, image.copy()), ("memory_budget",))))
     for value in (None, 5, b"conv.onnx", ["conv.onnx"], str(workdir), str(workdir / "conv"), "", "x" * 5000,
                   "a\x00b.onnx"):
-        cases.append(Case(f"model path {value!r}", lambda v=value: (
+        cases.append(Case(f"model path {_label(value)}", lambda v=value: (
             lambda: __import__("IBIXLogic").load_model(v, device="cpu"), ("model", "path"))))
     for what, geometry in (("another shape", (3, 4)), ("3D geometry for 2D input", (2, 12, 10)),
                            ("zero spacing", "spacing0"), ("NaN origin", "nan")):
