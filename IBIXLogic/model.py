@@ -19,7 +19,7 @@ import numpy as np
 
 from .card import ModelCard, read_card, resolve_card
 from .checks import check_arguments
-from .errors import Cancelled, InputError, ModelError
+from .errors import Cancelled, ModelError
 from .geometry import Geometry
 from .model_file import check_external_data
 from .pipeline import Pipeline, PreparedInput

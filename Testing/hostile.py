@@ -7,8 +7,8 @@ Three categories, each a deterministic list of cases built from a seed:
   tried through ``validate_card`` and through ``load_model`` on a real model (accepted models are run).
 - ``models``: hostile ONNX files (truncated, random, byte-flipped, wrong rank, classifiers, NaN/Inf-emitting,
   several inputs or outputs, integer inputs, huge declared dimensions, shape-changing, batch-mixing, fixed
-  batches, unknown operators) and ordinary ones; every model that loads is explained (forward mapping) and its map
-  compared with brute force, one perturbed input per model call.
+  batches, unknown operators) and ordinary ones; every model that loads is explained (backward and forward
+  mappings) and its forward map compared with brute force, one perturbed input per model call.
 - ``arrays``: inputs, masks, block label images and parameters of ``load_model``, ``predict``,
   ``forward_mapping`` and ``backward_mapping`` (wrong types, shapes, dtypes, values, sizes).
 
@@ -16,7 +16,8 @@ Each case ends in one outcome: ``clean`` (an IBIX error whose message names the 
 ``TypeError`` raised by IBIX itself naming the argument counts too), ``accepted`` (a finite, in-range result that
 agrees with the oracle where there is one), ``raw`` (any other exception, an error that names nothing, or a
 wrong result), ``crash`` (the child process died or hung on it). ``changed`` counts cases that modified an input
-(array, card or file). The suite (``test_hostile.py``) runs :func:`run_category` for each category.
+(array, card or file). The suite (``test_hostile.py``) runs :func:`run_category` for each category, and for
+``selftest``, cases of known outcome that check the runner itself.
 
 As a script: ``python hostile.py CATEGORY SEED FIRST WORKDIR`` tries the cases of CATEGORY from index FIRST on and
 prints one JSON line when a case starts and one with its outcome.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import queue
 import subprocess
@@ -859,8 +859,8 @@ def run_category(category: str, seed: int, workdir: Path, case_timeout: float = 
         code = child.wait()
         if total is None:
             raise RuntimeError(f"the {category} generator failed: {''.join(stderr)[-2000:]}")
-        if started is None:
-            if code != 0 or len(results) < total - first and not hung:
+        if started is None:  # no case in flight: the child finished, or died between cases
+            if code != 0 or hung or any(i not in results for i in range(first, total)):
                 raise RuntimeError(f"the {category} child stopped between cases ({code}): {''.join(stderr)[-2000:]}")
             break
         results[started] = {"kind": kind, "outcome": "crash", "changed": False,
