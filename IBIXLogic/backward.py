@@ -12,14 +12,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import locality
-from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
-from .checks import (BLOCK_KINDS, channel_indices, check_arguments,
-                     check_block_labels, check_block_levels, check_choice, check_mask)
+from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
+from .checks import (BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_block_levels,
+                     check_choice, check_mask)
 from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
-                      response_radius)
+from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
+                      resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
 
 
@@ -88,7 +88,8 @@ class _BlockSums:
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
         occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
-        present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
+        present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s].ravel())), ids) if occupied[s]
+                   else ids[:0]
                    for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
@@ -237,25 +238,33 @@ def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalizat
 
 
 def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
-                  kind: str, masks: np.ndarray | None = None) -> np.ndarray:
+                  kind: str, masks: np.ndarray | None = None,
+                  near: Callable[[int], tuple[slice, ...]] | None = None) -> np.ndarray:
     """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere.
 
     ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
     its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
+    Supervoxels of a large 3D sample are cut in chunks (:func:`chunked_supervoxels`), only those that meet the
+    box ``near(sample)`` when given: blocks elsewhere cannot reach the output mask.
     """
     labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
     offset = 0
+    chunked = kind == "slic" and masks is None and len(prepared.sample_shape) == 3 \
+        and int(np.prod(prepared.sample_shape)) > CHUNKED_ABOVE
     for s in samples:
         region = None if masks is None else masks[s]
         if region is not None and not region.any():
             continue
-        if kind == "grid":
+        if chunked:
+            sample_labels = chunked_supervoxels(prepared.samples[s], n_blocks, compactness, prepared.sample_spacing,
+                                                None if near is None else near(s), channel_axis=0)
+        elif kind == "grid":
             sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
         else:
             share = n_blocks if region is None else max(1, round(n_blocks * region.mean()))
             sample_labels = superpixel_blocks(prepared.samples[s], share, compactness,
                                               prepared.sample_spacing, region, channel_axis=0)
-        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
+        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0) if offset else sample_labels
         offset = int(labels[s].max(initial=offset))
     return labels
 
@@ -279,6 +288,7 @@ class _Refinement:
 
     def next_level(self, labels: np.ndarray, new_ids: np.ndarray) -> None:
         self.labels, self.new_ids, self._previewed = labels, new_ids, None
+        self.present = np.bincount(labels[self.touched].ravel()) > 0
 
     def merge(self, level_numerator: np.ndarray, level_denominator: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -289,7 +299,8 @@ class _Refinement:
         numerator[:kept], denominator[:kept] = self.numerator[:kept], self.denominator[:kept]
         numerator[self.new_ids] = level_numerator[self.new_ids]
         denominator[self.new_ids] = level_denominator[self.new_ids]
-        present = np.bincount(self.labels[self.touched].ravel(), minlength=size)[:size] > 0
+        present = np.zeros(size, bool)
+        present[:min(size, len(self.present))] = self.present[:size]
         numerator[~present], denominator[~present] = 0.0, 0.0
         return numerator, denominator, _normalize_blocks(numerator, denominator, self.normalization)
 
@@ -324,6 +335,17 @@ class _Refinement:
         painted = np.zeros(all_labels.shape, np.float32)
         painted[occupied] = block_values[compact[occupied]]
         return self.prepared.from_samples(compact), block_values, self.prepared.from_samples(painted)
+
+
+def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
+    """Where blocks can reach the output mask of a sample: the mask's bounding box grown by the radius."""
+    if radius is None:
+        return None
+
+    def box(sample: int) -> tuple[slice, ...]:
+        low, high = mask_box(out_samples[sample])
+        return tuple(slice(max(0, int(a) - radius), int(b) + radius + 1) for a, b in zip(low, high))
+    return box
 
 
 def _check_blocks(blocks: Any, levels: list[int]) -> None:
@@ -431,7 +453,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             new_ids = np.unique(fine[fine > 0]) + top
         else:
             current = (np.ascontiguousarray(prepared.to_samples(given)) if custom
-                       else _block_labels(prepared, touched, k, compactness, blocks))
+                       else _block_labels(prepared, touched, k, compactness, blocks,
+                                          near=_reach(out_samples, radius)))
             new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
         refinement.next_level(current, new_ids)
         level_sums = sums.compute(current, new_ids, refinement.on_jitter_level if len(schedule) > 1 else None)

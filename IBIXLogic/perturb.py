@@ -251,7 +251,8 @@ class Perturber:
         """
         padded = self.model.pipeline.padded_shape(self.prepared.sample_shape)
         whole = sample in self.padded_base
-        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)), tuple(p - n for p, n in zip(padded, shape))}
+        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)),
+                   tuple(p - n for p, n in zip(padded, shape))}
         if not whole and at is not None and all(o >= align for o in at):
             origins = {tuple(at)}
         for origin in sorted(origins):
@@ -270,7 +271,8 @@ class Perturber:
             interior = tuple(slice(0 if o == 0 else radius, n if o + n == p else n - radius)
                              for o, n, p in zip(origin, shape, padded))
             expected = reference[interior]
-            if expected.size and np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+            tolerance = 1e-4 * (np.abs(expected).max(initial=0.0) + 1e-12) + 1e-7
+            if expected.size and np.abs(out[interior] - expected).max() > tolerance:
                 return False
         return True
 
