@@ -1,6 +1,6 @@
 """Seeded hostile inputs for IBIX's public API, and a runner that tries each one in a child process.
 
-Three categories, each a deterministic list of cases built from a seed:
+Four categories, each a deterministic list of cases built from a seed:
 
 - ``cards``: model cards mutated from the shipped ones and the test cards (dropped, added, retyped and nested
   fields, numbers float32 or float64 cannot hold, deep nesting, cards of the wrong type, unreadable card files),
@@ -11,9 +11,12 @@ Three categories, each a deterministic list of cases built from a seed:
   mappings) and its forward map compared with brute force, one perturbed input per model call.
 - ``arrays``: inputs, masks, block label images and parameters of ``load_model``, ``predict``,
   ``forward_mapping`` and ``backward_mapping`` (wrong types, shapes, dtypes, values, sizes).
+- ``commands``: ``ibix`` command lines (missing, broken or mismatched files, option values out of range, usage
+  errors) run through ``IBIXLogic.cli.main``: exit 0 with finite outputs, or exit 2 with a message naming the
+  option or file; no temporary file left behind.
 
 Each case ends in one outcome: ``clean`` (an IBIX error whose message names the field or argument; a
-``TypeError`` raised by IBIX itself naming the argument counts too), ``accepted`` (a finite, in-range result that
+``TypeError`` raised by IBIX itself naming the argument counts too; for a command line, exit code 2), ``accepted`` (a finite, in-range result that
 agrees with the oracle where there is one), ``raw`` (any other exception, an error that names nothing, or a
 wrong result), ``crash`` (the child process died or hung on it). ``changed`` counts cases that modified an input
 (array, card or file). The suite (``test_hostile.py``) runs :func:`run_category` for each category, and for
@@ -87,6 +90,10 @@ class WrongResult(AssertionError):
     """An accepted result that is not finite, not in range, or not what the oracle says."""
 
 
+class Refused(Exception):
+    """A clean refusal that is not an exception of the API: the command line's exit code 2 and its message."""
+
+
 def _raised_by_ibix(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and f"{os.sep}IBIXLogic{os.sep}" in frames[-1].filename
@@ -137,7 +144,7 @@ def try_case(case: Case) -> dict:
         outcome = "accepted"
     except WrongResult as exc:
         detail = f"wrong result: {exc}"
-    except ibx.IBIXError as exc:
+    except (ibx.IBIXError, Refused) as exc:
         outcome = "clean" if _names(str(exc), names) else "raw"
         detail = f"{type(exc).__name__}: {exc}"
     except TypeError as exc:
@@ -764,6 +771,146 @@ def _geometry(spec: Any) -> Any:
     except (ibx.IBIXError, TypeError) as exc:  # refused already when built: pass what a caller could still pass
         return f"geometry refused: {exc}"
 
+# -- command lines ------------------------------------------------------------------------------------------------
+def _command_files(workdir: Path) -> dict[str, Path]:
+    """The model, volumes, masks, cards and block labels the command lines name (written once per child)."""
+    import IBIXLogic as ibx
+    import onnx_models as om
+
+    folder = workdir / "files"
+    if (folder / "done").exists():
+        return {p.stem if p.suffix != ".gz" else p.name[:-7]: p for p in folder.iterdir()}
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    shape = (4, 12, 10)
+    geometry = ibx.Geometry((1.0, -2.0, 3.0), (0.9, 1.1, 2.5), np.eye(3), shape)
+    files = {"model": om.save(om.convolution(om.KERNEL), folder, "model", {"spatial_dims": 2, "slice_axis": "axial"}),
+             "mixing": om.save(om.batch_mixing("ReduceMean"), folder, "mixing")}
+    mask = np.zeros(shape, np.uint8)
+    mask[1:3, 4:7, 3:6] = 1
+    labels = (np.arange(int(np.prod(shape))).reshape(shape) // 30 + 1).astype(np.int64)
+    volumes = {"volume": rng.uniform(0, 100, shape).astype(np.float32), "mask": mask, "empty_mask": mask * 0,
+               "labelled_mask": mask + (mask * rng.integers(0, 2, shape)).astype(np.uint8),
+               "labels": labels, "big_labels": labels + 2**31, "float_labels": labels + 0.5}
+    for name, array in volumes.items():
+        files[name] = ibx.write_volume(folder / f"{name}.nrrd", array, geometry)
+    files["flat_mask"] = ibx.write_volume(folder / "flat_mask.nrrd", mask[1], ibx.Geometry.identity(shape[1:]))
+    files["far_mask"] = ibx.write_volume(folder / "far_mask.nrrd", mask, ibx.Geometry((900.0, 900.0, 900.0),
+                                                                                      (0.9, 1.1, 2.5), np.eye(3),
+                                                                                      shape))
+    files["other_grid"] = ibx.write_volume(folder / "other_grid.nrrd", np.ones((3, 5, 5), np.float32),
+                                           ibx.Geometry.identity((3, 5, 5)))
+    for name, data in (("garbage", rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()), ("text", b"hello"),
+                       ("card_list", b"[1, 2]"), ("card_broken", b'{"input": '),
+                       ("card_deep", b"[" * 50000 + b"]" * 50000), ("blocker", b"a file, not a folder")):
+        files[name] = folder / f"{name}.{'json' if name.startswith('card') else 'bin'}"
+        files[name].write_bytes(data)
+    files["garbage_model"] = folder / "garbage_model.onnx"
+    files["garbage_model"].write_bytes(files["garbage"].read_bytes())
+    files["garbage_volume"] = folder / "garbage_volume.nrrd"
+    files["garbage_volume"].write_bytes(files["garbage"].read_bytes())
+    (folder / "done").write_text("")
+    return files
+
+
+#: Command lines: (label, arguments with {name} for the files of :func:`_command_files` and {out} for the output
+#: folder, what a refusal must name). A refusal is exit code 2 with a message; anything else but exit 0 is raw.
+COMMANDS = [
+    ("predict", "predict --model {model} --input {volume}", ()),
+    ("forward", "forward --model {model} --input {volume} --mask {mask} --n-jitters 1", ()),
+    ("backward", "backward --model {model} --input {volume} --out-mask {mask} --n-blocks 6 --n-jitters 1", ()),
+    ("backward with block labels", "backward --model {model} --input {volume} --out-mask {mask} --block-labels {labels}"
+                                   " --n-jitters 1", ()),
+    ("block labels of 2**31 and more", "backward --model {model} --input {volume} --out-mask {mask} --block-labels "
+                                       "{big_labels} --n-jitters 1", ()),
+    ("batch-mixing model", "forward --model {mixing} --input {volume} --mask {mask} --n-jitters 1", ()),
+    ("progressive", "forward --model {model} --input {volume} --mask {mask} --n-jitters 4 --progressive", ()),
+    ("jsonl progress", "forward --model {model} --input {volume} --mask {mask} --n-jitters 1 --progress-format jsonl",
+     ()),
+    ("help", "forward --help", ()), ("version", "--version", ()),
+    ("no command", "", ("command",)), ("unknown command", "explain --model {model}", ("explain", "choice")),
+    ("no model", "predict --input {volume}", ("--model",)), ("no input", "predict --model {model}", ("--input",)),
+    ("no mask", "forward --model {model} --input {volume}", ("--mask",)),
+    ("missing model", "predict --model {out}/none.onnx --input {volume}", ("none.onnx",)),
+    ("garbage model", "predict --model {garbage_model} --input {volume}", ("garbage_model",)),
+    ("text as model", "predict --model {text} --input {volume}", ("text.bin",)),
+    ("folder as model", "predict --model {out} --input {volume}", ("model",)),
+    ("missing input", "predict --model {model} --input {out}/none.nrrd", ("none.nrrd",)),
+    ("garbage input", "predict --model {model} --input {garbage_volume}", ("garbage_volume",)),
+    ("two inputs for one channel", "predict --model {model} --input {volume} --input {volume}", ("channel",)),
+    ("missing mask", "forward --model {model} --input {volume} --mask {out}/none.nrrd", ("none.nrrd",)),
+    ("mask of several labels", "forward --model {model} --input {volume} --mask {labelled_mask}", ("labelled_mask",)),
+    ("empty mask", "forward --model {model} --input {volume} --mask {empty_mask}", ("empty_mask", "empty")),
+    ("absent label", "forward --model {model} --input {volume} --mask {mask} --label 7", ("label 7",)),
+    ("label not a number", "forward --model {model} --input {volume} --mask {mask} --label x", ("--label",)),
+    ("2D mask for a 3D input", "forward --model {model} --input {volume} --mask {flat_mask}", ("flat_mask",)),
+    ("mask far away", "forward --model {model} --input {volume} --mask {far_mask}", ("far_mask",)),
+    ("mask on another grid", "forward --model {model} --input {volume} --mask {other_grid}", ("other_grid",)),
+    ("missing card", "predict --model {model} --card {out}/none.json --input {volume}", ("none.json",)),
+    ("card of a list", "predict --model {model} --card {card_list} --input {volume}", ("card_list", "card")),
+    ("broken card", "predict --model {model} --card {card_broken} --input {volume}", ("card_broken",)),
+    ("deeply nested card", "predict --model {model} --card {card_deep} --input {volume}", ("card_deep",)),
+    ("output is a file", "predict --model {model} --input {volume} --output {blocker}", ("blocker",)),
+    ("float block labels", "backward --model {model} --input {volume} --out-mask {mask} --block-labels {float_labels}",
+     ("float_labels", "whole numbers")),
+    ("block labels on another grid", "backward --model {model} --input {volume} --out-mask {mask} --block-labels "
+                                     "{other_grid}", ("other_grid",)),
+]
+for _option, _values, _command in (
+        ("--n-jitters", ["0", "-1", "abc", "1.5", "99999999999999999999", "1e12"], "forward"),
+        ("--max-jitter", ["0", "-1", "nan", "inf", "abc", "1e-40", "1e-30", "1e39", "auto"], "forward"),
+        ("--n-blocks", ["0", "abc", "1" + "0" * 30], "backward"), ("--compactness", ["0", "-1", "nan", "x"], "backward"),
+        ("--method", ["fast"], "backward"), ("--normalization", ["sum"], "backward"),
+        ("--coarse-blocks", ["0", "x", "600"], "backward"), ("--refine-threshold", ["2", "-1"], "backward"),
+        ("--locality-tolerance", ["1", "-0.1"], "backward"), ("--blocks", ["hexagons"], "backward"),
+        ("--device", ["gpu"], "forward"), ("--memory-budget", ["0", "-5", "abc", "1e30"], "forward"),
+        ("--format", ["xyz"], "forward"), ("--slice", ["99", "-1"], "forward"), ("--channels", ["fat", "5"], "forward"),
+        ("--progress-format", ["xml"], "forward")):
+    for _value in _values:
+        _mask = "--mask {mask}" if _command == "forward" else "--out-mask {mask} --n-blocks 6"
+        COMMANDS.append((f"{_option} {_label(_value)}", f"{_command} --model {{model}} --input {{volume}} {_mask} "
+                                                      f"--n-jitters 1 {_option} {_value}".replace(
+            "--n-jitters 1 --n-jitters", "--n-jitters"), (_option, _option.strip("-").replace("-", "_"))))
+
+
+def make_command_cases(seed: int, workdir: Path) -> list[Case]:
+    """The command lines of :data:`COMMANDS`, each run through ``IBIXLogic.cli.main`` (outputs must be complete and
+    finite; a refusal must exit 2 naming the option or file; no temporary file may stay behind)."""
+    cases = []
+    for index, (label, template, names) in enumerate(COMMANDS):
+        def make(index=index, template=template, names=names):
+            files = _command_files(workdir)
+            out = workdir / f"out_{index}"
+            argv = template.format(out=out, **{k: str(v) for k, v in files.items()}).split()
+            if argv and argv[0] in ("predict", "forward", "backward") and "--output" not in argv:
+                argv += ["--output", str(out), "--no-png"] if argv[0] != "predict" else ["--output", str(out)]
+
+            def call():
+                import contextlib
+                import io
+
+                from IBIXLogic.cli import main
+                watch(*[files[k] for k in sorted(files)])
+                stderr, stdout = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+                    code = main(argv)
+                leftovers = [p.name for p in out.rglob(".*")] if out.is_dir() else []
+                if leftovers:
+                    raise WrongResult(f"temporary files left behind: {leftovers}")
+                if code == 2:  # the message is the last line (usage and notes come before it)
+                    raise Refused(stderr.getvalue().strip().splitlines()[-1])
+                if code != 0:
+                    raise WrongResult(f"exit code {code}: {stderr.getvalue().strip()[-300:]}")
+                return [_read_output(p) for p in sorted(out.glob("*.nrrd"))]
+            return call, names
+        cases.append(Case(f"command: {label}", make))
+    return cases
+
+
+def _read_output(path: Path) -> np.ndarray:
+    import IBIXLogic as ibx
+    return ibx.read_volume(path)[0]
+
 
 def make_selftest_cases(seed: int, workdir: Path) -> list[Case]:
     """Cases with a known outcome each, to check the runner itself (``run_category("selftest", ...)``)."""
@@ -797,7 +944,7 @@ def make_selftest_cases(seed: int, workdir: Path) -> list[Case]:
 
 CATEGORIES: dict[str, Callable[[int, Path], list[Case]]] = {
     "cards": make_card_cases, "models": make_model_cases, "arrays": make_array_cases,
-    "selftest": make_selftest_cases}
+    "commands": make_command_cases, "selftest": make_selftest_cases}
 
 
 # -- running in child processes -----------------------------------------------------------------------------------

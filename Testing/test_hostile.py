@@ -1,4 +1,4 @@
-"""Reliability: generated hostile cards, model files, arrays and parameters (``Testing/hostile.py``).
+"""Reliability: generated hostile cards, model files, arrays, parameters and command lines (``Testing/hostile.py``).
 
 Every case runs in a child process, so that a crash counts as one; each must end in an IBIX error naming the
 field or argument, or in a finite, in-range result that agrees with brute force where there is an oracle; no
@@ -17,13 +17,13 @@ import hostile  # noqa: E402
 
 SEED = 17
 #: Cases each category must hold at least (issue 17).
-MINIMUM = {"cards": 1000, "models": 200, "arrays": 250}
+MINIMUM = {"cards": 1000, "models": 200, "arrays": 250, "commands": 60}
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """The three categories, run side by side (each in its own child processes)."""
-    with ThreadPoolExecutor(len(MINIMUM)) as pool:
+    """The categories, run side by side (each in its own child processes)."""
+    with ThreadPoolExecutor(2) as pool:  # two cores in CI
         futures = {c: pool.submit(hostile.run_category, c, SEED, tmp_path_factory.mktemp(c)) for c in MINIMUM}
         return {c: f.result() for c, f in futures.items()}
 
@@ -52,6 +52,8 @@ def test_hostile_inputs_give_clean_errors_or_correct_results(reports, category, 
                 "n_jitters=1000000000000.0", "n_jitters=9223372036854775808", "channels=1.0", "compactness='x'",
                 "locality_tolerance='0'", "cancel=True", "cancel='x'", "cancel=0", "progress=5", "geometry='x'",
                 "max_jitter=1e-40", "blocks: 2**31 labels", "2D mask for a 3D input"]),
+    ("commands", ["command: 2D mask for a 3D input", "command: --max-jitter '1e-40'", "command: garbage model",
+                  "command: block labels of 2**31 and more", "command: batch-mixing model", "command: mask far away"]),
 ])
 def test_every_category_of_the_issue_is_generated(reports, category, kinds):
     generated = {r["kind"] for r in reports[category]["results"].values()}
