@@ -298,7 +298,7 @@ class Perturber:
                 return None, {"tiles": False, "reason": "tiles would not run fewer voxels"}
             if self.tiles_reproduce(sample, tiles[0].shape, align, radius, tiles[0].origin):
                 return tiles, {"tiles": True, "alignment": align, "items": len(tiles),
-                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 4)}
         return None, {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
 
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
