@@ -137,6 +137,7 @@ _VALIDATORS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "device": ("device", lambda n, v: check_choice(n, v, DEVICES)),
     "memory_budget": ("memory_budget", lambda n, v: check_count(n, v, 1, 2**50)),
     "path": ("path", check_path),
+    "label": ("label", _optional(check_count, minimum=-2**63, maximum=2**64 - 1)),
 }
 
 

@@ -16,11 +16,11 @@ Four categories, each a deterministic list of cases built from a seed:
   option or file; no temporary file left behind.
 
 Each case ends in one outcome: ``clean`` (an IBIX error whose message names the field or argument; a
-``TypeError`` raised by IBIX itself naming the argument counts too; for a command line, exit code 2), ``accepted`` (a finite, in-range result that
-agrees with the oracle where there is one), ``raw`` (any other exception, an error that names nothing, or a
-wrong result), ``crash`` (the child process died or hung on it). ``changed`` counts cases that modified an input
-(array, card or file). The suite (``test_hostile.py``) runs :func:`run_category` for each category, and for
-``selftest``, cases of known outcome that check the runner itself.
+``TypeError`` raised by IBIX itself naming the argument counts too; for a command line, exit code 2), ``accepted``
+(a finite, in-range result that agrees with the oracle where there is one), ``raw`` (any other exception, an error
+that names nothing, or a wrong result), ``crash`` (the child process died or hung on it). ``changed`` counts cases
+that modified an input (array, card or file). The suite (``test_hostile.py``) runs :func:`run_category` for each
+category, and for ``selftest``, cases of known outcome that check the runner itself.
 
 As a script: ``python hostile.py CATEGORY SEED FIRST WORKDIR`` tries the cases of CATEGORY from index FIRST on and
 prints one JSON line when a case starts and one with its outcome.
@@ -748,10 +748,58 @@ def make_array_cases(seed: int, workdir: Path) -> list[Case]:
                   "a\x00b.onnx"):
         cases.append(Case(f"model path {_label(value)}", lambda v=value: (
             lambda: __import__("IBIXLogic").load_model(v, device="cpu"), ("model", "path"))))
+    cases += _helper_cases(workdir, image)
     for what, geometry in (("another shape", (3, 4)), ("3D geometry for 2D input", (2, 12, 10)),
                            ("zero spacing", "spacing0"), ("NaN origin", "nan")):
         add(f"geometry: {what}", "forward", ("geometry",), geometry=_geometry(geometry))
     return cases
+
+
+def _helper_cases(workdir: Path, image: np.ndarray) -> list[Case]:
+    """Wrong arguments of the public file, geometry and block helpers."""
+    import IBIXLogic as ibx
+
+    volume = workdir / "helper_volume.nrrd"
+    two = ibx.Geometry.identity(image.shape)
+    bad_paths = [None, 5, b"v.nrrd", ["v.nrrd"], "", "x" * 5000, str(workdir / "missing.nrrd"), str(workdir)]
+    calls: list[tuple[str, Callable[[], Any], tuple[str, ...]]] = []
+    for path in bad_paths:
+        calls += [(f"read_volume({_label(path)})", lambda p=path: ibx.read_volume(p), ("path", "file", "characters")),
+                  (f"read_mask({_label(path)})", lambda p=path: ibx.read_mask(p), ("path", "file", "characters")),
+                  (f"write_volume({_label(path)})", lambda p=path: ibx.write_volume(p, image, two),
+                   ("path", "format", "folder"))]
+    for what, value in _array_values(np.random.default_rng(3), image.shape)[:16]:
+        calls.append((f"write_volume array: {what}", lambda v=value: ibx.write_volume(volume, v, two),
+                      ("volume", "geometry", "array")))
+    for what, geometry in (("string", "g"), ("None", None), ("3D", ibx.Geometry.identity((2,) + image.shape)),
+                           ("another shape", ibx.Geometry.identity((3, 3)))):
+        calls.append((f"write_volume geometry: {what}", lambda g=geometry: ibx.write_volume(volume, image, g),
+                      ("geometry",)))
+        calls.append((f"resample_mask geometry: {what}", lambda g=geometry: ibx.resample_mask(image > 0.5, g, two),
+                      ("geometry", "mask")))
+    for label in ("1", 1.5, True, 2**70, [1]):
+        calls.append((f"read_mask label={_label(label)}", lambda v=label: ibx.read_mask(_mask_file(workdir), label=v),
+                      ("label",)))
+    for args in (("x",), ((2, "a"),), ((2, -1),), ((2, 2.5),), (None,), ((10**20, 10**20),)):
+        calls.append((f"Geometry.identity{_label(args)}", lambda a=args: ibx.Geometry.identity(*a), ("geometry",)))
+    for args in (("x", 1, 2), ((0, 0), (1, 0), np.eye(2)), ((0, 0), (1, 1), np.zeros((2, 2))), ((np.nan, 0), (1, 1))):
+        calls.append((f"Geometry{_label(args)}", lambda a=args: ibx.Geometry(*a), ("geometry",)))
+    for shape, n in (((0, 5), 3), ((4, 5), "3"), ((4, 5), 0), (("a", 5), 3), ((4, 5), 2**63), ((4, 5.5), 3)):
+        calls.append((f"grid_blocks({_label(shape)}, {_label(n)})", lambda s=shape, k=n: ibx.grid_blocks(s, k),
+                      ("shape", "n_blocks")))
+    for img, n, c in (("abc", 3, 0.5), (image, "x", 0.5), (image, 3, "x"), (image, 3, -1.0),
+                      (image.astype(str), 3, 0.5), (image.astype(complex), 3, 0.5), (image, 10**18, 0.5)):
+        calls.append((f"superpixel_blocks({_label(n)}, {_label(c)})",
+                      lambda i=img, k=n, m=c: ibx.superpixel_blocks(i, k, m), ("image", "n_blocks", "compactness")))
+    return [Case(f"helper: {label}", lambda c=call, n=names: (lambda: c(), n)) for label, call, names in calls]
+
+
+def _mask_file(workdir: Path) -> Path:
+    import IBIXLogic as ibx
+    path = workdir / "helper_mask.nrrd"
+    if not path.exists():
+        ibx.write_volume(path, np.ones((4, 4), np.uint8), ibx.Geometry.identity((4, 4)))
+    return path
 
 
 def _predict_with_budget(path: Path, budget: Any, x: np.ndarray) -> np.ndarray:
@@ -859,7 +907,8 @@ COMMANDS = [
 for _option, _values, _command in (
         ("--n-jitters", ["0", "-1", "abc", "1.5", "99999999999999999999", "1e12"], "forward"),
         ("--max-jitter", ["0", "-1", "nan", "inf", "abc", "1e-40", "1e-30", "1e39", "auto"], "forward"),
-        ("--n-blocks", ["0", "abc", "1" + "0" * 30], "backward"), ("--compactness", ["0", "-1", "nan", "x"], "backward"),
+        ("--n-blocks", ["0", "abc", "1" + "0" * 30], "backward"),
+        ("--compactness", ["0", "-1", "nan", "x"], "backward"),
         ("--method", ["fast"], "backward"), ("--normalization", ["sum"], "backward"),
         ("--coarse-blocks", ["0", "x", "600"], "backward"), ("--refine-threshold", ["2", "-1"], "backward"),
         ("--locality-tolerance", ["1", "-0.1"], "backward"), ("--blocks", ["hexagons"], "backward"),
