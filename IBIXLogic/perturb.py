@@ -338,11 +338,6 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
-    def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
-                         what: Callable[[int], str], subset: np.ndarray | None = None):
-        """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
-        return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
-                              lambda i: self.base[samples[i]], what, subset)
 
 
 def measure_response_radius(model: Model, x: Any, max_jitter: float | None = None, channels: Any = None,
