@@ -48,6 +48,8 @@ CASE_TIMEOUT = 30.0
 #: Address space of a child (bytes): an allocation that would take the machine down fails there instead.
 CHILD_MEMORY = 6 * 2**30
 OUTCOMES = ("clean", "accepted", "raw", "crash")
+#: Start of the child's protocol lines on its standard output.
+MARK = "@hostile "
 
 
 @dataclass
@@ -574,10 +576,11 @@ def make_model_cases(seed: int, workdir: Path) -> list[Case]:
             path = workdir / f"special_{name.replace(' ', '_')}.onnx"
             if how == "dir":
                 path.mkdir(exist_ok=True)
-            elif how == "link" and not path.is_symlink():
-                path.symlink_to(workdir / "nowhere.onnx")
-            elif how == "loop" and not path.is_symlink():
-                path.symlink_to(path)
+            elif how in ("link", "loop") and not path.is_symlink():
+                try:
+                    path.symlink_to(workdir / "nowhere.onnx" if how == "link" else path)
+                except OSError:  # no symbolic links here (Windows without the privilege): a missing file then
+                    pass
 
             def call():
                 import IBIXLogic as ibx
@@ -1008,10 +1011,12 @@ def _child(category: str, seed: int, first: int, workdir: Path) -> None:
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
     cases = CATEGORIES[category](seed, workdir)
-    print(json.dumps({"total": len(cases)}), flush=True)
+    report = sys.stdout  # the protocol's stream; anything the API prints goes to stderr
+    sys.stdout = sys.stderr
+    print(MARK + json.dumps({"total": len(cases)}), file=report, flush=True)
     for i in range(first, len(cases)):
-        print(json.dumps({"start": i, "kind": cases[i].kind}), flush=True)
-        print(json.dumps({"index": i, **try_case(cases[i])}), flush=True)
+        print(MARK + json.dumps({"start": i, "kind": cases[i].kind}), file=report, flush=True)
+        print(MARK + json.dumps({"index": i, **try_case(cases[i])}), file=report, flush=True)
 
 
 def run_category(category: str, seed: int, workdir: Path, case_timeout: float = CASE_TIMEOUT) -> dict:
@@ -1044,7 +1049,9 @@ def run_category(category: str, seed: int, workdir: Path, case_timeout: float = 
                 break
             if line is None:
                 break
-            message = json.loads(line)
+            if not line.startswith(MARK):  # output of a library, not of the runner
+                continue
+            message = json.loads(line[len(MARK):])
             if "total" in message:
                 total = message["total"]
             elif "start" in message:
