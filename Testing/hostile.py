@@ -991,6 +991,7 @@ def make_selftest_cases(seed: int, workdir: Path) -> list[Case]:
             case("accepted after a crash", lambda: np.ones(3)),
             case("crash: hang", lambda: time.sleep(3600)),
             case("changed input", modify),
+            case("accepted despite printing", lambda: print('{"index": 0}') or np.ones(2)),
             case("accepted at the end", lambda: {"a": 1})]
 
 

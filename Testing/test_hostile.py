@@ -69,5 +69,6 @@ def test_the_runner_tells_every_outcome_apart(tmp_path):
         "raw: error naming nothing": ("raw", False), "raw: library error": ("raw", False),
         "raw: non-finite result": ("raw", False), "raw: type error outside IBIX": ("raw", False),
         "crash": ("crash", False), "accepted after a crash": ("accepted", False), "crash: hang": ("crash", False),
-        "changed input": ("accepted", True), "accepted at the end": ("accepted", False)}
-    assert report["tally"] == {"clean": 1, "accepted": 4, "raw": 4, "crash": 2, "tried": 11, "changed": 1}
+        "changed input": ("accepted", True), "accepted despite printing": ("accepted", False),
+        "accepted at the end": ("accepted", False)}
+    assert report["tally"] == {"clean": 1, "accepted": 5, "raw": 4, "crash": 2, "tried": 12, "changed": 1}
