@@ -32,6 +32,8 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 ACTIVATION_FACTOR = 48
 #: Largest batch IBIX sends at once; larger batches stop paying off on CPUs and small GPUs.
 MAX_BATCH = 64
+#: Largest sample (voxels) the load-time check runs.
+CHECK_VOXELS = 4_000_000
 #: Relative change of a sample's output beside another sample beyond which a model counts as mixing samples
 #: (ONNX Runtime's batched kernels differ from single-sample ones by rounding only).
 BATCH_TOLERANCE = 1e-4
@@ -300,7 +302,11 @@ class Model:
         side = 32 if self.card.spatial_dims == 2 else 16
         shape = [size if size else -(-side // spec.multiple_of) * spec.multiple_of
                  for size in (spec.size or (None,) * self.card.spatial_dims)]
-        if int(np.prod(shape)) > 4_000_000:
+        if int(np.prod(shape)) > CHECK_VOXELS:
+            note = (f"no load-time check (the model's fixed input of {list(shape)} voxels is too large): the card "
+                    "is trusted and the samples of a batch are assumed independent")
+            self.card = replace(self.card, assumptions=self.card.assumptions + (note,))
+            log.info("%s: %s", self.path.name, note)
             return
         first, second, what = self._check_inputs(shape)
         probe = PreparedInput(first[None], tuple(shape), Geometry.identity(shape), np.ones(self.n_channels, np.float32),

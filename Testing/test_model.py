@@ -731,3 +731,9 @@ def test_a_model_undefined_on_the_check_input_is_refused_naming_the_input(tmp_pa
     card = {"input": {"intensity": {"from": [0, 1], "to": [10, 20]}}}  # maps the input where the model works
     loaded = ibx.load_model(om.save(model, tmp_path, "log_shifted_card", card), device="cpu")
     assert np.isfinite(loaded.predict(np.full((4, 4), 0.5, np.float32))).all()
+
+
+def test_a_model_too_large_to_check_at_load_time_says_so(tmp_path):
+    model = ibx.load_model(om.save(om.identity(spatial=[2048, 2048]), tmp_path, "large"), device="cpu")
+    assert any("no load-time check" in a and "assumed independent" in a for a in model.card.assumptions)
+    assert not model.one_sample_per_call
