@@ -13,8 +13,8 @@ import numpy as np
 
 from . import locality
 from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
-from .checks import (BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_block_levels,
-                     check_choice, check_mask)
+from .checks import (BACKWARD_METHODS, BLOCK_KINDS, channel_indices, check_arguments, check_block_labels,
+                     check_block_levels, check_choice, check_mask)
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
@@ -450,13 +450,14 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     """
     started = time.perf_counter()
     checked = check_arguments(n_blocks=n_blocks, compactness=compactness, n_jitters=n_jitters, max_jitter=max_jitter,
-                              normalization=normalization, refine_threshold=refine_threshold, method=method,
+                              normalization=normalization, refine_threshold=refine_threshold,
                               locality_tolerance=locality_tolerance, geometry=geometry, tiles=tiles,
                               progressive=progressive, preview=preview, tolerance=tolerance, progress=progress,
                               cancel=cancel)
     n_blocks, compactness, n_jitters = checked["n_blocks"], checked["compactness"], checked["n_jitters"]
     refine_threshold, locality_tolerance, tolerance = (checked[k] for k in ("refine_threshold",
                                                                             "locality_tolerance", "tolerance"))
+    check_choice("method", method, BACKWARD_METHODS)
     levels = check_block_levels(n_blocks, coarse_blocks)
     _check_blocks(blocks, levels)
     before, voxels_before = model.evaluations, model.evaluated_voxels

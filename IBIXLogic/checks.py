@@ -1,8 +1,9 @@
 """Validation of the public arguments of IBIX, in one place.
 
 :func:`check_arguments` checks arguments by name (counts, numbers, flags, callbacks, choices, the geometry, paths)
-for every public entry point (``load_model``, ``Model.predict``, ``forward_mapping``, ``backward_mapping``);
-the functions below it check what needs context (input volumes, masks, channels, block label images). Each
+for every public entry point (``load_model``, ``Model.predict``, ``forward_mapping``, ``backward_mapping``,
+``measure_response_radius``, the file, geometry and block helpers); the functions below it check what needs context
+(input volumes, masks, channels, block label images, coarse-to-fine levels). Each
 returns the argument in the form the engine uses, or raises :class:`InputError` naming the argument, what it got
 and what it takes.
 """
@@ -26,7 +27,7 @@ MAX_BLOCKS = 10_000_000
 #: Largest value float32 (what models are fed) holds.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEVICES = ("auto", "cuda", "cpu")
-METHODS = ("auto", "local", "batched", "brute")
+BACKWARD_METHODS = ("auto", "local", "batched", "brute")
 NORMALIZATIONS = ("fraction", "magnitude")
 BLOCK_KINDS = ("slic", "grid")
 
@@ -132,7 +133,6 @@ _VALIDATORS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "preview": ("preview", check_callback),
     "cancel": ("cancel", check_cancel_source),
     "geometry": ("geometry", check_geometry),
-    "method": ("method", lambda n, v: check_choice(n, v, METHODS)),
     "normalization": ("normalization", lambda n, v: check_choice(n, v, NORMALIZATIONS)),
     "device": ("device", lambda n, v: check_choice(n, v, DEVICES)),
     "memory_budget": ("memory_budget", lambda n, v: check_count(n, v, 1, 2**50)),
