@@ -464,7 +464,20 @@ def test_ctrl_c_early_in_the_console_script_exits_130_quietly(case):
                                 str(case["volume"]), "--mask", str(case["mask_path"]), "--label", "1",
                                 "--output", str(case["out"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    time.sleep(0.3)  # past Python's own start, while IBIX is loading or starting to run
+    maps = Path(f"/proc/{process.pid}/maps")
+
+    def loading_numpy() -> bool:
+        try:
+            return "numpy" in maps.read_text()
+        except OSError:  # the process is gone
+            return True
+
+    if maps.exists():  # Linux: wait until numpy is being loaded, i.e. the launcher runs (not Python's own start)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not loading_numpy():
+            time.sleep(0.005)
+    else:
+        time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
