@@ -29,6 +29,12 @@ def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:
     return [batch, channels] + spatial if layout[1] == "C" else [batch] + spatial + [channels]
 
 
+def _initializer(value) -> np.ndarray:
+    """float32, except integer arrays (indices, axes), which keep int64."""
+    value = np.asarray(value)
+    return value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float32)
+
+
 def build(nodes: list, initializers: dict, layout: str = "NCHW", in_channels: int = 1, out_channels: int = 1,
           batch="N", spatial: Sequence | None = None, input_name: str = "x", output_name: str = "y") -> onnx.ModelProto:
     """A model whose core ``nodes`` map 'core_in' (NC...) to 'core_out' (NC...); transposes are added for
@@ -49,7 +55,7 @@ def build(nodes: list, initializers: dict, layout: str = "NCHW", in_channels: in
         pre + nodes + post, "ibix_test",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, _shape(layout, in_channels, batch, spatial))],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, _shape(layout, out_channels, batch, spatial))],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+        [numpy_helper.from_array(_initializer(v), k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -162,3 +168,12 @@ def convolution_plus_mean(kernel: np.ndarray, weight: float, **kw) -> onnx.Model
              helper.make_node("Mul", ["m", "g"], ["gm"]),
              helper.make_node("Add", ["c", "gm"], ["core_out"])]
     return build(nodes, {"w": kernel[None, None], "g": np.float32(weight)}, **kw)
+
+
+def batch_mixing(reduce: str = "ReduceMean", weight: float = 1.0, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """y = x + weight * reduce(x over the batch axis): each sample's output depends on the other samples of the
+    batch, as a network exported with batch statistics does. One sample alone: reduce(x) = x (for a mean, max, min)."""
+    nodes = [helper.make_node(reduce, ["core_in"], ["m"], axes=[0], keepdims=1),
+             helper.make_node("Mul", ["m", "g"], ["gm"]),
+             helper.make_node("Add", ["core_in", "gm"], ["core_out"])]
+    return build(nodes, {"g": np.float32(weight)}, layout, **kw)
