@@ -29,7 +29,8 @@ def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[flo
         if not high > low:
             raise InputError(
                 f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
-                f"both {low}; the channel is (nearly) constant, check the input volume")
+                f"both {low}; the channel is (nearly) constant between them: check the input volume, or the "
+                "model card field 'input.intensity.percentiles'")
     scale = (intensity.target[1] - intensity.target[0]) / (high - low)
     offset = intensity.target[0] - low * scale
     if values is not None:  # the model is fed float32: the mapped input must stay finite and distinct there
