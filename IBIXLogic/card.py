@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ModelCardError
+from .errors import ModelCardError, is_file, short_path
 
 _FLOAT_MAX = 1.7976931348623157e308
 SCHEMA_PATH = Path(__file__).with_name("model_card.schema.json")
@@ -328,12 +328,6 @@ def _check_patch(patch: Sequence[int], dims: int | None, size: Sequence[int | No
                              f"{multiple_of}; every window size must be a multiple of it")
 
 
-def _short(path: Path, limit: int = 120) -> str:
-    """A path for a message, shortened in the middle when absurdly long."""
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
-
-
 def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Path) -> tuple[dict, str]:
     """Load the card given by the caller or the ``<model>.json`` beside the model.
 
@@ -349,15 +343,11 @@ def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Pa
     except TypeError:  # an os.PathLike that returns bytes
         raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got "
                              f"{card!r}") from None
-    try:
-        found = path.is_file()
-    except OSError as exc:  # e.g. a name too long for the file system
-        raise ModelCardError(f"card: {_short(path)} cannot be opened ({exc.strerror or exc}); give the path of a "
-                             "JSON file or the card itself (a dict)") from None
+    found = is_file(path, "card:", ModelCardError, "; give the path of a JSON file or the card itself (a dict)")
     if card is None and not found:
         return {}, "no card"
     if not found:
-        raise ModelCardError(f"{_short(path)}: model card not found")
+        raise ModelCardError(f"{short_path(path)}: model card not found")
     try:
         if path.stat().st_size > MAX_CARD_BYTES:
             raise ModelCardError(f"{path}: the model card is {path.stat().st_size / 2**20:.1f} MiB; a card is a "

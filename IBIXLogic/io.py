@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .checks import check_arguments, check_array, check_geometry, check_path
-from .errors import InputError
+from .errors import InputError, is_file
 from .geometry import Geometry
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -31,12 +31,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         Origin, spacing and direction of the file (LPS).
     """
     path = check_path("path", path)
-    try:
-        found = path.is_file()
-    except OSError as exc:  # e.g. a name too long for the file system
-        raise InputError(f"{str(path)[:80]!r} ({len(str(path))} characters): cannot be opened "
-                         f"({exc.strerror or exc})") from None
-    if not found:
+    if not is_file(path, "volume", InputError):
         raise InputError(f"{path}: no such file")
     try:
         image = sitk.ReadImage(str(path))

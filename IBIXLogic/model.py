@@ -19,7 +19,7 @@ import numpy as np
 
 from .card import ModelCard, read_card, resolve_card
 from .checks import check_arguments
-from .errors import Cancelled, ModelError
+from .errors import Cancelled, ModelError, is_file
 from .geometry import Geometry
 from .model_file import check_external_data
 from .pipeline import Pipeline, PreparedInput
@@ -483,12 +483,7 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
     """
     checked = check_arguments(path=path, device=device, memory_budget=memory_budget)
     path, memory_budget = checked["path"], checked["memory_budget"]
-    try:
-        found = path.is_file()
-    except OSError as exc:  # e.g. a name too long for the file system
-        raise ModelError(f"model path {str(path)[:80]!r} ({len(str(path))} characters) cannot be opened "
-                         f"({exc.strerror or exc})") from None
-    if not found:
+    if not is_file(path, "model path", ModelError):
         raise ModelError(f"{path}: model file not found")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: the model file is empty; export the model again")

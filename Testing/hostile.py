@@ -168,20 +168,6 @@ def _shipped_cards() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-#: Cards valid for the 2D identity test model (input "x", output "y", one channel, NCHW).
-TEST_CARDS = [
-    {},
-    {"ibix_card": 1, "name": "identity", "spatial_dims": 2, "slice_axis": "axial",
-     "input": {"name": "x", "layout": "NCHW", "channels": ["T1"],
-               "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0], "clip": False}},
-     "output": {"name": "y", "layout": "NCHW", "channels": ["T2"],
-                "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0]}, "units": "a.u."}},
-    {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True, "flip_rows": True},
-     "input": {"channels": ["T1"], "multiple_of": 4,
-               "intensity": {"percentiles": [1, 99], "to": [-1, 1], "clip": True}}},
-    {"input": {"size": [32, 32]}, "output": {"units": "HU", "intensity": {"from": [-1, 1], "to": [-1000, 2000]}},
-     "training": {"data": "none"}, "metrics": {"mae": 1.0}, "license": "BSD", "authors": ["a", "b"]},
-]
 FIELD_WORDS = ("ibix_card", "name", "description", "license", "authors", "spatial_dims", "slice_axis", "in_plane",
                "transpose", "flip_rows", "flip_cols", "input", "output", "layout", "channels", "size",
                "multiple_of", "intensity", "from", "to", "clip", "percentiles", "units", "training", "metrics")
@@ -309,7 +295,9 @@ def make_card_cases(seed: int, workdir: Path) -> list[Case]:
         return call, ("card", "field")
 
     cases: list[Case] = []
-    bases = shipped + TEST_CARDS
+    from onnx_models import IDENTITY_CARDS
+
+    bases = shipped + IDENTITY_CARDS
     for i in range(1000):
         card = _mutate(bases[i % len(bases)], rng)
         caller = CARD_CALLERS[i % 2]

@@ -16,6 +16,21 @@ KERNEL = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.floa
 #: A 3x3 kernel with non-negative weights (outputs stay non-negative on non-negative images).
 POSITIVE_KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], np.float32)
 
+#: Cards valid for the 2D identity test model (input "x", output "y", one channel, NCHW).
+IDENTITY_CARDS = [
+    {},
+    {"ibix_card": 1, "name": "identity", "spatial_dims": 2, "slice_axis": "axial",
+     "input": {"name": "x", "layout": "NCHW", "channels": ["T1"],
+               "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0], "clip": False}},
+     "output": {"name": "y", "layout": "NCHW", "channels": ["T2"],
+                "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0]}, "units": "a.u."}},
+    {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True, "flip_rows": True},
+     "input": {"channels": ["T1"], "multiple_of": 4,
+               "intensity": {"percentiles": [1, 99], "to": [-1, 1], "clip": True}}},
+    {"input": {"size": [32, 32]}, "output": {"units": "HU", "intensity": {"from": [-1, 1], "to": [-1000, 2000]}},
+     "training": {"data": "none"}, "metrics": {"mae": 1.0}, "license": "BSD", "authors": ["a", "b"]},
+]
+
 
 def box_mask(shape: Sequence[int], *slices: slice) -> np.ndarray:
     """A boolean array of ``shape`` that is True on the box ``slices``."""

@@ -43,20 +43,6 @@ def _schema_fields(schema: dict, found: set | None = None) -> set:
 
 FIELDS = _schema_fields(ibx.card_schema()) | {"from", "to", "percentiles"}
 
-# Cards that are valid for the test model (2D identity, NCHW, input "x", output "y", one channel).
-VALID_CARDS = [
-    {},
-    {"ibix_card": 1, "name": "identity", "spatial_dims": 2, "slice_axis": "axial",
-     "input": {"name": "x", "layout": "NCHW", "channels": ["T1"],
-               "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0], "clip": False}},
-     "output": {"name": "y", "layout": "NCHW", "channels": ["T2"],
-                "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0]}, "units": "a.u."}},
-    {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True, "flip_rows": True},
-     "input": {"channels": ["T1"], "multiple_of": 4,
-               "intensity": {"percentiles": [1, 99], "to": [-1, 1], "clip": True}}},
-    {"input": {"size": [32, 32]}, "output": {"units": "HU", "intensity": {"from": [-1, 1], "to": [-1000, 2000]}},
-     "training": {"data": "none"}, "metrics": {"mae": 1.0}, "license": "BSD", "authors": ["a", "b"]},
-]
 
 json_leaf = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
@@ -82,7 +68,7 @@ def _containers(card, path=()):
 
 @st.composite
 def mutated_cards(draw):
-    card = copy.deepcopy(draw(st.sampled_from(VALID_CARDS)))
+    card = copy.deepcopy(draw(st.sampled_from(om.IDENTITY_CARDS)))
     for _ in range(draw(st.integers(1, 4))):
         containers = list(_containers(card))
         _, target = containers[draw(st.integers(0, len(containers) - 1))]
