@@ -7,16 +7,23 @@ Colors module logics, and a slice view ("Red") with its slice logic for composit
 ``slicer_app`` fixture installs them as ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what
 ``slicer.util`` and the IBIX bridge call) and removes them afterwards.
 
-Import the fixture into a test module with ``from conftest_slicer import slicer_app  # noqa: F401``.
+Import the fixture into a test module with ``from conftest_slicer import slicer_app  # noqa: F401``. Also here:
+scene snapshots (``scene_snapshot``, ``assert_scene_unchanged``) and carded analytic models (``conv_model``,
+``identity_model``, built with ``onnx_models``).
 """
 from __future__ import annotations
 
-import json
+import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+#: The Slicer module's folder: ``IBIX.py`` and its helper package ``IBIXLib`` (as Slicer puts it on the path).
+MODULE_DIR = Path(__file__).resolve().parents[1] / "IBIX"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
 
 
 def import_slicer_core():
@@ -116,19 +123,56 @@ def slicer_app(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Analytic ONNX models (built with onnx.helper: opset 17, NCHW, dynamic batch and spatial size)
+# Scene snapshots (what "the scene was left as it was" means in the tests)
 # ------------------------------------------------------------------------------------------------------------------
 
-def _save(model, card: dict, directory: Path, name: str) -> Path:
-    onnx = pytest.importorskip("onnx")
-    onnx.checker.check_model(model)
-    path = Path(directory) / f"{name}.onnx"
-    onnx.save(model, str(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    return path
+def scene_snapshot(app: SlicerCoreApp, volume, segmentation, segment_ids) -> dict:
+    """Node IDs, the volume's voxels and geometry, and each segment's labelmap as stored (not converted)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    slicer = app.slicer
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    masks = {}
+    for sid in segment_ids:
+        image = segmentation.GetSegmentation().GetSegment(sid).GetRepresentation(binary)
+        masks[sid] = None if image is None else numpy_support.vtk_to_numpy(
+            image.GetPointData().GetScalars()).copy()
+    return dict(ids=sorted(app.scene.GetNthNode(i).GetID() for i in range(app.node_count())),
+                array=slicer.util.arrayFromVolume(volume).copy(),
+                matrix=[matrix.GetElement(r, c) for r in range(4) for c in range(4)],
+                masks=masks, segments=segmentation.GetSegmentation().GetNumberOfSegments(),
+                representations=sorted(_representations(segmentation)))
 
 
-def _card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
+def _representations(segmentation) -> list:
+    seg = segmentation.GetSegmentation()
+    return [name for name in ("Binary labelmap", "Closed surface", "Planar contour", "Fractional labelmap")
+            if seg.ContainsRepresentation(name)]
+
+
+def assert_scene_unchanged(before: dict, after: dict) -> None:
+    """The same nodes, voxels, geometry, segments and representations as before."""
+    assert after["ids"] == before["ids"]
+    np.testing.assert_array_equal(after["array"], before["array"])
+    assert after["matrix"] == before["matrix"]
+    assert after["segments"] == before["segments"]
+    assert after["representations"] == before["representations"]
+    for sid, mask in before["masks"].items():
+        if mask is None:
+            assert after["masks"][sid] is None
+        else:
+            np.testing.assert_array_equal(after["masks"][sid], mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Analytic ONNX models with a card (from the tests' one model-building module, onnx_models)
+# ------------------------------------------------------------------------------------------------------------------
+
+def card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
+    """A 2D axial card with identity intensity mappings (the model sees the voxel values as they are)."""
     return {
         "ibix_card": 1, "name": name, "description": "analytic test model",
         "spatial_dims": 2, "slice_axis": "axial",
@@ -141,38 +185,21 @@ def _card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
 
 def identity_model(directory: Path, channels=("T1",)) -> Path:
     """y = sum of the input channels (identity for one channel)."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
+    pytest.importorskip("onnx")
+    import onnx_models
 
-    c = len(channels)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, "H", "W"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    if c == 1:
-        nodes = [helper.make_node("Identity", ["x"], ["y"])]
-        inits = []
-    else:
-        axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-        nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)]
-        inits = [axes]
-    graph = helper.make_graph(nodes, "identity", [x], [y], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ibix-tests")
-    model.ir_version = 8
-    return _save(model, _card("identity (test)", channels), directory, "identity")
+    model = (onnx_models.identity() if len(channels) == 1
+             else onnx_models.channel_mix([1.0] * len(channels)))
+    return onnx_models.save(model, directory, "identity", card("identity (test)", channels))
+
+
+def conv_model(directory: Path, kernel: np.ndarray | None = None) -> Path:
+    """y = 3x3 zero-padded cross-correlation of x with ``kernel`` (default onnx_models' test kernel)."""
+    pytest.importorskip("onnx")
+    import onnx_models
+
+    kernel = KERNEL if kernel is None else kernel
+    return onnx_models.save(onnx_models.convolution(kernel), directory, "conv3x3", card("3x3 convolution (test)"))
 
 
 KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], dtype=np.float32)
-
-
-def conv_model(directory: Path, kernel: np.ndarray = KERNEL) -> Path:
-    """y = 3x3 convolution (cross-correlation, zero padding 1) of x with a known kernel."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    w = numpy_helper.from_array(np.asarray(kernel, np.float32).reshape(1, 1, 3, 3), name="w")
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    graph = helper.make_graph([node], "conv3x3", [x], [y], initializer=[w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ibix-tests")
-    model.ir_version = 8
-    return _save(model, _card("3x3 convolution (test)"), directory, "conv3x3")
