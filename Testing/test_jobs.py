@@ -1,0 +1,315 @@
+"""IBIXLib.jobs: the engine runs in a real child process, on a real MRML scene (slicer-core).
+
+The protocol cases (success, failure, crash, hang + cancel, scene closed) use a small stand-in child that speaks
+the JSON-lines protocol of ``ibix ... --progress-format jsonl`` with a known result, so that each case is exact
+and fast; the runs through the real ``ibix`` command line are in the second half.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest_slicer import (assert_scene_unchanged, conv_model, import_slicer_core, scene_snapshot,  # noqa: F401
+                             slicer_app)
+
+slicer = import_slicer_core()
+
+import IBIXLogic as ibx  # noqa: E402
+from IBIXLib import jobs, scene  # noqa: E402
+
+SHAPE = (4, 18, 14)
+MATRIX = np.array([[0.0, -0.9, 0.0, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]])
+
+#: A stand-in for child.py: behaves as IBIX_FAKE says; the result is input x mask (F) or the input (others).
+FAKE_CHILD = textwrap.dedent('''
+    import json, os, sys, time
+    import numpy as np
+    import SimpleITK as sitk
+    argv = sys.argv[1:]
+    folder = argv[argv.index("--job-folder") + 1]
+    args = argv[argv.index("--") + 1:]
+    command = args[0]
+    out = args[args.index("--output") + 1]
+    mode = os.environ.get("IBIX_FAKE", "ok")
+    print("a human message on stderr", file=sys.stderr, flush=True)
+    for done in range(3):
+        print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
+    if mode == "fail":
+        print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
+        sys.exit(2)
+    if mode == "crash":
+        print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
+        os.abort()
+    if mode == "hang":
+        open(os.path.join(folder, "hanging"), "w").close()
+        time.sleep(600)
+    image = sitk.ReadImage(args[args.index("--input") + 1])
+    x = sitk.GetArrayFromImage(image).astype(np.float32)
+    if "--mask" in args:
+        x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
+    os.makedirs(out)
+    files = {}
+    for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
+                 "backward": ["backward"]}[command]:
+        result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
+        result.CopyInformation(image)
+        files[role] = os.path.join(out, role + ".nrrd")
+        sitk.WriteImage(result, files[role])
+    files["summary"] = os.path.join(out, "summary.json")
+    with open(files["summary"], "w") as f:
+        json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
+                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u."}}, f)
+    print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
+''')
+
+
+@pytest.fixture
+def fake_child(tmp_path, monkeypatch):
+    path = tmp_path / "fake_child.py"
+    path.write_text(FAKE_CHILD)
+    monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
+    monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
+    return monkeypatch
+
+
+@pytest.fixture
+def case(slicer_app, tmp_path):
+    array = np.random.default_rng(3).uniform(1, 2, SHAPE).astype(np.float32)
+    volume = slicer.util.addVolumeFromArray(array, MATRIX, name="T1")
+    segmentation = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2, 6:10, 4:8] = 1
+    seg_id = segmentation.GetSegmentation().AddEmptySegment("", "region")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, seg_id, volume)
+    return dict(app=slicer_app, array=array, volume=volume, segmentation=segmentation, seg_id=seg_id,
+                mask=mask.astype(bool), tmp=tmp_path)
+
+
+def _snapshot(case):
+    return scene_snapshot(case["app"], case["volume"], case["segmentation"], [case["seg_id"]])
+
+
+def _request(case, kind="forward", **params):
+    return scene.prepare_request(kind, ["T1"], [case["volume"]], case["segmentation"], case["seg_id"], **params)
+
+
+def _run_and_time(run, tick=0.01, deadline=120.0):
+    """Start and poll a run as the module's timer does; returns the longest main-thread step (s) and the largest
+    gap between two ticks of the main-thread loop (s)."""
+    steps = []
+    t0 = time.perf_counter()
+    run.start()
+    steps.append(time.perf_counter() - t0)
+    last = time.perf_counter()
+    gaps = []
+    end = last + deadline
+    while not run.done and time.perf_counter() < end:
+        time.sleep(tick)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        t0 = time.perf_counter()
+        run.poll()
+        steps.append(time.perf_counter() - t0)
+        last = time.perf_counter()
+    assert run.done, "the run did not end"
+    return max(steps), max(gaps)
+
+
+def _folders(tmp):
+    return sorted(p for p in os.listdir(tmp) if p.startswith("IBIX-"))
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """Job folders go to a folder of the test, so that leftovers can be counted."""
+    root = tmp_path / "jobs"
+    root.mkdir()
+    monkeypatch.setattr(jobs.tempfile, "tempdir", str(root))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The protocol with a stand-in child
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_success_adds_the_result_node_with_geometry_progress_and_no_leftovers(case, fake_child, temp_root):
+    progress, ended = [], []
+    run = jobs.Run(_request(case), "model.onnx", device="cpu", on_progress=lambda *p: progress.append(p),
+                   on_done=ended.append)
+    longest_step, longest_gap = _run_and_time(run)
+    assert run.state == jobs.FINISHED, run.error
+    assert ended == [run]
+    assert progress and progress[-1] == (2, 3, "forward")
+    node = run.node
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), case["array"] * case["mask"])
+    assert scene.geometry_from_volume_node(node).matches(scene.geometry_from_volume_node(case["volume"]))
+    assert node.GetAttribute("IBIX.evaluations") == "7"
+    assert node.GetAttribute("IBIX.provider") == "CPUExecutionProvider"
+    assert "7 evaluations" in run.status and "CPUExecutionProvider" in run.status
+    assert _folders(temp_root) == []  # the temporary folder is removed
+    assert "a human message on stderr" in run.process.tail
+    # Main thread: every step (writing inputs, each poll, loading the result) is short; never blocked.
+    assert longest_step < 0.2 and longest_gap < 0.2, (longest_step, longest_gap)
+
+
+def test_signed_forward_and_output_read_their_own_files(case, fake_child):
+    run = jobs.Run(_request(case, display="signed"), "model.onnx")
+    jobs.wait(run.start())
+    assert run.state == jobs.FINISHED, run.error
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.node), -case["array"] * case["mask"])
+    assert run.node.GetAttribute("IBIX.display") == "signed"
+    output = jobs.Run(scene.prepare_request("output", ["T1"], [case["volume"]]), "model.onnx")
+    jobs.wait(output.start())
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(output.node), case["array"])
+    assert output.node.GetName() == "output generated from T1"
+
+
+@pytest.mark.parametrize("mode, state, message", [
+    ("fail", jobs.FAILED, "n_jitters must be at least 1"),
+    ("crash", jobs.CRASHED, "stopped unexpectedly"),
+])
+def test_failure_and_crash_become_messages_and_leave_the_scene_unchanged(case, fake_child, temp_root, mode, state,
+                                                                         message):
+    fake_child.setenv("IBIX_FAKE", mode)
+    before = _snapshot(case)
+    run = jobs.Run(_request(case), "model.onnx")
+    jobs.wait(run.start())
+    assert run.state == state and message in run.error
+    if mode == "crash":
+        assert "CUDA failure 700" in run.error  # the child's last words are shown
+        assert run.process.returncode != 0
+    assert run.node is None
+    assert_scene_unchanged(before, _snapshot(case))
+    assert _folders(temp_root) == []
+
+
+def test_cancel_ends_the_child_and_leaves_the_scene_unchanged(case, fake_child, temp_root):
+    fake_child.setenv("IBIX_FAKE", "hang")
+    before = _snapshot(case)
+    run = jobs.Run(_request(case), "model.onnx").start()
+    hanging = os.path.join(run.folder, "hanging")
+    while not os.path.exists(hanging):  # the child is in its (endless) computation
+        run.poll()
+        time.sleep(0.01)
+    polls = 0
+    run.cancel()
+    while not run.done:
+        run.poll()
+        polls += 1
+        time.sleep(0.01)
+    assert run.state == jobs.CANCELLED and "not changed" in run.error
+    assert run.process._proc.poll() is not None  # the child is gone
+    assert_scene_unchanged(before, _snapshot(case))
+    assert _folders(temp_root) == []
+
+
+def test_closing_the_scene_during_a_run_cancels_it(case, fake_child, temp_root):
+    """Issue 11 (5): closing the scene at any moment is safe; nothing is added to the new scene."""
+    fake_child.setenv("IBIX_FAKE", "hang")
+    run = jobs.Run(_request(case), "model.onnx").start()
+    case["app"].scene.Clear(0)
+    jobs.wait(run)
+    assert run.state == jobs.CANCELLED and "scene was closed" in run.error
+    assert case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert _folders(temp_root) == []
+
+
+def test_closing_the_scene_while_the_result_loads_adds_nothing(case, fake_child):
+    run = jobs.Run(_request(case), "model.onnx").start()
+    while run.process.poll() == jobs.RUNNING:  # the child finished; the result is not loaded yet
+        time.sleep(0.01)
+    case["app"].scene.Clear(0)
+    run._end(run.process.state)
+    assert run.state == jobs.CANCELLED and "scene was closed" in run.error
+    assert case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_unknown_parameter_is_refused_before_anything_starts(case, fake_child, temp_root):
+    with pytest.raises(ibx.InputError, match="unknown parameter 'n_blocks' for a forward run"):
+        jobs.Run(_request(case, n_blocks=3), "model.onnx").start()
+    assert _folders(temp_root) == []
+
+
+def test_command_line_of_each_kind(case):
+    request = _request(case, "backward", n_blocks=30, n_jitters=2, blocks="grid", progressive=True,
+                       coarse_blocks=[10, 20], max_jitter=None)
+    args = jobs.command_arguments(request, "m.onnx", "/tmp/f", ["/tmp/f/input0.nrrd"], "/tmp/f/mask.nrrd", "cuda")
+    assert args[:2] == ["backward", "--model"] and "--progress-format" in args and "jsonl" in args
+    for option in (["--out-mask", "/tmp/f/mask.nrrd"], ["--n-blocks", "30"], ["--blocks", "grid"],
+                   ["--coarse-blocks", "10", "20"], ["--device", "cuda"], ["--progressive"]):
+        text = " ".join(args)
+        assert " ".join(option) in text, option
+    assert "--max-jitter" not in args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real child: child.py's cancel watchdog behind a launcher process, and the model probe
+# ------------------------------------------------------------------------------------------------------------------
+
+def _via_launcher(args, environment):
+    """Like PythonSlicer on Linux: a launcher process that starts the real Python as its own child."""
+    code = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    return jobs.subprocess_launcher([sys.executable, "-c", code, *args], environment)
+
+
+def test_cancel_reaches_the_real_python_behind_a_launcher(tmp_path):
+    folder = tmp_path / "job"
+    folder.mkdir()
+    marker = tmp_path / "pid"
+    # child.py with a command that never ends: the watchdog must end it when the cancel file appears
+    script = tmp_path / "endless.py"
+    script.write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    args = [sys.executable, "-c",
+            "import runpy, sys; sys.path.insert(0, sys.argv[1]); import child; child.watch(sys.argv[2]); "
+            "runpy.run_path(sys.argv[3], run_name='__main__')",
+            os.path.dirname(jobs.CHILD_SCRIPT), str(folder), str(script)]
+    process = jobs.Process(args, str(folder), launcher=_via_launcher)
+    while not marker.exists():
+        time.sleep(0.01)
+    pid = int(marker.read_text())
+    process.cancel()
+    jobs.wait(process)
+    assert process.state == jobs.CANCELLED
+    for _ in range(200):  # the real Python ends on its own (watchdog), not only the launcher
+        if not _alive(pid):
+            break
+        time.sleep(0.01)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True).stdout
+        return str(pid) in out
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as ended
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def test_model_probe_reports_card_device_and_provider(tmp_path):
+    pytest.importorskip("onnxruntime")
+    probe = jobs.probe_model(str(conv_model(tmp_path)), "cpu", python=sys.executable)
+    jobs.wait(probe)
+    assert probe.state == jobs.FINISHED, probe.error
+    assert probe.info["channels"] == ["T1"] and probe.info["device"] == "cpu"
+    assert probe.info["provider"] == "CPUExecutionProvider"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    probe = jobs.probe_model(str(bad), "cpu", python=sys.executable)
+    jobs.wait(probe)
+    assert probe.state == jobs.FAILED and "bad.onnx" in probe.error
+    with pytest.raises(ibx.InputError, match="model file not found"):
+        jobs.probe_model(str(tmp_path / "missing.onnx"))
