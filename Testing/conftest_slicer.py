@@ -14,6 +14,7 @@ scene snapshots (``scene_snapshot``, ``assert_scene_unchanged``) and carded anal
 from __future__ import annotations
 
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -203,3 +204,70 @@ def conv_model(directory: Path, kernel: np.ndarray | None = None) -> Path:
 
 
 KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A stand-in engine process (exact, fast protocol cases for the runner and the widget)
+# ------------------------------------------------------------------------------------------------------------------
+
+#: A stand-in for IBIXLib/child.py: behaves as IBIX_FAKE says; the result is input x mask (F) or the input (others).
+FAKE_CHILD = textwrap.dedent('''
+    import json, os, sys, time
+    import numpy as np
+    import SimpleITK as sitk
+    argv = sys.argv[1:]
+    folder = argv[argv.index("--job-folder") + 1]
+    args = argv[argv.index("--") + 1:]
+    command = args[0]
+    if command == "probe":  # the model check: a one-channel 2D model on the CPU
+        print(json.dumps({"stage": "finished", "model": {
+            "name": "fake", "channels": ["T1"], "spatial_dims": 2, "slice_axis": "axial", "units": "a.u.",
+            "output_channels": ["T2"], "device": "cpu", "provider": "CPUExecutionProvider",
+            "requested": argv[argv.index("--device") + 1]}}), flush=True)
+        sys.exit(0)
+    out = args[args.index("--output") + 1]
+    mode = os.environ.get("IBIX_FAKE", "ok")
+    print("a human message on stderr", file=sys.stderr, flush=True)
+    for done in range(3):
+        print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
+    if mode == "fail":
+        print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
+        sys.exit(2)
+    if mode == "crash":
+        print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
+        os.abort()
+    if mode == "hang":
+        open(os.path.join(folder, "hanging"), "w").close()
+        time.sleep(600)
+    image = sitk.ReadImage(args[args.index("--input") + 1])
+    x = sitk.GetArrayFromImage(image).astype(np.float32)
+    if "--mask" in args:
+        x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
+    os.makedirs(out)
+    files = {}
+    for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
+                 "backward": ["backward"]}[command]:
+        result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
+        result.CopyInformation(image)
+        files[role] = os.path.join(out, role + ".nrrd")
+        sitk.WriteImage(result, files[role])
+    files["summary"] = os.path.join(out, "summary.json")
+    with open(files["summary"], "w") as f:
+        json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
+                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u."}}, f)
+    print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
+''')
+
+
+
+@pytest.fixture
+def fake_child(tmp_path, monkeypatch):
+    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash or hang); yields monkeypatch."""
+    from IBIXLib import jobs
+
+    path = tmp_path / "fake_child.py"
+    path.write_text(FAKE_CHILD)
+    monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
+    monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
+    monkeypatch.delenv("IBIX_FAKE", raising=False)
+    return monkeypatch

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
-from conftest_slicer import (assert_scene_unchanged, conv_model, import_slicer_core, scene_snapshot,  # noqa: F401
-                             slicer_app)
+from conftest_slicer import (assert_scene_unchanged, conv_model, fake_child, import_slicer_core,  # noqa: F401
+                             scene_snapshot, slicer_app)
 
 slicer = import_slicer_core()
 
@@ -25,58 +24,6 @@ from IBIXLib import jobs, scene  # noqa: E402
 
 SHAPE = (4, 18, 14)
 MATRIX = np.array([[0.0, -0.9, 0.0, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]])
-
-#: A stand-in for child.py: behaves as IBIX_FAKE says; the result is input x mask (F) or the input (others).
-FAKE_CHILD = textwrap.dedent('''
-    import json, os, sys, time
-    import numpy as np
-    import SimpleITK as sitk
-    argv = sys.argv[1:]
-    folder = argv[argv.index("--job-folder") + 1]
-    args = argv[argv.index("--") + 1:]
-    command = args[0]
-    out = args[args.index("--output") + 1]
-    mode = os.environ.get("IBIX_FAKE", "ok")
-    print("a human message on stderr", file=sys.stderr, flush=True)
-    for done in range(3):
-        print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
-    if mode == "fail":
-        print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
-        sys.exit(2)
-    if mode == "crash":
-        print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
-        os.abort()
-    if mode == "hang":
-        open(os.path.join(folder, "hanging"), "w").close()
-        time.sleep(600)
-    image = sitk.ReadImage(args[args.index("--input") + 1])
-    x = sitk.GetArrayFromImage(image).astype(np.float32)
-    if "--mask" in args:
-        x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
-    os.makedirs(out)
-    files = {}
-    for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
-                 "backward": ["backward"]}[command]:
-        result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
-        result.CopyInformation(image)
-        files[role] = os.path.join(out, role + ".nrrd")
-        sitk.WriteImage(result, files[role])
-    files["summary"] = os.path.join(out, "summary.json")
-    with open(files["summary"], "w") as f:
-        json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
-                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u."}}, f)
-    print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
-''')
-
-
-@pytest.fixture
-def fake_child(tmp_path, monkeypatch):
-    path = tmp_path / "fake_child.py"
-    path.write_text(FAKE_CHILD)
-    monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
-    monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
-    return monkeypatch
-
 
 @pytest.fixture
 def case(slicer_app, tmp_path):
