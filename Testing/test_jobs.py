@@ -260,3 +260,22 @@ def test_model_probe_reports_card_device_and_provider(tmp_path):
     assert probe.state == jobs.FAILED and "bad.onnx" in probe.error
     with pytest.raises(ibx.InputError, match="model file not found"):
         jobs.probe_model(str(tmp_path / "missing.onnx"))
+
+
+def test_a_child_reaped_after_its_output_closed_is_still_seen_to_end(case, fake_child):
+    """The output can close a moment before the process is reaped: later polls must still see the end."""
+    class LateReap:
+        def __init__(self, proc):
+            self.proc, self.stdout, self.calls = proc, proc.stdout, 0
+
+        def poll(self):
+            self.calls += 1
+            return None if self.calls <= 3 else self.proc.wait()
+
+        def kill(self):
+            self.proc.kill()
+
+    run = jobs.Run(_request(case), "model.onnx",
+                   launcher=lambda args, env: LateReap(jobs.subprocess_launcher(args, env))).start()
+    jobs.wait(run)
+    assert run.state == jobs.FINISHED, run.error

@@ -52,6 +52,9 @@ TAIL_LINES = 20
 #: Seconds between two polls in :func:`wait`.
 WAIT_INTERVAL = 0.05
 
+#: Exit code of ``ibix`` for bad usage or bad input.
+USAGE_ERROR = 2
+
 #: States of a process or a run; the last four are final.
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
 
@@ -134,6 +137,7 @@ class Process:
         self.tail: list[str] = []                # the child's other output (human messages, tracebacks)
         self._lines: queue.Queue = queue.Queue()
         self._cancelled = False
+        self._closed = False                     # the child's output ended (it may not be reaped yet)
         environment = {"PYTHONUNBUFFERED": "1", **(environment or {})}
         self._proc = (launcher or default_launcher())(self.args, environment)
         self._reader = threading.Thread(target=self._read, name="IBIX child output", daemon=True)
@@ -158,17 +162,16 @@ class Process:
         """Take what the child printed since the last call (main thread, never waits); returns the state."""
         if self.done:
             return self.state
-        closed = False
-        while True:
+        while not self._closed:
             try:
                 line = self._lines.get_nowait()
             except queue.Empty:
                 break
             if line is None:
-                closed = True
-                break
-            self._take(line)
-        if closed or self._cancelled:
+                self._closed = True
+            else:
+                self._take(line)
+        if self._closed or self._cancelled:
             returncode = self._proc.poll()
             if returncode is None:
                 return self.state  # output closed but not yet reaped: next poll
@@ -198,6 +201,9 @@ class Process:
         if self.record is not None and self.record["stage"] == FINISHED and self.returncode == 0:
             return FINISHED
         if self.record is not None and self.record["stage"] == FAILED:
+            return FAILED
+        if self.returncode == USAGE_ERROR and self.tail:  # refused its arguments (argparse prints no record)
+            self.record = {"stage": FAILED, "error": self.tail[-1]}
             return FAILED
         return CRASHED
 

@@ -50,9 +50,16 @@ DEFAULT_THRESHOLD = 0.05
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
-# matplotlib names used to build an equivalent colour table where Slicer's own colour nodes are not loaded.
-_MATPLOTLIB_NAMES = {"Inferno": "inferno", "Viridis": "viridis", "Magma": "magma", "Plasma": "plasma",
-                     "Cividis": "cividis", "DivergingBlueRed": "RdBu_r", "Grey": "gray"}
+# Control points (RGB, evenly spaced) of the colour maps IBIX uses, for an equivalent table where Slicer's own
+# colour nodes are not loaded (matplotlib's inferno and viridis at 0, 0.25, 0.5, 0.75, 1).
+_CONTROL_POINTS = {
+    "Inferno": [(0.001, 0.000, 0.014), (0.341, 0.062, 0.429), (0.735, 0.216, 0.330), (0.978, 0.557, 0.035),
+                (0.988, 0.998, 0.645)],
+    "Viridis": [(0.267, 0.005, 0.329), (0.230, 0.322, 0.546), (0.128, 0.567, 0.551), (0.369, 0.789, 0.383),
+                (0.993, 0.906, 0.144)],
+    "DivergingBlueRed": [(0.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0)],
+    "Grey": [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)],
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,17 +453,14 @@ def create_volume_node(array: np.ndarray, geometry: ibx.Geometry, name: str, sce
 
 
 def _colormap_lut(name: str, n: int = 256) -> np.ndarray:
-    """n x 3 RGB in [0, 1] for a colour map name (matplotlib if available, else a simple ramp)."""
-    try:
-        from matplotlib import colormaps
+    """n x 3 RGB in [0, 1] for a colour map name, from a few control points of the map (grey for unknown names).
 
-        return np.asarray(colormaps[_MATPLOTLIB_NAMES.get(name, name.lower())](np.linspace(0, 1, n)))[:, :3]
-    except Exception:
-        t = np.linspace(0, 1, n)[:, None]
-        if name == "DivergingBlueRed":
-            return np.where(t < 0.5, (1 - 2 * (0.5 - t)) * np.array([1, 1, 1]) + 2 * (0.5 - t) * np.array([0, 0, 1]),
-                            (1 - 2 * (t - 0.5)) * np.array([1, 1, 1]) + 2 * (t - 0.5) * np.array([1, 0, 0]))
-        return np.hstack([t, t ** 2, 0.3 * (1 - t)]) if name != "Grey" else np.hstack([t, t, t])
+    Used only where the application has not loaded Slicer's own colour tables (e.g. slicer-core).
+    """
+    points = np.asarray(_CONTROL_POINTS.get(name, _CONTROL_POINTS["Grey"]), float)
+    t = np.linspace(0.0, 1.0, n)
+    where = np.linspace(0.0, 1.0, len(points))
+    return np.stack([np.interp(t, where, points[:, c]) for c in range(3)], axis=1)
 
 
 def _table_node(name: str, rgba: np.ndarray, scene):
