@@ -170,10 +170,11 @@ def test_closing_the_scene_during_a_run_cancels_it(case, fake_child, temp_root):
 
 def test_closing_the_scene_while_the_result_loads_adds_nothing(case, fake_child):
     run = jobs.Run(_request(case), "model.onnx").start()
-    while run.process.poll() == jobs.RUNNING:  # the child finished; the result is not loaded yet
+    while run._result is None:  # the child finished and its result was read; not yet in the scene
+        run.poll()
         time.sleep(0.01)
     case["app"].scene.Clear(0)
-    run._end(run.process.state)
+    run.poll()
     assert run.state == jobs.CANCELLED and "scene was closed" in run.error
     assert case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
 

@@ -391,6 +391,7 @@ class Run:
         self.seconds = 0.0
         self._started = 0.0
         self._reported: tuple | None = None
+        self._result: tuple | None = None        # (array, geometry) read, not yet in the scene
 
     @property
     def done(self) -> bool:
@@ -420,8 +421,15 @@ class Run:
         return self
 
     def poll(self) -> str:
-        """Progress and completion (main thread, never waits); returns the state."""
+        """Progress and completion (main thread, never waits); returns the state.
+
+        A finished child's result is read at one poll and put into the scene at the next, so that no single
+        step holds the main thread long.
+        """
         if self.state != RUNNING:
+            return self.state
+        if self._result is not None:
+            self._add()
             return self.state
         if not self.request.scene_alive():  # the scene was closed: nothing may be added to it
             self.process.cancel()
@@ -429,52 +437,63 @@ class Run:
         if self.process.progress != self._reported and self.on_progress is not None and not self.process.done:
             self._reported = self.process.progress
             self.on_progress(*self.process.progress)
-        if self.process.done:
-            self._end(state)
+        if state == FINISHED:
+            self._read()
+        elif self.process.done:
+            self._end(state, self.process.error if state != CANCELLED else self._cancel_reason())
         return self.state
 
     def cancel(self) -> None:
         """End the child at once; the scene is left as it was (the run ends at the next poll)."""
         if self.process is not None and self.state == RUNNING:
-            self.process.cancel()
-
-    def _end(self, state: str) -> None:
-        try:
-            if state == FINISHED:
-                self._finish()
-            elif state == CANCELLED:
-                self.state = CANCELLED
-                self.error = ("the scene was closed during the run; it was cancelled and nothing was written"
-                              if not self.request.scene_alive() else "cancelled; the scene was not changed")
+            if self._result is not None:  # already computed: just do not add it
+                self._result = None
+                self._end(CANCELLED, self._cancel_reason())
             else:
-                self.state = state
-                self.error = self.process.error
-        finally:
-            remove_folder(self.folder)
-            self.seconds = time.perf_counter() - self._started
-            if self.on_done is not None:
-                self.on_done(self)
+                self.process.cancel()
 
-    def _finish(self) -> None:
+    def _cancel_reason(self) -> str:
+        if not self.request.scene_alive():
+            return "the scene was closed during the run; it was cancelled and nothing was written"
+        return "cancelled; the scene was not changed"
+
+    def _read(self) -> None:
+        """Step 1 of a finished run: the result file and the summary."""
         record = self.process.record
         files = record.get("files") or {}
+        role = RESULT_ROLE[self.request.kind]
+        if self.request.kind == "forward" and self.request.display == "signed":
+            role = "forward_signed"
         try:
-            role = RESULT_ROLE[self.request.kind]
-            if self.request.kind == "forward" and self.request.display == "signed":
-                role = "forward_signed"
             if role not in files:
                 raise ibx.IBIXError(f"the IBIX engine finished without a {role} file; this is a bug: please report it")
             array, geometry = ibx.read_volume(files[role])
-            summary_path = record.get("summary") or files.get("summary")
-            with open(summary_path, encoding="utf-8") as f:
+            with open(record.get("summary") or files["summary"], encoding="utf-8") as f:
                 self.summary = json.load(f)
-            display = dict(self.display)
-            self.node = scene.add_result(self.request, array, geometry, self.summary, **display)
-            self.state = FINISHED
+        except (ibx.IBIXError, OSError, ValueError, KeyError) as error:
+            self._end(FAILED, f"could not read the IBIX engine's result: {error}")
+            return
+        self._result = (array, geometry)
+
+    def _add(self) -> None:
+        """Step 2 of a finished run: the result node (unless the scene was closed meanwhile)."""
+        array, geometry = self._result
+        self._result = None
+        try:
+            self.node = scene.add_result(self.request, array, geometry, self.summary, **self.display)
         except ibx.Cancelled as error:
-            self.state, self.error = CANCELLED, str(error)
-        except (ibx.IBIXError, OSError, ValueError) as error:
-            self.state, self.error = FAILED, str(error)
+            self._end(CANCELLED, str(error))
+        except (ibx.IBIXError, ValueError) as error:
+            self._end(FAILED, str(error))
+        else:
+            self._end(FINISHED, "")
+
+    def _end(self, state: str, error: str) -> None:
+        self.state, self.error = state, error
+        remove_folder(self.folder)
+        self.seconds = time.perf_counter() - self._started
+        if self.on_done is not None:
+            self.on_done(self)
 
     @property
     def status(self) -> str:
