@@ -470,3 +470,25 @@ def _in(a, b):
 
 def _true(a):
     assert a
+
+
+def test_nothing_slow_runs_on_the_gui_thread(ibix, case, fake_child, monkeypatch):
+    """Issue 11 (6): no nvidia-smi or other blocking subprocess call in the module; the model is loaded in the
+    engine process; a waiting console call keeps Slicer's event loop turning."""
+    for path in [MODULE, *sorted((MODULE_DIR / "IBIXLib").glob("*.py"))]:
+        source = path.read_text()
+        assert "nvidia-smi" not in source and "subprocess.run" not in source and "check_output" not in source, path
+    tree = ast.parse(MODULE.read_text())
+    assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "onnxruntime" in ast.unparse(n)
+                   for n in ast.walk(tree))
+    events = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: events.append(1),
+                                                             testingEnabled=lambda: False), raising=False)
+    from IBIXLib import jobs
+
+    logic = ibix.IBIXLogic(launcher=jobs.subprocess_launcher, python=sys.executable)
+    logic.loadModel(str(case["model"]), installDependencies=False)
+    waited = len(events)
+    assert waited > 0  # the model check was waited for with the event loop turning
+    logic.runForward([case["volume"]], case["seg"], case["sid"], n_jitters=2)
+    assert len(events) > waited
