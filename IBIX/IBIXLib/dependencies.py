@@ -9,7 +9,7 @@ file). ONNX Runtime is not in it: the user chooses the runtime in the module,
 
 The two builds cannot coexist, so switching uninstalls the other one (after asking). The installed build is told
 from the package metadata (``importlib.metadata``), never from ``import onnxruntime``, which finds either build.
-Nothing here runs ``nvidia-smi`` or any other process on the GUI thread.
+Nothing here probes the GPU or starts a process on its own.
 
 Slicer >= 5.11 (``slicer.packaging``): ``load_requirements`` + ``pip_ensure`` (its own prompt; skipped in testing
 mode). Older Slicer: a confirmation, then ``slicer.util.pip_install``; skipped in testing mode as well.
