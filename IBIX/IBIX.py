@@ -26,8 +26,8 @@ from slicer.util import VTKObservationMixin
 #: Largest number of input channels the GUI offers selectors for.
 MAX_CHANNELS = 4
 
-#: Milliseconds between two polls of a running engine process.
-POLL_INTERVAL_MS = 100
+#: Milliseconds between two polls of a running engine process (a poll costs well under a millisecond).
+POLL_INTERVAL_MS = 50
 
 #: Runtime choices of the GUI (runtimeComboBox order) -> dependencies runtime and engine device.
 RUNTIMES = (("cpu", "cpu"), ("gpu", "cuda"))
@@ -173,7 +173,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Module panel. Thin: reads the GUI, starts runs through IBIXLogic, polls them, shows results and errors.
 
     State: ``self._job`` is the engine process in flight (a model check or a run), or None. While it is set, the
-    run buttons are disabled, Cancel is enabled, and a timer polls it every 100 ms; it never blocks.
+    run buttons are disabled, Cancel is enabled, and a timer polls it every 50 ms; it never blocks.
     """
 
     def __init__(self, parent=None):

@@ -52,6 +52,9 @@ TAIL_LINES = 20
 #: Seconds between two polls in :func:`wait`.
 WAIT_INTERVAL = 0.05
 
+#: Seconds a result read may take for the result node to be added in the same poll (else at the next poll).
+SPLIT_AFTER = 0.05
+
 #: Exit code of ``ibix`` for bad usage or bad input.
 USAGE_ERROR = 2
 
@@ -423,8 +426,8 @@ class Run:
     def poll(self) -> str:
         """Progress and completion (main thread, never waits); returns the state.
 
-        A finished child's result is read at one poll and put into the scene at the next, so that no single
-        step holds the main thread long.
+        A finished child's result is read, and put into the scene at the same poll when the read was quick, else at
+        the next one, so that no single step holds the main thread long.
         """
         if self.state != RUNNING:
             return self.state
@@ -438,7 +441,10 @@ class Run:
             self._reported = self.process.progress
             self.on_progress(*self.process.progress)
         if state == FINISHED:
+            started = time.perf_counter()
             self._read()
+            if self._result is not None and time.perf_counter() - started < SPLIT_AFTER:
+                self._add()  # a quick read: the node now rather than one poll later
         elif self.process.done:
             self._end(state, self.process.error if state != CANCELLED else self._cancel_reason())
         return self.state

@@ -6,7 +6,7 @@ Three times, each the best of REPEATS runs (shared CPUs change speed from second
   and the time it reports for its own work (``seconds_total`` of its summary.json, start-up excluded);
 * start-up: a bare child that imports the engine and ONNX Runtime and exits (``python -c "import ..."``);
 * runner: what the module does on "Run forward", from reading the scene (the T1 volume and the input-mask segment
-  on a real MRML scene from slicer-core) to the map node in the scene, polled every 100 ms as the GUI's timer does.
+  on a real MRML scene from slicer-core) to the map node in the scene, polled every 50 ms as the GUI's timer does.
 
 The acceptance of issue 11 reads: runner <= ibix forward (own work) + start-up + 10 % of ibix forward (own work).
 The script also reports the longest main-thread step of the runner (writing the inputs, each poll, loading the
@@ -32,8 +32,8 @@ MODEL = ROOT / "Resources" / "Models" / "t1_to_t2_cae.onnx"
 T1 = ROOT / "Resources" / "SampleData" / "IBIX-T1.nrrd"
 IN_MASK = ROOT / "Resources" / "SampleData" / "IBIX-T1-input-mask.nrrd"
 
-#: Milliseconds between two polls (the module's timer).
-POLL_MS = 100
+#: Milliseconds between two polls (the module's timer, IBIX.POLL_INTERVAL_MS).
+POLL_MS = 50
 
 
 def time_cli(n_jitters: int) -> tuple[float, float]:
