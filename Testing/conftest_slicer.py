@@ -236,14 +236,26 @@ FAKE_CHILD = textwrap.dedent('''
     if mode == "crash":
         print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
         os.abort()
+    image = sitk.ReadImage(args[args.index("--input") + 1])
+    if "--progressive" in args:  # a preview map (as ibix: written under its name, removed at the end)
+        os.makedirs(out)
+        preview = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, 0.5, np.float32))
+        preview.CopyInformation(image)
+        name = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}[command]
+        sitk.WriteImage(preview, os.path.join(out, "partial.nrrd"))
+        os.replace(os.path.join(out, "partial.nrrd"), os.path.join(out, name))
+        open(os.path.join(folder, "preview-written"), "w").close()
+        while mode == "preview" and not os.path.exists(os.path.join(folder, "go-on")):  # the test looks first
+            time.sleep(0.01)
+        if mode != "hang":
+            os.remove(os.path.join(out, name))
     if mode == "hang":
         open(os.path.join(folder, "hanging"), "w").close()
         time.sleep(600)
-    image = sitk.ReadImage(args[args.index("--input") + 1])
     x = sitk.GetArrayFromImage(image).astype(np.float32)
     if "--mask" in args:
         x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
-    os.makedirs(out)
+    os.makedirs(out, exist_ok=True)
     files = {}
     for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
                  "backward": ["backward"]}[command]:
@@ -262,7 +274,8 @@ FAKE_CHILD = textwrap.dedent('''
 
 @pytest.fixture
 def fake_child(tmp_path, monkeypatch):
-    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash or hang); yields monkeypatch."""
+    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, or preview: a progressive run
+    waits after its preview until the test writes ``go-on`` in the job folder); yields monkeypatch."""
     from IBIXLib import jobs
 
     path = tmp_path / "fake_child.py"

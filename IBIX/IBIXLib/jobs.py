@@ -316,6 +316,9 @@ OPTIONS = {
                  "locality_tolerance": "--locality-tolerance"},
 }
 
+#: The preview file a progressive run writes (and removes) in its output folder, per run kind.
+PREVIEW_FILE = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}
+
 #: The file role (JSON-lines "files") that holds each result.
 RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": "backward"}
 
@@ -395,6 +398,8 @@ class Run:
         self._started = 0.0
         self._reported: tuple | None = None
         self._result: tuple | None = None        # (array, geometry) read, not yet in the scene
+        self.preview = scene.Preview(request, display)
+        self._preview_stamp: float | None = None
 
     @property
     def done(self) -> bool:
@@ -440,6 +445,8 @@ class Run:
         if self.process.progress != self._reported and self.on_progress is not None and not self.process.done:
             self._reported = self.process.progress
             self.on_progress(*self.process.progress)
+        if state == RUNNING:
+            self._show_preview()
         if state == FINISHED:
             started = time.perf_counter()
             self._read()
@@ -457,6 +464,22 @@ class Run:
                 self._end(CANCELLED, self._cancel_reason())
             else:
                 self.process.cancel()
+
+    def _show_preview(self) -> None:
+        """A progressive run's newest preview map, when the engine has written one since the last poll."""
+        name = PREVIEW_FILE.get(self.request.kind)
+        if not name or not self.request.params.get("progressive"):
+            return
+        path = os.path.join(self.folder, "out", name)
+        try:
+            stamp = os.stat(path).st_mtime_ns
+            if stamp == self._preview_stamp:
+                return
+            array, geometry = ibx.read_volume(path)
+        except (OSError, ibx.IBIXError):  # none yet, or removed meanwhile (the run just ended)
+            return
+        self._preview_stamp = stamp
+        self.preview.show(array, geometry, "preview")
 
     def _cancel_reason(self) -> str:
         if not self.request.scene_alive():
@@ -485,6 +508,7 @@ class Run:
         """Step 2 of a finished run: the result node (unless the scene was closed meanwhile)."""
         array, geometry = self._result
         self._result = None
+        self.preview.remove()
         try:
             self.node = scene.add_result(self.request, array, geometry, self.summary, **self.display)
         except ibx.Cancelled as error:
@@ -495,6 +519,7 @@ class Run:
             self._end(FINISHED, "")
 
     def _end(self, state: str, error: str) -> None:
+        self.preview.remove()
         self.state, self.error = state, error
         remove_folder(self.folder)
         self.seconds = time.perf_counter() - self._started

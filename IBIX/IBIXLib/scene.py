@@ -34,7 +34,7 @@ import vtk
 __all__ = [
     "ATTRIBUTE_PREFIX", "COLOR_MAPS", "Request",
     "geometry_from_volume_node", "geometry_from_ijk_to_ras", "ijk_to_ras_from_geometry", "array_from_volume_node",
-    "mask_from_segment", "segment_name", "prepare_request", "add_result",
+    "mask_from_segment", "segment_name", "prepare_request", "add_result", "Preview",
     "create_volume_node", "show_overlay", "show_volume", "color_node", "set_legend_visibility",
     "set_overlay_opacity",
 ]
@@ -431,6 +431,59 @@ def _write_attributes(node, request: Request, summary: dict) -> None:
             attrs["units"] = str(units)
     for key, value in attrs.items():
         node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+
+
+class Preview:
+    """The preview map of a progressive run: one temporary node, updated as the engine writes new previews, and
+    removed with everything it added (display, colour, legend nodes) and the slice views restored, when the run
+    ends; a cancelled or failed run leaves no trace of it."""
+
+    def __init__(self, request: Request, display: dict | None = None):
+        self.request, self.display = request, dict(display or {})
+        self.node = None
+        self._added: list[str] = []
+        self._views: list = []
+
+    def show(self, array: np.ndarray, geometry: ibx.Geometry, label: str) -> None:
+        """Show (or update) the preview map (main thread); nothing happens once the scene was closed."""
+        if not self.request.scene_alive() or not geometry.matches(self.request.geometry):
+            return
+        array = np.asarray(array, np.float32)
+        name = f"{self.request.name or self.request.default_name()} ({label})"
+        if self.node is not None and in_scene(self.node):
+            slicer.util.updateVolumeFromArray(self.node, array)
+            self.node.SetName(name)
+            return
+        scene = _scene(self.request.reference_node)
+        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        self._views = [(c.GetID(), c.GetBackgroundVolumeID(), c.GetForegroundVolumeID(), c.GetForegroundOpacity())
+                       for c in _slice_composite_nodes(scene)]
+        self.node = create_volume_node(array, geometry, name, scene=scene)
+        self.node.SetAttribute(ATTRIBUTE_PREFIX + "kind", self.request.kind)
+        options = {k: v for k, v in self.display.items() if k != "show"}
+        show_overlay(self.node, self.request.background_node, **options)
+        self._added = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())
+                       if scene.GetNthNode(i).GetID() not in before]
+
+    def remove(self) -> None:
+        """Remove the preview and what it added, and put the slice views back as they were."""
+        if self.node is None:
+            return
+        scene = self.node.GetScene()
+        self.node = None
+        if scene is None or not self.request.scene_alive():  # the scene was closed and took it along
+            return
+        for node_id, background, foreground, opacity in self._views:
+            composite = scene.GetNodeByID(node_id)
+            if composite is not None:
+                composite.SetBackgroundVolumeID(background)
+                composite.SetForegroundVolumeID(foreground)
+                composite.SetForegroundOpacity(opacity)
+        for node_id in reversed(self._added):  # legend, colour table, display node, the map
+            node = scene.GetNodeByID(node_id)
+            if node is not None:
+                scene.RemoveNode(node)
+        self._added, self._views = [], []
 
 
 # --------------------------------------------------------------------------------------------------------------
