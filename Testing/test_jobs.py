@@ -219,7 +219,8 @@ def test_cancel_reaches_the_real_python_behind_a_launcher(tmp_path):
     marker = tmp_path / "pid"
     # child.py with a command that never ends: the watchdog must end it when the cancel file appears
     script = tmp_path / "endless.py"
-    script.write_text(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    script.write_text(f"import os, time\nopen({str(marker)!r} + '.partial', 'w').write(str(os.getpid()))\n"
+                      f"os.replace({str(marker)!r} + '.partial', {str(marker)!r})\ntime.sleep(600)\n")
     args = [sys.executable, "-c",
             "import runpy, sys; sys.path.insert(0, sys.argv[1]); import child; child.watch(sys.argv[2]); "
             "runpy.run_path(sys.argv[3], run_name='__main__')",
