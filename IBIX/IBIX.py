@@ -235,6 +235,8 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self._job is not None:
             self._job.cancel()
+        if self.logic is not None:
+            self.logic.stopStandby()
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -539,6 +541,8 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         self.runtime = "cpu"
         self.launcher = launcher     # how engine processes start (default: slicer.util.launchConsoleProcess)
         self.python = python         # and with which Python (default: PythonSlicer)
+        self.prestart = True         # keep an engine process started for the next run (hides its start-up)
+        self._standby = None
         self._pollers = []
 
     def getParameterNode(self):
@@ -565,7 +569,19 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         self.modelPath = probe.process.args[probe.process.args.index("--model") + 1]
         self.modelInfo = probe.info
         self.runtime = "gpu" if probe.info.get("requested") == "cuda" else "cpu"
+        self._prestart()
         return self.modelInfo
+
+    def _prestart(self):
+        """Start the engine process of the next run now (Python and the engine's imports take ~0.5 s)."""
+        if self.prestart and self._standby is None and self.modelInfo is not None:
+            self._standby = jobs.Standby(self.device(self.runtime), self.launcher, self.python)
+
+    def stopStandby(self):
+        """End the engine process kept for the next run (the module does it on exit)."""
+        if self._standby is not None:
+            self._standby.stop()
+            self._standby = None
 
     def loadModel(self, path, runtime="cpu", installDependencies=True):
         """Check an ONNX model and its card (``<model>.json``) in an engine process; returns what it reported.
@@ -633,8 +649,15 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
 
     def _start(self, request, display=None, onProgress=None, onDone=None, poll=True):
         self._requireModel()
+
+        def done(run):
+            self._prestart()
+            if onDone is not None:
+                onDone(run)
+
+        standby, self._standby = self._standby, None
         run = jobs.Run(request, self.modelPath, self.device(self.runtime), display=display, on_progress=onProgress,
-                       on_done=onDone, launcher=self.launcher, python=self.python).start()
+                       on_done=done, launcher=self.launcher, python=self.python).start(standby)
         if poll:
             self._pollers.append(_Poller(run, self._pollers))
         return run

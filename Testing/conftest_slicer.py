@@ -218,6 +218,12 @@ FAKE_CHILD = textwrap.dedent('''
     argv = sys.argv[1:]
     folder = argv[argv.index("--job-folder") + 1]
     args = argv[argv.index("--") + 1:]
+    if args == ["wait"]:  # a standby: the job arrives as job.json
+        while not os.path.exists(os.path.join(folder, "job.json")):
+            time.sleep(0.01)
+        args = json.load(open(os.path.join(folder, "job.json")))
+    mode_file = os.environ.get("IBIX_FAKE_FILE", "")  # read at job time (a standby started earlier)
+    mode = open(mode_file).read() if os.path.exists(mode_file) else os.environ.get("IBIX_FAKE", "ok")
     command = args[0]
     if command == "probe":  # the model check: a one-channel 2D model on the CPU
         print(json.dumps({"stage": "finished", "model": {
@@ -226,7 +232,6 @@ FAKE_CHILD = textwrap.dedent('''
             "requested": argv[argv.index("--device") + 1]}}), flush=True)
         sys.exit(0)
     out = args[args.index("--output") + 1]
-    mode = os.environ.get("IBIX_FAKE", "ok")
     print("a human message on stderr", file=sys.stderr, flush=True)
     for done in range(3):
         print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
@@ -272,15 +277,31 @@ FAKE_CHILD = textwrap.dedent('''
 
 
 
+class FakeMode:
+    """``setenv("IBIX_FAKE", mode)`` for FAKE_CHILD, also read by standby processes started before the call."""
+
+    def __init__(self, monkeypatch, path: Path):
+        self.monkeypatch, self.path = monkeypatch, path
+        monkeypatch.setenv("IBIX_FAKE_FILE", str(path))
+        self.setenv("IBIX_FAKE", "ok")
+
+    def setenv(self, name: str, value: str) -> None:
+        self.monkeypatch.setenv(name, value)
+        if name == "IBIX_FAKE":
+            self.path.write_text(value)
+
+    def __getattr__(self, name):
+        return getattr(self.monkeypatch, name)
+
+
 @pytest.fixture
 def fake_child(tmp_path, monkeypatch):
     """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, or preview: a progressive run
-    waits after its preview until the test writes ``go-on`` in the job folder); yields monkeypatch."""
+    waits after its preview until the test writes ``go-on`` in the job folder)."""
     from IBIXLib import jobs
 
     path = tmp_path / "fake_child.py"
     path.write_text(FAKE_CHILD)
     monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
     monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
-    monkeypatch.delenv("IBIX_FAKE", raising=False)
-    return monkeypatch
+    return FakeMode(monkeypatch, tmp_path / "fake_mode")

@@ -3,6 +3,7 @@ equal the engine's, and land on the right voxels on oblique, left-handed, anisot
 on another grid."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -170,3 +171,24 @@ def test_2d_model_when_the_axial_axis_is_the_arrays_last_axis(slicer_app, tmp_pa
     assert np.unravel_index(np.argmax(result), shape) == (6, 3, 3)
     expected = origin + direction @ (spacing * np.array([3, 3, 6]))
     np.testing.assert_allclose(_peak_ras(node), expected, atol=1e-4)
+
+
+def test_a_standby_engine_process_runs_the_next_job_and_ends_when_stopped(scene_case):
+    """The module keeps an engine process started for the next run: same result as a fresh process; one that
+    is not needed ends when stopped (its watchdog sees the cancel file)."""
+    model_path = conv_model(scene_case["tmp"])
+    request = mrml.prepare_request("forward", ["T1"], [scene_case["volume"]], scene_case["segmentation"],
+                                   scene_case["seg_id"], n_jitters=3)
+    standby = jobs.Standby("cpu", python=sys.executable)
+    run = jobs.Run(request, str(model_path), "cpu", python=sys.executable).start(standby)
+    assert run.process is standby.process and run.folder == standby.folder
+    jobs.wait(run)
+    assert run.state == jobs.FINISHED, run.error
+    fresh = _run("forward", model_path, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
+                 n_jitters=3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.node), slicer.util.arrayFromVolume(fresh.node))
+    assert not os.path.exists(standby.folder)
+    idle = jobs.Standby("cpu", python=sys.executable)
+    idle.stop()
+    jobs.wait(idle.process)
+    assert idle.process.state == jobs.CANCELLED and not os.path.exists(idle.folder)

@@ -189,9 +189,19 @@ def ibix(monkeypatch, slicer_app):
     monkeypatch.setattr(IBIX.dependencies, "ensure", lambda runtime, prompt=True: "ready")
     IBIX.messages = messages
     IBIX.widgets = []
+    standbys = []
+    real_standby = IBIX.jobs.Standby
+
+    def recorded(*args, **kwargs):
+        standbys.append(real_standby(*args, **kwargs))
+        return standbys[-1]
+
+    monkeypatch.setattr(IBIX.jobs, "Standby", recorded)
     yield IBIX
     for widget in IBIX.widgets:
         widget.cleanup()
+    for standby in standbys:  # engine processes kept for a next run end with the test
+        standby.stop()
     sys.modules.pop("IBIX", None)
 
 

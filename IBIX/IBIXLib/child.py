@@ -4,10 +4,14 @@ Usage::
 
     PythonSlicer child.py --job-folder DIR [--device auto|cpu|cuda] -- <ibix command line arguments>
     PythonSlicer child.py --job-folder DIR [--device ...] -- probe --model MODEL.onnx
+    PythonSlicer child.py --job-folder DIR [--device ...] -- wait
 
 It runs the ``ibix`` command line (``IBIXLogic.cli.main``) with the given arguments, or ``probe``: load the model
 and print one JSON line ``{"stage": "finished", "model": {...}}`` with its card, device and the ONNX Runtime
-provider that really runs it. Two things are done here rather than in the command line:
+provider that really runs it, or ``wait``: a standby process that imports the engine and ONNX Runtime at once,
+then waits for ``<job folder>/job.json`` (the ``ibix`` arguments, a JSON list) and runs it, so that a run does not
+wait for Python to start (it ends by itself after ``IDLE_LIMIT`` seconds without a job). Two things are done here
+rather than in the command line:
 
 * A watchdog thread ends this process at once when ``<job folder>/cancel`` appears or the job folder is removed.
   On some platforms ``PythonSlicer`` is a launcher that starts the real Python as its own child, so killing the
@@ -29,6 +33,12 @@ WATCH_INTERVAL = 0.05
 
 #: Exit code of a cancelled run (as ``ibix`` after an interrupt).
 CANCELLED = 130
+
+#: Seconds a standby process waits for a job before it ends by itself.
+IDLE_LIMIT = 900.0
+
+#: Seconds between two looks of a standby process for its job.
+JOB_INTERVAL = 0.01
 
 
 def watch(folder: str) -> None:
@@ -78,6 +88,25 @@ def probe(model_path: str, device: str) -> int:
     return 0
 
 
+def wait_for_job(folder: str) -> list[str] | None:
+    """A standby process's job: the ``ibix`` arguments written to ``folder/job.json``, or None after IDLE_LIMIT."""
+    import IBIXLogic.backward  # noqa: F401  (the imports a run needs, done while waiting)
+    import IBIXLogic.cli  # noqa: F401
+    import IBIXLogic.forward  # noqa: F401
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # the run reports it
+        pass
+    path = os.path.join(folder, "job.json")
+    end = time.monotonic() + IDLE_LIMIT
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            return None
+        time.sleep(JOB_INTERVAL)
+    with open(path, encoding="utf-8") as f:
+        return [str(a) for a in json.load(f)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="child.py", description=__doc__.splitlines()[0])
@@ -95,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = argparse.ArgumentParser(prog="child.py probe")
         sub.add_argument("--model", required=True)
         return probe(sub.parse_args(rest[1:]).model, args.device)
+    if rest == ["wait"]:
+        rest = wait_for_job(args.job_folder)
+        if rest is None:
+            return 0
     from IBIXLogic.cli import main as ibix
 
     return ibix(rest)

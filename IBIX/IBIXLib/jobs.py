@@ -16,6 +16,8 @@ only writes the inputs, polls, and loads the results.
   in every case.
 * :func:`probe_model` - loads a model in a child (the provider that really runs it, without creating an ONNX
   Runtime session or calling ``nvidia-smi`` on the main thread).
+* :class:`Standby` - an engine process started ahead of time (Python started, engine and ONNX Runtime imported)
+  that the next run takes, so that a run does not wait for the child's start-up.
 * :func:`wait` - the synchronous form for the Python console (polls until the run ends).
 
 The way the child is started is one injectable function (a *launcher*), ``slicer.util.launchConsoleProcess`` in
@@ -301,6 +303,41 @@ class Probe:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# A standby engine process
+# ------------------------------------------------------------------------------------------------------------------
+
+class Standby:
+    """An engine process started ahead of time; it waits for a job (``job.json`` in its folder).
+
+    :meth:`take` hands it to a run (or None where it ended meanwhile); :meth:`stop` ends it (its watchdog sees
+    the cancel file). A standby nobody takes ends by itself after ``child.IDLE_LIMIT`` seconds.
+    """
+
+    def __init__(self, device: str = "auto", launcher: Launcher | None = None, python: str | None = None):
+        self.device, self.launcher, self.python = device, launcher, python
+        self.folder = tempfile.mkdtemp(prefix="IBIX-run-")
+        try:
+            self.process = Process(child_command(self.folder, device, ["wait"], python), self.folder, launcher)
+        except BaseException:
+            remove_folder(self.folder)
+            raise
+
+    def matches(self, device: str, launcher: Launcher | None, python: str | None) -> bool:
+        return (device, launcher, python) == (self.device, self.launcher, self.python)
+
+    def take(self) -> "Standby | None":
+        """This standby for one run, if its process still waits; else it is cleaned up and None returned."""
+        if self.process.poll() == RUNNING:
+            return self
+        self.stop()
+        return None
+
+    def stop(self) -> None:
+        self.process.cancel()
+        remove_folder(self.folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # A module run: inputs -> child -> result node
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -405,12 +442,16 @@ class Run:
     def done(self) -> bool:
         return self.state in (FINISHED, FAILED, CANCELLED, CRASHED)
 
-    def start(self) -> "Run":
-        """Write the inputs and start the child (main thread; returns at once)."""
+    def start(self, standby: Standby | None = None) -> "Run":
+        """Write the inputs and start the child, or hand the job to ``standby`` (main thread; returns at once)."""
         if self.state != "idle":
             raise ibx.InputError("this run was already started: make a new one")
         self._started = time.perf_counter()
-        self.folder = tempfile.mkdtemp(prefix="IBIX-run-")
+        if standby is not None and not standby.matches(self.device, self.launcher, self.python):
+            standby.stop()
+            standby = None
+        standby = standby.take() if standby is not None else None
+        self.folder = standby.folder if standby is not None else tempfile.mkdtemp(prefix="IBIX-run-")
         try:
             inputs = []
             for i, array in enumerate(self.request.arrays):
@@ -420,9 +461,18 @@ class Run:
                 mask = _write(os.path.join(self.folder, "mask.nrrd"), self.request.mask.astype(np.uint8),
                               self.request.geometry)
             arguments = command_arguments(self.request, self.model_path, self.folder, inputs, mask, self.device)
-            self.process = Process(child_command(self.folder, self.device, arguments, self.python), self.folder,
-                                   self.launcher)
+            if standby is not None:
+                job = os.path.join(self.folder, "job.json")
+                with open(job + ".partial", "w", encoding="utf-8") as f:
+                    json.dump(arguments, f)
+                os.replace(job + ".partial", job)  # the standby reads it whole or not at all
+                self.process = standby.process
+            else:
+                self.process = Process(child_command(self.folder, self.device, arguments, self.python), self.folder,
+                                       self.launcher)
         except BaseException:
+            if standby is not None:
+                standby.process.cancel()
             remove_folder(self.folder)
             raise
         self.state = RUNNING

@@ -4,9 +4,12 @@ Three times, each the best of REPEATS runs (shared CPUs change speed from second
 
 * ``ibix forward``: the command line in its own process, as a user would run it (wall time, start-up included),
   and the time it reports for its own work (``seconds_total`` of its summary.json, start-up excluded);
-* start-up: a bare child that imports the engine and ONNX Runtime and exits (``python -c "import ..."``);
+* start-up of the child: what ``ibix forward`` spends outside its own work (wall - seconds_total: starting
+  Python, imports, parsing, exiting), and for information a bare child that only imports the engine and ONNX
+  Runtime (``python -c "import ..."``);
 * runner: what the module does on "Run forward", from reading the scene (the T1 volume and the input-mask segment
-  on a real MRML scene from slicer-core) to the map node in the scene, polled every 50 ms as the GUI's timer does.
+  on a real MRML scene from slicer-core) to the map node in the scene, polled every 50 ms as the GUI's timer does:
+  cold (a new engine process) and warm (the standby process the module keeps started between runs).
 
 The acceptance of issue 11 reads: runner <= ibix forward (own work) + start-up + 10 % of ibix forward (own work).
 The script also reports the longest main-thread step of the runner (writing the inputs, each poll, loading the
@@ -50,7 +53,7 @@ def time_cli(n_jitters: int) -> tuple[float, float]:
 
 
 def time_startup() -> float:
-    """Wall of a child that starts Python, imports the engine and ONNX Runtime, and exits."""
+    """Wall of a child that starts Python, imports the engine and ONNX Runtime, and exits (s)."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import IBIXLogic.cli, IBIXLogic.forward, onnxruntime"], check=True)
     return time.perf_counter() - started
@@ -75,14 +78,19 @@ def scene_case():
     return app, volume, segmentation, segment
 
 
-def time_runner(case, n_jitters: int) -> tuple[float, float]:
-    """(Run -> map in the scene, longest main-thread step), polled every POLL_MS like the module."""
+def time_runner(case, n_jitters: int, warm: bool) -> tuple[float, float]:
+    """(Run -> map in the scene, longest main-thread step), polled every POLL_MS like the module; ``warm``: with
+    a standby engine process started (and given time to import) before "Run"."""
     from IBIXLib import jobs, scene
 
     app, volume, segmentation, segment = case
+    standby = None
+    if warm:
+        standby = jobs.Standby("cpu", python=sys.executable)
+        time.sleep(3.0)  # the user paints, looks, ... meanwhile the standby starts
     started = time.perf_counter()
     request = scene.prepare_request("forward", ["T1"], [volume], segmentation, segment, n_jitters=n_jitters)
-    run = jobs.Run(request, str(MODEL), "cpu", python=sys.executable).start()
+    run = jobs.Run(request, str(MODEL), "cpu", python=sys.executable).start(standby)
     longest = time.perf_counter() - started
     while not run.done:
         time.sleep(POLL_MS / 1000.0)
@@ -103,26 +111,36 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     case = scene_case()
-    cli, own, startup, runner, step = [], [], [], [], []
+    cli, own, outside, imports, runner, warm, step = [], [], [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so that a slow second hits every side alike
         wall, seconds = time_cli(args.n_jitters)
         cli.append(wall)
         own.append(seconds)
-        startup.append(time_startup())
-        total, longest = time_runner(case, args.n_jitters)
+        outside.append(wall - seconds)
+        imports.append(time_startup())
+        total, longest = time_runner(case, args.n_jitters, warm=False)
         runner.append(total)
         step.append(longest)
+        total, longest = time_runner(case, args.n_jitters, warm=True)
+        warm.append(total)
+        step.append(longest)
     result = {"n_jitters": args.n_jitters, "repeats": args.repeats, "ibix_forward_wall_s": min(cli),
-              "ibix_forward_own_s": min(own), "child_startup_s": min(startup), "runner_s": min(runner),
+              "ibix_forward_own_s": min(own), "child_startup_s": min(outside), "bare_imports_s": min(imports),
+              "runner_s": min(runner), "runner_warm_s": min(warm),
               "runner_longest_main_thread_step_s": max(step)}
     allowed = result["ibix_forward_own_s"] * 1.10 + result["child_startup_s"]
     result["allowed_s"] = allowed
     result["within"] = result["runner_s"] <= allowed
+    result["within_warm"] = result["runner_warm_s"] <= allowed
     print(f"ibix forward (own process, wall)      {result['ibix_forward_wall_s']:6.2f} s")
     print(f"ibix forward (its own work)           {result['ibix_forward_own_s']:6.2f} s")
-    print(f"child start-up (python + imports)     {result['child_startup_s']:6.2f} s")
-    print(f"runner: Run -> map in the scene       {result['runner_s']:6.2f} s   "
-          f"(allowed: own work x 1.10 + start-up = {allowed:.2f} s: {'yes' if result['within'] else 'NO'})")
+    print(f"child start-up (wall - own work)      {result['child_startup_s']:6.2f} s")
+    print(f"  of which bare imports               {result['bare_imports_s']:6.2f} s")
+    print(f"allowed: own work x 1.10 + start-up   {allowed:6.2f} s")
+    print(f"runner, new process: Run -> map       {result['runner_s']:6.2f} s   "
+          f"({'within' if result['within'] else 'NOT within'})")
+    print(f"runner, standby process: Run -> map   {result['runner_warm_s']:6.2f} s   "
+          f"({'within' if result['within_warm'] else 'NOT within'})")
     print(f"runner: longest main-thread step      {result['runner_longest_main_thread_step_s']:6.3f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
