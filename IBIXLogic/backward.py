@@ -13,16 +13,15 @@ import numpy as np
 
 from . import locality
 from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
-from .checks import channel_indices, check_choice, check_count, check_mask
-from .errors import InputError, ModelError
+from .checks import (BACKWARD_METHODS, BLOCK_KINDS, channel_indices, check_arguments, check_block_labels,
+                     check_block_levels, check_choice, check_mask)
+from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
                       resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
 
-METHODS = ("auto", "local", "batched", "brute")
-NORMALIZATIONS = ("fraction", "magnitude")
 
 
 @dataclass
@@ -83,15 +82,15 @@ class _BlockSums:
                  schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
         self.perturber, self.out_samples = perturber, out_samples
         self.radius, self.schedule, self.progress = radius, schedule, progress
-        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        card_input = perturber.model.card.input
+        self.tiles = tiles and radius is not None and not card_input.size and card_input.patch is None
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
-    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
+    def _groups(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]
+                ) -> tuple[list[_Item], np.ndarray]:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
-        occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
-        present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s].ravel())), ids) if occupied[s]
-                   else ids[:0]
-                   for s in range(len(label_samples))]
+        present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s][boxes[s]].ravel())), ids)
+                   if s in boxes else ids[:0] for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
             wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
@@ -105,12 +104,14 @@ class _BlockSums:
             if len(blocks) == 0:
                 continue
             if self.radius is not None:
-                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
+                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s][boxes[s]], blocks,
+                                                                            self.radius))
             else:
                 groups.extend(_Item(s, blocks[i:i + 1]) for i in range(len(blocks)))
         return groups, wanted
 
-    def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
+    def _tiles(self, label_samples: np.ndarray, groups: list[_Item], boxes: dict[int, tuple[slice, ...]]
+               ) -> list[_Item] | None:
         """Windowed items holding the groups' blocks and their context, when they run fewer voxels than whole
         samples (see :meth:`Perturber.checked_tiles`)."""
         starts = np.cumsum([0] + [len(g.blocks) for g in groups])
@@ -120,8 +121,11 @@ class _BlockSums:
         for s in {g.sample for g in groups}:  # one pass over each sample's labels
             members = [i for i, g in enumerate(groups) if g.sample == s]
             at = np.concatenate([rows[i] for i in members])
-            low[at], high[at] = locality.block_boxes(label_samples[s],
+            low[at], high[at] = locality.block_boxes(label_samples[s][boxes[s]],
                                                      np.concatenate([groups[i].blocks for i in members]))
+            start = np.array([b.start for b in boxes[s]])
+            low[at] += start
+            high[at] += start
         tiles, self.tiling = self.perturber.checked_tiles(groups[0].sample, low, high, rows, self.radius,
                                                           len(groups))
         if tiles is None:
@@ -131,19 +135,20 @@ class _BlockSums:
         self.tiling["blocks"] = int(len(low))
         return [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window) for t in tiles]
 
-    def compute(self, label_samples: np.ndarray, ids: np.ndarray,
+    def compute(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]],
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
-        size = int(label_samples.max()) + 1
+        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples; ``boxes``: where each
+        sample that holds blocks holds them)."""
+        size = int(max(label_samples[s][box].max() for s, box in boxes.items())) + 1 if boxes else 1
         numerator, denominator = np.zeros(size), np.zeros(size)
-        groups, wanted = self._groups(label_samples, ids)
+        groups, wanted = self._groups(label_samples, ids, boxes)
         if not groups:
             return numerator, denominator
         perturber = self.perturber
         # a sample's own output serves every tile of it; on a large sample, each tile's output is cheaper
         perturber.base_outputs(sorted({g.sample for g in groups if perturber.small_sample}))
-        items = self._tiles(label_samples, groups) if self.tiles else None
+        items = self._tiles(label_samples, groups, boxes) if self.tiles else None
         if items is None:
             items = groups
             if self.radius is not None:
@@ -161,7 +166,7 @@ class _BlockSums:
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
         # block labels of each tile, padded as the model pads the perturbed input
-        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window)[0]
+        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window, 0)[0]
                        for i, item in enumerate(items) if item.window is not None}
         member = np.zeros(size, bool)
 
@@ -214,7 +219,8 @@ class _BlockSums:
                     len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(indices[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
-                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape,
+                    sample_of=lambda j: chosen[j].sample)
                 for start, stop, sums in runs:
                     for j in range(start, stop):
                         if state is not None:
@@ -287,9 +293,9 @@ class _Refinement:
         self.n_jitters, self.jitters_used = n_jitters, n_jitters
         self._previewed: np.ndarray | None = None
 
-    def next_level(self, labels: np.ndarray, new_ids: np.ndarray) -> None:
-        self.labels, self.new_ids, self._previewed = labels, new_ids, None
-        self.present = np.bincount(labels[self.touched].ravel()) > 0
+    def next_level(self, labels: np.ndarray, new_ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]) -> None:
+        self.labels, self.new_ids, self.boxes, self._previewed = labels, new_ids, boxes, None
+        self.present = _label_counts(labels, {s: boxes[s] for s in self.touched.tolist() if s in boxes}) > 0
 
     def merge(self, level_numerator: np.ndarray, level_denominator: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -321,21 +327,58 @@ class _Refinement:
 
     def painted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Consecutive block labels 1..K (0 = no block), B per label, and B painted on the input grid."""
-        all_labels = self.labels
-        # computed on the samples that hold blocks: most slices of a volume hold none
-        occupied = np.flatnonzero(all_labels.reshape(len(all_labels), -1).any(axis=1))
-        labels = all_labels[occupied]
-        ids = np.flatnonzero(np.bincount(labels.ravel()))
+        # computed where the blocks are: most slices of a volume, and most of a large volume, hold none
+        counts = _label_counts(self.labels, self.boxes, len(self.values))
+        ids = np.flatnonzero(counts)
         ids = ids if len(ids) and ids[0] == 0 else np.concatenate([[0], ids])
-        relabel = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+        relabel = np.zeros(len(counts), np.int32)
         relabel[ids] = np.arange(len(ids), dtype=np.int32)
         block_values = self.values[ids].astype(np.float32)
         block_values[0] = 0.0
-        compact = np.zeros(all_labels.shape, np.int32)
-        compact[occupied] = relabel[labels]
-        painted = np.zeros(all_labels.shape, np.float32)
-        painted[occupied] = block_values[compact[occupied]]
+        compact = np.zeros(self.labels.shape, np.int32)
+        painted = np.zeros(self.labels.shape, np.float32)
+        for s, box in self.boxes.items():
+            compact[s][box] = relabel[self.labels[s][box]]
+            painted[s][box] = block_values[compact[s][box]]
         return self.prepared.from_samples(compact), block_values, self.prepared.from_samples(painted)
+
+
+def _label_counts(labels: np.ndarray, boxes: dict[int, tuple[slice, ...]], size: int = 0) -> np.ndarray:
+    """Voxels of each label, counted in the samples' boxes (at least ``size`` entries)."""
+    counts = [np.bincount(labels[s][box].ravel()) for s, box in boxes.items()]
+    total = np.zeros(max([len(c) for c in counts] + [size, 1]), np.int64)
+    for c in counts:
+        total[:len(c)] += c
+    return total
+
+
+def _label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """For each sample that holds blocks, the bounding box of its blocks."""
+    boxes = {}
+    for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
+        low, high = mask_box(labels[s] != 0)
+        boxes[int(s)] = tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))
+    return boxes
+
+
+def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.ndarray, n_blocks: int,
+                  compactness: float, blocks: Any, refine_threshold: float, given: np.ndarray | None,
+                  near: Callable[[int], tuple[slice, ...]] | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[slice, ...]]]:
+    """The labels of a level, its new blocks and the samples' boxes of blocks: the user's blocks, the first
+    level's blocks (near the output mask where that can be told), or the previous level's blocks with those of
+    B >= refine_threshold * max B cut finer."""
+    if refinement.labels is not None:
+        values = refinement.values
+        refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
+        fine = _block_labels(prepared, touched, n_blocks, compactness, blocks, np.isin(refinement.labels, refine))
+        top = int(refinement.labels.max())
+        current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
+        return current, np.unique(fine[fine > 0]) + top, _label_boxes(current)
+    current = (np.ascontiguousarray(prepared.to_samples(given)) if given is not None
+               else _block_labels(prepared, touched, n_blocks, compactness, blocks, near=near))
+    boxes = _label_boxes(current)
+    return current, np.flatnonzero(_label_counts(current, boxes)[1:]) + 1, boxes
 
 
 def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
@@ -349,38 +392,11 @@ def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple
     return box
 
 
-def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
-    """Block counts of the coarse-to-fine levels, ending with ``n_blocks``."""
-    levels = [] if coarse_blocks is None else [coarse_blocks] if np.isscalar(coarse_blocks) else list(coarse_blocks)
-    levels = [check_count("coarse_blocks", k) for k in levels] + [n_blocks]
-    if any(b >= a for a, b in zip(levels[1:], levels)):
-        raise InputError(f"coarse_blocks must increase and stay below n_blocks: {levels}")
-    return levels
-
-
-def _check_options(method: str, normalization: str, refine_threshold: float, locality_tolerance: float,
-                   blocks: Any) -> None:
-    check_choice("method", method, METHODS)
-    check_choice("normalization", normalization, NORMALIZATIONS)
-    if not 0 <= refine_threshold <= 1:
-        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
-    if not 0 <= locality_tolerance < 1:
-        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
-    if isinstance(blocks, str) and blocks not in ("slic", "grid"):
-        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
-
-
-def _check_block_labels(blocks: Any, shape: tuple[int, ...], levels: list[int]) -> np.ndarray:
-    """A user's block label image on the input grid."""
-    if len(levels) > 1:
-        raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image")
-    given = np.asarray(blocks)
-    if given.shape != shape or not np.issubdtype(given.dtype, np.integer):
-        raise InputError(f"a block label image must be integer with the input's shape {shape}, "
-                         f"got {given.dtype} {given.shape}")
-    if given.min() < 0 or given.max() < 1:
-        raise InputError("block labels must be >= 0 with at least one block (label >= 1)")
-    return given
+def _check_blocks(blocks: Any, levels: list[int]) -> None:
+    if isinstance(blocks, str):
+        check_choice("blocks", blocks, BLOCK_KINDS)
+    elif len(levels) > 1:
+        raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image (blocks)")
 
 
 def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
@@ -435,19 +451,26 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         A 2D model on a volume is explained on the slices M^f touches; B is 0 elsewhere.
     """
     started = time.perf_counter()
-    n_blocks = check_count("n_blocks (K)", n_blocks)
-    n_jitters = check_count("n_jitters (N)", n_jitters)
-    _check_options(method, normalization, refine_threshold, locality_tolerance, blocks)
-    levels = _block_levels(n_blocks, coarse_blocks)
+    checked = check_arguments(n_blocks=n_blocks, compactness=compactness, n_jitters=n_jitters, max_jitter=max_jitter,
+                              normalization=normalization, refine_threshold=refine_threshold,
+                              locality_tolerance=locality_tolerance, geometry=geometry, tiles=tiles,
+                              progressive=progressive, preview=preview, tolerance=tolerance, progress=progress,
+                              cancel=cancel)
+    n_blocks, compactness, n_jitters = checked["n_blocks"], checked["compactness"], checked["n_jitters"]
+    refine_threshold, locality_tolerance, tolerance = (checked[k] for k in ("refine_threshold",
+                                                                            "locality_tolerance", "tolerance"))
+    check_choice("method", method, BACKWARD_METHODS)
+    levels = check_block_levels(n_blocks, coarse_blocks)
+    _check_blocks(blocks, levels)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     out_mask = check_mask(out_mask, prepared.volume_shape, "output mask")
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     out_samples = prepared.to_samples(out_mask)
     touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
     custom = not isinstance(blocks, str)
-    given = _check_block_labels(blocks, prepared.volume_shape, levels) if custom else None
+    given = check_block_labels(blocks, prepared.volume_shape) if custom else None
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
                           one_item_per_batch=method == "brute")
@@ -463,23 +486,14 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
     refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
     evaluations_per_level, blocks_per_level = [], []
-    for level, k in enumerate(levels):
+    for k in levels:
         check_cancel(cancel)
         level_start = model.evaluations
-        if level > 0:
-            values = refinement.values
-            refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
-            fine = _block_labels(prepared, touched, k, compactness, blocks, np.isin(refinement.labels, refine))
-            top = int(refinement.labels.max())
-            current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
-            new_ids = np.unique(fine[fine > 0]) + top
-        else:
-            current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if custom
-                       else _block_labels(prepared, touched, k, compactness, blocks,
-                                         near=_reach(out_samples, radius)))
-            new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
-        refinement.next_level(current, new_ids)
-        level_sums = sums.compute(current, new_ids, refinement.on_jitter_level if len(schedule) > 1 else None)
+        current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
+                                                refine_threshold, given, _reach(out_samples, radius))
+        refinement.next_level(current, new_ids, boxes)
+        level_sums = sums.compute(current, new_ids, boxes,
+                                  refinement.on_jitter_level if len(schedule) > 1 else None)
         refinement.finish_level(*level_sums)
         evaluations_per_level.append(model.evaluations - level_start)
         blocks_per_level.append(int(len(new_ids)))
@@ -494,11 +508,13 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
         "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
+        "windows": perturber.patch_summary(model.evaluations - before),
+        "model_assumptions": list(model.card.assumptions),
     }
     return BackwardResult(
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model.pipeline.padded_shape(prepared.sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
+            model.pipeline.sample_voxels(prepared.sample_shape)))
