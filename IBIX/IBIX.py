@@ -803,10 +803,13 @@ class IBIXTest(ScriptedLoadableModuleTest):
         self.delayDisplay(_("IBIX: demo inference in the engine process"))
         array, volume, segmentation, segmentId, mask = self._case()
         logic = IBIXLogic()
-        logic.loadModel(modelPath, installDependencies=False)
-        output = logic.generateOutput([volume])
-        fmap = logic.runForward([volume], segmentation, segmentId, output, n_jitters=2)
-        self.assertGreater(float(slicer.util.arrayFromVolume(fmap).max()), 0.0)
-        bmap = logic.runBackward([volume], output, segmentation, segmentId, n_blocks=20, n_jitters=2)
-        self.assertEqual(slicer.util.arrayFromVolume(bmap).shape, array.shape)
+        try:
+            logic.loadModel(modelPath, installDependencies=False)
+            output = logic.generateOutput([volume])
+            fmap = logic.runForward([volume], segmentation, segmentId, output, n_jitters=2)
+            self.assertGreater(float(slicer.util.arrayFromVolume(fmap).max()), 0.0)
+            bmap = logic.runBackward([volume], output, segmentation, segmentId, n_blocks=20, n_jitters=2)
+            self.assertEqual(slicer.util.arrayFromVolume(bmap).shape, array.shape)
+        finally:
+            logic.stopStandby()  # no engine process left waiting after the test
         self.delayDisplay(_("IBIX test passed"))
