@@ -503,3 +503,23 @@ def test_nothing_slow_runs_on_the_gui_thread(ibix, case, fake_child, monkeypatch
     assert waited > 0  # the model check was waited for with the event loop turning
     logic.runForward([case["volume"]], case["seg"], case["sid"], n_jitters=2)
     assert len(events) > waited
+
+
+def test_self_test_runs_the_demo_model_where_onnxruntime_is_installed(ibix, slicer_app, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    shown = []
+    red = types.SimpleNamespace(sliceLogic=lambda: slicer_app.slice_logic)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        layoutManager=lambda: types.SimpleNamespace(sliceWidget=lambda name: red),
+        testingEnabled=lambda: True, processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(ibix.jobs, "default_launcher", lambda: ibix.jobs.subprocess_launcher)
+    monkeypatch.setattr(ibix.jobs, "python_executable", lambda: sys.executable)
+    monkeypatch.setattr(ibix.dependencies, "installed_runtime", lambda: "cpu")
+    test = ibix.IBIXTest()
+    test.delayDisplay = lambda text, *a: shown.append(text)
+    test.assertEqual, test.assertIn, test.assertTrue = _eq, _in, _true
+    test.assertGreater = lambda a, b: _true(a > b)
+    test.assertRaises = pytest.raises
+    test.runTest()
+    assert shown[-1] == "IBIX test passed", shown
+    assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 4  # input, output, F, B
