@@ -195,15 +195,13 @@ def identity_model(directory: Path, channels=("T1",)) -> Path:
 
 
 def conv_model(directory: Path, kernel: np.ndarray | None = None) -> Path:
-    """y = 3x3 zero-padded cross-correlation of x with ``kernel`` (default onnx_models' test kernel)."""
+    """y = 3x3 zero-padded cross-correlation of x with ``kernel`` (default onnx_models.POSITIVE_KERNEL)."""
     pytest.importorskip("onnx")
     import onnx_models
 
-    kernel = KERNEL if kernel is None else kernel
+    kernel = onnx_models.POSITIVE_KERNEL if kernel is None else kernel
     return onnx_models.save(onnx_models.convolution(kernel), directory, "conv3x3", card("3x3 convolution (test)"))
 
-
-KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------------
