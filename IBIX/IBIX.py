@@ -657,7 +657,12 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
 
         standby, self._standby = self._standby, None
         run = jobs.Run(request, self.modelPath, self.device(self.runtime), display=display, on_progress=onProgress,
-                       on_done=done, launcher=self.launcher, python=self.python).start(standby)
+                       on_done=done, launcher=self.launcher, python=self.python)
+        try:
+            run.start(standby)
+        except Exception:  # refused before it ran (the standby was used up): keep one for the next run
+            self._prestart()
+            raise
         if poll:
             self._pollers.append(_Poller(run, self._pollers))
         return run
