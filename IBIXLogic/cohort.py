@@ -37,6 +37,8 @@ REQUIRED_COLUMNS = ("case", "input", "mask")
 _NOT_PARAMETERS = {"model", "x", "mask", "out_mask", "geometry", "preview", "progress", "cancel"}
 #: Columns of cohort.csv before the statistics.
 ROW_COLUMNS = ("case", "status", "error", "evaluations", "seconds")
+#: How long joining a Dask scheduler may take before the cohort gives up.
+SCHEDULER_TIMEOUT_S = 10
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 log = logging.getLogger("IBIX")
 
@@ -302,7 +304,7 @@ def _client(workers: int, scheduler: str | None):
 
     if scheduler is not None:
         try:
-            return Client(scheduler, timeout="10s"), None
+            return Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s"), None
         except (OSError, TimeoutError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); start one with 'dask "
                              "scheduler' and its workers with 'dask worker ADDRESS', or leave out --scheduler for "

@@ -143,7 +143,8 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path):
     assert "missing-input" in text and "different nonzero values" in text
 
 
-def test_unreachable_scheduler_is_a_clear_error(tmp_path):
+def test_unreachable_scheduler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(cohort, "SCHEDULER_TIMEOUT_S", 1)
     manifest = sample_manifest(tmp_path)
     with pytest.raises(ibx.InputError, match="cannot reach the Dask scheduler"):
         cohort.run_cohort(manifest, T1_MODEL, "forward", tmp_path / "out", scheduler="tcp://127.0.0.1:9")
