@@ -8,9 +8,10 @@ from .card import ModelCard, card_schema, validate_card
 from .errors import Cancelled, IBIXError, InputError, ModelCardError, ModelError
 from .geometry import Geometry, slice_array_axis
 from .io import read_mask, read_volume, resample_mask, write_volume
-from .mapping import (BackwardResult, ForwardResult, backward_mapping, forward_mapping, jitter_levels,
-                      measure_response_radius)
-from .runner import Model, load_model, release_models
+from .backward import BackwardResult, backward_mapping
+from .forward import ForwardResult, forward_mapping
+from .model import Model, load_model, release_models
+from .perturb import jitter_levels, measure_response_radius
 
 __version__ = "0.1.0"
 

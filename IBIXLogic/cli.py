@@ -1,90 +1,33 @@
 """The ``ibix`` command line: predict, forward and backward mappings on volumes in files, and the demo.
 
+Parsing and exit codes only; loading, running and writing live in :mod:`IBIXLogic.session`.
 Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem), 1 any other
-error, 130 interrupted.
+error, 130 interrupted. With ``--progress-format jsonl`` stdout carries JSON lines only, ending with a
+``finished`` or ``failed`` record.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .errors import IBIXError, InputError
+from . import __version__, session
 from .blocks import DEFAULT_COMPACTNESS
+from .demo import run_demo
+from .errors import IBIXError, InputError
 from .geometry import Geometry
+from .io import read_volume
+from .model import Model
+from .session import FORMATS, PROGRESS_FORMATS, Console, FigureOptions, Inputs, Outputs
 
-FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 DEFAULT_OUTPUT = "ibix-output"
-#: Grey levels of an output in Hounsfield units under F (the soft-tissue window, level 40, width 400).
-CT_WINDOW = (-160.0, 240.0)
-
-
-# -- console and progress -----------------------------------------------------------------------------------
-class Console:
-    """Where messages go: results on stdout, notes and progress on stderr, nothing but errors when quiet."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-
-    def out(self, text: str = "") -> None:
-        if not self.quiet:
-            print(text, flush=True)
-
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            print(f"ibix: {text}", file=sys.stderr, flush=True)
-
-    def progress(self) -> "Progress":
-        return Progress(enabled=not self.quiet)
-
-
-class Progress:
-    """A ``progress(done, total, message)`` callback for the engine that drives a tqdm bar on stderr.
-
-    The bar appears only when a step takes more than a second, shows the time left, and starts afresh when the
-    engine's message or total changes (e.g. the levels of a coarse-to-fine backward mapping).
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.bar = None
-        self.key: tuple[str, int] | None = None
-
-    def __call__(self, done: int, total: int, message: str) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if self.bar is None or self.key != (message, total) or done < self.bar.n:
-            self.close()
-            self.bar = tqdm(total=total, desc=message, unit="step", file=sys.stderr, delay=1.0, leave=False,
-                            dynamic_ncols=True)
-            self.key = (message, total)
-        self.bar.update(done - self.bar.n)
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-            self.key = None
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- argument types -----------------------------------------------------------------------------------------
@@ -163,6 +106,10 @@ def _common(parser: argparse.ArgumentParser, needs_model: bool = True) -> None:
                      help="file format of the volumes written (geometry of the input kept)")
     out.add_argument("--quiet", "-q", action="store_true", default=False,
                      help="print nothing but errors (no progress bar, no list of files)")
+    out.add_argument("--progress-format", choices=PROGRESS_FORMATS, default="human",
+                     help="human: a progress bar on stderr; jsonl: one JSON object per line on stdout "
+                          "({stage, done, total}), ending with {stage: finished, files, summary} or "
+                          "{stage: failed, error}")
 
 
 def _figure_options(parser: argparse.ArgumentParser) -> None:
@@ -281,363 +228,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- loading ------------------------------------------------------------------------------------------------
-@dataclass
-class Inputs:
-    """Input volumes (one per channel) on one grid."""
-
-    arrays: list[np.ndarray]
-    geometry: Geometry
-    paths: list[Path]
-
-    @property
-    def x(self) -> Any:
-        return self.arrays[0] if len(self.arrays) == 1 else self.arrays
-
-
-def load_model(path: Path, card: Path | None, device: str, memory_budget_mib: float = 512.0):
-    from .runner import load_model as engine_load
-
-    if card is not None and not Path(card).is_file():
-        raise InputError(f"{card}: model card not found")
-    return engine_load(path, card=None if card is None else str(card), device=device,
-                       memory_budget=int(memory_budget_mib * 2**20))
-
-
-def load_inputs(paths: Sequence[Path], model) -> Inputs:
-    """Read one volume per card channel and check they share one grid."""
-    from .io import read_volume
-
-    names = list(model.card.input.channels)
-    if len(paths) != len(names):
-        raise InputError(f"the model {model.path.name} takes {len(names)} input channel(s) {names} but "
-                         f"{len(paths)} --input volume(s) were given ({', '.join(str(p) for p in paths)}); "
-                         "pass one --input per channel, in that order")
-    arrays, geometries = [], []
-    for path in paths:
-        array, geometry = read_volume(path)
-        if array.ndim not in (2, 3):
-            raise InputError(f"{path}: a {array.ndim}D image; IBIX reads 2D images and 3D volumes")
-        arrays.append(array)
-        geometries.append(geometry)
-    for path, geometry in zip(paths[1:], geometries[1:]):
-        if not geometry.matches(geometries[0]):
-            raise InputError(f"{path}: its grid (shape {geometry.shape}, spacing {geometry.spacing}, origin "
-                             f"{geometry.origin}) differs from {paths[0]}'s (shape {geometries[0].shape}, spacing "
-                             f"{geometries[0].spacing}, origin {geometries[0].origin}); resample the channels "
-                             "onto one grid")
-    return Inputs(arrays, geometries[0], list(paths))
-
-
-def load_mask(path: Path, label: int | None, reference: Geometry, console: Console, what: str) -> np.ndarray:
-    """A mask on the input grid; one on another grid is resampled (nearest neighbour) if it overlaps."""
-    from .io import read_mask, read_volume
-
-    _, geometry = read_volume(path)
-    if not geometry.matches(reference):
-        console.note(f"{path}: the {what}'s grid (shape {geometry.shape}, spacing {geometry.spacing}) differs from "
-                     f"the input's (shape {reference.shape}, spacing {reference.spacing}); resampled onto the "
-                     "input's grid (nearest neighbour)")
-    return read_mask(path, label=label, reference=reference)
-
-
-def _channels(values: Sequence[str] | None, model) -> list[str | int] | None:
-    if values is None:
-        return None
-    names = list(model.card.input.channels)
-    return [int(v) if v not in names and v.lstrip("-").isdigit() else v for v in values]
-
-
-# -- output -------------------------------------------------------------------------------------------------
-class Outputs:
-    """The output folder: plans the files, refuses to overwrite inputs, writes volumes atomically."""
-
-    def __init__(self, folder: Path, fmt: str, protected: Sequence[Path | None]):
-        self.folder = Path(folder)
-        self.suffix = FORMATS[fmt]
-        self.protected = {Path(p).resolve() for p in protected if p is not None}
-        self.written: list[Path] = []
-
-    def volume(self, stem: str) -> Path:
-        return self.path(stem + self.suffix)
-
-    def path(self, name: str) -> Path:
-        path = self.folder / name
-        if path.resolve() in self.protected:
-            raise InputError(f"{path}: writing it would overwrite an input file; choose another --output folder")
-        return path
-
-    def check(self, names: Sequence[str]) -> None:
-        """Create the folder, check it is writable, and refuse names that are inputs."""
-        for name in names:
-            self.path(name)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{self.folder}: cannot create the output folder ({exc.strerror or exc})") from None
-        if not self.folder.is_dir():
-            raise InputError(f"{self.folder}: the output folder is not a folder")
-        try:
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".ibix-write-test-"):
-                pass
-        except OSError as exc:
-            raise InputError(f"{self.folder}: the output folder is not writable ({exc.strerror or exc})") from None
-
-    def write_volume(self, stem: str, array: np.ndarray, geometry: Geometry) -> Path:
-        from .io import write_volume
-
-        path = write_volume(self.volume(stem), array, geometry)
-        self.written.append(path)
-        return path
-
-    def write_json(self, name: str, content: dict) -> Path:
-        path = self.path(name)
-        temporary = path.with_name(f".{name}.partial")
-        try:
-            temporary.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
-            os.replace(temporary, path)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        self.written.append(path)
-        return path
-
-    def add(self, path: Path) -> None:
-        self.written.append(Path(path))
-
-
-class Preview:
-    """The engine's ``preview(map, N)`` callback: writes ``<stem>_preview`` and removes it once the run ends."""
-
-    def __init__(self, outputs: Outputs, stem: str, geometry: Geometry, console: Console, progress: Progress):
-        self.outputs, self.stem, self.geometry = outputs, stem, geometry
-        self.console, self.progress = console, progress
-        self.path: Path | None = None
-
-    def __call__(self, values: np.ndarray, n_jitters: int) -> None:
-        from .io import write_volume
-
-        self.path = write_volume(self.outputs.volume(self.stem + "_preview"), values, self.geometry)
-        self.progress.close()
-        self.console.note(f"preview with N = {n_jitters} written to {self.path}")
-
-    def __enter__(self) -> "Preview":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _stem_names(stems: Sequence[str], fmt: str, extra: Sequence[str] = ()) -> list[str]:
-    return [s + FORMATS[fmt] for s in stems] + list(extra)
-
-
-# -- figures ------------------------------------------------------------------------------------------------
-def display_axis(model, geometry: Geometry, ndim: int) -> int | None:
-    """Slices of the PNGs: along a 2D model's slice axis, else the axial axis (None for a 2D image)."""
-    from . import figures
-    from .geometry import slice_array_axis
-
-    preferred = None
-    if ndim == 3 and model.card.spatial_dims == 2:
-        preferred = slice_array_axis(geometry, model.card.slice_axis or "axial")
-    return figures.display_axis(geometry, ndim, preferred)
-
-
-def output_on_slices(model, inputs: Inputs, axis: int | None, slices: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The model output on the given slices only (zeros elsewhere) and the evaluations it took."""
-    before = model.evaluations
-    prepared = model.prepare(inputs.x, inputs.geometry)
-    if model.card.spatial_dims == 2 and prepared.slice_axis is not None and axis == prepared.slice_axis:
-        samples = np.zeros((len(prepared.samples),) + tuple(prepared.sample_shape), np.float32)
-        samples[list(slices)] = model.predict_samples(prepared, list(slices))
-        return prepared.from_samples(samples), model.evaluations - before
-    return prepared.from_samples(model.predict_samples(prepared)), model.evaluations - before
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def forward_png(path: Path, model, inputs: Inputs, output: np.ndarray, result, mask: np.ndarray,
-                axis: int | None, slices: Sequence[int], crop: str = "roi", **kw) -> Path:
-    from . import figures
-
-    p = result.parameters
-    subtitle = (f"{model.card.name or model.path.name} · channels {', '.join(p['channels'])} · N = {p['n_jitters']} "
-                f"jitters up to H = {_fmt(p['max_jitter'])} · {result.evaluations} evaluations in "
-                f"{result.seconds:.1f} s on {result.device} · max |F| = {_fmt(float(np.abs(result.signed).max()))}")
-    name = model.card.output.channels[0] if model.card.output.channels else "output"
-    units = model.card.output.units
-    if units == "HU" and "window" not in kw:
-        kw["window"] = CT_WINDOW
-    return figures.forward_figure(path, output, result.signed, mask, inputs.geometry, axis, slices,
-                                  result.units, f"{name}{', ' + units if units else ''}", subtitle=subtitle,
-                                  crop=crop, crop_reference=inputs.arrays[0], **kw)
-
-
-def backward_png(path: Path, model, inputs: Inputs, result, mask: np.ndarray, axis: int | None,
-                 slices: Sequence[int], crop: str = "roi", background_channel: int = 0, **kw) -> Path:
-    from . import figures
-
-    p = result.parameters
-    levels = "" if not p.get("coarse_blocks") else f" (levels {p['coarse_blocks'] + [p['n_blocks']]})"
-    subtitle = (f"{model.card.name or model.path.name} · {p['blocks']} blocks, K = {p['n_blocks']}{levels} · "
-                f"N = {p['n_jitters']} jitters up to H = {_fmt(p['max_jitter'])} · method {p['method']} · "
-                f"{result.evaluations} evaluations in {result.seconds:.1f} s on {result.device}")
-    channel = model.card.input.channels[background_channel]
-    return figures.backward_figure(path, inputs.arrays[background_channel], result.map, mask, inputs.geometry,
-                                   axis, slices, channel, labels=result.labels,
-                                   normalization=p["normalization"], subtitle=subtitle, crop=crop,
-                                   crop_reference=inputs.arrays[0], **kw)
-
-
 # -- commands -----------------------------------------------------------------------------------------------
-def _summary(command: str, model, inputs: Inputs, started: float, outputs: Outputs, **extra) -> dict:
-    summary = {"ibix": __version__, "command": command,
-               "model": {"path": str(model.path), "card": model.card.summary(), "device": model.device,
-                         "provider": model.provider},
-               "inputs": [str(p) for p in inputs.paths], "geometry": inputs.geometry.to_dict()}
-    summary.update(extra)
-    summary["seconds_total"] = round(time.perf_counter() - started, 3)
-    summary["files"] = [str(p) for p in outputs.written] + [str(outputs.folder / "summary.json")]
-    return summary
+def _open_case(args: argparse.Namespace) -> tuple[Model, Inputs]:
+    """The model and the input volumes a command names."""
+    model = session.load_model(args.model, args.card, args.device, args.memory_budget)
+    return model, session.load_inputs(args.inputs, model)
 
 
-def _finish(console: Console, outputs: Outputs, lines: Sequence[str]) -> None:
-    for line in lines:
-        console.out(line)
-    for path in outputs.written:
-        console.out(f"  wrote {path}")
+def _mapping_parameters(args: argparse.Namespace, model: Model) -> dict:
+    """The engine parameters both mappings take."""
+    return {"n_jitters": args.n_jitters, "max_jitter": args.max_jitter, "progressive": args.progressive,
+            "tolerance": args.tolerance, "channels": session.channel_arguments(args.channels, model)}
+
+
+def _figure(args: argparse.Namespace) -> FigureOptions:
+    return FigureOptions(png=not args.no_png, slice=args.slice, crop=args.crop)
 
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
-    model = load_model(args.model, args.card, args.device, args.memory_budget)
-    inputs = load_inputs(args.inputs, model)
+    model, inputs = _open_case(args)
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.model, args.card])
-    outputs.check(_stem_names(["output"], args.format, ["summary.json"]))
-    t0, before = time.perf_counter(), model.evaluations
-    with console.progress() as progress:
-        output = model.predict(inputs.x, inputs.geometry, progress=progress)
-    seconds, evaluations = time.perf_counter() - t0, model.evaluations - before
-    outputs.write_volume("output", output, inputs.geometry)
-    summary = _summary("predict", model, inputs, started, outputs,
-                       predict={"evaluations": evaluations, "seconds": round(seconds, 4), "device": model.device,
-                                "units": model.card.output.units})
-    outputs.write_json("summary.json", summary)
-    _finish(console, outputs, [f"predict: {evaluations} evaluations in {seconds:.2f} s on {model.device}"])
+    outputs.check_volumes(["output"], ["summary.json"])
+    _, predict = session.run_predict(model, inputs, outputs, console)
+    session.write_summary(outputs, "predict", model, inputs, started, predict=predict)
+    session.finish(console, outputs, [f"predict: {predict['evaluations']} evaluations in {predict['seconds']:.2f} s "
+                                      f"on {model.device}"])
     return 0
 
 
 def cmd_forward(args: argparse.Namespace, console: Console) -> int:
-    from . import figures
-    from .mapping import forward_mapping
-
     started = time.perf_counter()
-    model = load_model(args.model, args.card, args.device, args.memory_budget)
-    inputs = load_inputs(args.inputs, model)
-    mask = load_mask(args.mask, args.label, inputs.geometry, console, "input mask")
+    model, inputs = _open_case(args)
+    mask = session.load_mask(args.mask, args.label, inputs.geometry, console, "input mask")
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.mask, args.model, args.card])
-    axis = display_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    slices = figures.choose_slices(mask, axis, requested=args.slice)
-    outputs.check(_stem_names(["forward_signed", "forward_normalized"], args.format,
-                              ["summary.json"] + ([] if args.no_png else ["forward.png"])))
-    with console.progress() as progress, Preview(outputs, "forward_normalized", inputs.geometry, console,
-                                                 progress) as preview:
-        result = forward_mapping(model, inputs.x, mask, n_jitters=args.n_jitters, max_jitter=args.max_jitter,
-                                 channels=_channels(args.channels, model), geometry=inputs.geometry,
-                                 progressive=args.progressive, preview=preview, tolerance=args.tolerance,
-                                 progress=progress)
-    outputs.write_volume("forward_signed", result.signed, result.geometry)
-    outputs.write_volume("forward_normalized", result.normalized, result.geometry)
-    figure = {}
-    if not args.no_png:
-        t0 = time.perf_counter()
-        output, evaluations = output_on_slices(model, inputs, axis, slices)
-        outputs.add(forward_png(outputs.path("forward.png"), model, inputs, output, result, mask, axis, slices,
-                                crop=args.crop))
-        figure = {"slices": slices, "axis": axis, "evaluations": evaluations,
-                  "seconds": round(time.perf_counter() - t0, 3)}
-    summary = _summary("forward", model, inputs, started, outputs, mask=str(args.mask), label=args.label,
-                       forward=result.to_dict(), figure=figure)
-    outputs.write_json("summary.json", summary)
-    _finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
-                               f"{result.device}; max |F| = {_fmt(float(np.abs(result.signed).max()))} {result.units}"])
+    outputs.check(["summary.json"])
+    run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model), _figure(args))
+    result = run.result
+    session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
+                          forward=result.to_dict(), figure=run.figure)
+    session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
+                                      f"{result.device}; max |F| = {float(np.abs(result.signed).max()):.3g} "
+                                      f"{result.units}"])
     return 0
 
 
-def cmd_backward(args: argparse.Namespace, console: Console) -> int:
-    from . import figures
-    from .io import read_volume
-    from .mapping import backward_mapping
+def _block_labels(path: Path, reference: Geometry) -> np.ndarray:
+    """A block label volume on the input's grid, as integers."""
+    labels, geometry = read_volume(path)
+    if not geometry.matches(reference):
+        raise InputError(f"{path}: the block labels' grid (shape {geometry.shape}) differs from the "
+                         f"input's (shape {reference.shape}); give block labels on the input's grid")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise InputError(f"{path}: block labels must be whole numbers")
+    return labels.astype(np.int32)
 
+
+def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
-    model = load_model(args.model, args.card, args.device, args.memory_budget)
-    inputs = load_inputs(args.inputs, model)
-    mask = load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
-    blocks: Any = args.blocks
-    if args.block_labels is not None:
-        labels, geometry = read_volume(args.block_labels)
-        if not geometry.matches(inputs.geometry):
-            raise InputError(f"{args.block_labels}: the block labels' grid (shape {geometry.shape}) differs from the "
-                             f"input's (shape {inputs.geometry.shape}); give block labels on the input's grid")
-        if not np.issubdtype(labels.dtype, np.integer):
-            if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-                raise InputError(f"{args.block_labels}: block labels must be whole numbers")
-        blocks = labels.astype(np.int32)
+    model, inputs = _open_case(args)
+    mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
+    blocks: Any = args.blocks if args.block_labels is None else _block_labels(args.block_labels, inputs.geometry)
     outputs = Outputs(args.output, args.format,
                       [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card])
-    axis = display_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    slices = figures.choose_slices(mask, axis, requested=args.slice)
-    outputs.check(_stem_names(["backward", "backward_blocks"], args.format,
-                              ["summary.json"] + ([] if args.no_png else ["backward.png"])))
-    with console.progress() as progress, Preview(outputs, "backward", inputs.geometry, console,
-                                                 progress) as preview:
-        result = backward_mapping(
-            model, inputs.x, mask, n_blocks=args.n_blocks, compactness=args.compactness, n_jitters=args.n_jitters,
-            max_jitter=args.max_jitter, channels=_channels(args.channels, model), blocks=blocks,
-            normalization=args.normalization, coarse_blocks=args.coarse_blocks,
-            refine_threshold=args.refine_threshold, method=args.method,
-            locality_tolerance=args.locality_tolerance, tiles=args.tiles, geometry=inputs.geometry,
-            progressive=args.progressive, preview=preview, tolerance=args.tolerance, progress=progress)
-    outputs.write_volume("backward", result.map, result.geometry)
-    outputs.write_volume("backward_blocks", result.labels, result.geometry)
-    figure = {}
-    if not args.no_png:
-        t0 = time.perf_counter()
-        outputs.add(backward_png(outputs.path("backward.png"), model, inputs, result, mask, axis, slices,
-                                 crop=args.crop))
-        figure = {"slices": slices, "axis": axis, "seconds": round(time.perf_counter() - t0, 3)}
-    summary = _summary("backward", model, inputs, started, outputs, mask=str(args.out_mask), label=args.out_label,
-                       block_labels=None if args.block_labels is None else str(args.block_labels),
-                       backward=result.to_dict(), figure=figure)
-    outputs.write_json("summary.json", summary)
+    outputs.check(["summary.json"])
+    parameters = dict(_mapping_parameters(args, model), n_blocks=args.n_blocks, compactness=args.compactness,
+                      blocks=blocks, normalization=args.normalization, coarse_blocks=args.coarse_blocks,
+                      refine_threshold=args.refine_threshold, method=args.method,
+                      locality_tolerance=args.locality_tolerance, tiles=args.tiles)
+    run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args))
+    result = run.result
+    session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
+                          label=args.out_label,
+                          block_labels=None if args.block_labels is None else str(args.block_labels),
+                          backward=result.to_dict(), figure=run.figure)
     radius = result.radius or {}
-    _finish(console, outputs, [
+    session.finish(console, outputs, [
         f"backward: {result.evaluations} evaluations (per level {result.evaluations_per_level}) in "
         f"{result.seconds:.2f} s on {result.device}; {int(result.labels.max())} blocks; max B = "
-        f"{_fmt(float(result.block_values.max()))}"
+        f"{float(result.block_values.max()):.3g}"
         + (f"; response radius {radius['radius']} voxels" if radius.get("radius") is not None else "")])
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from .demo import run_demo
-
     run_demo(args.output, quick=args.quick, figures_dir=args.figures, device=args.device, fmt=args.format,
              console=console)
     return 0
@@ -655,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("ibix: error: choose a command: predict, forward, backward or demo (ibix --help)", file=sys.stderr)
         return 2
-    console = Console(quiet=args.quiet)
+    console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ibix: %(message)s"))
@@ -665,26 +340,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args, console)
     except IBIXError as exc:
-        print(f"ibix {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(console, args.command, f"error: {exc}", 2)
     except KeyboardInterrupt:
-        print(f"ibix {args.command}: interrupted; files already written are complete, others were not written",
-              file=sys.stderr)
-        return 130
+        return _fail(console, args.command, "interrupted; files already written are complete, others were not "
+                                            "written", 130)
     except MemoryError as exc:
-        print(f"ibix {args.command}: error: out of memory ({exc}); lower --memory-budget or use a smaller volume",
-              file=sys.stderr)
-        return 1
+        return _fail(console, args.command, f"error: out of memory ({exc}); lower --memory-budget or use a smaller "
+                                            "volume", 1)
     except Exception as exc:  # anything unexpected: a short message, the traceback with IBIX_DEBUG=1
         if os.environ.get("IBIX_DEBUG"):
-            import traceback
             traceback.print_exc()
-        print(f"ibix {args.command}: unexpected error: {type(exc).__name__}: {exc} "
-              "(set IBIX_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return _fail(console, args.command, f"unexpected error: {type(exc).__name__}: {exc} (set IBIX_DEBUG=1 "
+                                            "for the traceback)", 1)
     finally:
         engine_log.removeHandler(handler)
         engine_log.setLevel(previous_level)
+
+
+def _fail(console: Console, command: str, message: str, code: int) -> int:
+    """Report a failed command on stderr (and as the last JSON-lines record); return its exit code."""
+    print(f"ibix {command}: {message}", file=sys.stderr)
+    console.failed(message)
+    return code
 
 
 if __name__ == "__main__":

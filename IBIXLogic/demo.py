@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from . import session
 from .errors import InputError
+from .session import Console, Outputs
 
 
 @dataclass(frozen=True)
@@ -69,97 +71,76 @@ class Step:
 
 
 def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "auto", fmt: str = "nrrd",
-             console=None, figures_dir: Path | None = None) -> list[Step]:
+             console: Console | None = None, figures_dir: Path | None = None) -> list[Step]:
     """Run one demo into ``folder``; returns the steps with their evaluations, times and files."""
-    from . import cli, figures
-    from .mapping import backward_mapping, forward_mapping
-
-    console = console or cli.Console()
+    console = console or Console()
     params = QUICK if quick else FULL
     root = resources()
     models, data = root / "Models", root / "SampleData"
     steps: list[Step] = []
-    outputs = cli.Outputs(folder, fmt, [])
+    outputs = Outputs(folder, fmt, [])
     outputs.check(["summary.json"])
 
     t0 = time.perf_counter()
-    model = cli.load_model(_require(models / case.model), None, device)
-    inputs = cli.load_inputs([_require(data / name) for name in case.inputs], model)
-    input_mask = cli.load_mask(_require(data / case.input_mask), None, inputs.geometry, console, "input mask")
-    output_mask = cli.load_mask(_require(data / case.output_mask), None, inputs.geometry, console, "output mask")
+    model = session.load_model(_require(models / case.model), None, device)
+    inputs = session.load_inputs([_require(data / name) for name in case.inputs], model)
+    input_mask = session.load_mask(_require(data / case.input_mask), None, inputs.geometry, console, "input mask")
+    output_mask = session.load_mask(_require(data / case.output_mask), None, inputs.geometry, console,
+                                    "output mask")
     steps.append(Step(case.name, "load model and data", 0, time.perf_counter() - t0, []))
 
-    t0, before = time.perf_counter(), model.evaluations
-    with console.progress() as progress:
-        output = model.predict(inputs.x, inputs.geometry, progress=progress)
-    seconds = time.perf_counter() - t0
-    path = outputs.write_volume("output", output, inputs.geometry)
-    steps.append(Step(case.name, "predict", model.evaluations - before, seconds, [path]))
+    output, predict = session.run_predict(model, inputs, outputs, console)
+    steps.append(Step(case.name, "predict", predict["evaluations"], predict["seconds"], [outputs.written["output"]]))
 
-    axis = cli.display_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    with console.progress() as progress:
-        forward = forward_mapping(model, inputs.x, input_mask, geometry=inputs.geometry, progress=progress,
-                                  **params["forward"])
     t0 = time.perf_counter()
-    files = [outputs.write_volume("forward_signed", forward.signed, forward.geometry),
-             outputs.write_volume("forward_normalized", forward.normalized, forward.geometry)]
-    forward_slices = figures.choose_slices(input_mask, axis)
-    files.append(cli.forward_png(outputs.path("forward.png"), model, inputs, output, forward, input_mask, axis,
-                                 forward_slices))
-    outputs.add(files[-1])
-    steps.append(Step(case.name, "forward map F", forward.evaluations, forward.seconds, files))
-    steps.append(Step(case.name, "forward files + PNG", 0, time.perf_counter() - t0, []))
+    forward = session.run_forward(model, inputs, input_mask, outputs, console, params["forward"], output=output)
+    files = [outputs.written[role] for role in ("forward_signed", "forward_normalized", "forward_png")]
+    steps.append(Step(case.name, "forward map F", forward.result.evaluations, forward.result.seconds, files))
+    steps.append(Step(case.name, "forward files + PNG", 0,
+                      time.perf_counter() - t0 - forward.result.seconds, []))
 
-    with console.progress() as progress:
-        backward = backward_mapping(model, inputs.x, output_mask, geometry=inputs.geometry, progress=progress,
-                                    **params["backward"])
     t0 = time.perf_counter()
-    files = [outputs.write_volume("backward", backward.map, backward.geometry),
-             outputs.write_volume("backward_blocks", backward.labels, backward.geometry)]
-    backward_slices = figures.choose_slices(output_mask, axis)
-    files.append(cli.backward_png(outputs.path("backward.png"), model, inputs, backward, output_mask, axis,
-                                  backward_slices, background_channel=case.background_channel))
-    outputs.add(files[-1])
-    steps.append(Step(case.name, "backward map B", backward.evaluations, backward.seconds, files))
-    steps.append(Step(case.name, "backward files + PNG", 0, time.perf_counter() - t0, []))
+    backward = session.run_backward(model, inputs, output_mask, outputs, console, params["backward"],
+                                    background_channel=case.background_channel)
+    files = [outputs.written[role] for role in ("backward", "backward_blocks", "backward_png")]
+    steps.append(Step(case.name, "backward map B", backward.result.evaluations, backward.result.seconds, files))
+    steps.append(Step(case.name, "backward files + PNG", 0,
+                      time.perf_counter() - t0 - backward.result.seconds, []))
 
     if figures_dir is not None:
         t0 = time.perf_counter()
         small = dict(dpi=90, max_colors=256, panel_inches=2.5)
-        docs = [cli.forward_png(Path(figures_dir) / f"{case.name}_forward.png", model, inputs, output, forward,
-                                input_mask, axis, forward_slices[:: max(1, -(-len(forward_slices) // 3))], **small),
-                cli.backward_png(Path(figures_dir) / f"{case.name}_backward.png", model, inputs, backward,
-                                 output_mask, axis, backward_slices[:3], background_channel=case.background_channel,
-                                 **small)]
+        docs = [session.forward_png(Path(figures_dir) / f"{case.name}_forward.png", model, inputs, output,
+                                    forward.result, input_mask, forward.axis,
+                                    forward.slices[:: max(1, -(-len(forward.slices) // 3))], **small),
+                session.backward_png(Path(figures_dir) / f"{case.name}_backward.png", model, inputs,
+                                     backward.result, output_mask, backward.axis, backward.slices[:3],
+                                     background_channel=case.background_channel, **small)]
         steps.append(Step(case.name, "documentation PNGs", 0, time.perf_counter() - t0, docs))
 
     summary = {
-        "demo": case.name, "title": case.title, "quick": quick,
-        "model": {"path": str(model.path), "card": model.card.summary(), "device": model.device,
-                  "provider": model.provider},
+        "demo": case.name, "title": case.title, "quick": quick, "model": session.model_summary(model),
         "inputs": [str(p) for p in inputs.paths], "input_mask": case.input_mask, "output_mask": case.output_mask,
         "geometry": inputs.geometry.to_dict(),
-        "predict": {"evaluations": steps[1].evaluations, "seconds": round(steps[1].seconds, 4)},
-        "forward": forward.to_dict(), "backward": backward.to_dict(),
-        "figure_slices": {"forward": forward_slices, "backward": backward_slices, "axis": axis},
+        "predict": {"evaluations": predict["evaluations"], "seconds": predict["seconds"]},
+        "forward": forward.result.to_dict(), "backward": backward.result.to_dict(),
+        "figure_slices": {"forward": forward.slices, "backward": backward.slices, "axis": forward.axis},
         "steps": [{"step": s.step, "evaluations": s.evaluations, "seconds": round(s.seconds, 4)} for s in steps],
     }
-    summary["files"] = [str(p) for p in outputs.written] + [str(folder / "summary.json")]
+    summary["files"] = [str(p) for p in outputs.written.values()] + [str(folder / "summary.json")]
     path = outputs.write_json("summary.json", summary)
     steps.append(Step(case.name, "summary", 0, 0.0, [path]))
     return steps
 
 
 def run_demo(output: Path, quick: bool = False, figures_dir: Path | None = None, device: str = "auto",
-             fmt: str = "nrrd", console=None, cases: Sequence[DemoCase] = DEMOS) -> list[Step]:
+             fmt: str = "nrrd", console: Console | None = None, cases: Sequence[DemoCase] = DEMOS) -> list[Step]:
     """Run every demo into ``output/<demo>/`` and print what was written where, with evaluations and times."""
-    from . import cli
-
-    console = console or cli.Console()
+    console = console or Console()
     started = time.perf_counter()
     resources()
     if figures_dir is not None:
-        cli.Outputs(Path(figures_dir), fmt, []).check([])
+        Outputs(Path(figures_dir), fmt, []).check([])
     steps: list[Step] = []
     for case in cases:
         console.note(f"demo {case.name}: {case.title}")

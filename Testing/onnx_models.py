@@ -1,4 +1,5 @@
-"""Small analytic ONNX models with known answers, built with onnx.helper for the tests."""
+"""The tests' one helpers module: small analytic ONNX models with known answers (built with onnx.helper),
+shared constants and array helpers."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+#: An asymmetric 3x3 kernel: a convolution with it tells rows from columns and flips from none.
+KERNEL = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.float32)
+#: A 3x3 kernel with non-negative weights (outputs stay non-negative on non-negative images).
+POSITIVE_KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], np.float32)
+
+
+def box_mask(shape: Sequence[int], *slices: slice) -> np.ndarray:
+    """A boolean array of ``shape`` that is True on the box ``slices``."""
+    mask = np.zeros(shape, bool)
+    mask[slices] = True
+    return mask
 
 
 def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:

@@ -4,7 +4,7 @@ import pytest
 
 import IBIXLogic as ibx
 import onnx_models as om
-from test_forward import KERNEL, box_mask
+from onnx_models import KERNEL, box_mask
 
 
 def expected_fraction(labels, out_mask, response_of_block):
@@ -155,33 +155,6 @@ def test_global_response_is_detected_and_handled(tmp_path, rng):
     np.testing.assert_allclose(cut.block_values[near], batched.block_values[near], atol=0.05)
 
 
-def test_radius_from_responses_exact_and_with_tolerance():
-    from IBIXLogic import locality
-    response = np.zeros((1, 31, 31))
-    response[0, 15, 15] = 1.0
-    response[0, 15, 18] = 0.5  # 3 voxels away
-    response[0, 5, 15] = 1e-3  # 10 voxels away: a faint far tail
-    points = np.array([[15, 15]])
-    assert locality.radius_from_responses(response, points) == (10, False)
-    assert locality.radius_from_responses(response, points, tolerance=0.01) == (3, False)
-    assert locality.radius_from_responses(np.ones((1, 9, 9)), np.array([[4, 4]])) == (4, True)
-
-
-def test_tile_alignments_are_doublings_that_divide_the_sample():
-    from IBIXLogic import locality
-    assert locality.tile_alignments((64, 72), 1) == [1, 2, 4, 8]
-    assert locality.tile_alignments((240, 200), 8) == [8]
-    assert locality.tile_alignments((128, 128, 128), 2) == [2, 4, 8, 16, 32]
-
-
-def test_probes_meet_every_phase_modulo_8_along_every_axis():
-    from IBIXLogic import locality
-    points = locality.probe_points((100, 90, 80), 8)
-    for axis in range(3):
-        assert sorted(points[:, axis] % 8) == list(range(8))
-    assert len({tuple(p) for p in locality.probe_points((100, 90), 5)}) == 5
-
-
 def test_stride_8_demo_model_is_exact_with_the_radius_as_measured(rng):
     """The T1->T2 demo autoencoder pools to 1/8: with its stride declared, all 8 phases are probed and the
     radius is used without a margin; B still equals brute force."""
@@ -208,28 +181,15 @@ def test_3d_pooling_model_with_declared_stride_is_exact_without_margin(tmp_path,
     np.testing.assert_allclose(local.block_values, batched.block_values, rtol=1e-6, atol=1e-9)
 
 
-def test_probes_perturbed_together_measure_what_single_probes_measure(tmp_path, rng):
-    from IBIXLogic import locality
-    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae", {"input": {"multiple_of": 2}}))
-    x = rng.normal(size=(64, 72)).astype(np.float32)
-    prepared = model.prepare(x)
-    radius = ibx.measure_response_radius(model, prepared, 0, 1.0, [0])
-    assert radius.evaluations == 3  # the unperturbed image and the jitters +-H with all probes at once
-    points = locality.probe_points(x.shape, 5, locality.probe_spacing(x.shape, 5))
-    grids = np.indices(x.shape)
-    reaches = []
-    for point in points:  # the oracle: one forward mapping per probe voxel
-        single = np.zeros(x.shape, bool)
-        single[tuple(point)] = True
-        response = ibx.forward_mapping(model, x, single, n_jitters=1, max_jitter=1.0).signed
-        distance = np.max(np.abs(grids - point[:, None, None]), axis=0)
-        reaches.append(distance[response != 0].max())
-    assert radius.measured == max(reaches) and radius.margin == 0
-
-
-def test_probes_whose_responses_could_meet_are_measured_one_by_one(tmp_path, rng):
-    kernel = rng.normal(size=(15, 15)).astype(np.float32)  # reach 7: half of the 16-voxel probe spacing
-    model = ibx.load_model(om.save(om.convolution(kernel), tmp_path, "wide"))
-    x = rng.normal(size=(64, 64)).astype(np.float32)
-    radius = ibx.measure_response_radius(model, model.prepare(x), 0, 1.0, [0])
-    assert radius.measured == 7 and radius.evaluations == 3 + 2 * 5
+def test_progressive_backward_previews_then_gives_the_same_blocks(tmp_path, rng):
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae"))
+    x = rng.normal(size=(48, 48)).astype(np.float32)
+    out_mask = np.zeros(x.shape, bool)
+    out_mask[20:25, 20:25] = True
+    plain = ibx.backward_mapping(model, x, out_mask, n_blocks=60, compactness=1.0, n_jitters=4)
+    previews = []
+    progressive = ibx.backward_mapping(model, x, out_mask, blocks=plain.labels, n_jitters=4, progressive=True,
+                                       preview=lambda m, n: previews.append((n, m.shape)))
+    assert previews == [(1, x.shape), (2, x.shape)]
+    np.testing.assert_allclose(progressive.block_values, plain.block_values, rtol=1e-5, atol=1e-7)
+    assert progressive.evaluations == plain.evaluations

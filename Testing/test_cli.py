@@ -1,8 +1,8 @@
-"""The ``ibix`` command line: files and geometry, equality with the engine, exit codes and messages, demo."""
+"""The ``ibix`` command line and its shared layer (cli.py, session.py): files and geometry, equality with the
+engine, exit codes and messages, JSON-lines progress."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 import IBIXLogic as ibx
 import onnx_models as om
+from onnx_models import KERNEL
 from IBIXLogic.cli import main
 
-KERNEL = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.float32)
 # an oblique-free but non-identity geometry: flipped axes, anisotropic spacing, offset origin
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 ORIGIN = (12.5, -30.0, 7.0)
@@ -310,22 +310,6 @@ def test_console_script_help():
 
 
 # -- demo -----------------------------------------------------------------------------------------------------
-def test_demo_quick(tmp_path, capsys):
-    started = time.perf_counter()
-    code = main(["demo", "--quick", "--output", str(tmp_path / "demo")])
-    seconds = time.perf_counter() - started
-    assert code == 0, capsys.readouterr().err
-    for demo in ("t1_to_t2", "mri_to_pct"):
-        folder = tmp_path / "demo" / demo
-        for name in ("output.nrrd", "forward_signed.nrrd", "forward_normalized.nrrd", "forward.png",
-                     "backward.nrrd", "backward_blocks.nrrd", "backward.png", "summary.json"):
-            assert (folder / name).is_file(), f"{demo}/{name} missing"
-        summary = json.loads((folder / "summary.json").read_text())
-        assert summary["quick"] and summary["backward"]["parameters"]["n_blocks"] == 100
-        assert summary["forward"]["evaluations"] > 0 and summary["backward"]["evaluations"] > 0
-    out = capsys.readouterr().out
-    assert "t1_to_t2" in out and "mri_to_pct" in out and "evaluations" in out
-    assert seconds < 60
 
 
 def test_progressive_writes_previews_then_the_final_map(case, capsys):
@@ -349,3 +333,38 @@ def test_no_tiles_reaches_the_engine(case):
     assert code == 0
     summary = json.loads((case["out"] / "summary.json").read_text())
     assert summary["backward"]["parameters"]["tiles"] is False
+
+
+# -- JSON-lines progress --------------------------------------------------------------------------------------
+def run_jsonl(arguments):
+    """``ibix`` in a child process with JSON-lines progress: (exit code, parsed stdout records, stderr)."""
+    result = subprocess.run([sys.executable, "-m", "IBIXLogic.cli", *arguments, "--progress-format", "jsonl"],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "forward", "backward"])
+def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(case, command):
+    arguments = [command, "--model", str(case["model"]), "--input", str(case["volume"]), "--output",
+                 str(case["out"])]
+    if command == "forward":
+        arguments += ["--mask", str(case["mask_path"]), "--label", "1"]
+    if command == "backward":
+        arguments += ["--out-mask", str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "1"]
+    code, records, _ = run_jsonl(arguments)
+    assert code == 0
+    progress, last = records[:-1], records[-1]
+    assert progress and all(set(r) == {"stage", "done", "total"} and 0 <= r["done"] <= r["total"] for r in progress)
+    assert last["stage"] == "finished"
+    assert Path(last["summary"]).is_absolute() and json.loads(Path(last["summary"]).read_text())["command"] == command
+    expected = {"predict": {"output"}, "forward": {"forward_signed", "forward_normalized", "forward_png"},
+                "backward": {"backward", "backward_blocks", "backward_png"}}[command] | {"summary"}
+    assert set(last["files"]) == expected and all(Path(p).is_file() for p in last["files"].values())
+
+
+def test_jsonl_failure_ends_with_the_failed_record_and_the_exit_code(case):
+    code, records, err = run_jsonl(["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                    "--mask", str(case["tmp"] / "missing.nrrd"), "--output", str(case["out"])])
+    assert code == 2
+    assert records[-1]["stage"] == "failed" and "missing.nrrd" in records[-1]["error"]
+    assert "missing.nrrd" in err  # the human message stays on stderr

@@ -1,8 +1,12 @@
-"""Volumes and masks keep their geometry through SimpleITK; masks are resampled onto the reference grid."""
+"""Volumes and masks keep their geometry through SimpleITK; masks are resampled onto the reference grid; an
+interrupted or failed write leaves no partial file (io.py)."""
+import os
+
 import numpy as np
 import pytest
 
 import IBIXLogic as ibx
+from IBIXLogic import io as ibx_io
 
 OBLIQUE = np.array([[0.8660254, -0.5, 0.0], [0.5, 0.8660254, 0.0], [0.0, 0.0, -1.0]])
 
@@ -78,3 +82,49 @@ def test_an_image_given_as_a_mask_is_refused_and_left_unchanged(tmp_path):
     with pytest.raises(ibx.InputError, match="is an image or a map of several labels"):
         ibx.read_mask(t1)
     assert hashlib.sha256(t1.read_bytes()).hexdigest() == before
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_interrupted_rename_leaves_no_file(tmp_path, monkeypatch, suffix):
+    geometry = ibx.Geometry.identity((4, 5, 6))
+    target = tmp_path / f"result{suffix}"
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(ibx.InputError, match="cannot write .*No space left"):
+        ibx.write_volume(target, np.ones((4, 5, 6), np.float32), geometry)
+    assert _listing(tmp_path) == []
+
+
+def test_failed_write_keeps_the_previous_file_intact(tmp_path, monkeypatch):
+    geometry = ibx.Geometry.identity((4, 5, 6))
+    target = tmp_path / "result.nrrd"
+    ibx.write_volume(target, np.full((4, 5, 6), 3.0, np.float32), geometry)
+    real_write = ibx_io.sitk.WriteImage
+
+    def write_half_then_fail(image, name, *args):
+        real_write(image, name, *args)
+        with open(name, "r+b") as handle:
+            handle.truncate(10)
+        raise RuntimeError("disk went away")
+    monkeypatch.setattr(ibx_io.sitk, "WriteImage", write_half_then_fail)
+    with pytest.raises(ibx.InputError, match="cannot write"):
+        ibx.write_volume(target, np.zeros((4, 5, 6), np.float32), geometry)
+    assert _listing(tmp_path) == ["result.nrrd"]
+    np.testing.assert_array_equal(ibx.read_volume(target)[0], 3.0)
+
+
+def test_keyboard_interrupt_during_a_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def interrupted(image, name, *args):
+        with open(name, "wb") as handle:
+            handle.write(b"NRRD0004\n")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ibx_io.sitk, "WriteImage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ibx.write_volume(tmp_path / "result.nrrd", np.zeros((2, 3, 4), np.float32), ibx.Geometry.identity((2, 3, 4)))
+    assert _listing(tmp_path) == []

@@ -51,7 +51,7 @@ def peak_rss_mib() -> float:
 def best_time_per_evaluation(model, prepared, repeats: int = 5) -> float:
     """Fastest seconds per sample at the batch size the engine uses, excluding IBIX's own work."""
     batch = np.repeat(prepared.samples[:1], model.batch_size(prepared.sample_shape), axis=0)
-    model_input = model._to_model(batch.copy(), prepared)
+    model_input = model.pipeline.to_model(batch.copy(), prepared)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()

@@ -1,4 +1,9 @@
-"""Run an ONNX image-to-image model on volumes: intensity mapping, slicing, padding, layout and batching."""
+"""ONNX Runtime sessions and devices: run a model card's pipeline on batches, in memory-sized chunks.
+
+:mod:`IBIXLogic.pipeline` turns volumes into model inputs and back; this module owns the ONNX Runtime session
+(cached per file), the device (CUDA or CPU, I/O binding), batching within a memory budget, out-of-memory
+retries, cancellation and the evaluation counters.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,16 +11,16 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .card import Intensity, ModelCard, read_card, resolve_card
+from .card import ModelCard, read_card, resolve_card
 from .errors import Cancelled, InputError, ModelError
-from .geometry import Geometry, slice_array_axis
+from .geometry import Geometry
 from .model_file import check_external_data
+from .pipeline import Pipeline, PreparedInput
 
 log = logging.getLogger("IBIX")
 
@@ -39,86 +44,6 @@ def check_cancel(cancel: Any) -> None:
         raise Cancelled("the run was cancelled; nothing was written")
 
 
-def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[float, float]:
-    """Scale and offset of ``intensity`` (percentiles resolved on ``values``)."""
-    if intensity.kind == "identity":
-        return 1.0, 0.0
-    low, high = intensity.source
-    if intensity.kind == "percentile":
-        low, high = (float(v) for v in np.percentile(values, intensity.source))
-        if not high > low:
-            raise InputError(
-                f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
-                f"both {low}; the channel is (nearly) constant, check the input volume")
-    scale = (intensity.target[1] - intensity.target[0]) / (high - low)
-    return scale, intensity.target[0] - low * scale
-
-
-@dataclass
-class PreparedInput:
-    """An input volume cut into model samples, with its intensity mapping fixed once.
-
-    ``samples`` has shape (n_samples, channels, *sample_shape) in input units: one sample for a 3D model or
-    a 2D image, one per slice (after the card's in-plane transform) for a 2D model on a volume.
-    """
-
-    samples: np.ndarray
-    volume_shape: tuple[int, ...]
-    geometry: Geometry
-    scale: np.ndarray
-    offset: np.ndarray
-    clip: tuple[float, float] | None
-    slice_axis: int | None
-    transpose: bool
-    flip_rows: bool
-    flip_cols: bool
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.samples.shape[2:]
-
-    @property
-    def sample_spacing(self) -> tuple[float, ...]:
-        """Voxel size (mm) along each sample axis."""
-        spacing = list(self.geometry.spacing_array_order())
-        if self.slice_axis is not None:
-            del spacing[self.slice_axis]
-        if self.transpose:
-            spacing[-2:] = spacing[-2:][::-1]
-        return tuple(spacing)
-
-    def to_samples(self, volume: np.ndarray) -> np.ndarray:
-        """Cut an array on the volume grid into samples: (n_samples, *sample_shape)."""
-        out = np.asarray(volume)
-        out = out[None] if self.slice_axis is None else np.moveaxis(out, self.slice_axis, 0)
-        if self.transpose:
-            out = np.swapaxes(out, -1, -2)
-        if self.flip_rows:
-            out = out[..., ::-1, :]
-        if self.flip_cols:
-            out = out[..., ::-1]
-        return out
-
-    def from_samples(self, samples: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`to_samples`: put per-sample arrays back on the volume grid."""
-        out = samples
-        if self.flip_cols:
-            out = out[..., ::-1]
-        if self.flip_rows:
-            out = out[..., ::-1, :]
-        if self.transpose:
-            out = np.swapaxes(out, -1, -2)
-        out = out[0] if self.slice_axis is None else np.moveaxis(out, 0, self.slice_axis)
-        return np.ascontiguousarray(out)
-
-    def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """Input units to model units, (batch, channels, *sample_shape), float32, in place on ``batch``."""
-        shape = (1, -1) + (1,) * (batch.ndim - 2)
-        batch *= self.scale.reshape(shape)
-        batch += self.offset.reshape(shape)
-        if self.clip is not None:
-            np.clip(batch, *self.clip, out=batch)
-        return batch
 
 
 def _is_out_of_memory(message: str) -> bool:
@@ -176,7 +101,8 @@ class Model:
         self.memory_budget = int(memory_budget)
         self.evaluations = 0  # samples (images or volumes, whatever their size) run through the model
         self.evaluated_voxels = 0  # voxels of those samples as the model saw them (padded)
-        self._dtype = _NUMPY_TYPES[next(a.type for a in session.get_inputs() if a.name == card.input.name)]
+        self.pipeline = Pipeline(card, _NUMPY_TYPES[next(a.type for a in session.get_inputs()
+                                                         if a.name == card.input.name)])
         #: run through ONNX Runtime's I/O binding, with input and output buffers kept on the model's device
         #: (on by default with CUDA, where it saves an allocation and a staging copy per batch)
         self.io_binding = device == "cuda"
@@ -191,122 +117,19 @@ class Model:
         return len(self.card.input.channels)
 
     # -- input handling -----------------------------------------------------------------------------------
-    def _stack_channels(self, x: Any) -> np.ndarray:
-        if isinstance(x, np.ndarray) and self.n_channels == 1 and x.ndim in (2, 3):
-            arrays = [x]
-        elif isinstance(x, (list, tuple)):
-            arrays = [np.asarray(a) for a in x]
-        else:
-            arrays = [np.asarray(x)]
-        if len(arrays) != self.n_channels:
-            raise InputError(f"the model takes {self.n_channels} input channel(s) {list(self.card.input.channels)} "
-                             f"but {len(arrays)} volume(s) were given; pass one volume per channel, in that order")
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise InputError(f"input channels have different shapes {sorted(shapes)}; resample them onto one grid")
-        shape = arrays[0].shape
-        if len(shape) not in (2, 3):
-            raise InputError(f"input has shape {shape}; IBIX takes 2D (rows, cols) or 3D (slices, rows, cols) arrays")
-        if self.card.spatial_dims == 3 and len(shape) != 3:
-            raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
-        if min(shape) < 1:
-            raise InputError(f"input has an empty dimension: shape {shape}")
-        stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-        bad = ~np.isfinite(stacked)
-        if bad.any():
-            channel, *position = np.argwhere(bad)[0]
-            raise InputError(f"input channel {self.card.input.channels[channel]!r} has {int(bad.sum())} NaN or "
-                             f"infinite voxel(s), the first at array index {tuple(int(p) for p in position)}; "
-                             "replace them (e.g. with 0) before running IBIX")
-        return stacked
-
     def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:
         """Cut ``x`` into model samples and fix the intensity mapping from the unperturbed input."""
-        volume = self._stack_channels(x)
-        shape = volume.shape[1:]
-        geometry = geometry if geometry is not None else Geometry.identity(shape)
-        if geometry.dimension != len(shape):
-            raise InputError(f"the geometry is {geometry.dimension}D but the input is {len(shape)}D {shape}")
-        if geometry.shape is not None and tuple(geometry.shape) != tuple(shape):
-            raise InputError(f"the geometry describes a {geometry.shape} grid but the input has shape {shape}")
-        geometry = geometry.with_shape(shape)
-        card = self.card
-        intensity = card.input.intensity
-        affines = [_affine(intensity, volume[c]) for c in range(volume.shape[0])]
-        clip = None
-        if intensity.clip:
-            clip = (min(intensity.target), max(intensity.target))
-        slice_axis = None
-        if card.spatial_dims == 2 and len(shape) == 3:
-            slice_axis = slice_array_axis(geometry, card.slice_axis or "axial")
-        in_plane = card.spatial_dims == 2
-        prepared = PreparedInput(np.empty(0), tuple(shape), geometry,
-                                 np.array([a[0] for a in affines], np.float32),
-                                 np.array([a[1] for a in affines], np.float32), clip, slice_axis,
-                                 in_plane and card.transpose, in_plane and card.flip_rows,
-                                 in_plane and card.flip_cols)
-        samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
-        prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
-        self._padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
-        return prepared
-
-    # -- running ------------------------------------------------------------------------------------------
-    def _padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        spec = self.card.input
-        out = []
-        for axis, n in enumerate(shape):
-            fixed = spec.size[axis] if spec.size else None
-            if fixed is not None:
-                if n > fixed:
-                    raise InputError(f"the model takes at most {list(spec.size)} voxels per sample but the input "
-                                     f"sample is {list(shape)}; crop or resample the input to fit")
-                out.append(fixed)
-            else:
-                m = spec.multiple_of
-                out.append(-(-n // m) * m)
-        return tuple(out)
-
-    def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
-        return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self._padded_shape(shape)))
+        return self.pipeline.prepare(x, geometry)
 
     def batch_size(self, sample_shape: Sequence[int]) -> int:
         """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
-        per_sample = int(np.prod(self._padded_shape(sample_shape))) * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
+        voxels = int(np.prod(self.pipeline.padded_shape(sample_shape)))
+        per_sample = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
         return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_sample, 1))))
 
-    def _to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
-        batch = prepared.normalize(batch)
-        pads = self.padding(batch.shape[2:])
-        if any(before or after for before, after in pads):
-            batch = np.pad(batch, ((0, 0), (0, 0)) + pads, mode="edge")
-        if self.card.input.channels_last:
-            batch = np.moveaxis(batch, 1, -1)
-        return np.ascontiguousarray(batch, dtype=self._dtype)
-
-    def _from_model(self, raw: np.ndarray, sample_shape: Sequence[int]) -> np.ndarray:
-        channels_last = self.card.output.channels_last
-        if raw.ndim != len(sample_shape) + 2:
-            raise ModelError(f"the model returned shape {raw.shape}; expected a batch of "
-                             f"{len(sample_shape)}D images with one channel")
-        n_out = raw.shape[-1] if channels_last else raw.shape[1]
-        if n_out != 1:
-            raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
-        out = raw[..., 0] if channels_last else raw[:, 0]
-        padded = self._padded_shape(sample_shape)
-        if tuple(out.shape[1:]) != padded:
-            raise ModelError(f"the model returned images of shape {list(out.shape[1:])} for inputs of shape "
-                             f"{list(padded)}; IBIX needs the output on the input's grid")
-        crop = tuple(slice(before, before + n) for (before, _), n in zip(self.padding(sample_shape), sample_shape))
-        out = out[(slice(None),) + crop].astype(np.float32)
-        scale, offset = _affine(self.card.output.intensity)
-        if (scale, offset) != (1.0, 0.0):
-            out *= scale
-            out += offset
-        return out
-
+    # -- running ------------------------------------------------------------------------------------------
     def _session_run(self, batch: np.ndarray) -> np.ndarray:
         fixed = self.card.fixed_batch
         n = batch.shape[0]
@@ -338,7 +161,7 @@ class Model:
         the error raised when the model returns NaN or infinite values.
         """
         sample_shape = batch.shape[2:]
-        model_input = self._to_model(batch, prepared)
+        model_input = self.pipeline.to_model(batch, prepared)
         try:
             raw = self._session_run(model_input)
         except Exception as exc:  # ONNX Runtime raises its own exception types
@@ -349,8 +172,8 @@ class Model:
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
-        self.evaluated_voxels += batch.shape[0] * int(np.prod(self._padded_shape(sample_shape)))
-        out = self._from_model(np.asarray(raw), sample_shape)
+        self.evaluated_voxels += batch.shape[0] * int(np.prod(self.pipeline.padded_shape(sample_shape)))
+        out = self.pipeline.from_model(np.asarray(raw), sample_shape)
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
             i = int(np.flatnonzero(~finite)[0])

@@ -1,4 +1,5 @@
-"""Reliability: hostile model cards. Random and mutated cards either load or fail with a clean ModelCardError.
+"""Model cards (card.py): validation, resolution against the ONNX signature, and hostile cards. Random and mutated
+cards either load or fail with a clean ModelCardError.
 
 Every outcome of ``validate_card`` and ``load_model(path, card=...)`` on a small real model must be a valid
 model or an ``IBIXLogic.IBIXError`` whose message names the offending field; never a KeyError, TypeError,
@@ -229,3 +230,37 @@ def test_tuples_and_numpy_scalars_from_python_callers_are_accepted():
                               "input": {"intensity": {"from": (0, np.float32(1)), "to": (0, 1)}}})
     assert card["input"]["intensity"]["from"] == [0, 1.0]
     json.dumps(card)
+
+
+def test_card_rank_mismatch(tmp_path):
+    path = om.save(om.identity(), tmp_path, "identity", {"spatial_dims": 3})
+    with pytest.raises(ibx.ModelCardError, match="spatial_dims 3 .* rank 4"):
+        ibx.load_model(path)
+
+
+def test_card_channel_count_mismatch(tmp_path):
+    path = om.save(om.identity(), tmp_path, "identity", {"input": {"channels": ["water", "fat"]}})
+    with pytest.raises(ibx.ModelCardError, match="2 input channels .* has 1 channels"):
+        ibx.load_model(path)
+
+
+def test_card_layout_mismatch_is_caught(tmp_path):
+    # NHWC model with 3 channels declared NCHW: the card's channel count no longer matches
+    path = om.save(om.channel_mix([1, 2, 3], layout="NHWC"), tmp_path, "mix",
+                   {"input": {"layout": "NCHW", "channels": ["a", "b", "c"]}})
+    with pytest.raises(ibx.ModelError, match="does not run as its card describes.*'input.layout'"):
+        ibx.load_model(path)
+
+
+def test_ambiguous_layout_without_card_asks_for_the_field(tmp_path):
+    model = om.build([om.helper.make_node("Identity", ["core_in"], ["core_out"])], {}, "NCHW",
+                     in_channels="C", out_channels="C")
+    path = om.save(model, tmp_path, "dynamic")
+    with pytest.raises(ibx.ModelCardError, match="write 'input.layout'"):
+        ibx.load_model(path)
+
+
+def test_invalid_card_field_is_named(tmp_path):
+    path = om.save(om.identity(), tmp_path, "identity", {"input": {"layout": "NCWH"}})
+    with pytest.raises(ibx.ModelCardError, match="'input.layout' is 'NCWH'; accepted values"):
+        ibx.load_model(path)

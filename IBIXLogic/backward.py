@@ -1,0 +1,522 @@
+"""Backward mapping B(M^f) (Espadoto et al., sections 3.3 and 4.1.2): which input blocks drive an output region.
+
+B_k = sum_{i in M^f} |F(D_k)_i| / sum_i |F(D_k)_i|  ("fraction"), or the numerator scaled to a maximum of 1
+("magnitude"), for blocks D_k that tile the input; coarse-to-fine refines the blocks where B is high.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import locality
+from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
+from .checks import channel_indices, check_choice, check_count, check_mask
+from .errors import InputError, ModelError
+from .geometry import Geometry
+from .model import Model, ProgressCallback, check_cancel
+from .perturb import (Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
+                      response_radius)
+from .pipeline import PreparedInput
+
+METHODS = ("auto", "local", "batched", "brute")
+NORMALIZATIONS = ("fraction", "magnitude")
+
+
+@dataclass
+class BackwardResult:
+    """A backward mapping B on the input grid.
+
+    ``evaluations`` counts inputs run through the model (whole samples, or tiles of them);
+    ``equivalent_evaluations`` counts the voxels run through the model in units of one whole (padded) sample,
+    the measure of work that compares with brute force; ``tiling`` says whether tiles were used.
+    """
+
+    map: np.ndarray
+    labels: np.ndarray
+    block_values: np.ndarray
+    geometry: Geometry
+    parameters: dict
+    evaluations: int
+    seconds: float
+    device: str
+    evaluations_per_level: list = field(default_factory=list)
+    blocks_per_level: list = field(default_factory=list)
+    radius: dict | None = None
+    tiling: dict | None = None
+    equivalent_evaluations: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"mapping": "backward", "parameters": self.parameters, "evaluations": self.evaluations,
+                "evaluations_per_level": self.evaluations_per_level, "blocks_per_level": self.blocks_per_level,
+                "equivalent_evaluations": round(self.equivalent_evaluations, 1),
+                "blocks": int(self.labels.max()), "seconds": round(self.seconds, 4), "device": self.device,
+                "response_radius": self.radius, "tiling": self.tiling, "geometry": self.geometry.to_dict()}
+
+
+@dataclass
+class _Item:
+    """Blocks of one sample perturbed in the same model input: the whole sample, or a window of it."""
+
+    sample: int
+    blocks: np.ndarray
+    window: tuple[slice, ...] | None = None  # in padded-sample coordinates
+
+    def shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return sample_shape if self.window is None else tuple(w.stop - w.start for w in self.window)
+
+
+class _BlockSums:
+    """Per-block numerators and denominators of B, accumulated over samples.
+
+    Without locality every block is perturbed on its own, in whole samples. With a response radius, blocks that
+    cannot reach the output mask are skipped (their B is exactly 0), and the others are perturbed in groups of
+    far-apart blocks, either in whole samples or in windows (tiles) of the sample that hold them and their
+    context; whichever runs fewer voxels through the model. With several jitter levels (progressive refinement),
+    each item's running sum is kept between levels so that no evaluation is repeated, and
+    ``on_level(numerator, denominator, N)`` is called after each level; it returns True to stop early.
+    """
+
+    def __init__(self, perturber: Perturber, out_samples: np.ndarray, radius: int | None,
+                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
+        self.perturber, self.out_samples = perturber, out_samples
+        self.radius, self.schedule, self.progress = radius, schedule, progress
+        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
+
+    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
+        """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
+        occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
+        present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
+                   for s in range(len(label_samples))]
+        touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
+        if self.radius is not None:
+            wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
+                      for s in touched]
+        else:
+            wanted = [present[s] for s in touched]
+        wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
+        groups: list[_Item] = []
+        for s, blocks in enumerate(present):
+            blocks = np.intersect1d(blocks, wanted)
+            if len(blocks) == 0:
+                continue
+            if self.radius is not None:
+                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
+            else:
+                groups.extend(_Item(s, blocks[i:i + 1]) for i in range(len(blocks)))
+        return groups, wanted
+
+    def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
+        """Windowed items holding the groups' blocks, when they run fewer voxels than whole samples.
+
+        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
+        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
+        reproduce the whole-sample output is used (checked on the unperturbed input, 2 tile evaluations each).
+        """
+        perturber = self.perturber
+        padded_shape = perturber.padded_input(groups[0].sample).shape[1:]
+        offset = tuple(p[0] for p in perturber.pads)
+        starts = np.cumsum([0] + [len(g.blocks) for g in groups])
+        rows = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]  # each group's rows of low/high
+        low = np.zeros((starts[-1], label_samples.ndim - 1), np.int64)
+        high = low.copy()
+        for s in {g.sample for g in groups}:  # one pass over each sample's labels
+            members = [i for i, g in enumerate(groups) if g.sample == s]
+            at = np.concatenate([rows[i] for i in members])
+            low[at], high[at] = locality.block_boxes(label_samples[s],
+                                                     np.concatenate([groups[i].blocks for i in members]))
+        owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
+        all_blocks = np.concatenate([g.blocks for g in groups])
+        for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
+            tiles = locality.plan_tiles(low, high, rows, self.radius, padded_shape, offset, align)
+            voxels = sum(int(np.prod(t.shape)) for t in tiles)
+            if voxels >= 0.8 * len(groups) * np.prod(padded_shape):
+                self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
+                return None
+            if self._tiles_reproduce_the_model(groups[0].sample, tiles[0].shape, align):
+                items = [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window)
+                         for t in tiles]
+                self.tiling = {"tiles": True, "alignment": align, "items": len(items), "blocks": int(len(low)),
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+                return items
+        self.tiling = {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
+        return None
+
+    def _tiles_reproduce_the_model(self, sample: int, shape: tuple[int, ...], align: int) -> bool:
+        """Whether tiles of ``shape`` starting at multiples of ``align`` reproduce the whole sample's output.
+
+        Checked at the tile origins (align, align, ...) and at the far corner, away from tile borders that are
+        not the sample's (within the response radius of such a border the tile lacks context).
+        """
+        perturber = self.perturber
+        padded = perturber.padded_input(sample)
+        base = perturber.padded_base[sample]
+        spatial = padded.shape[1:]
+        origins = {tuple(min(align, p - n) for p, n in zip(spatial, shape)),
+                   tuple(p - n for p, n in zip(spatial, shape))}
+        for origin in sorted(origins):
+            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+            try:
+                out = perturber.model.run(padded[(slice(None),) + window][None].copy(), perturber.prepared)[0]
+            except ModelError:
+                return False
+            interior = tuple(slice(0 if o == 0 else self.radius, n if o + n == p else n - self.radius)
+                             for o, n, p in zip(origin, shape, spatial))
+            expected = base[window][interior]
+            if expected.size == 0:
+                continue
+            if np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+                return False
+        return True
+
+    def compute(self, label_samples: np.ndarray, ids: np.ndarray,
+                on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
+        size = int(label_samples.max()) + 1
+        numerator, denominator = np.zeros(size), np.zeros(size)
+        groups, wanted = self._groups(label_samples, ids)
+        if not groups:
+            return numerator, denominator
+        perturber = self.perturber
+        perturber.base_outputs(sorted({g.sample for g in groups}))
+        items = self._tiles(label_samples, groups) if self.tiles else None
+        if items is None:
+            items = groups
+            if self.radius is not None:
+                self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
+        sample_shape = perturber.prepared.sample_shape
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(items):  # items of one shape go through the model together
+            shapes.setdefault(item.shape(sample_shape), []).append(i)
+        state = None
+        if len(self.schedule) > 1:
+            needed = sum(int(np.prod(item.shape(sample_shape))) for item in items) * 4
+            if needed > perturber.model.memory_budget:
+                raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
+                                 "sums; raise the memory budget or turn progressive refinement off")
+            state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
+        padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
+        inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
+        inside[perturber.crop] = True
+        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels}
+        member = np.zeros(size, bool)
+
+        def direction(item: _Item) -> np.ndarray:
+            member[:] = False
+            member[item.blocks] = True
+            if item.window is None:
+                return member[label_samples[item.sample]]
+            return member[padded_labels[item.sample][item.window]]
+
+        def input_of(item: _Item) -> np.ndarray:
+            if item.window is None:
+                return perturber.prepared.samples[item.sample]
+            return perturber.padded_input(item.sample)[(slice(None),) + item.window]
+
+        def base_of(item: _Item) -> np.ndarray:
+            if item.window is None:
+                return perturber.base[item.sample]
+            return perturber.padded_base[item.sample][item.window]
+
+        regions: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}  # per tile, reused across jitter levels
+
+        def add_sums(index: int, magnitude: np.ndarray) -> None:
+            """Each block's response, read where it can be nonzero (where it is nearer than the others)."""
+            item = items[index]
+            if item.window is None:
+                owner = locality.owner_labels(label_samples[item.sample], item.blocks).ravel()
+                weights = magnitude.ravel()
+                inside_mask = self.out_samples[item.sample].ravel()
+                denominator[:] += np.bincount(owner, weights, minlength=size)[:size]
+                numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
+                return
+            if index not in regions:
+                inner = inside[item.window]
+                labels = padded_labels[item.sample][item.window]
+                out = padded_out[item.sample][item.window]
+                regions[index] = []
+                for block in item.blocks:
+                    region = locality.footprint((labels == block) & inner, self.radius) & inner
+                    regions[index].append((block, region, region & out))
+            for block, region, region_in_mask in regions[index]:
+                denominator[block] += magnitude[region].sum()
+                numerator[block] += magnitude[region_in_mask].sum()
+
+        for n_level, subset in self.schedule:
+            numerator[:], denominator[:] = 0.0, 0.0
+            done = 0
+            for shape, indices in shapes.items():
+                chosen = [items[i] for i in indices]
+                runs = perturber.responses(
+                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(chosen[j]),
+                    lambda j: base_of(chosen[j]),
+                    lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                for start, stop, sums in runs:
+                    for j in range(start, stop):
+                        if state is not None:
+                            state[indices[j]] += sums[j - start]
+                        total = state[indices[j]] if state is not None else sums[j - start]
+                        add_sums(indices[j], np.abs(total) / (2 * n_level))
+                    report_progress(self.progress, done + stop, len(items), f"backward mapping, N = {n_level}")
+                done += len(chosen)
+            keep = np.zeros(size, bool)
+            keep[wanted] = True
+            numerator[~keep], denominator[~keep] = 0.0, 0.0
+            if on_level is not None and on_level(numerator, denominator, n_level):
+                break
+        return numerator, denominator
+
+
+def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalization: str) -> np.ndarray:
+    if normalization == "fraction":
+        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+    peak = numerator.max()
+    return numerator / peak if peak > 0 else np.zeros_like(numerator)
+
+
+def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
+                  kind: str, masks: np.ndarray | None = None) -> np.ndarray:
+    """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere.
+
+    ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
+    its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
+    """
+    labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
+    offset = 0
+    for s in samples:
+        region = None if masks is None else masks[s]
+        if region is not None and not region.any():
+            continue
+        if kind == "grid":
+            sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
+        else:
+            share = n_blocks if region is None else max(1, round(n_blocks * region.mean()))
+            sample_labels = superpixel_blocks(prepared.samples[s], share, compactness,
+                                              prepared.sample_spacing, region, channel_axis=0)
+        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
+        offset = int(labels[s].max(initial=offset))
+    return labels
+
+
+class _Refinement:
+    """B over the coarse-to-fine levels: the current block labels and each block's sums, merged level by level.
+
+    A level's new blocks replace the blocks they refine; blocks of samples the output mask does not touch were
+    never evaluated, so their sums are 0 whether present or not.
+    """
+
+    def __init__(self, prepared: PreparedInput, touched: np.ndarray, normalization: str, n_jitters: int,
+                 preview: Callable[[np.ndarray, int], None] | None, tolerance: float | None):
+        self.prepared, self.touched, self.normalization = prepared, touched, normalization
+        self.preview, self.tolerance = preview, tolerance
+        self.numerator = self.denominator = self.values = np.zeros(1)
+        self.labels: np.ndarray | None = None
+        self.new_ids = np.zeros(0, np.int64)
+        self.n_jitters, self.jitters_used = n_jitters, n_jitters
+        self._previewed: np.ndarray | None = None
+
+    def next_level(self, labels: np.ndarray, new_ids: np.ndarray) -> None:
+        self.labels, self.new_ids, self._previewed = labels, new_ids, None
+
+    def merge(self, level_numerator: np.ndarray, level_denominator: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Numerators, denominators and B of every current block."""
+        size = len(level_numerator)
+        numerator, denominator = np.zeros(size), np.zeros(size)
+        kept = min(size, len(self.numerator))
+        numerator[:kept], denominator[:kept] = self.numerator[:kept], self.denominator[:kept]
+        numerator[self.new_ids] = level_numerator[self.new_ids]
+        denominator[self.new_ids] = level_denominator[self.new_ids]
+        present = np.bincount(self.labels[self.touched].ravel(), minlength=size)[:size] > 0
+        numerator[~present], denominator[~present] = 0.0, 0.0
+        return numerator, denominator, _normalize_blocks(numerator, denominator, self.normalization)
+
+    def on_jitter_level(self, level_numerator: np.ndarray, level_denominator: np.ndarray, n_level: int) -> bool:
+        """After each jitter level of a progressive run: preview B; True to stop early (B changed < tolerance)."""
+        _, _, values = self.merge(level_numerator, level_denominator)
+        previous, self._previewed = self._previewed, values
+        self.jitters_used = n_level
+        change = None if previous is None or len(previous) != len(values) else float(np.abs(values - previous).max())
+        stop = change is not None and self.tolerance is not None and change < self.tolerance
+        if self.preview is not None and n_level < self.n_jitters and not stop:
+            self.preview(self.prepared.from_samples(values[self.labels].astype(np.float32)), n_level)
+        return stop
+
+    def finish_level(self, level_numerator: np.ndarray, level_denominator: np.ndarray) -> None:
+        self.numerator, self.denominator, self.values = self.merge(level_numerator, level_denominator)
+
+    def painted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Consecutive block labels 1..K (0 = no block), B per label, and B painted on the input grid."""
+        all_labels = self.labels
+        # computed on the samples that hold blocks: most slices of a volume hold none
+        occupied = np.flatnonzero(all_labels.reshape(len(all_labels), -1).any(axis=1))
+        labels = all_labels[occupied]
+        ids = np.flatnonzero(np.bincount(labels.ravel()))
+        ids = ids if len(ids) and ids[0] == 0 else np.concatenate([[0], ids])
+        relabel = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+        relabel[ids] = np.arange(len(ids), dtype=np.int32)
+        block_values = self.values[ids].astype(np.float32)
+        block_values[0] = 0.0
+        compact = np.zeros(all_labels.shape, np.int32)
+        compact[occupied] = relabel[labels]
+        painted = np.zeros(all_labels.shape, np.float32)
+        painted[occupied] = block_values[compact[occupied]]
+        return self.prepared.from_samples(compact), block_values, self.prepared.from_samples(painted)
+
+
+def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
+    """Block counts of the coarse-to-fine levels, ending with ``n_blocks``."""
+    levels = [] if coarse_blocks is None else [coarse_blocks] if np.isscalar(coarse_blocks) else list(coarse_blocks)
+    levels = [check_count("coarse_blocks", k) for k in levels] + [n_blocks]
+    if any(b >= a for a, b in zip(levels[1:], levels)):
+        raise InputError(f"coarse_blocks must increase and stay below n_blocks: {levels}")
+    return levels
+
+
+def _check_options(method: str, normalization: str, refine_threshold: float, locality_tolerance: float,
+                   blocks: Any) -> None:
+    check_choice("method", method, METHODS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    if not 0 <= refine_threshold <= 1:
+        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
+    if not 0 <= locality_tolerance < 1:
+        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
+    if isinstance(blocks, str) and blocks not in ("slic", "grid"):
+        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
+
+
+def _check_block_labels(blocks: Any, shape: tuple[int, ...], levels: list[int]) -> np.ndarray:
+    """A user's block label image on the input grid."""
+    if len(levels) > 1:
+        raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image")
+    given = np.asarray(blocks)
+    if given.shape != shape or not np.issubdtype(given.dtype, np.integer):
+        raise InputError(f"a block label image must be integer with the input's shape {shape}, "
+                         f"got {given.dtype} {given.shape}")
+    if given.min() < 0 or given.max() < 1:
+        raise InputError("block labels must be >= 0 with at least one block (label >= 1)")
+    return given
+
+
+def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
+                     compactness: float = DEFAULT_COMPACTNESS,
+                     n_jitters: int = 4, max_jitter: float | None = None, channels: Any = None,
+                     blocks: Any = "slic", normalization: str = "fraction",
+                     coarse_blocks: int | Sequence[int] | None = None, refine_threshold: float = 0.25,
+                     method: str = "auto", locality_tolerance: float = 0.0, geometry: Geometry | None = None,
+                     tiles: bool = True, progressive: bool = False,
+                     preview: Callable[[np.ndarray, int], None] | None = None, tolerance: float | None = None,
+                     progress: ProgressCallback | None = None, cancel: Any = None) -> BackwardResult:
+    """Backward mapping B(M^f): which input blocks drive the masked output voxels.
+
+    Parameters
+    ----------
+    model, x, n_jitters, max_jitter, channels, geometry
+        As for :func:`forward_mapping`.
+    out_mask : ndarray of bool
+        The output voxels M^f, same shape as the input (output grid = input grid).
+    n_blocks : int
+        K, the number of blocks per sample (SLIC superpixels for 2D, supervoxels for 3D).
+    compactness : float
+        SLIC compactness (channels scaled to [0, 1] first; see :func:`superpixel_blocks`).
+    blocks : {"slic", "grid"} or ndarray of int
+        How the input is cut into blocks; an int array on the input grid gives the blocks (0 = none).
+    normalization : {"fraction", "magnitude"}
+        B_k as the fraction of block k's response that falls inside M^f, or that part scaled to max 1.
+    coarse_blocks : int or sequence of int, optional
+        Coarse-to-fine: block counts of the coarser levels (e.g. 10, or [10, 60]); after each level only the
+        blocks with B >= refine_threshold * max B are cut into finer blocks, down to ``n_blocks``.
+    refine_threshold : float
+        Fraction of the level's largest B above which a block is refined.
+    method : {"auto", "local", "batched", "brute"}
+        "local" measures the model's response radius and skips blocks that cannot reach M^f and perturbs far
+        apart blocks together (exact for models with a finite receptive field); "batched" evaluates every
+        block; "brute" also evaluates one block at a time; "auto" is "local" unless the response is global.
+    locality_tolerance : float
+        0 (exact). Above 0, a global response is cut at the radius holding all but this fraction of it.
+    tiles : bool
+        With the local method, perturb the relevant blocks in tiles of the sample that hold their context (each
+        block dilated by twice the response radius, aligned to the model's stride; far-apart blocks may share a
+        tile) when that runs fewer voxels through the model than whole samples; exact for shift-equivariant
+        convolutional models, which IBIX checks once per run.
+    progressive, preview, tolerance
+        As for :func:`forward_mapping`: nested jitter grids, ``preview(painted_B, N)`` after each but the last,
+        and an optional early stop once no block's B changes by more than ``tolerance``.
+
+    Returns
+    -------
+    BackwardResult
+        B per block, B painted on the input grid, the block labels and evaluation counts per level.
+        A 2D model on a volume is explained on the slices M^f touches; B is 0 elsewhere.
+    """
+    started = time.perf_counter()
+    n_blocks = check_count("n_blocks (K)", n_blocks)
+    n_jitters = check_count("n_jitters (N)", n_jitters)
+    _check_options(method, normalization, refine_threshold, locality_tolerance, blocks)
+    levels = _block_levels(n_blocks, coarse_blocks)
+    before, voxels_before = model.evaluations, model.evaluated_voxels
+    prepared = model.prepare(x, geometry)
+    out_mask = check_mask(out_mask, prepared.volume_shape, "output mask")
+    channel_list = channel_indices(model.card, channels)
+    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    out_samples = prepared.to_samples(out_mask)
+    touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
+    custom = not isinstance(blocks, str)
+    given = _check_block_labels(blocks, prepared.volume_shape, levels) if custom else None
+
+    perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
+                          one_item_per_batch=method == "brute")
+    radius_info = radius = None
+    if method in ("auto", "local"):
+        radius_info = response_radius(perturber, int(touched[0]), locality_tolerance)
+        if radius_info.is_global and method == "local":
+            raise InputError("the model's response is global (it reaches across the whole input), so the local "
+                             "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
+        radius = radius_info.radius
+    schedule = jitter_schedule(n_jitters, progressive)
+    sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
+    refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
+    evaluations_per_level, blocks_per_level = [], []
+    for level, k in enumerate(levels):
+        check_cancel(cancel)
+        level_start = model.evaluations
+        if level > 0:
+            values = refinement.values
+            refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
+            fine = _block_labels(prepared, touched, k, compactness, blocks, np.isin(refinement.labels, refine))
+            top = int(refinement.labels.max())
+            current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
+            new_ids = np.unique(fine[fine > 0]) + top
+        else:
+            current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if custom
+                       else _block_labels(prepared, touched, k, compactness, blocks))
+            new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
+        refinement.next_level(current, new_ids)
+        level_sums = sums.compute(current, new_ids, refinement.on_jitter_level if len(schedule) > 1 else None)
+        refinement.finish_level(*level_sums)
+        evaluations_per_level.append(model.evaluations - level_start)
+        blocks_per_level.append(int(len(new_ids)))
+
+    labels, block_values, painted = refinement.painted()
+    parameters = {
+        "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters,
+        "n_jitters_used": refinement.jitters_used, "progressive": progressive, "tolerance": tolerance,
+        "max_jitter": h_max,
+        "channels": [model.card.input.channels[c] for c in channel_list], "blocks": "labels" if custom else blocks,
+        "normalization": normalization, "coarse_blocks": levels[:-1] if len(levels) > 1 else None,
+        "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
+        "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
+        "samples": int(len(touched)), "model": model.path.name,
+    }
+    return BackwardResult(
+        map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,
+        parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
+        device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
+        radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
+            model.pipeline.padded_shape(prepared.sample_shape))))

@@ -1,0 +1,470 @@
+"""What the command line, the demo and cohorts share: load a case from files, run one mapping, write its files.
+
+One path per mapping (:func:`run_forward`, :func:`run_backward`, :func:`run_predict`): each runs the engine on
+loaded inputs and writes the volumes, the PNG figure and returns what ``summary.json`` says about it, so that
+``ibix forward``, ``ibix backward``, ``ibix demo`` and ``ibix cohort`` produce the same files the same way.
+Messages go through a :class:`Console`: results on stdout, notes and progress on stderr; with the JSON-lines
+progress format, stdout carries only machine-readable records (see :class:`JsonLinesProgress`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__, figures
+from .backward import BackwardResult, backward_mapping
+from .errors import InputError
+from .forward import ForwardResult, forward_mapping
+from .geometry import Geometry, slice_array_axis
+from .io import read_mask, read_volume, write_volume
+from .model import Model, load_model as engine_load_model
+
+FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
+PROGRESS_FORMATS = ("human", "jsonl")
+#: Grey levels of an output in Hounsfield units under F (the soft-tissue window, level 40, width 400).
+CT_WINDOW = (-160.0, 240.0)
+
+
+# -- console and progress -----------------------------------------------------------------------------------
+class Progress:
+    """A ``progress(done, total, message)`` callback for the engine that drives a tqdm bar on stderr.
+
+    The bar appears only when a step takes more than a second, shows the time left, and starts afresh when the
+    engine's message or total changes (e.g. the levels of a coarse-to-fine backward mapping).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.key: tuple[str, int] | None = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.key != (message, total) or done < self.bar.n:
+            self.close()
+            self.bar = tqdm(total=total, desc=message, unit="step", file=sys.stderr, delay=1.0, leave=False,
+                            dynamic_ncols=True)
+            self.key = (message, total)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.key = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class JsonLinesProgress(Progress):
+    """Progress as JSON lines on stdout: ``{"stage": message, "done": n, "total": m}``, one object per line.
+
+    For programs that run ``ibix`` in a child process (the Slicer module does): each line parses on its own and
+    is flushed at once. Consecutive reports of one stage are sent at most every ``interval`` seconds, except
+    the last one of the stage.
+    """
+
+    def __init__(self, stream: Any = None, interval: float = 0.1):
+        super().__init__(enabled=True)
+        self.stream, self.interval = stream, interval
+        self._last: tuple[str, float] = ("", 0.0)
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        now = time.monotonic()
+        if message == self._last[0] and done < total and now - self._last[1] < self.interval:
+            return
+        self._last = (message, now)
+        write_record({"stage": message, "done": int(done), "total": int(total)}, self.stream)
+
+    def close(self) -> None:
+        self._last = ("", 0.0)
+
+
+def write_record(record: dict, stream: Any = None) -> None:
+    """One JSON-lines record on ``stream`` (stdout by default), flushed."""
+    stream = stream or sys.stdout
+    stream.write(json.dumps(record, default=_json_default) + "\n")
+    stream.flush()
+
+
+class Console:
+    """Where messages go: results on stdout, notes and progress on stderr, nothing but errors when quiet.
+
+    With ``progress_format="jsonl"`` stdout carries JSON lines only (progress records, then one ``finished``
+    or ``failed`` record) and the human results go to stderr.
+    """
+
+    def __init__(self, quiet: bool = False, progress_format: str = "human"):
+        if progress_format not in PROGRESS_FORMATS:
+            raise InputError(f"progress format must be one of {PROGRESS_FORMATS}, got {progress_format!r}")
+        self.quiet = quiet
+        self.jsonl = progress_format == "jsonl"
+
+    def out(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr if self.jsonl else sys.stdout, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            print(f"ibix: {text}", file=sys.stderr, flush=True)
+
+    def progress(self) -> Progress:
+        return JsonLinesProgress() if self.jsonl else Progress(enabled=not self.quiet)
+
+    def finished(self, files: dict[str, Path], summary: Path | None) -> None:
+        """The last record of a successful run (JSON lines only; absolute paths)."""
+        if self.jsonl:
+            write_record({"stage": "finished", "files": {k: str(Path(v).resolve()) for k, v in files.items()},
+                          "summary": None if summary is None else str(Path(summary).resolve())})
+
+    def failed(self, message: str) -> None:
+        """The last record of a failed run (JSON lines only)."""
+        if self.jsonl:
+            write_record({"stage": "failed", "error": message})
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """Input volumes (one per channel) on one grid."""
+
+    arrays: list[np.ndarray]
+    geometry: Geometry
+    paths: list[Path]
+
+    @property
+    def x(self) -> Any:
+        return self.arrays[0] if len(self.arrays) == 1 else self.arrays
+
+
+def load_model(path: Path, card: Path | None, device: str = "auto", memory_budget_mib: float = 512.0) -> Model:
+    """The model and its card from files (the card beside the model, or inferred, when ``card`` is None)."""
+    if card is not None and not Path(card).is_file():
+        raise InputError(f"{card}: model card not found")
+    return engine_load_model(path, card=None if card is None else str(card), device=device,
+                             memory_budget=int(memory_budget_mib * 2**20))
+
+
+def load_inputs(paths: Sequence[Path], model: Model) -> Inputs:
+    """Read one volume per card channel and check they share one grid."""
+    names = list(model.card.input.channels)
+    if len(paths) != len(names):
+        raise InputError(f"the model {model.path.name} takes {len(names)} input channel(s) {names} but "
+                         f"{len(paths)} --input volume(s) were given ({', '.join(str(p) for p in paths)}); "
+                         "pass one --input per channel, in that order")
+    arrays, geometries = [], []
+    for path in paths:
+        array, geometry = read_volume(path)
+        if array.ndim not in (2, 3):
+            raise InputError(f"{path}: a {array.ndim}D image; IBIX reads 2D images and 3D volumes")
+        arrays.append(array)
+        geometries.append(geometry)
+    for path, geometry in zip(paths[1:], geometries[1:]):
+        if not geometry.matches(geometries[0]):
+            raise InputError(f"{path}: its grid (shape {geometry.shape}, spacing {geometry.spacing}, origin "
+                             f"{geometry.origin}) differs from {paths[0]}'s (shape {geometries[0].shape}, spacing "
+                             f"{geometries[0].spacing}, origin {geometries[0].origin}); resample the channels "
+                             "onto one grid")
+    return Inputs(arrays, geometries[0], list(paths))
+
+
+def load_mask(path: Path, label: int | None, reference: Geometry, console: Console, what: str) -> np.ndarray:
+    """A mask on the input grid; one on another grid is resampled (nearest neighbour) if it overlaps."""
+    _, geometry = read_volume(path)
+    if not geometry.matches(reference):
+        console.note(f"{path}: the {what}'s grid (shape {geometry.shape}, spacing {geometry.spacing}) differs from "
+                     f"the input's (shape {reference.shape}, spacing {reference.spacing}); resampled onto the "
+                     "input's grid (nearest neighbour)")
+    return read_mask(path, label=label, reference=reference)
+
+
+def channel_arguments(values: Sequence[str] | None, model: Model) -> list[str | int] | None:
+    """Channel names or indices given as text (card names win over numbers)."""
+    if values is None:
+        return None
+    names = list(model.card.input.channels)
+    return [int(v) if v not in names and v.lstrip("-").isdigit() else v for v in values]
+
+
+# -- output -------------------------------------------------------------------------------------------------
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class Outputs:
+    """The output folder: plans the files, refuses to overwrite inputs, writes volumes atomically.
+
+    ``written`` maps each file's role (``forward_signed``, ``forward_png``, ``summary``, ...) to its path.
+    """
+
+    def __init__(self, folder: Path, fmt: str, protected: Sequence[Path | None]):
+        self.folder = Path(folder)
+        self.suffix = FORMATS[fmt]
+        self.protected = {Path(p).resolve() for p in protected if p is not None}
+        self.written: dict[str, Path] = {}
+
+    def volume(self, stem: str) -> Path:
+        return self.path(stem + self.suffix)
+
+    def path(self, name: str) -> Path:
+        path = self.folder / name
+        if path.resolve() in self.protected:
+            raise InputError(f"{path}: writing it would overwrite an input file; choose another --output folder")
+        return path
+
+    def check(self, names: Sequence[str]) -> None:
+        """Create the folder, check it is writable, and refuse names that are inputs."""
+        for name in names:
+            self.path(name)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.folder}: cannot create the output folder ({exc.strerror or exc})") from None
+        if not self.folder.is_dir():
+            raise InputError(f"{self.folder}: the output folder is not a folder")
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".ibix-write-test-"):
+                pass
+        except OSError as exc:
+            raise InputError(f"{self.folder}: the output folder is not writable ({exc.strerror or exc})") from None
+
+    def check_volumes(self, stems: Sequence[str], extra: Sequence[str] = ()) -> None:
+        """:meth:`check` for volumes named by their stems, and other files."""
+        self.check([s + self.suffix for s in stems] + list(extra))
+
+    def write_volume(self, stem: str, array: np.ndarray, geometry: Geometry) -> Path:
+        path = write_volume(self.volume(stem), array, geometry)
+        self.written[stem] = path
+        return path
+
+    def write_json(self, name: str, content: dict, role: str = "summary") -> Path:
+        path = self.path(name)
+        temporary = path.with_name(f".{name}.partial")
+        try:
+            temporary.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        self.written[role] = path
+        return path
+
+    def add(self, role: str, path: Path) -> Path:
+        self.written[role] = Path(path)
+        return Path(path)
+
+
+class Preview:
+    """The engine's ``preview(map, N)`` callback: writes ``<stem>_preview`` and removes it once the run ends."""
+
+    def __init__(self, outputs: Outputs, stem: str, geometry: Geometry, console: Console, progress: Progress):
+        self.outputs, self.stem, self.geometry = outputs, stem, geometry
+        self.console, self.progress = console, progress
+        self.path: Path | None = None
+
+    def __call__(self, values: np.ndarray, n_jitters: int) -> None:
+        self.path = write_volume(self.outputs.volume(self.stem + "_preview"), values, self.geometry)
+        self.progress.close()
+        self.console.note(f"preview with N = {n_jitters} written to {self.path}")
+
+    def __enter__(self) -> "Preview":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FigureOptions:
+    """What the PNG of a map shows: ``slice`` (array index; None: a montage the mask touches), the field of
+    view ``crop`` ("roi", "body" or "none"), and ``png`` False for none."""
+
+    png: bool = True
+    slice: int | None = None
+    crop: str = "roi"
+
+
+def figure_axis(model: Model, geometry: Geometry, ndim: int) -> int | None:
+    """Array axis the PNGs slice along: a 2D model's slice axis, else the axial axis (None for a 2D image)."""
+    preferred = None
+    if ndim == 3 and model.card.spatial_dims == 2:
+        preferred = slice_array_axis(geometry, model.card.slice_axis or "axial")
+    return figures.display_axis(geometry, ndim, preferred)
+
+
+def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Sequence[int]) -> tuple[np.ndarray, int]:
+    """The model output on the given slices only (zeros elsewhere) and the evaluations it took."""
+    before = model.evaluations
+    prepared = model.prepare(inputs.x, inputs.geometry)
+    if model.card.spatial_dims == 2 and prepared.slice_axis is not None and axis == prepared.slice_axis:
+        samples = np.zeros((len(prepared.samples),) + tuple(prepared.sample_shape), np.float32)
+        samples[list(slices)] = model.predict_samples(prepared, list(slices))
+        return prepared.from_samples(samples), model.evaluations - before
+    return prepared.from_samples(model.predict_samples(prepared)), model.evaluations - before
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def forward_png(path: Path, model: Model, inputs: Inputs, output: np.ndarray, result: ForwardResult,
+                mask: np.ndarray, axis: int | None, slices: Sequence[int], crop: str = "roi", **kw) -> Path:
+    """The forward map's PNG: |F| over the model's output, the input mask outlined."""
+    p = result.parameters
+    subtitle = (f"{model.card.name or model.path.name} · channels {', '.join(p['channels'])} · N = {p['n_jitters']} "
+                f"jitters up to H = {_fmt(p['max_jitter'])} · {result.evaluations} evaluations in "
+                f"{result.seconds:.1f} s on {result.device} · max |F| = {_fmt(float(np.abs(result.signed).max()))}")
+    name = model.card.output.channels[0] if model.card.output.channels else "output"
+    units = model.card.output.units
+    if units == "HU" and "window" not in kw:
+        kw["window"] = CT_WINDOW
+    return figures.forward_figure(path, output, result.signed, mask, inputs.geometry, axis, slices,
+                                  result.units, f"{name}{', ' + units if units else ''}", subtitle=subtitle,
+                                  crop=crop, crop_reference=inputs.arrays[0], **kw)
+
+
+def backward_png(path: Path, model: Model, inputs: Inputs, result: BackwardResult, mask: np.ndarray,
+                 axis: int | None, slices: Sequence[int], crop: str = "roi", background_channel: int = 0,
+                 **kw) -> Path:
+    """The backward map's PNG: B over an input channel, the output mask outlined."""
+    p = result.parameters
+    levels = "" if not p.get("coarse_blocks") else f" (levels {p['coarse_blocks'] + [p['n_blocks']]})"
+    subtitle = (f"{model.card.name or model.path.name} · {p['blocks']} blocks, K = {p['n_blocks']}{levels} · "
+                f"N = {p['n_jitters']} jitters up to H = {_fmt(p['max_jitter'])} · method {p['method']} · "
+                f"{result.evaluations} evaluations in {result.seconds:.1f} s on {result.device}")
+    channel = model.card.input.channels[background_channel]
+    return figures.backward_figure(path, inputs.arrays[background_channel], result.map, mask, inputs.geometry,
+                                   axis, slices, channel, labels=result.labels,
+                                   normalization=p["normalization"], subtitle=subtitle, crop=crop,
+                                   crop_reference=inputs.arrays[0], **kw)
+
+
+# -- one mapping from loaded inputs to files ----------------------------------------------------------------
+@dataclass
+class MappingRun:
+    """One mapping's result, its slices shown in the PNG and what the summary says about the figure."""
+
+    result: Any
+    axis: int | None
+    slices: list[int]
+    figure: dict = field(default_factory=dict)
+
+
+def run_predict(model: Model, inputs: Inputs, outputs: Outputs, console: Console) -> tuple[np.ndarray, dict]:
+    """The model's output written as ``output``; returns it with what the summary says about it."""
+    t0, before = time.perf_counter(), model.evaluations
+    with console.progress() as progress:
+        output = model.predict(inputs.x, inputs.geometry, progress=progress)
+    seconds, evaluations = time.perf_counter() - t0, model.evaluations - before
+    outputs.write_volume("output", output, inputs.geometry)
+    return output, {"evaluations": evaluations, "seconds": round(seconds, 4), "device": model.device,
+                    "units": model.card.output.units}
+
+
+def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs, console: Console,
+                parameters: dict, figure: FigureOptions = FigureOptions(), output: np.ndarray | None = None
+                ) -> MappingRun:
+    """Forward map F of ``mask`` written as ``forward_signed``, ``forward_normalized`` and ``forward.png``.
+
+    ``parameters`` go to :func:`IBIXLogic.forward_mapping`; ``output`` is the model's output under the PNG
+    (computed on the shown slices when not given). A progressive run writes a preview that it removes.
+    """
+    axis = figure_axis(model, inputs.geometry, inputs.arrays[0].ndim)
+    slices = figures.choose_slices(mask, axis, requested=figure.slice)
+    outputs.check_volumes(["forward_signed", "forward_normalized"], ["forward.png"] if figure.png else [])
+    with console.progress() as progress, \
+            Preview(outputs, "forward_normalized", inputs.geometry, console, progress) as preview:
+        result = forward_mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress,
+                                 preview=preview, **parameters)
+    outputs.write_volume("forward_signed", result.signed, result.geometry)
+    outputs.write_volume("forward_normalized", result.normalized, result.geometry)
+    run = MappingRun(result, axis, slices)
+    if figure.png:
+        t0, evaluations = time.perf_counter(), 0
+        if output is None:
+            output, evaluations = output_on_slices(model, inputs, axis, slices)
+        outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, result, mask,
+                                               axis, slices, crop=figure.crop))
+        run.figure = {"slices": slices, "axis": axis, "evaluations": evaluations,
+                      "seconds": round(time.perf_counter() - t0, 3)}
+    return run
+
+
+def run_backward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs, console: Console,
+                 parameters: dict, figure: FigureOptions = FigureOptions(), background_channel: int = 0
+                 ) -> MappingRun:
+    """Backward map B of ``mask`` written as ``backward``, ``backward_blocks`` and ``backward.png``.
+
+    ``parameters`` go to :func:`IBIXLogic.backward_mapping`; the PNG shows B over input channel
+    ``background_channel``. A progressive run writes a preview that it removes.
+    """
+    axis = figure_axis(model, inputs.geometry, inputs.arrays[0].ndim)
+    slices = figures.choose_slices(mask, axis, requested=figure.slice)
+    outputs.check_volumes(["backward", "backward_blocks"], ["backward.png"] if figure.png else [])
+    with console.progress() as progress, \
+            Preview(outputs, "backward", inputs.geometry, console, progress) as preview:
+        result = backward_mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress,
+                                  preview=preview, **parameters)
+    outputs.write_volume("backward", result.map, result.geometry)
+    outputs.write_volume("backward_blocks", result.labels, result.geometry)
+    run = MappingRun(result, axis, slices)
+    if figure.png:
+        t0 = time.perf_counter()
+        outputs.add("backward_png", backward_png(outputs.path("backward.png"), model, inputs, result, mask, axis,
+                                                 slices, crop=figure.crop, background_channel=background_channel))
+        run.figure = {"slices": slices, "axis": axis, "seconds": round(time.perf_counter() - t0, 3)}
+    return run
+
+
+def model_summary(model: Model) -> dict:
+    """What a summary says about the model: file, card, device and the ONNX Runtime provider."""
+    return {"path": str(model.path), "card": model.card.summary(), "device": model.device,
+            "provider": model.provider}
+
+
+def write_summary(outputs: Outputs, command: str, model: Model, inputs: Inputs, started: float,
+                  **content: Any) -> Path:
+    """``summary.json``: the command, model, inputs and geometry, ``content``, timing and the files written."""
+    summary = {"ibix": __version__, "command": command, "model": model_summary(model),
+               "inputs": [str(p) for p in inputs.paths], "geometry": inputs.geometry.to_dict()}
+    summary.update(content)
+    summary["seconds_total"] = round(time.perf_counter() - started, 3)
+    summary["files"] = [str(p) for p in outputs.written.values()] + [str(outputs.folder / "summary.json")]
+    return outputs.write_json("summary.json", summary)
+
+
+def finish(console: Console, outputs: Outputs, lines: Sequence[str]) -> None:
+    """Print the result lines and the files written; end a JSON-lines run with its ``finished`` record."""
+    for line in lines:
+        console.out(line)
+    for path in outputs.written.values():
+        console.out(f"  wrote {path}")
+    console.finished(outputs.written, outputs.written.get("summary"))
+
