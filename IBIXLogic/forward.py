@@ -5,7 +5,7 @@ F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,   h_k = k H / N
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -14,11 +14,16 @@ from .checks import channel_indices, check_count, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter
+from .statistics import forward_statistics
 
 
 @dataclass
 class ForwardResult:
-    """A forward mapping F on the output grid."""
+    """A forward mapping F on the output grid.
+
+    ``statistics``: reach95_mm, inside_fraction, peak and peak_ras_mm of F
+    (:func:`IBIXLogic.statistics.forward_statistics`).
+    """
 
     signed: np.ndarray
     normalized: np.ndarray
@@ -28,11 +33,13 @@ class ForwardResult:
     seconds: float
     device: str
     units: str
+    statistics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
                 "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
-                "max_abs": float(np.abs(self.signed).max()), "geometry": self.geometry.to_dict()}
+                "max_abs": float(np.abs(self.signed).max()), "statistics": self.statistics,
+                "geometry": self.geometry.to_dict()}
 
 
 
@@ -115,6 +122,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     units = model.card.output.units
     return ForwardResult(
         signed=signed, normalized=normalized, geometry=prepared.geometry,
+        statistics=forward_statistics(signed, mask, prepared.geometry),
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],

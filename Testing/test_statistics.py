@@ -1,4 +1,6 @@
 """Oracle tests of the map statistics: box blurs of known width at known, anisotropic spacing, hand-computed values."""
+import json
+
 import numpy as np
 import pytest
 
@@ -26,7 +28,8 @@ def test_forward_statistics_of_a_box_blur(tmp_path):
     mask = np.zeros(geometry.shape, bool)
     mask[1:3, 5:11, 10:21] = True
     result = ibx.forward_mapping(model, x, mask, n_jitters=2, geometry=geometry)
-    stats = st.forward_statistics(result.signed, mask, geometry)
+    stats = result.statistics
+    assert result.to_dict()["statistics"] == stats
     assert stats["reach95_mm"] == pytest.approx(1.3)
     assert stats["inside_fraction"] == pytest.approx(784 / 990, rel=1e-5)
     assert stats["peak"] == pytest.approx(1.0, rel=1e-5)
@@ -48,8 +51,7 @@ def test_forward_peak_location_in_ras_on_a_rotated_grid(tmp_path):
     x = np.random.default_rng(4).normal(size=geometry.shape).astype(np.float32)
     mask = np.zeros(geometry.shape, bool)
     mask[1, 6, 6] = True
-    result = ibx.forward_mapping(model, x, mask, n_jitters=2, geometry=geometry)
-    stats = st.forward_statistics(result.signed, mask, geometry)
+    stats = ibx.forward_mapping(model, x, mask, n_jitters=2, geometry=geometry).statistics
     assert stats["peak"] == pytest.approx(2.0, rel=1e-5)
     np.testing.assert_allclose(stats["peak_ras_mm"], [-0.9, 16.5, 33.0], atol=1e-4)
     assert stats["inside_fraction"] == pytest.approx(0.1 / 2.8, rel=1e-4)
@@ -76,7 +78,8 @@ def test_backward_statistics_of_a_box_blur(tmp_path):
         blocks[1, 4, start:start + 3] = label
     result = ibx.backward_mapping(model, x, out_mask, blocks=blocks, n_jitters=2, geometry=geometry)
     np.testing.assert_allclose(result.block_values[1:], [0, 0, 0.2, 0.8, 14 / 15, 0.4, 0, 0], atol=1e-5)
-    stats = st.backward_statistics(result.labels, result.block_values, out_mask, geometry)
+    stats = result.statistics
+    assert result.to_dict()["statistics"] == stats
     assert stats["reach95_mm"] == pytest.approx(1.4)
     assert stats["blocks90"] == 3
     assert stats["peak"] == pytest.approx(14 / 15, rel=1e-5)
@@ -144,3 +147,24 @@ def test_bad_arguments_name_the_problem(bad):
             st.forward_statistics(np.ones((4, 5)), np.zeros((4, 5), bool), geometry)
         else:
             st.backward_statistics(np.full((4, 5), 3, np.int32), np.ones(2), mask, geometry)
+
+
+def test_statistics_reach_summary_json_and_the_console_line(tmp_path, capsys):
+    """The box-blur oracle of the first test, through ``ibix forward`` on files: summary.json holds the same
+    statistics and the console line says them."""
+    from IBIXLogic import cli
+
+    model = om.save(om.box_blur((3, 5)), tmp_path, "box")
+    geometry = ibx.Geometry((0.0, 0.0, 0.0), SPACING, np.eye(3), (4, 16, 32))
+    x = np.random.default_rng(3).normal(100, 10, geometry.shape).astype(np.float32)
+    mask = np.zeros(geometry.shape, np.uint8)
+    mask[1:3, 5:11, 10:21] = 1
+    ibx.write_volume(tmp_path / "x.nrrd", x, geometry)
+    ibx.write_volume(tmp_path / "mask.nrrd", mask, geometry)
+    assert cli.main(["forward", "--model", str(model), "-i", str(tmp_path / "x.nrrd"), "--mask",
+                     str(tmp_path / "mask.nrrd"), "--n-jitters", "2", "--no-png", "-o", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    stats = summary["forward"]["statistics"]
+    assert stats["reach95_mm"] == pytest.approx(1.3)
+    assert stats["inside_fraction"] == pytest.approx(784 / 990, rel=1e-5)
+    assert "reach95 1.3 mm, 79 % inside the mask" in capsys.readouterr().out
