@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import session
 from .errors import IBIXError, InputError
-from .mapping import backward_mapping, forward_mapping
+from .backward import backward_mapping
+from .forward import forward_mapping
 from .report import write_report
 from .statistics import BACKWARD_STATISTICS, FORWARD_STATISTICS, flatten
 
@@ -120,7 +122,7 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
     if missing or unknown or len(set(header)) != len(header):
         raise InputError(f"{path}: the header {header} " + (f"lacks the column(s) {missing}; " if missing else "")
                          + (f"has unknown column(s) {unknown}; " if unknown else "")
-                         + (f"repeats a column; " if len(set(header)) != len(header) else "")
+                         + ("repeats a column; " if len(set(header)) != len(header) else "")
                          + f"the columns are {list(REQUIRED_COLUMNS)}, optional 'label' and the {mapping} "
                            f"parameters {list(allowed)}")
 
@@ -185,32 +187,31 @@ def case_row(case: str, status: str, error: str = "", summary: dict | None = Non
 
 
 def _explain(case: Case, settings: Settings, folder: Path) -> dict:
-    """Run the single-case command's path for one case, writing into ``folder``; returns its summary."""
-    from . import cli  # the single-case command's path (phase 1: until the shared session layer lands)
+    """One case through the single-case command's path (:mod:`IBIXLogic.session`), written into ``folder``.
 
-    argv = [settings.mapping, "--model", str(settings.model), "--output", str(folder), "--format", settings.fmt,
-            "--device", settings.device, "--quiet"]
-    if settings.card is not None:
-        argv += ["--card", str(settings.card)]
-    for path in case.inputs:
-        argv += ["--input", str(path)]
-    argv += ["--mask", str(case.mask)] + ([] if case.label is None else ["--label", str(case.label)])
-    for name, value in case.parameters.items():
-        if isinstance(value, bool):
-            if name == "tiles":
-                argv += [] if value else ["--no-tiles"]
-            elif value:
-                argv += [f"--{name.replace('_', '-')}"]
-            continue
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{name.replace('_', '-')}"] + [str(v) for v in values]
-    parser = cli.build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit:
-        raise InputError(f"case {case.name}: a parameter value is invalid ({case.parameters})") from None
-    args.handler(args, cli.Console(quiet=True))
-    return json.loads((folder / "summary.json").read_text())
+    Returns its summary (what ``summary.json`` holds).
+    """
+    started = time.perf_counter()
+    console = session.Console(quiet=True)
+    forward = settings.mapping == "forward"
+    model = session.load_model(settings.model, settings.card, settings.device)
+    inputs = session.load_inputs(list(case.inputs), model)
+    mask = session.load_mask(case.mask, case.label, inputs.geometry, console, "input mask" if forward else
+                             "output mask")
+    parameters = dict(case.parameters)
+    block_labels = parameters.pop("block_labels", None)
+    if block_labels is not None:
+        parameters["blocks"] = session.load_block_labels(block_labels, inputs.geometry)
+    outputs = session.Outputs(folder, settings.fmt, [*inputs.paths, case.mask, block_labels, settings.model,
+                                                     settings.card])
+    outputs.check(["summary.json"])
+    run = (session.run_forward if forward else session.run_backward)(model, inputs, mask, outputs, console,
+                                                                     parameters)
+    extra = {} if forward else {"block_labels": None if block_labels is None else str(block_labels)}
+    path = session.write_summary(outputs, settings.mapping, model, inputs, started, case=case.name,
+                                 mask=str(case.mask), label=case.label, **extra,
+                                 **{settings.mapping: run.result.to_dict()}, figure=run.figure)
+    return json.loads(path.read_text())
 
 
 def _relocate(folder: Path, final: Path) -> None:
@@ -232,6 +233,8 @@ def run_case(case: Case, settings: Settings) -> dict:
     final = settings.output / case.name
     temporary = settings.output / f".{case.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
+        if final.exists():
+            raise InputError(f"{final} exists already; remove it to run case {case.name} again")
         temporary.mkdir(parents=True)
         summary = _explain(case, settings, temporary)
         _relocate(temporary, final)

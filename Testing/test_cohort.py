@@ -1,14 +1,14 @@
 """Cohorts: the manifest, running the shipped T1 demo's cases on Dask (one broken), resuming, and the report."""
 import csv
 import json
-from html.parser import HTMLParser
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import IBIXLogic as ibx
-from IBIXLogic import cohort, report
+from IBIXLogic import cli, cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "Resources" / "SampleData"
@@ -50,31 +50,6 @@ def test_bad_manifests_name_the_line_and_the_fix(tmp_path, rows, message):
 
 
 # -- a cohort on the shipped sample data ---------------------------------------------------------------------
-class Page(HTMLParser):
-    """The tags and text of an HTML page, for structural checks."""
-
-    def __init__(self):
-        super().__init__()
-        self.images, self.links, self.headings, self.text, self._heading = [], [], [], [], None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "img":
-            self.images.append(attrs)
-        if tag in ("a", "link", "script") and (attrs.get("href") or attrs.get("src")):
-            self.links.append(attrs)
-        if tag in ("h1", "h2", "h3"):
-            self._heading = tag
-
-    def handle_endtag(self, tag):
-        self._heading = None if tag == self._heading else self._heading
-
-    def handle_data(self, data):
-        self.text.append(data)
-        if self._heading:
-            self.headings.append(data.strip())
-
-
 def sample_manifest(tmp_path: Path) -> Path:
     """Cases of the T1 demo: the ventricle, the output mask's region, two labels of one label map, and two broken
     cases (a missing input file; the T1 image given as a mask, which holds many values)."""
@@ -94,53 +69,53 @@ def sample_manifest(tmp_path: Path) -> Path:
         ["image-as-mask", str(t1), str(t1), "", "2"]])
 
 
-def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path):
+def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
     manifest = sample_manifest(tmp_path)
     out = tmp_path / "cohort"
-    seen = []
-    first = cohort.run_cohort(manifest, T1_MODEL, "forward", out, workers=2,
-                              progress=lambda done, total, message: seen.append((done, total)))
-    status = {row["case"]: row["status"] for row in first.rows}
-    assert status == {"ventricle": "ok", "output-region": "ok", "cube1": "ok", "cube2": "ok",
-                      "missing-input": "failed", "image-as-mask": "failed"}
-    errors = {row["case"]: row["error"] for row in first.rows}
-    assert "no-such-T1.nrrd: no such file" in errors["missing-input"]
-    assert "different nonzero values" in errors["image-as-mask"]
-    assert seen[0] == (0, 6) and seen[-1] == (6, 6)
-    assert (first.ran, first.skipped, first.failed) == (6, 0, 2)
-    # each ok case holds what 'ibix forward' writes; nothing half-written is left
-    for case in ("ventricle", "output-region", "cube1", "cube2"):
-        summary = json.loads((out / case / "summary.json").read_text())
-        assert {Path(p).name for p in summary["files"]} >= {"forward_signed.nrrd", "forward_normalized.nrrd",
-                                                           "forward.png", "summary.json"}
-        assert all(Path(p).parent == out / case for p in summary["files"])
-    assert sorted(p.name for p in out.iterdir()) == ["cohort.csv", "cube1", "cube2", "output-region",
-                                                      "report.html", "ventricle"]
-    rows = cohort.read_rows(first.csv)
-    assert [r["case"] for r in rows] == ["ventricle", "output-region", "cube1", "cube2", "missing-input",
-                                         "image-as-mask"]
+    code = cli.main(["cohort", str(manifest), "--model", str(T1_MODEL), "--mapping", "forward", "-o", str(out),
+                     "--workers", "2", "--progress-format", "jsonl"])
+    assert code == 3  # finished, some cases failed
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[0] == {"stage": "cases", "done": 0, "total": 6}
+    assert records[-2] == {"stage": "cases", "done": 6, "total": 6}
+    assert records[-1]["stage"] == "finished" and Path(records[-1]["files"]["cohort_csv"]) == out / "cohort.csv"
+    rows = cohort.read_rows(out / "cohort.csv")
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("ventricle", "ok"), ("output-region", "ok"), ("cube1", "ok"), ("cube2", "ok"),
+        ("missing-input", "failed"), ("image-as-mask", "failed")]
     by_case = {r["case"]: r for r in rows}
+    assert "no-such-T1.nrrd: no such file" in by_case["missing-input"]["error"]
+    assert "different nonzero values" in by_case["image-as-mask"]["error"]
     assert by_case["cube2"]["evaluations"] == 2 * 1 * 2 + 2  # N = 1 on the 2 slices the cube touches, + f(x)
     assert by_case["missing-input"]["evaluations"] is None
-    stamps = {case: (out / case / "summary.json").stat().st_mtime_ns for case in status if status[case] == "ok"}
+    # each ok case holds what 'ibix forward' writes, its statistics are in the row; nothing half-written is left
+    ok = [r["case"] for r in rows if r["status"] == "ok"]
+    for case in ok:
+        summary = json.loads((out / case / "summary.json").read_text())
+        assert {Path(p).name for p in summary["files"]} == {"forward_signed.nrrd", "forward_normalized.nrrd",
+                                                            "forward.png", "summary.json"}
+        assert all(Path(p).parent == out / case for p in summary["files"])
+        statistics = summary["forward"]["statistics"]
+        assert by_case[case]["reach95_mm"] == pytest.approx(statistics["reach95_mm"])
+        assert 0 < by_case[case]["inside_fraction"] <= 1
+        assert [by_case[case][f"peak_{a}_mm"] for a in "ras"] == pytest.approx(statistics["peak_ras_mm"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["cohort.csv", "report.html"] + ok)
+    stamps = {case: (out / case / "summary.json").stat().st_mtime_ns for case in ok}
 
     # the rerun joins an existing cluster, skips the 4 ok cases and retries only the 2 failed ones
     from distributed import LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        second = cohort.run_cohort(manifest, T1_MODEL, "forward", out, scheduler=cluster.scheduler_address)
-    assert (second.ran, second.skipped, second.failed) == (2, 4, 2)
-    assert sum(r["evaluations"] or 0 for r in second.rows if r["status"] == "failed") == 0
-    assert {case: (out / case / "summary.json").stat().st_mtime_ns for case in stamps} == stamps
-    assert cohort.read_rows(second.csv) == rows[:4] + cohort.read_rows(second.csv)[4:]
+        again = cohort.run_cohort(manifest, T1_MODEL, "forward", out, scheduler=cluster.scheduler_address)
+    assert (again.ran, again.skipped, again.failed) == (2, 4, 2)
+    assert all(r["evaluations"] is None for r in again.rows if r["status"] == "failed")
+    assert {case: (out / case / "summary.json").stat().st_mtime_ns for case in ok} == stamps
+    assert cohort.read_rows(again.csv)[:4] == rows[:4]
 
-    page = Page()
-    page.feed(second.report.read_text())
-    assert page.links == []  # self-contained
-    assert all(image["src"].startswith("data:image/png;base64,") for image in page.images)
-    thumbnails = [i for i in page.images if i["alt"].startswith("forward map of")]
-    assert sorted(i["alt"] for i in thumbnails) == sorted(f"forward map of {c}" for c in stamps)
-    text = " ".join(page.text)
-    assert "missing-input" in text and "different nonzero values" in text
+    # the report renders: self-contained, one thumbnail per ok case, the failures named
+    page = again.report.read_text()
+    assert not re.search(r"""(src|href)="(?!data:image/png;base64,)""", page)
+    assert sorted(re.findall(r'<img alt="forward map of ([^"]+)" src="data:image/png;base64,', page)) == sorted(ok)
+    assert "missing-input" in page and "different nonzero values" in page
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path, monkeypatch):
@@ -150,28 +125,34 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, monkeypatch):
         cohort.run_cohort(manifest, T1_MODEL, "forward", tmp_path / "out", scheduler="tcp://127.0.0.1:9")
 
 
-# -- report -----------------------------------------------------------------------------------------------
-def test_tukey_fences_by_hand():
-    # quartiles of 1, 2, 3, 4, 100 are 2 and 4: fences 2 - 3 = -1 and 4 + 3 = 7
-    found, fences = report.tukey_outliers(list("abcde"), [1, 2, 3, 4, 100], "peak")
-    assert fences == (-1.0, 7.0)
-    assert [(o.case, o.value) for o in found] == [("e", 100.0)]
-    assert report.tukey_outliers(list("abc"), [1, 2, 100], "peak") == ([], None)  # too few cases
-    assert report.tukey_outliers(list("abcde"), [1, None, 2, 3, 4], "peak")[0] == []
+def test_a_backward_case_with_block_labels_gives_the_oracle_row(tmp_path):
+    """One backward case run directly (no cluster) on the box-blur oracle of test_statistics: a 1x5 blur, output
+    mask cols 20..26, blocks of 3 cols given as a label file -> reach95 1.4 mm, blocks90 3, peak 14/15."""
+    import onnx_models as om
 
-
-def test_report_names_outliers_and_failures(tmp_path):
-    rows = [{"case": f"c{i}", "status": "ok", "error": "", "evaluations": 10, "seconds": 1.0,
-             "reach95_mm": value, "inside_fraction": 0.5, "peak": 1.0, "peak_r_mm": 0.0, "peak_a_mm": 0.0,
-             "peak_s_mm": 0.0} for i, value in enumerate([3.0, 3.2, 2.9, 3.1, 30.0])]
-    rows.append({"case": "bad <one>", "status": "failed", "error": "x.nrrd: no such file"})
-    path = report.write_report(tmp_path, rows, "forward", cohort.statistic_columns("forward"))
-    page = Page()
-    page.feed(path.read_text())
-    assert page.headings[0].startswith("IBIX cohort report: forward maps")
-    assert {"Distributions", "Outliers", "Failed cases", "Maps"} <= set(page.headings)
-    text = " ".join(page.text)
-    assert "c4" in text and "reach95_mm" in text and "bad <one>" in text  # escaped in the HTML, text again here
-    assert "<one>" not in path.read_text()
-    plots = [i for i in page.images if i["alt"].startswith("distribution of")]
-    assert len(plots) == 5  # reach95, inside fraction, peak, evaluations, seconds
+    model = om.save(om.box_blur((1, 5)), tmp_path, "blur")
+    geometry = ibx.Geometry((5.0, 6.0, 7.0), (0.7, 1.3, 3.0), np.eye(3), (3, 9, 40))
+    out_mask = np.zeros(geometry.shape, np.uint8)
+    out_mask[1, 4, 20:27] = 1
+    blocks = np.zeros(geometry.shape, np.int16)
+    for label in range(1, 9):
+        blocks[1, 4, 11 + 3 * (label - 1):14 + 3 * (label - 1)] = label
+    for name, array in [("x", np.random.default_rng(5).normal(50, 5, geometry.shape).astype(np.float32)),
+                        ("mask", out_mask), ("blocks", blocks)]:
+        ibx.write_volume(tmp_path / f"{name}.nrrd", array, geometry)
+    manifest = write_manifest(tmp_path / "m.csv", [["case", "input", "mask", "n_jitters", "block_labels"],
+                                                   ["blur", "x.nrrd", "mask.nrrd", "2", "blocks.nrrd"]])
+    (case,) = cohort.read_manifest(manifest, "backward")
+    settings = cohort.Settings("backward", model, None, tmp_path / "out")
+    row = cohort.run_case(case, settings)
+    assert row["status"] == "ok", row["error"]
+    assert row["reach95_mm"] == pytest.approx(1.4) and row["blocks90"] == 3
+    assert row["peak"] == pytest.approx(14 / 15, rel=1e-5)
+    assert [row[f"peak_{a}_mm"] for a in "ras"] == pytest.approx([-21.8, -11.2, 10.0])
+    summary = json.loads((tmp_path / "out" / "blur" / "summary.json").read_text())
+    assert summary["case"] == "blur" and summary["block_labels"] == str(tmp_path / "blocks.nrrd")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blur"]  # no temporary folder left
+    # the same case again fails cleanly: its folder exists, and nothing is overwritten
+    again = cohort.run_case(case, settings)
+    assert again["status"] == "failed" and "exists already" in again["error"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blur"]
