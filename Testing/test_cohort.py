@@ -1,6 +1,7 @@
 """Cohorts: the manifest, running the shipped T1 demo's cases on Dask (one broken), resuming, and the report."""
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
 
     # the rerun joins an existing cluster, skips the 4 ok cases and retries only the 2 failed ones
     from distributed import LocalCluster
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster:
         again = cohort.run_cohort(manifest, T1_MODEL, "forward", out, scheduler=cluster.scheduler_address)
     assert (again.ran, again.skipped, again.failed) == (2, 4, 2)
     assert all(r["evaluations"] is None for r in again.rows if r["status"] == "failed")
