@@ -197,9 +197,9 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
         values = [float(r[name]) for r in ok if r.get(name) is not None]
         if not values:
             continue
-        found, fences = tukey_outliers(cases, values, name)
-        if name not in ("evaluations", "seconds"):
-            outliers += found
+        # evaluations and seconds describe the run, not the map: shown, but no outliers named
+        found, fences = tukey_outliers(cases, values, name) if name in statistics else ([], None)
+        outliers += found
         image = distribution_plot(name, cases, values, {o.case for o in found}, fences)
         plots.append(f'<img alt="distribution of {html.escape(name)}" src="data:image/png;base64,{image}">')
     flagged = {o.case for o in outliers}
@@ -209,7 +209,8 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
              f'{html.escape(time.strftime("%Y-%m-%d %H:%M:%S"))} · folder {html.escape(str(folder))}</p>',
              "<h2>Distributions</h2>",
              '<p class="meta">Each point is a case with status ok; boxes span the quartiles, whiskers 1.5 IQR, '
-             "dotted lines are Tukey's fences; red points are outliers.</p>",
+             "dotted lines are Tukey's fences; red points are outliers (of the map statistics; evaluations and "
+             "seconds are shown for the record).</p>",
              f'<div class="plots">{"".join(plots) or "<p>No statistics to plot.</p>"}</div>',
              "<h2>Outliers</h2>"]
     if outliers:
