@@ -46,9 +46,7 @@ QUICK = {"forward": {"n_jitters": 4}, "backward": {"n_blocks": 100, "n_jitters":
 
 def resources() -> Path:
     """The shipped ``Resources`` folder (beside the IBIXLogic package in the repository)."""
-    import IBIXLogic
-
-    folder = Path(IBIXLogic.__file__).resolve().parents[1] / "Resources"
+    folder = Path(__file__).resolve().parents[1] / "Resources"
     if not (folder / "Models").is_dir() or not (folder / "SampleData").is_dir():
         raise InputError(f"{folder}: the demo models and sample data (Resources/Models, Resources/SampleData) are "
                          "not there; run the demo from a checkout of the IBIX repository (pip install -e .)")

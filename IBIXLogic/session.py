@@ -402,6 +402,23 @@ def run_predict(model: Model, inputs: Inputs, outputs: Outputs, console: Console
                     "units": model.card.output.units}
 
 
+def _run_mapping(mapping: Any, model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs,
+                 console: Console, parameters: dict, figure: FigureOptions, volumes: dict[str, str],
+                 png: str, preview_stem: str) -> MappingRun:
+    """Run ``mapping`` with progress and previews, and write the result's attributes named in ``volumes``
+    (file stem -> attribute); the caller draws the PNG ``png``."""
+    axis = figure_axis(model, inputs.geometry, inputs.arrays[0].ndim)
+    slices = figures.choose_slices(mask, axis, requested=figure.slice)
+    outputs.check_volumes(list(volumes), [png] if figure.png else [])
+    with console.progress() as progress, \
+            Preview(outputs, preview_stem, inputs.geometry, console, progress) as preview:
+        result = mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress, preview=preview,
+                         **parameters)
+    for stem, attribute in volumes.items():
+        outputs.write_volume(stem, getattr(result, attribute), result.geometry)
+    return MappingRun(result, axis, slices)
+
+
 def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs, console: Console,
                 parameters: dict, figure: FigureOptions = FigureOptions(), output: np.ndarray | None = None
                 ) -> MappingRun:
@@ -410,23 +427,16 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
     ``parameters`` go to :func:`IBIXLogic.forward_mapping`; ``output`` is the model's output under the PNG
     (computed on the shown slices when not given). A progressive run writes a preview that it removes.
     """
-    axis = figure_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    slices = figures.choose_slices(mask, axis, requested=figure.slice)
-    outputs.check_volumes(["forward_signed", "forward_normalized"], ["forward.png"] if figure.png else [])
-    with console.progress() as progress, \
-            Preview(outputs, "forward_normalized", inputs.geometry, console, progress) as preview:
-        result = forward_mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress,
-                                 preview=preview, **parameters)
-    outputs.write_volume("forward_signed", result.signed, result.geometry)
-    outputs.write_volume("forward_normalized", result.normalized, result.geometry)
-    run = MappingRun(result, axis, slices)
+    run = _run_mapping(forward_mapping, model, inputs, mask, outputs, console, parameters, figure,
+                       {"forward_signed": "signed", "forward_normalized": "normalized"}, "forward.png",
+                       "forward_normalized")
     if figure.png:
         t0, evaluations = time.perf_counter(), 0
         if output is None:
-            output, evaluations = output_on_slices(model, inputs, axis, slices)
-        outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, result, mask,
-                                               axis, slices, crop=figure.crop))
-        run.figure = {"slices": slices, "axis": axis, "evaluations": evaluations,
+            output, evaluations = output_on_slices(model, inputs, run.axis, run.slices)
+        outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, run.result, mask,
+                                               run.axis, run.slices, crop=figure.crop))
+        run.figure = {"slices": run.slices, "axis": run.axis, "evaluations": evaluations,
                       "seconds": round(time.perf_counter() - t0, 3)}
     return run
 
@@ -439,21 +449,14 @@ def run_backward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Output
     ``parameters`` go to :func:`IBIXLogic.backward_mapping`; the PNG shows B over input channel
     ``background_channel``. A progressive run writes a preview that it removes.
     """
-    axis = figure_axis(model, inputs.geometry, inputs.arrays[0].ndim)
-    slices = figures.choose_slices(mask, axis, requested=figure.slice)
-    outputs.check_volumes(["backward", "backward_blocks"], ["backward.png"] if figure.png else [])
-    with console.progress() as progress, \
-            Preview(outputs, "backward", inputs.geometry, console, progress) as preview:
-        result = backward_mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress,
-                                  preview=preview, **parameters)
-    outputs.write_volume("backward", result.map, result.geometry)
-    outputs.write_volume("backward_blocks", result.labels, result.geometry)
-    run = MappingRun(result, axis, slices)
+    run = _run_mapping(backward_mapping, model, inputs, mask, outputs, console, parameters, figure,
+                       {"backward": "map", "backward_blocks": "labels"}, "backward.png", "backward")
     if figure.png:
         t0 = time.perf_counter()
-        outputs.add("backward_png", backward_png(outputs.path("backward.png"), model, inputs, result, mask, axis,
-                                                 slices, crop=figure.crop, background_channel=background_channel))
-        run.figure = {"slices": slices, "axis": axis, "seconds": round(time.perf_counter() - t0, 3)}
+        outputs.add("backward_png", backward_png(outputs.path("backward.png"), model, inputs, run.result, mask,
+                                                 run.axis, run.slices, crop=figure.crop,
+                                                 background_channel=background_channel))
+        run.figure = {"slices": run.slices, "axis": run.axis, "seconds": round(time.perf_counter() - t0, 3)}
     return run
 
 
