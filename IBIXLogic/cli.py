@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mapping", choices=cohort.MAPPINGS, required=True, help="the map computed for every case")
     group.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="folder for the results")
     group.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N",
-                       help="worker processes of the local Dask cluster (one case at a time each)")
+                       help="worker processes of the local Dask cluster (one case at a time each; not used with "
+                            "--scheduler)")
     group.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="join the running Dask scheduler at this address (e.g. tcp://10.0.0.5:8786) instead "
                             "of starting a local cluster; its workers need IBIX and the same file paths")

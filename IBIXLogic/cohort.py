@@ -9,7 +9,8 @@ manifest's folder; an empty cell keeps the default.
 
 Each case writes what the single-case command writes (maps, PNG, ``summary.json``) into ``DIR/<case>/``: first
 into a temporary folder, renamed to ``DIR/<case>`` when complete, so ``DIR/<case>`` exists only for a finished case.
-``DIR/cohort.csv`` gets one row per case; a rerun skips the cases whose folder exists and runs the others again.
+``DIR/cohort.csv`` gets one row per case; a rerun skips the cases whose folder exists and runs the others again
+(it does not check that the model or the parameters are those of the earlier run: use a new DIR for new ones).
 """
 from __future__ import annotations
 
@@ -265,14 +266,19 @@ class CohortResult:
 
 
 def _done_row(case: Case, settings: Settings) -> dict | None:
-    """The row of a case finished by an earlier run (its folder holds summary.json), else None."""
-    summary_path = settings.output / case.name / "summary.json"
-    if not summary_path.is_file():
+    """The row of a case whose folder exists (None when it does not): ok when an earlier run of the same mapping
+    finished it, else failed with the reason (the folder is left as it is)."""
+    folder = settings.output / case.name
+    if not folder.exists():
         return None
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
-        return None
+        return case_row(case.name, "failed", f"{folder} exists but holds no readable summary.json (not written by "
+                        "IBIX); remove it to run this case", mapping=settings.mapping)
+    if summary.get("command") != settings.mapping or settings.mapping not in summary:
+        return case_row(case.name, "failed", f"{folder} holds a {summary.get('command')} result, not a "
+                        f"{settings.mapping} one; use another output folder", mapping=settings.mapping)
     return case_row(case.name, "ok", summary=summary, mapping=settings.mapping)
 
 
@@ -365,9 +371,6 @@ def run_cohort(manifest: str | os.PathLike, model: str | os.PathLike, mapping: s
         done = _done_row(case, settings)
         if done is not None:
             rows[case.name] = done
-        elif (output / case.name).exists():
-            rows[case.name] = case_row(case.name, "failed", f"{output / case.name} exists but holds no summary.json "
-                                       "(not written by IBIX); remove it to run this case", mapping=mapping)
         else:
             pending.append(case)
     skipped = len(cases) - len(pending)

@@ -158,3 +158,22 @@ def test_a_backward_case_with_block_labels_gives_the_oracle_row(tmp_path):
     again = cohort.run_case(case, settings)
     assert again["status"] == "failed" and "exists already" in again["error"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blur"]
+
+
+def test_folders_of_another_run_are_reported_not_overwritten(tmp_path, capsys):
+    """Nothing left to run starts no cluster: a folder holding a forward result fails a backward cohort, a folder
+    IBIX did not write fails its case; both stay as they were. A bad manifest is exit code 2."""
+    manifest = write_manifest(tmp_path / "m.csv", [["case", "input", "mask"], ["a", "x.nrrd", "m.nrrd"],
+                                                   ["b", "x.nrrd", "m.nrrd"]])
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "summary.json").write_text(json.dumps({"command": "forward", "forward": {"evaluations": 3}}))
+    (out / "b").mkdir()
+    result = cohort.run_cohort(manifest, T1_MODEL, "backward", out)
+    assert (result.ran, result.failed) == (0, 2)
+    assert "holds a forward result, not a backward one" in result.rows[0]["error"]
+    assert "no readable summary.json" in result.rows[1]["error"]
+    assert sorted(p.name for p in (out / "b").iterdir()) == []
+    bad = write_manifest(tmp_path / "bad.csv", [["case", "input", "mask", "speed"], ["a", "x", "m", "1"]])
+    assert cli.main(["cohort", str(bad), "--model", str(T1_MODEL), "--mapping", "forward", "-o", str(out)]) == 2
+    assert "unknown column(s) ['speed']" in capsys.readouterr().err
