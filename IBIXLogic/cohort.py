@@ -309,7 +309,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def _client(workers: int, scheduler: str | None):
     """A dask.distributed client: on a local cluster of ``workers`` processes, or joined to ``scheduler``."""
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise IBIXError("cohorts run on Dask, which is not installed here: pip install 'dask[distributed]'") from None
 
     if scheduler is not None:
         try:
@@ -381,9 +384,9 @@ def run_cohort(manifest: str | os.PathLike, model: str | os.PathLike, mapping: s
 
     report("cases")
     if pending:
+        client, cluster = _client(workers, scheduler)
         from distributed import as_completed
 
-        client, cluster = _client(workers, scheduler)
         try:
             futures = {client.submit(run_case, case, settings, key=f"ibix-{case.name}-{uuid.uuid4().hex[:8]}",
                                      pure=False, retries=0): case for case in pending}
