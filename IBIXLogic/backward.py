@@ -12,13 +12,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import locality
-from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
+from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
 from .checks import channel_indices, check_choice, check_count, check_mask
 from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
-                      response_radius)
+from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
+                      resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
 from .statistics import backward_statistics
 
@@ -93,7 +93,8 @@ class _BlockSums:
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
         occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
-        present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
+        present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s].ravel())), ids) if occupied[s]
+                   else ids[:0]
                    for s in range(len(label_samples))]
         touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
         if self.radius is not None:
@@ -114,15 +115,8 @@ class _BlockSums:
         return groups, wanted
 
     def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
-        """Windowed items holding the groups' blocks, when they run fewer voxels than whole samples.
-
-        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
-        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
-        reproduce the whole-sample output is used (checked on the unperturbed input, 2 tile evaluations each).
-        """
-        perturber = self.perturber
-        padded_shape = perturber.padded_input(groups[0].sample).shape[1:]
-        offset = tuple(p[0] for p in perturber.pads)
+        """Windowed items holding the groups' blocks and their context, when they run fewer voxels than whole
+        samples (see :meth:`Perturber.checked_tiles`)."""
         starts = np.cumsum([0] + [len(g.blocks) for g in groups])
         rows = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]  # each group's rows of low/high
         low = np.zeros((starts[-1], label_samples.ndim - 1), np.int64)
@@ -132,49 +126,14 @@ class _BlockSums:
             at = np.concatenate([rows[i] for i in members])
             low[at], high[at] = locality.block_boxes(label_samples[s],
                                                      np.concatenate([groups[i].blocks for i in members]))
+        tiles, self.tiling = self.perturber.checked_tiles(groups[0].sample, low, high, rows, self.radius,
+                                                          len(groups))
+        if tiles is None:
+            return None
         owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
         all_blocks = np.concatenate([g.blocks for g in groups])
-        for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
-            tiles = locality.plan_tiles(low, high, rows, self.radius, padded_shape, offset, align)
-            voxels = sum(int(np.prod(t.shape)) for t in tiles)
-            if voxels >= 0.8 * len(groups) * np.prod(padded_shape):
-                self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
-                return None
-            if self._tiles_reproduce_the_model(groups[0].sample, tiles[0].shape, align):
-                items = [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window)
-                         for t in tiles]
-                self.tiling = {"tiles": True, "alignment": align, "items": len(items), "blocks": int(len(low)),
-                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
-                return items
-        self.tiling = {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
-        return None
-
-    def _tiles_reproduce_the_model(self, sample: int, shape: tuple[int, ...], align: int) -> bool:
-        """Whether tiles of ``shape`` starting at multiples of ``align`` reproduce the whole sample's output.
-
-        Checked at the tile origins (align, align, ...) and at the far corner, away from tile borders that are
-        not the sample's (within the response radius of such a border the tile lacks context).
-        """
-        perturber = self.perturber
-        padded = perturber.padded_input(sample)
-        base = perturber.padded_base[sample]
-        spatial = padded.shape[1:]
-        origins = {tuple(min(align, p - n) for p, n in zip(spatial, shape)),
-                   tuple(p - n for p, n in zip(spatial, shape))}
-        for origin in sorted(origins):
-            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-            try:
-                out = perturber.model.run(padded[(slice(None),) + window][None].copy(), perturber.prepared)[0]
-            except ModelError:
-                return False
-            interior = tuple(slice(0 if o == 0 else self.radius, n if o + n == p else n - self.radius)
-                             for o, n, p in zip(origin, shape, spatial))
-            expected = base[window][interior]
-            if expected.size == 0:
-                continue
-            if np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
-                return False
-        return True
+        self.tiling["blocks"] = int(len(low))
+        return [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window) for t in tiles]
 
     def compute(self, label_samples: np.ndarray, ids: np.ndarray,
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
@@ -186,12 +145,14 @@ class _BlockSums:
         if not groups:
             return numerator, denominator
         perturber = self.perturber
-        perturber.base_outputs(sorted({g.sample for g in groups}))
+        # a sample's own output serves every tile of it; on a large sample, each tile's output is cheaper
+        perturber.base_outputs(sorted({g.sample for g in groups if perturber.small_sample}))
         items = self._tiles(label_samples, groups) if self.tiles else None
         if items is None:
             items = groups
             if self.radius is not None:
                 self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
+        perturber.base_outputs(sorted({i.sample for i in items if i.window is None}))
         sample_shape = perturber.prepared.sample_shape
         shapes: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):  # items of one shape go through the model together
@@ -203,28 +164,26 @@ class _BlockSums:
                 raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
-        padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
-        inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
-        inside[perturber.crop] = True
-        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels}
+        # block labels of each tile, padded as the model pads the perturbed input
+        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window)[0]
+                       for i, item in enumerate(items) if item.window is not None}
         member = np.zeros(size, bool)
 
-        def direction(item: _Item) -> np.ndarray:
+        def direction(index: int) -> np.ndarray:
+            item = items[index]
             member[:] = False
             member[item.blocks] = True
-            if item.window is None:
-                return member[label_samples[item.sample]]
-            return member[padded_labels[item.sample][item.window]]
+            return member[label_samples[item.sample] if item.window is None else tile_labels[index]]
 
         def input_of(item: _Item) -> np.ndarray:
             if item.window is None:
                 return perturber.prepared.samples[item.sample]
-            return perturber.padded_input(item.sample)[(slice(None),) + item.window]
+            return perturber.window_input(item.sample, item.window)
 
         def base_of(item: _Item) -> np.ndarray:
             if item.window is None:
                 return perturber.base[item.sample]
-            return perturber.padded_base[item.sample][item.window]
+            return perturber.window_base(item.sample, item.window)
 
         regions: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}  # per tile, reused across jitter levels
 
@@ -239,9 +198,9 @@ class _BlockSums:
                 numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
                 return
             if index not in regions:
-                inner = inside[item.window]
-                labels = padded_labels[item.sample][item.window]
-                out = padded_out[item.sample][item.window]
+                inner = perturber.inside(item.window)
+                labels = tile_labels[index]
+                out = perturber.window_of(self.out_samples[item.sample], item.window)
                 regions[index] = []
                 for block in item.blocks:
                     region = locality.footprint((labels == block) & inner, self.radius) & inner
@@ -256,7 +215,7 @@ class _BlockSums:
             for shape, indices in shapes.items():
                 chosen = [items[i] for i in indices]
                 runs = perturber.responses(
-                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(chosen[j]),
+                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(indices[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
                               + ("" if chosen[j].window is None else " (tile)"), subset, shape)
@@ -284,25 +243,33 @@ def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalizat
 
 
 def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
-                  kind: str, masks: np.ndarray | None = None) -> np.ndarray:
+                  kind: str, masks: np.ndarray | None = None,
+                  near: Callable[[int], tuple[slice, ...]] | None = None) -> np.ndarray:
     """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere.
 
     ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
     its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
+    Supervoxels of a large 3D sample are cut in chunks (:func:`chunked_supervoxels`), only those that meet the
+    box ``near(sample)`` when given: blocks elsewhere cannot reach the output mask.
     """
     labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
     offset = 0
+    chunked = kind == "slic" and masks is None and len(prepared.sample_shape) == 3 \
+        and int(np.prod(prepared.sample_shape)) > CHUNKED_ABOVE
     for s in samples:
         region = None if masks is None else masks[s]
         if region is not None and not region.any():
             continue
-        if kind == "grid":
+        if chunked:
+            sample_labels = chunked_supervoxels(prepared.samples[s], n_blocks, compactness, prepared.sample_spacing,
+                                                None if near is None else near(s), channel_axis=0)
+        elif kind == "grid":
             sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
         else:
             share = n_blocks if region is None else max(1, round(n_blocks * region.mean()))
             sample_labels = superpixel_blocks(prepared.samples[s], share, compactness,
                                               prepared.sample_spacing, region, channel_axis=0)
-        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
+        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0) if offset else sample_labels
         offset = int(labels[s].max(initial=offset))
     return labels
 
@@ -326,6 +293,7 @@ class _Refinement:
 
     def next_level(self, labels: np.ndarray, new_ids: np.ndarray) -> None:
         self.labels, self.new_ids, self._previewed = labels, new_ids, None
+        self.present = np.bincount(labels[self.touched].ravel()) > 0
 
     def merge(self, level_numerator: np.ndarray, level_denominator: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -336,7 +304,8 @@ class _Refinement:
         numerator[:kept], denominator[:kept] = self.numerator[:kept], self.denominator[:kept]
         numerator[self.new_ids] = level_numerator[self.new_ids]
         denominator[self.new_ids] = level_denominator[self.new_ids]
-        present = np.bincount(self.labels[self.touched].ravel(), minlength=size)[:size] > 0
+        present = np.zeros(size, bool)
+        present[:min(size, len(self.present))] = self.present[:size]
         numerator[~present], denominator[~present] = 0.0, 0.0
         return numerator, denominator, _normalize_blocks(numerator, denominator, self.normalization)
 
@@ -371,6 +340,17 @@ class _Refinement:
         painted = np.zeros(all_labels.shape, np.float32)
         painted[occupied] = block_values[compact[occupied]]
         return self.prepared.from_samples(compact), block_values, self.prepared.from_samples(painted)
+
+
+def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
+    """Where blocks can reach the output mask of a sample: the mask's bounding box grown by the radius."""
+    if radius is None:
+        return None
+
+    def box(sample: int) -> tuple[slice, ...]:
+        low, high = mask_box(out_samples[sample])
+        return tuple(slice(max(0, int(a) - radius), int(b) + radius + 1) for a, b in zip(low, high))
+    return box
 
 
 def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
@@ -477,7 +457,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                           one_item_per_batch=method == "brute")
     radius_info = radius = None
     if method in ("auto", "local"):
-        radius_info = response_radius(perturber, int(touched[0]), locality_tolerance)
+        radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
+                                      near=box_centre(out_samples[touched[0]]))
         if radius_info.is_global and method == "local":
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
@@ -498,7 +479,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             new_ids = np.unique(fine[fine > 0]) + top
         else:
             current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if custom
-                       else _block_labels(prepared, touched, k, compactness, blocks))
+                       else _block_labels(prepared, touched, k, compactness, blocks,
+                                         near=_reach(out_samples, radius)))
             new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
         refinement.next_level(current, new_ids)
         level_sums = sums.compute(current, new_ids, refinement.on_jitter_level if len(schedule) > 1 else None)

@@ -15,6 +15,7 @@ from .card import Intensity, ModelCard
 from .errors import InputError, ModelError
 from .geometry import Geometry, slice_array_axis
 
+
 def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[float, float]:
     """Scale and offset of ``intensity`` (percentiles resolved on ``values``)."""
     if intensity.kind == "identity":
@@ -172,8 +173,11 @@ class Pipeline:
                                  np.array([a[1] for a in affines], np.float32), clip, slice_axis,
                                  in_plane and card.transpose, in_plane and card.flip_rows,
                                  in_plane and card.flip_cols)
-        samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
-        prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if slice_axis is None and not (prepared.transpose or prepared.flip_rows or prepared.flip_cols):
+            prepared.samples = volume[None]  # one sample, as it is: no copy of a large volume
+        else:
+            samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
+            prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
         self.padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
         return prepared
 
@@ -197,6 +201,14 @@ class Pipeline:
     def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
         return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self.padded_shape(shape)))
+
+    def padded_window(self, sample: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+        """``window`` (padded-sample coordinates) of ``sample`` (channels, *shape) padded as the model sees it,
+        without padding the whole sample: edge padding repeats the nearest voxel inside."""
+        pads = self.padding(sample.shape[1:])
+        index = [np.clip(np.arange(w.start, w.stop) - before, 0, n - 1)
+                 for w, (before, _), n in zip(window, pads, sample.shape[1:])]
+        return sample[(slice(None),) + np.ix_(*index)]
 
     def to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
         """A batch of samples in input units (overwritten) as the model's input tensor."""
