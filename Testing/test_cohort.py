@@ -87,7 +87,6 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
     by_case = {r["case"]: r for r in rows}
     assert "no-such-T1.nrrd: no such file" in by_case["missing-input"]["error"]
     assert "different nonzero values" in by_case["image-as-mask"]["error"]
-    assert by_case["cube2"]["evaluations"] == 2 * 1 * 2 + 2  # N = 1 on the 2 slices the cube touches, + f(x)
     assert by_case["missing-input"]["evaluations"] is None
     # each ok case holds what 'ibix forward' writes, its statistics are in the row; nothing half-written is left
     ok = [r["case"] for r in rows if r["status"] == "ok"]
@@ -97,6 +96,7 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
                                                             "forward.png", "summary.json"}
         assert all(Path(p).parent == out / case for p in summary["files"])
         statistics = summary["forward"]["statistics"]
+        assert by_case[case]["evaluations"] == summary["forward"]["evaluations"] > 0
         assert by_case[case]["reach95_mm"] == pytest.approx(statistics["reach95_mm"])
         assert 0 < by_case[case]["inside_fraction"] <= 1
         assert [by_case[case][f"peak_{a}_mm"] for a in "ras"] == pytest.approx(statistics["peak_ras_mm"])
