@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "cases run in parallel on Dask. Writes DIR/<case>/ as the single-case "
                                        "command does, DIR/cohort.csv (status, error, evaluations, seconds, "
                                        "statistics per case) and DIR/report.html. A rerun skips finished cases.",
-                           epilog="Exit codes: 0 every case ok, 3 some cases failed (cohort.csv says why), 2 bad "
-                                  "usage or a bad manifest, 1 other errors.")
+                           epilog="Exit codes: 0 the cohort ran (cases that failed are listed, and recorded in "
+                                  "cohort.csv), 2 bad usage or a bad manifest, 1 other errors.")
     group.add_argument("manifest", type=Path, metavar="MANIFEST", help="the cohort manifest (CSV)")
     group.add_argument("--model", type=Path, required=True, metavar="ONNX", help="the ONNX image-to-image model")
     group.add_argument("--card", type=Path, default=None, metavar="JSON",
@@ -342,8 +342,9 @@ def cmd_cohort(args: argparse.Namespace, console: Console) -> int:
     files = {"cohort_csv": result.csv, "report": result.report}
     for path in files.values():
         console.out(f"  wrote {path}")
-    console.finished(files, None)
-    return 3 if result.failed else 0
+    console.finished(files, None, cases={"total": len(result.rows), "failed": result.failed, "run": result.ran,
+                                         "skipped": result.skipped})
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:

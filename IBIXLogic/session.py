@@ -130,11 +130,11 @@ class Console:
         """The engine's progress callback: JSON lines, or a bar counting ``unit`` (nothing when quiet)."""
         return JsonLinesProgress() if self.jsonl else Progress(enabled=not self.quiet, unit=unit)
 
-    def finished(self, files: dict[str, Path], summary: Path | None) -> None:
-        """The last record of a successful run (JSON lines only; absolute paths)."""
+    def finished(self, files: dict[str, Path], summary: Path | None, **extra: Any) -> None:
+        """The last record of a successful run (JSON lines only; absolute paths; ``extra`` keys added)."""
         if self.jsonl:
             write_record({"stage": "finished", "files": {k: str(Path(v).resolve()) for k, v in files.items()},
-                          "summary": None if summary is None else str(Path(summary).resolve())})
+                          "summary": None if summary is None else str(Path(summary).resolve()), **extra})
 
     def failed(self, message: str) -> None:
         """The last record of a failed run (JSON lines only)."""
