@@ -107,9 +107,9 @@ _CACHE_LOCK = threading.Lock()
 
 
 def chunk_edge(shape: Sequence[int], n_blocks: int) -> int:
-    """Edge (voxels) of the chunks :func:`chunked_supervoxels` cuts: four block edges, a multiple of 8, >= 32."""
+    """Edge (voxels) of the chunks :func:`chunked_supervoxels` cuts: two block edges, a multiple of 8, >= 32."""
     block_edge = (float(np.prod(shape)) / max(int(n_blocks), 1)) ** (1.0 / len(shape))
-    return int(max(32, round(4 * block_edge / 8) * 8))
+    return int(max(32, round(2 * block_edge / 8) * 8))
 
 
 def chunked_supervoxels(image: np.ndarray, n_blocks: int, compactness: float = DEFAULT_COMPACTNESS,

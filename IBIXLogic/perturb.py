@@ -262,7 +262,7 @@ class Perturber:
                 return None, {"tiles": False, "reason": "tiles would not run fewer voxels"}
             if self.tiles_reproduce(sample, tiles[0].shape, align, radius, tiles[0].origin):
                 return tiles, {"tiles": True, "alignment": align, "items": len(tiles),
-                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 4)}
         return None, {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
 
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
@@ -302,11 +302,6 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
-    def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
-                         what: Callable[[int], str], subset: np.ndarray | None = None):
-        """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
-        return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
-                              lambda i: self.base[samples[i]], what, subset)
 
 
 def measure_response_radius(model: Model, x: Any, max_jitter: float | None = None, channels: Any = None,
