@@ -138,6 +138,38 @@ def _mapping_options(group, n_jitters: int) -> None:
                             "of max |F|; B: absolute)")
 
 
+def _cohort_parser(sub) -> None:
+    """The ``cohort`` command's arguments."""
+    group = sub.add_parser("cohort", formatter_class=_Formatter, help="explain every case of a manifest, on Dask",
+                           description="One forward or backward map per case of a manifest (CSV: case, input with "
+                                       "';'-separated channel files, mask, optional label and parameter columns), "
+                                       "cases run in parallel on Dask. Writes DIR/<case>/ as the single-case "
+                                       "command does, DIR/cohort.csv (status, error, evaluations, seconds, "
+                                       "statistics per case) and DIR/report.html. A rerun skips finished cases.",
+                           epilog="Exit codes: 0 the cohort ran (cases that failed are listed, and recorded in "
+                                  "cohort.csv), 2 bad usage or a bad manifest, 1 other errors.")
+    group.add_argument("manifest", type=Path, metavar="MANIFEST", help="the cohort manifest (CSV)")
+    group.add_argument("--model", type=Path, required=True, metavar="ONNX", help="the ONNX image-to-image model")
+    group.add_argument("--card", type=Path, default=None, metavar="JSON",
+                       help="the model card; none: <model>.json beside the model, or inferred from the ONNX model")
+    group.add_argument("--mapping", choices=cohort.MAPPINGS, required=True, help="the map computed for every case")
+    group.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="folder for the results")
+    group.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N",
+                       help="worker processes of the local Dask cluster (one case at a time each; not used with "
+                            "--scheduler)")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="join the running Dask scheduler at this address (e.g. tcp://10.0.0.5:8786) instead "
+                            "of starting a local cluster; its workers need IBIX and the same file paths")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where ONNX Runtime runs the model on each worker")
+    group.add_argument("--format", choices=tuple(FORMATS), default="nrrd", help="file format of the volumes")
+    group.add_argument("--quiet", "-q", action="store_true", default=False, help="print nothing but errors")
+    group.add_argument("--progress-format", choices=PROGRESS_FORMATS, default="human",
+                       help="human: a progress bar counting cases on stderr; jsonl: JSON lines on stdout "
+                            "({stage: cases, done, total}, then {stage: finished, files, summary})")
+    group.set_defaults(handler=cmd_cohort)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ibix", formatter_class=_Formatter,
@@ -210,34 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _figure_options(backward)
     backward.set_defaults(handler=cmd_backward)
 
-    group = sub.add_parser("cohort", formatter_class=_Formatter, help="explain every case of a manifest, on Dask",
-                           description="One forward or backward map per case of a manifest (CSV: case, input with "
-                                       "';'-separated channel files, mask, optional label and parameter columns), "
-                                       "cases run in parallel on Dask. Writes DIR/<case>/ as the single-case "
-                                       "command does, DIR/cohort.csv (status, error, evaluations, seconds, "
-                                       "statistics per case) and DIR/report.html. A rerun skips finished cases.",
-                           epilog="Exit codes: 0 the cohort ran (cases that failed are listed, and recorded in "
-                                  "cohort.csv), 2 bad usage or a bad manifest, 1 other errors.")
-    group.add_argument("manifest", type=Path, metavar="MANIFEST", help="the cohort manifest (CSV)")
-    group.add_argument("--model", type=Path, required=True, metavar="ONNX", help="the ONNX image-to-image model")
-    group.add_argument("--card", type=Path, default=None, metavar="JSON",
-                       help="the model card; none: <model>.json beside the model, or inferred from the ONNX model")
-    group.add_argument("--mapping", choices=cohort.MAPPINGS, required=True, help="the map computed for every case")
-    group.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="folder for the results")
-    group.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N",
-                       help="worker processes of the local Dask cluster (one case at a time each; not used with "
-                            "--scheduler)")
-    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="join the running Dask scheduler at this address (e.g. tcp://10.0.0.5:8786) instead "
-                            "of starting a local cluster; its workers need IBIX and the same file paths")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where ONNX Runtime runs the model on each worker")
-    group.add_argument("--format", choices=tuple(FORMATS), default="nrrd", help="file format of the volumes")
-    group.add_argument("--quiet", "-q", action="store_true", default=False, help="print nothing but errors")
-    group.add_argument("--progress-format", choices=PROGRESS_FORMATS, default="human",
-                       help="human: a progress bar counting cases on stderr; jsonl: JSON lines on stdout "
-                            "({stage: cases, done, total}, then {stage: finished, files, summary})")
-    group.set_defaults(handler=cmd_cohort)
+    _cohort_parser(sub)
 
     demo = sub.add_parser("demo", formatter_class=_Formatter, help="run both shipped demos end to end",
                           description="Run the shipped demos (T1 to T2, MRI to pseudo-CT) end to end: prediction, "
