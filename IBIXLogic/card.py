@@ -9,10 +9,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ModelCardError
+import numpy as np
 
+from .errors import ModelCardError, is_file, short_path
+
+_FLOAT_MAX = 1.7976931348623157e308
 SCHEMA_PATH = Path(__file__).with_name("model_card.schema.json")
 LAYOUTS = {2: ("NCHW", "NHWC"), 3: ("NCDHW", "NDHWC")}
+#: Most input values (batch x channels x voxels) one model call may take: 4 GiB of float32.
+MAX_CALL_VOXELS = 2**30
 #: Channel dimensions this small (and no spatial dimension) suggest where the channels are.
 _MAX_CHANNELS_GUESS = 16
 
@@ -120,6 +125,27 @@ def _describe(error) -> str:
 
 
 _MAX_CARD_DEPTH = 32
+#: Largest model card file IBIX reads (bytes); cards are small JSON files.
+MAX_CARD_BYTES = 1 << 20
+#: Digits an integer in a card file may have before it is refused (Python refuses 4300 itself, with a hint about
+#: ``sys.set_int_max_str_digits`` that would mislead a card author).
+_MAX_DIGITS = 400
+#: Widest scale factor an intensity mapping may have: IBIX feeds float32, where a larger factor turns ordinary
+#: values into infinity and a smaller one rounds them together.
+MAX_INTENSITY_SCALE = 1e12
+#: Largest magnitude of an intensity range bound: times the widest scale it stays within float32 (3.4e38).
+MAX_INTENSITY_BOUND = 1e24
+
+
+class _HugeInteger:
+    """An integer of a card file too long to convert: kept for :func:`_json_clean` to refuse with the field name."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("+-"))
+
+
+def _parse_int(text: str) -> int | _HugeInteger:
+    return int(text) if len(text) <= _MAX_DIGITS else _HugeInteger(text)
 
 
 def _json_clean(value: Any, where: str, depth: int = 0) -> Any:
@@ -146,10 +172,30 @@ def _json_clean(value: Any, where: str, depth: int = 0) -> Any:
         return [_json_clean(item, f"{where}.{i}" if where else str(i), depth + 1) for i, item in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
         raise ModelCardError(f"model card field {name!r} is {value!r}; model cards take finite numbers only")
+    if isinstance(value, _HugeInteger) or (isinstance(value, int) and not isinstance(value, bool)
+                                           and abs(value) > _FLOAT_MAX):
+        digits = value.digits if isinstance(value, _HugeInteger) else len(str(abs(value)))
+        raise ModelCardError(f"model card field {name!r} is a number of {digits} digits; model cards take "
+                             "finite numbers within +-1.8e308 only")
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise ModelCardError(f"model card field {name!r} holds a {type(value).__name__}; model cards take JSON "
                          "values only (objects, arrays, text, numbers, true/false, null)")
+
+
+def _check_scale(side: str, source: Sequence[float], target: Sequence[float]) -> None:
+    """Refuse a linear intensity mapping that float32 cannot carry (e.g. ``from: [0, 1e-40]``)."""
+    with np.errstate(over="ignore"):
+        widths = np.float32(float(source[1]) - float(source[0])), np.float32(float(target[1]) - float(target[0]))
+        bounds = np.asarray([*source, *target], np.float64)
+    scale = abs(float(widths[1]) / float(widths[0])) if np.all(np.isfinite(widths)) and widths[0] else math.inf
+    if not (np.all(np.abs(bounds) <= MAX_INTENSITY_BOUND) and 1 / MAX_INTENSITY_SCALE <= scale
+            <= MAX_INTENSITY_SCALE):
+        raise ModelCardError(
+            f"model card field '{side}.intensity' maps {list(source)} onto {list(target)}, a scale factor of "
+            f"{scale:.3g}; IBIX computes in float32 and takes factors between {1 / MAX_INTENSITY_SCALE:g} and "
+            f"{MAX_INTENSITY_SCALE:g} and bounds within +-{MAX_INTENSITY_BOUND:g}: fix 'from' or 'to' (in the "
+            "units of the values they describe)")
 
 
 def validate_card(card: Any) -> dict:
@@ -185,6 +231,8 @@ def validate_card(card: Any) -> dict:
         if intensity["to"][0] == intensity["to"][1]:
             raise ModelCardError(f"model card field '{side}.intensity.to' must span a range (two different "
                                  f"values); got {intensity['to']}")
+        if key == "from":
+            _check_scale(side, source, intensity["to"])
     dims = card.get("spatial_dims")
     for side in ("input", "output"):
         layout = card.get(side, {}).get("layout")
@@ -206,15 +254,31 @@ def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Pa
     """
     if isinstance(card, Mapping):
         return validate_card(card), "given card"
-    path = Path(card) if card is not None else model_path.with_suffix(".json")
-    if card is None and not path.is_file():
-        return {}, "no card"
-    if not path.is_file():
-        raise ModelCardError(f"{path}: model card not found")
+    if card is not None and not isinstance(card, (str, os.PathLike)):
+        raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got a "
+                             f"{type(card).__name__}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        path = Path(card) if card is not None else model_path.with_suffix(".json")
+    except TypeError:  # an os.PathLike that returns bytes
+        raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got "
+                             f"{card!r}") from None
+    found = is_file(path, "card:", ModelCardError, "; give the path of a JSON file or the card itself (a dict)")
+    if card is None and not found:
+        return {}, "no card"
+    if not found:
+        raise ModelCardError(f"{short_path(path)}: model card not found")
+    try:
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise ModelCardError(f"{path}: the model card is {path.stat().st_size / 2**20:.1f} MiB; a card is a "
+                                 f"small JSON file (at most {MAX_CARD_BYTES // 2**20} MiB)")
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_parse_int)
+    except RecursionError:
+        raise ModelCardError(f"{path}: the model card is nested too deeply to read; model cards nest at most "
+                             f"{_MAX_CARD_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelCardError(f"{path}: not valid JSON ({exc}); fix the file or remove it") from None
+    except OSError as exc:
+        raise ModelCardError(f"{path}: the model card cannot be read ({exc.strerror or exc})") from None
     try:
         return validate_card(data), str(path)
     except ModelCardError as exc:
@@ -320,6 +384,11 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     elif any(d is not None for d in onnx_size):
         size = onnx_size
         assumed.append(f"fixed spatial size {list(onnx_size)} from the model's input shape")
+    call_voxels = math.prod([_static(arg_in.shape[0]) or 1, len(channels), *(d or 1 for d in size or ())])
+    if call_voxels > MAX_CALL_VOXELS:
+        raise ModelCardError(f"the model's input {arg_in.name!r} declares the fixed shape {list(arg_in.shape)}: "
+                             f"{call_voxels:.3g} values per model call, more than the {MAX_CALL_VOXELS:.3g} IBIX "
+                             "runs at once; export the model with dynamic (or smaller) batch and spatial dimensions")
     slice_axis = card.get("slice_axis")
     if dims == 2 and slice_axis is None:
         slice_axis = "axial"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import channel_indices, check_choice, check_count, check_mask
+from .checks import channel_indices, check_arguments, check_choice, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
@@ -99,9 +99,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask : ndarray of bool
         The input voxels M^x to jitter, same shape as the input.
     n_jitters : int
-        N: the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
+        N (1 to 10000): the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
     max_jitter : float, optional
-        H in input units; default 15 % of the input's 1st-99th percentile range.
+        H in input units; default 15 % of the input's 1st-99th percentile range. An H whose smallest jitter H/N
+        float32 cannot resolve on this input is refused with the smallest usable value.
     channels : str, int or sequence, optional
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
@@ -124,13 +125,15 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         A 2D model on a volume is run only on the slices the mask touches; F is 0 elsewhere.
     """
     started = time.perf_counter()
-    n_jitters = check_count("n_jitters (N)", n_jitters)
+    checked = check_arguments(n_jitters=n_jitters, max_jitter=max_jitter, geometry=geometry, progressive=progressive,
+                              preview=preview, tolerance=tolerance, progress=progress, cancel=cancel)
+    n_jitters, tolerance = checked["n_jitters"], checked["tolerance"]
     check_choice("method", method, METHODS)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     mask = check_mask(mask, prepared.volume_shape, "input mask")
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     mask_samples = prepared.to_samples(mask)
     # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
@@ -193,7 +196,8 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
-                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
+                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name,
+                    "model_assumptions": list(model.card.assumptions)},
         evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
         equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(

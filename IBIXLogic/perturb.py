@@ -4,12 +4,13 @@ F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,  h_k = k H / N 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import locality
-from .checks import channel_indices, check_max_jitter
+from .checks import channel_indices, check_arguments, check_count, check_number
 from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback
@@ -17,6 +18,11 @@ from .pipeline import PreparedInput
 
 #: Default maximum jitter H as a fraction of the input's robust range (1st to 99th percentile).
 DEFAULT_JITTER_FRACTION = 0.15
+#: float32 steps (ulps of the largest model input) the smallest jitter H/N must move an input by: difference
+#: quotients then carry about three significant digits of the input step, not rounding noise.
+JITTER_RESOLUTION = 2**10
+#: Fraction of float32's range jittered model inputs may reach.
+JITTER_HEADROOM = 2.0**-20
 #: Probe voxels the response radius is measured at, at least.
 PROBES = 5
 #: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
@@ -67,17 +73,47 @@ def robust_range(values: np.ndarray) -> float:
     return float(high - low)
 
 
-def resolve_max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[int]) -> float:
-    """H in input units: ``max_jitter`` checked, or by default 15 % of the jittered channels' robust range."""
-    chosen = check_max_jitter(max_jitter)
-    if chosen is not None:
-        return chosen
-    every = list(channels) == list(range(prepared.samples.shape[1]))
-    spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
-    if not spread > 0:
-        raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
-                         "(15 % of that range) is 0; give max_jitter explicitly (input units)")
-    return DEFAULT_JITTER_FRACTION * spread
+def usable_jitter_range(prepared: PreparedInput, channels: list[int], n_jitters: int) -> tuple[float, float]:
+    """The smallest and largest H (input units) whose jitters h_k = k H / N float32 can carry on this input.
+
+    The smallest jitter H / N must move the model's inputs by :data:`JITTER_RESOLUTION` float32 steps (ulps) of
+    the largest input value, or the difference quotients are rounding noise (or, for tiny H, infinite); the
+    largest input plus H must stay far inside float32's range.
+    """
+    eps, tiny, largest = (float(v) for v in (np.finfo(np.float32).eps, np.finfo(np.float32).tiny,
+                                            np.finfo(np.float32).max))
+    low, high = 0.0, math.inf
+    for c in channels:
+        values = prepared.samples[:, c]
+        scale, offset = abs(float(prepared.scale[c])), float(prepared.offset[c])
+        peak = max(abs(float(values.min()) * float(prepared.scale[c]) + offset),
+                   abs(float(values.max()) * float(prepared.scale[c]) + offset))
+        step = max(JITTER_RESOLUTION * eps * peak, math.sqrt(tiny))  # model units
+        low = max(low, n_jitters * step / scale, n_jitters * math.sqrt(tiny))
+        high = min(high, (largest * JITTER_HEADROOM - peak) / scale)
+    return low, high
+
+
+def resolve_max_jitter(prepared: PreparedInput, max_jitter: float | None, channels: list[int],
+                       n_jitters: int) -> float:
+    """H in input units: ``max_jitter`` (checked by :func:`check_arguments`) if it is usable on this input with
+    N = ``n_jitters``, or by default 15 % of the jittered channels' robust range."""
+    if max_jitter is None:
+        every = list(channels) == list(range(prepared.samples.shape[1]))
+        spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
+        if not spread > 0:
+            raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
+                             "(15 % of that range) is 0; give max_jitter explicitly (input units)")
+        max_jitter = DEFAULT_JITTER_FRACTION * spread
+    low, high = usable_jitter_range(prepared, channels, n_jitters)
+    if max_jitter < low:
+        raise InputError(f"max_jitter (H) = {max_jitter:.3g} is too small for this input: with N = {n_jitters} the "
+                         f"smallest jitter H/N would be lost to float32 rounding of the model's inputs; use "
+                         f"max_jitter >= {low:.3g} (input units)")
+    if max_jitter > high:
+        raise InputError(f"max_jitter (H) = {max_jitter:.3g} is too large for this input: jittered values would "
+                         f"leave the float32 range; use max_jitter <= {high:.3g} (input units)")
+    return float(max_jitter)
 
 
 def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,11 +362,12 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
     ResponseRadius
         In voxels (L-infinity distance); ``is_global`` when the response reaches across the sample.
     """
+    checked = check_arguments(max_jitter=max_jitter, geometry=geometry, cancel=cancel)
+    tolerance = check_number("tolerance", tolerance, 0.0, 1.0, high_open=True)
     prepared = model.prepare(x, geometry)
-    if not 0 <= sample < len(prepared.samples):
-        raise InputError(f"sample must lie in 0..{len(prepared.samples) - 1}, got {sample!r}")
+    sample = check_count("sample", sample, 0, len(prepared.samples) - 1)
     chosen = channel_indices(model.card, channels)
-    jitter = resolve_max_jitter(prepared, max_jitter, chosen)
+    jitter = resolve_max_jitter(prepared, checked["max_jitter"], chosen, 1)
     return response_radius(Perturber(model, prepared, np.array([-jitter, jitter]), chosen, cancel), sample,
                            tolerance)
 
@@ -389,7 +426,7 @@ def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[sl
     if measured is None:
         points = locality.probe_points(shape, count)
         separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
-                                lambda i: f"probe voxel {tuple(points[i])}")
+                                lambda i: f"probe voxel {tuple(int(p) for p in points[i])}")
         measured, is_global = locality.radius_from_responses(separate, points, tolerance)
     return measured, is_global, len(points)
 

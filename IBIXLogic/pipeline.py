@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .card import Intensity, ModelCard
+from .checks import check_volume
 from .errors import InputError, ModelError
 from .geometry import Geometry, slice_array_axis
 
@@ -28,7 +29,17 @@ def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[flo
                 f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
                 f"both {low}; the channel is (nearly) constant, check the input volume")
     scale = (intensity.target[1] - intensity.target[0]) / (high - low)
-    return scale, intensity.target[0] - low * scale
+    offset = intensity.target[0] - low * scale
+    if values is not None:  # the model is fed float32: the mapped input must stay finite and distinct there
+        extremes = np.array([values.min(), values.max()], np.float64) * scale + offset
+        limit = float(np.finfo(np.float32).max)
+        if not (np.all(np.abs(extremes) < limit) and limit > abs(scale) >= float(np.finfo(np.float32).tiny)):
+            key = "percentiles" if intensity.kind == "percentile" else "from"
+            raise InputError(
+                f"the card's input intensity mapping ({key} {list(intensity.source)} -> {list(intensity.target)}, "
+                f"a scale factor of {scale:.3g}) takes this input's values [{values.min():.6g}, {values.max():.6g}] "
+                f"beyond what float32 holds; check the input's units or fix 'input.intensity' in the model card")
+    return scale, offset
 
 
 
@@ -120,15 +131,18 @@ class Pipeline:
 
     def stack_channels(self, x: Any) -> np.ndarray:
         """The input as one float32 array (channels, *shape), checked against the card's channels."""
+        names = list(self.card.input.channels)
         if isinstance(x, np.ndarray) and self.n_channels == 1 and x.ndim in (2, 3):
-            arrays = [x]
+            given = [x]
         elif isinstance(x, (list, tuple)):
-            arrays = [np.asarray(a) for a in x]
+            given = list(x)
         else:
-            arrays = [np.asarray(x)]
-        if len(arrays) != self.n_channels:
+            given = [x]
+        if len(given) != self.n_channels:
             raise InputError(f"the model takes {self.n_channels} input channel(s) {list(self.card.input.channels)} "
-                             f"but {len(arrays)} volume(s) were given; pass one volume per channel, in that order")
+                             f"but {len(given)} volume(s) were given; pass one volume per channel, in that order")
+        arrays = [check_volume(f"input channel {names[i]!r}" if len(names) > 1 else "input", a)
+                  for i, a in enumerate(given)]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise InputError(f"input channels have different shapes {sorted(shapes)}; resample them onto one grid")
@@ -139,14 +153,7 @@ class Pipeline:
             raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
         if min(shape) < 1:
             raise InputError(f"input has an empty dimension: shape {shape}")
-        stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-        bad = ~np.isfinite(stacked)
-        if bad.any():
-            channel, *position = np.argwhere(bad)[0]
-            raise InputError(f"input channel {self.card.input.channels[channel]!r} has {int(bad.sum())} NaN or "
-                             f"infinite voxel(s), the first at array index {tuple(int(p) for p in position)}; "
-                             "replace them (e.g. with 0) before running IBIX")
-        return stacked
+        return np.stack(arrays)
 
     def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:
         """Cut ``x`` into model samples and fix the intensity mapping from the unperturbed input."""
@@ -220,12 +227,16 @@ class Pipeline:
             batch = np.moveaxis(batch, 1, -1)
         return np.ascontiguousarray(batch, dtype=self.dtype)
 
-    def from_model(self, raw: np.ndarray, sample_shape: Sequence[int]) -> np.ndarray:
-        """The model's output tensor as samples of ``sample_shape`` in output units (padding cropped away)."""
+    def from_model(self, raw: np.ndarray, sample_shape: Sequence[int], n_samples: int) -> np.ndarray:
+        """The model's output tensor for ``n_samples`` inputs as samples of ``sample_shape`` in output units
+        (padding cropped away)."""
         channels_last = self.card.output.channels_last
         if raw.ndim != len(sample_shape) + 2:
             raise ModelError(f"the model returned shape {raw.shape}; expected a batch of "
                              f"{len(sample_shape)}D images with one channel")
+        if raw.shape[0] != n_samples:
+            raise ModelError(f"the model returned {raw.shape[0]} output image(s) (shape {list(raw.shape)}) for a "
+                             f"batch of {n_samples} input(s); IBIX needs one output per input along the batch axis")
         n_out = raw.shape[-1] if channels_last else raw.shape[1]
         if n_out != 1:
             raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
