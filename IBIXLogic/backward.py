@@ -86,7 +86,8 @@ class _BlockSums:
                  schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
         self.perturber, self.out_samples = perturber, out_samples
         self.radius, self.schedule, self.progress = radius, schedule, progress
-        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        card_input = perturber.model.card.input
+        self.tiles = tiles and radius is not None and not card_input.size and card_input.patch is None
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]
@@ -169,7 +170,7 @@ class _BlockSums:
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
         # block labels of each tile, padded as the model pads the perturbed input
-        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window)[0]
+        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window, 0)[0]
                        for i, item in enumerate(items) if item.window is not None}
         member = np.zeros(size, bool)
 
@@ -222,7 +223,8 @@ class _BlockSums:
                     len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(indices[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
-                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape,
+                    sample_of=lambda j: chosen[j].sample)
                 for start, stop, sums in runs:
                     for j in range(start, stop):
                         if state is not None:
@@ -510,6 +512,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
         "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
+        "windows": perturber.patch_summary(model.evaluations - before),
         "model_assumptions": list(model.card.assumptions),
     }
     return BackwardResult(
@@ -518,5 +521,5 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model.pipeline.padded_shape(prepared.sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
+            model.pipeline.sample_voxels(prepared.sample_shape)))

@@ -57,6 +57,55 @@ class Intensity:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """How a sample is padded to the shape the model takes (card ``input.padding``).
+
+    ``mode``: ``"constant"`` (``value``, in model units), ``"edge"`` (repeat the border voxel) or ``"reflect"``
+    (mirror, border voxel not repeated); ``position``: ``"center"`` (split, the odd voxel after the image) or
+    ``"end"`` (all after the image along every axis). The default, centred edge padding, is what IBIX did before
+    cards could say.
+    """
+
+    mode: str = "edge"
+    value: float = 0.0
+    position: str = "center"
+
+    @classmethod
+    def from_card(cls, spec: Mapping[str, Any] | None) -> "Padding":
+        spec = spec or {}
+        return cls(spec.get("mode", "edge"), float(spec.get("value", 0.0)), spec.get("position", "center"))
+
+    def to_card(self) -> dict:
+        out = {"mode": self.mode, "position": self.position}
+        if self.mode == "constant":
+            out["value"] = self.value
+        return out
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Sliding-window (patch) inference (card ``input.patch``): windows of ``size`` voxels overlapping by
+    ``overlap`` (a fraction of the window), outputs blended with ``blend`` weights (``"constant"`` or
+    ``"gaussian"``, sigma = ``sigma_scale`` * size per axis), as MONAI's ``sliding_window_inference``."""
+
+    size: tuple[int, ...]
+    overlap: float = 0.25
+    blend: str = "constant"
+    sigma_scale: float = 0.125
+
+    @classmethod
+    def from_card(cls, spec: Mapping[str, Any] | None) -> "Patch | None":
+        if spec is None:
+            return None
+        return cls(tuple(int(v) for v in spec["size"]), float(spec.get("overlap", 0.25)),
+                   spec.get("blend", "constant"), float(spec.get("sigma_scale", 0.125)))
+
+    def to_card(self) -> dict:
+        return {"size": list(self.size), "overlap": self.overlap, "blend": self.blend,
+                "sigma_scale": self.sigma_scale}
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One side (input or output) of the model as IBIX feeds it."""
 
@@ -67,6 +116,8 @@ class TensorSpec:
     multiple_of: int = 1
     intensity: Intensity = Intensity()
     units: str = ""
+    padding: Padding = Padding()
+    patch: Patch | None = None
 
     @property
     def channels_last(self) -> bool:
@@ -96,7 +147,9 @@ class ModelCard:
                 "channels": list(self.input.channels), "layout": self.input.layout,
                 "units": self.output.units, "fixed_batch": self.fixed_batch,
                 "size": list(self.input.size) if self.input.size else None,
-                "multiple_of": self.input.multiple_of, "assumptions": list(self.assumptions)}
+                "multiple_of": self.input.multiple_of, "padding": self.input.padding.to_card(),
+                "patch": self.input.patch.to_card() if self.input.patch else None,
+                "assumptions": list(self.assumptions)}
 
 
 def _field_path(error) -> str:
@@ -119,6 +172,8 @@ def _describe(error) -> str:
     if keyword == "oneOf" and where.endswith("intensity"):
         return (f"model card field {where!r} must be either {{\"from\": [a, b], \"to\": [c, d], \"clip\": bool}} "
                 f"or {{\"percentiles\": [p_lo, p_hi], \"to\": [c, d], \"clip\": bool}}; got {error.instance!r}")
+    if where.endswith("patch.overlap") and keyword in ("minimum", "exclusiveMaximum", "type"):
+        return f"model card field {where!r} is {error.instance!r}; the overlap is a fraction in [0, 1)"
     if keyword == "not":
         return f"model card field {where!r} may give 'size' or 'multiple_of', not both"
     return f"model card field {where!r}: {error.message}"
@@ -219,6 +274,13 @@ def validate_card(card: Any) -> dict:
         spec["multiple_of"] = int(spec["multiple_of"])
     if "size" in spec:
         spec["size"] = [int(v) for v in spec["size"]]
+    if "patch" in spec:
+        spec["patch"]["size"] = [int(v) for v in spec["patch"]["size"]]
+    padding = spec.get("padding", {})
+    if "value" in padding and padding.get("mode", "edge") != "constant":
+        raise ModelCardError(f"model card field 'input.padding.value' is given but 'input.padding.mode' is "
+                             f"{padding.get('mode', 'edge')!r} (the default is 'edge'); a value applies to mode "
+                             "'constant' only: set the mode to 'constant' or remove the value")
     for side in ("input", "output"):
         intensity = card.get(side, {}).get("intensity")
         if intensity is None:
@@ -242,9 +304,28 @@ def validate_card(card: Any) -> dict:
     size = card.get("input", {}).get("size")
     if size and dims and len(size) != dims:
         raise ModelCardError(f"model card field 'input.size' has {len(size)} values but spatial_dims is {dims}")
+    patch = card.get("input", {}).get("patch")
+    if patch:
+        _check_patch(patch["size"], dims, size, "input.size", spec.get("multiple_of", 1))
     if card.get("slice_axis") and dims == 3:
         raise ModelCardError("model card field 'slice_axis' applies to 2D models only (spatial_dims is 3)")
     return card
+
+
+def _check_patch(patch: Sequence[int], dims: int | None, size: Sequence[int | None] | None, size_field: str,
+                 multiple_of: int) -> None:
+    """The window of ``input.patch`` fits the model: one value per spatial axis, no larger than a fixed size
+    (``size_field`` names where that size comes from), a multiple of ``multiple_of``."""
+    if dims and len(patch) != dims:
+        raise ModelCardError(f"model card field 'input.patch.size' has {len(patch)} values but the model is "
+                             f"{dims}D; give one window size per spatial axis")
+    if size:
+        if len(size) != len(patch) or any(f is not None and p > f for p, f in zip(patch, size)):
+            raise ModelCardError(f"model card field 'input.patch.size' is {list(patch)}, larger than the model's "
+                                 f"fixed size {list(size)} ({size_field}); the window must fit the model")
+    if any(p % multiple_of for p in patch):
+        raise ModelCardError(f"model card field 'input.patch.size' is {list(patch)} but 'input.multiple_of' is "
+                             f"{multiple_of}; every window size must be a multiple of it")
 
 
 def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Path) -> tuple[dict, str]:
@@ -384,6 +465,10 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     elif any(d is not None for d in onnx_size):
         size = onnx_size
         assumed.append(f"fixed spatial size {list(onnx_size)} from the model's input shape")
+    if card_in.get("patch"):
+        _check_patch(card_in["patch"]["size"], dims, size or onnx_size,
+                     "input.size" if card_in.get("size") else f"the model's input shape {spatial_shape}",
+                     int(card_in.get("multiple_of", 1)))
     call_voxels = math.prod([_static(arg_in.shape[0]) or 1, len(channels), *(d or 1 for d in size or ())])
     if call_voxels > MAX_CALL_VOXELS:
         raise ModelCardError(f"the model's input {arg_in.name!r} declares the fixed shape {list(arg_in.shape)}: "
@@ -399,7 +484,9 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     return ModelCard(
         spatial_dims=dims,
         input=TensorSpec(arg_in.name, layout_in, channels, size, int(card_in.get("multiple_of", 1)),
-                         Intensity.from_card(card_in.get("intensity"))),
+                         Intensity.from_card(card_in.get("intensity")),
+                         padding=Padding.from_card(card_in.get("padding")),
+                         patch=Patch.from_card(card_in.get("patch"))),
         output=TensorSpec(arg_out.name, layout_out, tuple(card_out.get("channels", ("output",))),
                           intensity=Intensity.from_card(card_out.get("intensity")),
                           units=card_out.get("units", "")),

@@ -67,6 +67,8 @@ def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, 
         return whole, None, {"tiles": False, "reason": "method 'whole'"}
     if perturber.model.card.input.size:
         return whole, None, {"tiles": False, "reason": "the model takes a fixed input size"}
+    if perturber.patched:
+        return whole, None, {"tiles": False, "reason": "sliding windows: only the windows the mask touches run"}
     near = box_centre(mask_samples[touched[0]])
     if not perturber.has_probe_window(near):
         return whole, None, {"tiles": False, "reason": "the sample is not much larger than the model's reach"}
@@ -160,7 +162,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     inputs = [prepared.samples[s] if window is None else perturber.window_input(s, window) for s, window in items]
     bases = [perturber.base[s] if window is None else perturber.window_base(s, window) for s, window in items]
     directions = [mask_samples[s] if window is None else
-                  model.pipeline.padded_window(mask_samples[s][None], window)[0] for s, window in items]
+                  model.pipeline.padded_window(mask_samples[s][None], window, 0)[0] for s, window in items]
     sums = [np.zeros(d.shape, np.float32) for d in directions]
     schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
@@ -170,7 +172,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
             for start, stop, chunk in perturber.responses(
                     len(indices), lambda j: inputs[indices[j]], lambda j: directions[indices[j]],
                     lambda j: bases[indices[j]], lambda j: f"the input mask perturbed in sample {items[indices[j]][0]}",
-                    subset, shape):
+                    subset, shape, sample_of=lambda j: items[indices[j]][0]):
                 for j in range(start, stop):
                     sums[indices[j]] += chunk[j - start]
                 report_progress(progress, done + stop, len(items), f"forward mapping, N = {n_level}")
@@ -197,8 +199,9 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
                     "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name,
+                    "windows": perturber.patch_summary(model.evaluations - before),
                     "model_assumptions": list(model.card.assumptions)},
         evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model.pipeline.padded_shape(sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
+            model.pipeline.sample_voxels(sample_shape)))

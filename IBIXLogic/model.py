@@ -23,6 +23,7 @@ from .errors import Cancelled, ModelError, is_file
 from .geometry import Geometry
 from .model_file import check_external_data
 from .pipeline import Pipeline, PreparedInput
+from .windows import blend
 
 log = logging.getLogger("IBIX")
 
@@ -137,12 +138,20 @@ class Model:
         return self.pipeline.prepare(x, geometry)
 
     def batch_size(self, sample_shape: Sequence[int]) -> int:
-        """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
+        """How many samples go through the model at once (the model's fixed batch, or the memory budget; with
+        sliding windows, as many samples as their windows fit)."""
+        patch = self.card.input.patch
+        if patch is None:
+            return self.capacity(sample_shape)
+        return max(1, self.capacity(patch.size) // len(self.pipeline.windows(sample_shape)))
+
+    def capacity(self, shape: Sequence[int]) -> int:
+        """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
-        voxels = int(np.prod(self.pipeline.padded_shape(sample_shape)))
-        per_sample = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
-        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_sample, 1))))
+        voxels = int(np.prod(self.pipeline.model_shape(shape)))
+        per_image = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
+        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_image, 1))))
 
     # -- running ------------------------------------------------------------------------------------------
     def _session_run(self, batch: np.ndarray) -> np.ndarray:
@@ -178,10 +187,37 @@ class Model:
         """Model outputs (output units) for a batch of samples in input units.
 
         ``batch`` has shape (n, channels, *sample_shape) and is overwritten. ``describe(i)`` names sample i in
-        the error raised when the model returns NaN or infinite values.
+        the error raised when the model returns NaN or infinite values. With sliding windows (``input.patch``)
+        each sample is padded to hold a window, cut into windows, and the windows' outputs are blended.
         """
+        batch = prepared.normalize(batch)
+        if self.card.input.patch is None:
+            return self.run_model_units(batch, describe)
+        pipeline, sample_shape = self.pipeline, batch.shape[2:]
+        plan, widths = pipeline.windows(sample_shape), pipeline.padding(sample_shape)
+        padded = pipeline.pad(batch, widths)
+        parts = np.stack([padded[(i, slice(None)) + w] for i in range(len(batch)) for w in plan])
+        outputs = self.run_windows(parts, None if describe is None else
+                                   lambda j: f"{describe(j // len(plan))}, window {j % len(plan) + 1} of {len(plan)}")
+        weights = pipeline.importance_map()
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(widths, sample_shape))
+        return np.stack([blend(outputs[i * len(plan):(i + 1) * len(plan)], plan, padded.shape[2:], weights)[crop]
+                         for i in range(len(batch))])
+
+    def run_windows(self, parts: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for windows of padded samples in model units, (n, channels, *patch_size), as
+        many at a time as the batch size allows."""
+        step = self.capacity(parts.shape[2:])
+        outputs = [self.run_model_units(parts[a:a + step], None if describe is None else
+                                        (lambda j, a=a: describe(a + j)))
+                   for a in range(0, len(parts), step)]
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def run_model_units(self, batch: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for images already in model units, (n, channels, *shape): padded to the shape
+        the model takes, run, cropped back to ``shape``."""
         sample_shape = batch.shape[2:]
-        model_input = self.pipeline.to_model(batch, prepared)
+        model_input = self.pipeline.layout(batch)
         try:
             raw = self._session_run(model_input)
         except Exception as exc:  # ONNX Runtime raises its own exception types
@@ -192,7 +228,7 @@ class Model:
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
-        self.evaluated_voxels += batch.shape[0] * int(np.prod(self.pipeline.padded_shape(sample_shape)))
+        self.evaluated_voxels += batch.shape[0] * int(np.prod(self.pipeline.model_shape(sample_shape)))
         out = self.pipeline.from_model(np.asarray(raw), sample_shape, batch.shape[0])
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
@@ -302,6 +338,8 @@ class Model:
         side = 32 if self.card.spatial_dims == 2 else 16
         shape = [size if size else -(-side // spec.multiple_of) * spec.multiple_of
                  for size in (spec.size or (None,) * self.card.spatial_dims)]
+        if spec.patch is not None:
+            shape = list(spec.patch.size)
         if int(np.prod(shape)) > CHECK_VOXELS:
             note = (f"no load-time check (the model's fixed input of {list(shape)} voxels is too large): the card "
                     "is trusted and the samples of a batch are assumed independent")

@@ -223,7 +223,8 @@ def _mutate(card: dict, rng: np.random.Generator) -> dict:
                 int(rng.integers(6))]
         elif op == "nest":
             target[key] = _nested(int(rng.integers(1, 60)), old)
-        elif isinstance(old, (int, float)) and not isinstance(old, bool):  # scale a number to an extreme
+        elif isinstance(old, (int, float)) and not isinstance(old, bool) and abs(old) < 1e300:
+            # scale a number to an extreme (not one that is already beyond float64: 10**400 * 1e38 cannot be made)
             target[key] = old * float(rng.choice([1e-45, 1e-38, 1e38, 1e308])) if old else 1e-40
     return card
 
