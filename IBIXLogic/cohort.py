@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import session
-from .errors import IBIXError, InputError
+from .errors import IBIXError, InputError, is_file, short_path
 from .backward import backward_mapping
 from .forward import forward_mapping
 from .report import write_report
@@ -105,8 +105,8 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
     path = Path(path)
     if mapping not in MAPPINGS:
         raise InputError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
-    if not path.is_file():
-        raise InputError(f"{path}: no such manifest file")
+    if not is_file(path, "manifest", InputError):
+        raise InputError(f"{short_path(path)}: no such manifest file")
     folder = path.resolve().parent
     allowed = parameter_columns(mapping)
     try:
@@ -359,10 +359,10 @@ def run_cohort(manifest: str | os.PathLike, model: str | os.PathLike, mapping: s
         raise InputError(f"workers must be an integer of at least 1, got {workers!r}")
     output = Path(output).resolve()
     model, card = Path(model).resolve(), None if card is None else Path(card).resolve()
-    if not model.is_file():
-        raise InputError(f"{model}: no such model file")
-    if card is not None and not card.is_file():
-        raise InputError(f"{card}: model card not found")
+    if not is_file(model, "model", InputError):
+        raise InputError(f"{short_path(model)}: no such model file")
+    if card is not None and not is_file(card, "model card", InputError):
+        raise InputError(f"{short_path(card)}: model card not found")
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
