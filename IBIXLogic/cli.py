@@ -310,7 +310,8 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
     mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
-    blocks: Any = args.blocks if args.block_labels is None else session.load_block_labels(args.block_labels, inputs.geometry)
+    blocks: Any = (args.blocks if args.block_labels is None
+                   else session.load_block_labels(args.block_labels, inputs.geometry))
     outputs = Outputs(args.output, args.format,
                       [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card])
     outputs.check(["summary.json"])
@@ -368,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ibix: error: choose a command: predict, forward, backward, cohort or demo (ibix --help)", file=sys.stderr)
+        print("ibix: error: choose a command: predict, forward, backward, cohort or demo (ibix --help)",
+              file=sys.stderr)
         return 2
     console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")

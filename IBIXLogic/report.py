@@ -138,7 +138,8 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24
 h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ccc; }
 .meta { color: #555; font-size: 13px; }
 .plots { display: flex; flex-wrap: wrap; gap: 8px; } .plots img { border: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
+table { border-collapse: collapse; font-size: 12px; }
+td, th { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; text-align: left; } td.text { text-align: left; } tr.failed td { color: #a00; }
 .cases { display: flex; flex-wrap: wrap; gap: 12px; }
 .case { border: 1px solid #ccc; padding: 6px; width: 370px; font-size: 12px; }
