@@ -43,7 +43,6 @@ ROW_COLUMNS = ("case", "status", "error", "evaluations", "seconds")
 #: How long joining a Dask scheduler may take before the cohort gives up.
 SCHEDULER_TIMEOUT_S = 10
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-log = logging.getLogger("IBIX")
 
 
 def parameter_columns(mapping: str) -> tuple[str, ...]:
