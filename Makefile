@@ -5,7 +5,7 @@ STAMP := $(VENV)/.ibix-installed
 
 .PHONY: demo test benchmark clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml IBIX/Resources/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test]"

@@ -21,6 +21,7 @@ from .model import Model, ProgressCallback, check_cancel
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
                       resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
+from .statistics import backward_statistics
 
 
 
@@ -30,7 +31,8 @@ class BackwardResult:
 
     ``evaluations`` counts inputs run through the model (whole samples, or tiles of them);
     ``equivalent_evaluations`` counts the voxels run through the model in units of one whole (padded) sample,
-    the measure of work that compares with brute force; ``tiling`` says whether tiles were used.
+    the measure of work that compares with brute force; ``tiling`` says whether tiles were used;
+    ``statistics``: reach95_mm, blocks90, peak and peak_ras_mm of B (:func:`IBIXLogic.statistics.backward_statistics`).
     """
 
     map: np.ndarray
@@ -46,13 +48,15 @@ class BackwardResult:
     radius: dict | None = None
     tiling: dict | None = None
     equivalent_evaluations: float = 0.0
+    statistics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"mapping": "backward", "parameters": self.parameters, "evaluations": self.evaluations,
                 "evaluations_per_level": self.evaluations_per_level, "blocks_per_level": self.blocks_per_level,
                 "equivalent_evaluations": round(self.equivalent_evaluations, 1),
                 "blocks": int(self.labels.max()), "seconds": round(self.seconds, 4), "device": self.device,
-                "response_radius": self.radius, "tiling": self.tiling, "geometry": self.geometry.to_dict()}
+                "response_radius": self.radius, "tiling": self.tiling, "statistics": self.statistics,
+                "geometry": self.geometry.to_dict()}
 
 
 @dataclass
@@ -513,6 +517,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     }
     return BackwardResult(
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,
+        statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry),
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,

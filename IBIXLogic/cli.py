@@ -18,14 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__, session
+from . import __version__, cohort, session
 from .blocks import DEFAULT_COMPACTNESS
 from .demo import run_demo
-from .errors import IBIXError, InputError
-from .geometry import Geometry
-from .io import read_volume
+from .errors import IBIXError
 from .model import Model
 from .session import FORMATS, PROGRESS_FORMATS, Console, FigureOptions, Inputs, Outputs
+from .statistics import describe
 
 DEFAULT_OUTPUT = "ibix-output"
 
@@ -139,6 +138,38 @@ def _mapping_options(group, n_jitters: int) -> None:
                             "of max |F|; B: absolute)")
 
 
+def _cohort_parser(sub) -> None:
+    """The ``cohort`` command's arguments."""
+    group = sub.add_parser("cohort", formatter_class=_Formatter, help="explain every case of a manifest, on Dask",
+                           description="One forward or backward map per case of a manifest (CSV: case, input with "
+                                       "';'-separated channel files, mask, optional label and parameter columns), "
+                                       "cases run in parallel on Dask. Writes DIR/<case>/ as the single-case "
+                                       "command does, DIR/cohort.csv (status, error, evaluations, seconds, "
+                                       "statistics per case) and DIR/report.html. A rerun skips finished cases.",
+                           epilog="Exit codes: 0 the cohort ran (cases that failed are listed, and recorded in "
+                                  "cohort.csv), 2 bad usage or a bad manifest, 1 other errors.")
+    group.add_argument("manifest", type=Path, metavar="MANIFEST", help="the cohort manifest (CSV)")
+    group.add_argument("--model", type=Path, required=True, metavar="ONNX", help="the ONNX image-to-image model")
+    group.add_argument("--card", type=Path, default=None, metavar="JSON",
+                       help="the model card; none: <model>.json beside the model, or inferred from the ONNX model")
+    group.add_argument("--mapping", choices=cohort.MAPPINGS, required=True, help="the map computed for every case")
+    group.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="folder for the results")
+    group.add_argument("--workers", type=_int_at_least(1), default=2, metavar="N",
+                       help="worker processes of the local Dask cluster (one case at a time each; not used with "
+                            "--scheduler)")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="join the running Dask scheduler at this address (e.g. tcp://10.0.0.5:8786) instead "
+                            "of starting a local cluster; its workers need IBIX and the same file paths")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where ONNX Runtime runs the model on each worker")
+    group.add_argument("--format", choices=tuple(FORMATS), default="nrrd", help="file format of the volumes")
+    group.add_argument("--quiet", "-q", action="store_true", default=False, help="print nothing but errors")
+    group.add_argument("--progress-format", choices=PROGRESS_FORMATS, default="human",
+                       help="human: a progress bar counting cases on stderr; jsonl: JSON lines on stdout "
+                            "({stage: cases, done, total}, then {stage: finished, files, summary})")
+    group.set_defaults(handler=cmd_cohort)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ibix", formatter_class=_Formatter,
@@ -211,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _figure_options(backward)
     backward.set_defaults(handler=cmd_backward)
 
+    _cohort_parser(sub)
+
     demo = sub.add_parser("demo", formatter_class=_Formatter, help="run both shipped demos end to end",
                           description="Run the shipped demos (T1 to T2, MRI to pseudo-CT) end to end: prediction, "
                                       "one forward and one backward map each, with PNG figures and summaries.")
@@ -269,27 +302,16 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
                           forward=result.to_dict(), figure=run.figure)
     session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
                                       f"{result.device}; max |F| = {float(np.abs(result.signed).max()):.3g} "
-                                      f"{result.units}"])
+                                      f"{result.units}; {describe(result.statistics)}"])
     return 0
-
-
-def _block_labels(path: Path, reference: Geometry) -> np.ndarray:
-    """A block label volume on the input's grid, as integers."""
-    labels, geometry = read_volume(path)
-    if not geometry.matches(reference):
-        raise InputError(f"{path}: the block labels' grid (shape {geometry.shape}) differs from the "
-                         f"input's (shape {reference.shape}); give block labels on the input's grid")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise InputError(f"{path}: block labels must be whole numbers")
-    return labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)  # the engine relabels
 
 
 def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
     mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
-    blocks: Any = args.blocks if args.block_labels is None else _block_labels(args.block_labels, inputs.geometry)
+    blocks: Any = (args.blocks if args.block_labels is None
+                   else session.load_block_labels(args.block_labels, inputs.geometry))
     outputs = Outputs(args.output, args.format,
                       [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card])
     outputs.check(["summary.json"])
@@ -308,7 +330,26 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
         f"backward: {result.evaluations} evaluations (per level {result.evaluations_per_level}) in "
         f"{result.seconds:.2f} s on {result.device}; {int(result.labels.max())} blocks; max B = "
         f"{float(result.block_values.max()):.3g}"
-        + (f"; response radius {radius['radius']} voxels" if radius.get("radius") is not None else "")])
+        + (f"; response radius {radius['radius']} voxels" if radius.get("radius") is not None else "")
+        + f"; {describe(result.statistics)}"])
+    return 0
+
+
+def cmd_cohort(args: argparse.Namespace, console: Console) -> int:
+    with console.progress(unit="case") as progress:
+        result = cohort.run_cohort(args.manifest, args.model, args.mapping, args.output, card=args.card,
+                                   workers=args.workers, scheduler=args.scheduler, fmt=args.format,
+                                   device=args.device, progress=progress)
+    console.out(f"cohort: {len(result.rows)} cases, {len(result.rows) - result.failed} ok, {result.failed} failed "
+                f"({result.ran} run now, {result.skipped} finished earlier)")
+    for row in result.rows:
+        if row["status"] != "ok":
+            console.out(f"  failed {row['case']}: {row['error']}")
+    files = {"cohort_csv": result.csv, "report": result.report}
+    for path in files.values():
+        console.out(f"  wrote {path}")
+    console.finished(files, None, cases={"total": len(result.rows), "failed": result.failed, "run": result.ran,
+                                         "skipped": result.skipped})
     return 0
 
 
@@ -328,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ibix: error: choose a command: predict, forward, backward or demo (ibix --help)", file=sys.stderr)
+        print("ibix: error: choose a command: predict, forward, backward, cohort or demo (ibix --help)",
+              file=sys.stderr)
         return 2
     console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")

@@ -9,7 +9,7 @@ within it the tile holds all the context the model sees, so the map equals the w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +19,7 @@ from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
                       resolve_max_jitter, response_radius)
+from .statistics import forward_statistics
 
 METHODS = ("auto", "whole")
 
@@ -28,7 +29,9 @@ class ForwardResult:
     """A forward mapping F on the output grid.
 
     ``radius`` is the model's measured response radius (None when not measured) and ``tiling`` says whether
-    F was computed in tiles of the samples or on whole samples, and why.
+    F was computed in tiles of the samples or on whole samples, and why;
+    ``statistics``: reach95_mm, inside_fraction, peak and peak_ras_mm of F
+    (:func:`IBIXLogic.statistics.forward_statistics`).
     """
 
     signed: np.ndarray
@@ -42,13 +45,14 @@ class ForwardResult:
     radius: dict | None = None
     tiling: dict | None = None
     equivalent_evaluations: float = 0.0
+    statistics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
                 "equivalent_evaluations": round(self.equivalent_evaluations, 2),
                 "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
                 "max_abs": float(np.abs(self.signed).max()), "response_radius": self.radius,
-                "tiling": self.tiling, "geometry": self.geometry.to_dict()}
+                "tiling": self.tiling, "statistics": self.statistics, "geometry": self.geometry.to_dict()}
 
 
 Item = tuple[int, "tuple[slice, ...] | None"]  # a sample, and the window of it perturbed (None: all of it)
@@ -190,6 +194,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     units = model.card.output.units
     return ForwardResult(
         signed=signed, normalized=normalized, geometry=prepared.geometry,
+        statistics=forward_statistics(signed, mask, prepared.geometry),
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],

@@ -119,6 +119,22 @@ class Geometry:
         """Voxel size (mm) along each numpy array axis."""
         return tuple(reversed(self.spacing))
 
+    def lps_mm(self, index: Sequence[float]) -> np.ndarray:
+        """Physical LPS position (mm) of a voxel centre given by its numpy index (slices, rows, cols).
+
+        Fractional indices (e.g. a centroid) are allowed: origin + direction @ (spacing * (i, j, k)).
+        """
+        ijk = np.asarray(index, dtype=float)[::-1]
+        if ijk.shape != (self.dimension,):
+            raise InputError(f"a {self.dimension}D geometry needs a {self.dimension}D index, got {list(index)}")
+        return np.asarray(self.origin) + self.direction @ (np.asarray(self.spacing) * ijk)
+
+    def ras_mm(self, index: Sequence[float]) -> np.ndarray:
+        """Position (mm) of a voxel centre in RAS, as 3D Slicer shows it: LPS with the first two axes negated."""
+        point = self.lps_mm(index)
+        point[: min(2, self.dimension)] *= -1.0
+        return point
+
     def to_dict(self) -> dict:
         return {"origin": list(self.origin), "spacing": list(self.spacing),
                 "direction": self.direction.ravel().tolist(),

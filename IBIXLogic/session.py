@@ -41,8 +41,9 @@ class Progress:
     engine's message or total changes (e.g. the levels of a coarse-to-fine backward mapping).
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, unit: str = "step"):
         self.enabled = enabled
+        self.unit = unit
         self.bar = None
         self.key: tuple[str, int] | None = None
 
@@ -53,7 +54,7 @@ class Progress:
 
         if self.bar is None or self.key != (message, total) or done < self.bar.n:
             self.close()
-            self.bar = tqdm(total=total, desc=message, unit="step", file=sys.stderr, delay=1.0, leave=False,
+            self.bar = tqdm(total=total, desc=message, unit=self.unit, file=sys.stderr, delay=1.0, leave=False,
                             dynamic_ncols=True)
             self.key = (message, total)
         self.bar.update(done - self.bar.n)
@@ -125,14 +126,15 @@ class Console:
         if not self.quiet:
             print(f"ibix: {text}", file=sys.stderr, flush=True)
 
-    def progress(self) -> Progress:
-        return JsonLinesProgress() if self.jsonl else Progress(enabled=not self.quiet)
+    def progress(self, unit: str = "step") -> Progress:
+        """The engine's progress callback: JSON lines, or a bar counting ``unit`` (nothing when quiet)."""
+        return JsonLinesProgress() if self.jsonl else Progress(enabled=not self.quiet, unit=unit)
 
-    def finished(self, files: dict[str, Path], summary: Path | None) -> None:
-        """The last record of a successful run (JSON lines only; absolute paths)."""
+    def finished(self, files: dict[str, Path], summary: Path | None, **extra: Any) -> None:
+        """The last record of a successful run (JSON lines only; absolute paths; ``extra`` keys added)."""
         if self.jsonl:
             write_record({"stage": "finished", "files": {k: str(Path(v).resolve()) for k, v in files.items()},
-                          "summary": None if summary is None else str(Path(summary).resolve())})
+                          "summary": None if summary is None else str(Path(summary).resolve()), **extra})
 
     def failed(self, message: str) -> None:
         """The last record of a failed run (JSON lines only)."""
@@ -194,6 +196,18 @@ def load_mask(path: Path, label: int | None, reference: Geometry, console: Conso
                      f"the input's (shape {reference.shape}, spacing {reference.spacing}); resampled onto the "
                      "input's grid (nearest neighbour)")
     return mask
+
+
+def load_block_labels(path: Path, reference: Geometry) -> np.ndarray:
+    """A block label volume on the input's grid, as integers."""
+    labels, geometry = read_volume(path)
+    if not geometry.matches(reference):
+        raise InputError(f"{path}: the block labels' grid (shape {geometry.shape}) differs from the "
+                         f"input's (shape {reference.shape}); give block labels on the input's grid")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise InputError(f"{path}: block labels must be whole numbers")
+    return labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)  # the engine relabels
 
 
 def channel_arguments(values: Sequence[str] | None, model: Model) -> list[str | int] | None:

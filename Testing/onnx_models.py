@@ -89,6 +89,13 @@ def convolution(kernel: np.ndarray, layout: str = "NCHW", **kw) -> onnx.ModelPro
     return build([node], {"w": kernel[None, None]}, layout, **kw)
 
 
+def box_blur(widths: Sequence[int], layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """A box blur: the mean over a centred box of ``widths`` voxels (odd, one per spatial axis), zero-padded.
+
+    Its response to a jittered region spreads exactly (widths - 1) / 2 voxels along each axis."""
+    return convolution(np.full(tuple(widths), 1.0 / float(np.prod(widths)), np.float32), layout, **kw)
+
+
 def polynomial(a: float, b: float, layout: str = "NCHW", **kw) -> onnx.ModelProto:
     """f(x) = a x^2 + b x, voxel by voxel."""
     nodes = [helper.make_node("Mul", ["core_in", "core_in"], ["sq"]),
