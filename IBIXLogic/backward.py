@@ -77,11 +77,18 @@ class _BlockSums:
     context; whichever runs fewer voxels through the model. With several jitter levels (progressive refinement),
     each item's running sum is kept between levels so that no evaluation is repeated, and
     ``on_level(numerator, denominator, N)`` is called after each level; it returns True to stop early.
+
+    A response atlas evaluates every block: ``out_samples`` None makes every block relevant, and a ``sink``
+    receives each block's |F| where it is read, ``sink(sample, blocks, index, values)``: the values at the flat
+    indices ``index`` of the sample, read for block ``blocks`` (one label, or one per value); zeros may be left
+    out. The sums are then not kept.
     """
 
-    def __init__(self, perturber: Perturber, out_samples: np.ndarray, radius: int | None,
-                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
-        self.perturber, self.out_samples = perturber, out_samples
+    def __init__(self, perturber: Perturber, out_samples: np.ndarray | None, radius: int | None,
+                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True,
+                 sink: Callable[[int, Any, np.ndarray, np.ndarray], None] | None = None,
+                 stage: str = "backward mapping"):
+        self.perturber, self.out_samples, self.sink, self.stage = perturber, out_samples, sink, stage
         self.radius, self.schedule, self.progress = radius, schedule, progress
         self.tiles = tiles and radius is not None and not perturber.model.card.input.size
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
@@ -91,12 +98,15 @@ class _BlockSums:
         occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
         present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
                    for s in range(len(label_samples))]
-        touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
-        if self.radius is not None:
-            wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
-                      for s in touched]
+        if self.out_samples is None:  # every block is relevant
+            wanted = present
         else:
-            wanted = [present[s] for s in touched]
+            touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
+            if self.radius is not None:
+                wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
+                          for s in touched]
+            else:
+                wanted = [present[s] for s in touched]
         wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
         groups: list[_Item] = []
         for s, blocks in enumerate(present):
@@ -202,7 +212,8 @@ class _BlockSums:
         padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
         inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
         inside[perturber.crop] = True
-        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels}
+        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels
+                      if self.out_samples is not None}
         member = np.zeros(size, bool)
 
         def direction(item: _Item) -> np.ndarray:
@@ -230,6 +241,10 @@ class _BlockSums:
             if item.window is None:
                 owner = locality.owner_labels(label_samples[item.sample], item.blocks).ravel()
                 weights = magnitude.ravel()
+                if self.sink is not None:
+                    read = np.flatnonzero(weights)
+                    self.sink(item.sample, owner[read], read, weights[read])
+                    return
                 inside_mask = self.out_samples[item.sample].ravel()
                 denominator[:] += np.bincount(owner, weights, minlength=size)[:size]
                 numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
@@ -237,14 +252,21 @@ class _BlockSums:
             if index not in regions:
                 inner = inside[item.window]
                 labels = padded_labels[item.sample][item.window]
-                out = padded_out[item.sample][item.window]
                 regions[index] = []
                 for block in item.blocks:
                     region = locality.footprint((labels == block) & inner, self.radius) & inner
-                    regions[index].append((block, region, region & out))
-            for block, region, region_in_mask in regions[index]:
+                    if self.sink is None:
+                        regions[index].append((block, region, region & padded_out[item.sample][item.window]))
+                    else:  # where the region lies in the sample, as flat indices
+                        where = np.nonzero(region)
+                        at = [w + s.start - p[0] for w, s, p in zip(where, item.window, perturber.pads)]
+                        regions[index].append((block, region, np.ravel_multi_index(at, sample_shape)))
+            for block, region, read in regions[index]:
+                if self.sink is not None:
+                    self.sink(item.sample, block, read, magnitude[region])
+                    continue
                 denominator[block] += magnitude[region].sum()
-                numerator[block] += magnitude[region_in_mask].sum()
+                numerator[block] += magnitude[read].sum()
 
         for n_level, subset in self.schedule:
             numerator[:], denominator[:] = 0.0, 0.0
@@ -262,7 +284,7 @@ class _BlockSums:
                             state[indices[j]] += sums[j - start]
                         total = state[indices[j]] if state is not None else sums[j - start]
                         add_sums(indices[j], np.abs(total) / (2 * n_level))
-                    report_progress(self.progress, done + stop, len(items), f"backward mapping, N = {n_level}")
+                    report_progress(self.progress, done + stop, len(items), f"{self.stage}, N = {n_level}")
                 done += len(chosen)
             keep = np.zeros(size, bool)
             keep[wanted] = True

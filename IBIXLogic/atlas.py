@@ -1,0 +1,364 @@
+"""Response atlas: every block's response |F(D_k)| computed once, so that B of any output mask is a sum.
+
+B_k = sum_{i in M^f} |F(D_k)_i| / sum_i |F(D_k)_i| needs each block's response, which does not depend on the output
+mask M^f. :func:`block_response_atlas` evaluates every block with the backward mapping's own machinery (groups of
+far-apart blocks or tiles, within the measured response radius) and keeps each block's |F(D_k)| where it is
+nonzero (float32, sparse); :meth:`ResponseAtlas.backward` then answers any output mask with no model evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .backward import BackwardResult, NORMALIZATIONS, _BlockSums, _block_labels, _check_block_labels, \
+    _normalize_blocks
+from .blocks import DEFAULT_COMPACTNESS
+from .checks import channel_indices, check_choice, check_count, check_mask
+from .errors import InputError
+from .geometry import Geometry
+from .model import Model, ProgressCallback, check_cancel
+from .perturb import Perturber, jitter_levels, jitter_schedule, resolve_max_jitter, response_radius
+
+#: Default memory budget of an atlas's responses (bytes).
+DEFAULT_ATLAS_BUDGET = 1024 * 2**20
+#: What an atlas file says it is, and the version of its layout.
+FILE_KIND, FILE_VERSION = "ibix-response-atlas", 1
+
+
+def model_fingerprint(model: Model) -> str:
+    """SHA-256 of the ONNX file's bytes and of the resolved model card (what decides the model's outputs)."""
+    digest = hashlib.sha256()
+    with open(model.path, "rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    card = dataclasses.asdict(model.card)
+    for ignored in ("assumptions", "extra", "description"):  # words, not computation
+        card.pop(ignored, None)
+    digest.update(json.dumps(card, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def input_fingerprint(model: Model, x: Any, geometry: Geometry | None = None) -> str:
+    """SHA-256 of the input volumes (float32, channel by channel, with their shape) and of their geometry."""
+    volume = model.pipeline.stack_channels(x)
+    geometry = (geometry if geometry is not None else Geometry.identity(volume.shape[1:])).with_shape(volume.shape[1:])
+    digest = hashlib.sha256(json.dumps({"shape": list(volume.shape), "geometry": geometry.to_dict()},
+                                       sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(volume).tobytes())
+    return digest.hexdigest()
+
+
+class _Collector:
+    """The sink of :class:`_BlockSums`: each block's nonzero |F| as (block, flat index on the input grid, value)
+    chunks, assembled into one array per block at the end."""
+
+    def __init__(self, volume_index: np.ndarray, n_labels: int):
+        self.volume_index = volume_index  # per sample: the flat input-grid index of each sample voxel
+        self.n_labels = n_labels
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def __call__(self, sample: int, blocks: Any, index: np.ndarray, values: np.ndarray) -> None:
+        keep = values != 0
+        index = self.volume_index[sample].reshape(-1)[index[keep]]
+        blocks = np.broadcast_to(np.asarray(blocks, np.int32), keep.shape)[keep]
+        self.chunks.append((np.ascontiguousarray(blocks), index, values[keep].astype(np.float32)))
+
+    def assemble(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(starts, index, values): block k's entries are ``starts[k]:starts[k + 1]`` (a counting sort; each
+        chunk is freed once placed)."""
+        counts = np.zeros(self.n_labels, np.int64)
+        for blocks, _, _ in self.chunks:
+            counts += np.bincount(blocks, minlength=self.n_labels)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        index = np.empty(int(starts[-1]), self.volume_index.dtype)
+        values = np.empty(int(starts[-1]), np.float32)
+        cursor = starts[:-1].copy()
+        self.chunks.reverse()
+        while self.chunks:
+            blocks, chunk_index, chunk_values = self.chunks.pop()
+            order = np.argsort(blocks, kind="stable")
+            blocks = blocks[order]
+            runs = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]]))
+            rank = np.arange(len(blocks)) - np.repeat(runs, np.diff(np.append(runs, len(blocks))))
+            at = cursor[blocks] + rank
+            index[at], values[at] = chunk_index[order], chunk_values[order]
+            cursor += np.bincount(blocks, minlength=self.n_labels)
+        return starts, index, values
+
+
+@dataclass
+class ResponseAtlas:
+    """Every block's response |F(D_k)| on the input grid, kept where it is nonzero.
+
+    ``labels`` are the blocks 1..K on the input grid (0 = none); block k's responses are ``values[starts[k]:
+    starts[k + 1]]`` (float32, output units per input unit) at the flat input-grid indices ``index`` of the same
+    range; ``denominator[k]`` is their sum; ``low``/``high`` bound (inclusive, array index) where they can lie.
+    ``evaluations`` and ``seconds`` are those of the build; ``fingerprints`` identify the model and the input.
+    """
+
+    labels: np.ndarray
+    starts: np.ndarray
+    index: np.ndarray
+    values: np.ndarray
+    denominator: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    geometry: Geometry
+    parameters: dict
+    fingerprints: dict
+    evaluations: int
+    equivalent_evaluations: float
+    seconds: float
+    device: str
+    radius: dict | None = None
+    tiling: dict | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.starts) - 2
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the atlas holds (bytes)."""
+        return sum(a.nbytes for a in (self.labels, self.starts, self.index, self.values, self.denominator,
+                                      self.low, self.high))
+
+    def to_dict(self) -> dict:
+        return {"mapping": "response atlas", "parameters": self.parameters, "blocks": self.n_blocks,
+                "entries": int(len(self.values)), "memory_mib": round(self.nbytes / 2**20, 1),
+                "evaluations": self.evaluations, "equivalent_evaluations": round(self.equivalent_evaluations, 1),
+                "seconds": round(self.seconds, 4), "device": self.device, "response_radius": self.radius,
+                "tiling": self.tiling, "fingerprints": self.fingerprints, "geometry": self.geometry.to_dict()}
+
+    # -- answers ------------------------------------------------------------------------------------------
+    def numerators(self, out_mask: np.ndarray) -> np.ndarray:
+        """sum_{i in M^f} |F(D_k)_i| for every block k (index 0: no block), from the blocks that can reach M^f."""
+        axes = range(out_mask.ndim)
+        extent = [np.flatnonzero(out_mask.any(axis=tuple(a for a in axes if a != axis))) for axis in axes]
+        mask_low = np.array([e[0] for e in extent])
+        mask_high = np.array([e[-1] for e in extent])
+        near = np.flatnonzero(np.all((self.low <= mask_high) & (self.high >= mask_low), axis=1)
+                              & (self.starts[1:] > self.starts[:-1]))
+        numerator = np.zeros(len(self.denominator))
+        if len(near) == 0:
+            return numerator
+        first, counts = self.starts[near], self.starts[near + 1] - self.starts[near]
+        if len(near) == self.n_blocks + 1 or counts.sum() == len(self.values):
+            chosen = slice(None)
+            offsets = first
+        else:  # the entries of the nearby blocks, one run each
+            ends = np.cumsum(counts)
+            chosen = np.repeat(first - (ends - counts), counts) + np.arange(int(ends[-1]))
+            offsets = ends - counts
+        inside = out_mask.reshape(-1)[self.index[chosen]]
+        numerator[near] = np.add.reduceat(np.where(inside, self.values[chosen], np.float32(0)), offsets,
+                                          dtype=np.float64)
+        return numerator
+
+    def backward(self, out_mask: Any, normalization: str = "fraction") -> BackwardResult:
+        """Backward mapping B(M^f) from the atlas: the result :func:`backward_mapping` gives on the same blocks and
+        jitters (to float rounding), with no model evaluation.
+
+        Parameters
+        ----------
+        out_mask : ndarray of bool
+            The output voxels M^f, on the input grid.
+        normalization : {"fraction", "magnitude"}
+            As for :func:`backward_mapping`.
+
+        Returns
+        -------
+        BackwardResult
+            With ``evaluations`` 0 and ``seconds`` the time of this answer.
+        """
+        started = time.perf_counter()
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        out_mask = check_mask(out_mask, self.labels.shape, "output mask")
+        numerator = self.numerators(out_mask)
+        block_values = _normalize_blocks(numerator, self.denominator, normalization).astype(np.float32)
+        block_values[0] = 0.0
+        painted = block_values[self.labels]
+        samples = self._samples_touched(out_mask)
+        parameters = dict(self.parameters, n_jitters_used=self.parameters["n_jitters"], progressive=False,
+                          tolerance=None, normalization=normalization, coarse_blocks=None, refine_threshold=None,
+                          output_mask_voxels=int(out_mask.sum()), samples=samples, atlas=True)
+        return BackwardResult(map=painted, labels=self.labels, block_values=block_values, geometry=self.geometry,
+                              parameters=parameters, evaluations=0, seconds=time.perf_counter() - started,
+                              device="cpu", evaluations_per_level=[0], blocks_per_level=[self.n_blocks],
+                              radius=self.radius, tiling=self.tiling, equivalent_evaluations=0.0)
+
+    def _samples_touched(self, out_mask: np.ndarray) -> int:
+        axis = self.parameters.get("slice_axis")
+        if axis is None:
+            return 1
+        return int(out_mask.any(axis=tuple(a for a in range(out_mask.ndim) if a != axis)).sum())
+
+    # -- identity and files -------------------------------------------------------------------------------
+    def check(self, model: Model, x: Any, geometry: Geometry | None = None) -> None:
+        """Raise :class:`InputError` unless the atlas was computed with this model (file and card) on this input
+        (volumes and geometry)."""
+        if model_fingerprint(model) != self.fingerprints["model"]:
+            raise InputError(f"the response atlas was computed with another model or model card (atlas: "
+                             f"{self.parameters.get('model')}, given: {model.path.name}); compute an atlas for this "
+                             "model (ibix atlas / block_response_atlas)")
+        if input_fingerprint(model, x, geometry) != self.fingerprints["input"]:
+            raise InputError("the response atlas was computed on another input volume or geometry than the one "
+                             "given; compute an atlas for this input (ibix atlas / block_response_atlas)")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the atlas as one ``.npz`` file (no pickled objects), atomically; returns its path."""
+        path = Path(path)
+        meta = {"kind": FILE_KIND, "version": FILE_VERSION, "geometry": self.geometry.to_dict(),
+                "parameters": self.parameters, "fingerprints": self.fingerprints, "evaluations": self.evaluations,
+                "equivalent_evaluations": self.equivalent_evaluations, "seconds": self.seconds,
+                "device": self.device, "radius": self.radius, "tiling": self.tiling}
+        temporary = path.with_name(f".{path.name}.partial")
+        try:
+            with open(temporary, "wb") as file:
+                np.savez(file, labels=self.labels, starts=self.starts, index=self.index, values=self.values,
+                         denominator=self.denominator, low=self.low, high=self.high, meta=np.array(json.dumps(meta)))
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise InputError(f"{path}: cannot write the response atlas ({exc.strerror or exc})") from None
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Model | None = None, x: Any = None,
+             geometry: Geometry | None = None) -> "ResponseAtlas":
+        """Read an atlas written by :meth:`save`; with ``model`` and ``x``, check that it belongs to them."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: response atlas file not found")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("kind") != FILE_KIND or meta.get("version") != FILE_VERSION:
+                    raise ValueError(f"kind {meta.get('kind')!r}, version {meta.get('version')!r}")
+                arrays = {k: data[k] for k in ("labels", "starts", "index", "values", "denominator", "low", "high")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{path}: not an IBIX response atlas (version {FILE_VERSION}) ({exc}); write one with "
+                             "ibix atlas or ResponseAtlas.save") from None
+        g = meta["geometry"]
+        atlas = cls(**arrays, geometry=Geometry(g["origin"], g["spacing"], g["direction"], g["shape"]),
+                    parameters=meta["parameters"], fingerprints=meta["fingerprints"],
+                    evaluations=meta["evaluations"], equivalent_evaluations=meta["equivalent_evaluations"],
+                    seconds=meta["seconds"], device=meta["device"], radius=meta["radius"], tiling=meta["tiling"])
+        if model is not None and x is not None:
+            atlas.check(model, x, geometry)
+        return atlas
+
+
+def _reach_boxes(labels: np.ndarray, n_labels: int, radius: int | None, slice_axis: int | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive index boxes (input grid) where each block's response can be nonzero: its box grown by the
+    response radius on the sample's axes (the whole sample when the response is global)."""
+    low = np.zeros((n_labels, labels.ndim), np.int64)
+    high = np.full((n_labels, labels.ndim), -1, np.int64)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            low[k] = [s.start for s in box]
+            high[k] = [s.stop - 1 for s in box]
+    grow = np.full(labels.ndim, np.iinfo(np.int32).max if radius is None else radius, np.int64)
+    if slice_axis is not None:
+        grow[slice_axis] = 0
+    present = high[:, 0] >= 0
+    low[present] = np.maximum(low[present] - grow, 0)
+    high[present] = np.minimum(high[present] + grow, np.asarray(labels.shape) - 1)
+    return low, high
+
+
+def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness: float = DEFAULT_COMPACTNESS,
+                         blocks: Any = "slic", n_jitters: int = 4, max_jitter: float | None = None,
+                         channels: Any = None, geometry: Geometry | None = None,
+                         progress: ProgressCallback | None = None, cancel: Any = None,
+                         memory_budget: int = DEFAULT_ATLAS_BUDGET) -> ResponseAtlas:
+    """Every block's response |F(D_k)|, for backward maps of any output mask without new model evaluations.
+
+    Parameters
+    ----------
+    model, x, n_jitters, max_jitter, channels, geometry, progress, cancel
+        As for :func:`backward_mapping`.
+    n_blocks, compactness, blocks
+        The blocks, as for :func:`backward_mapping`; generated blocks cover every sample (every slice of a volume
+        under a 2D model).
+    memory_budget : int
+        Bytes the atlas's responses may take (8 per stored voxel: a float32 value and its index). Checked before
+        any block is evaluated against an upper bound (each block's box grown by the response radius; the whole
+        sample per block when the response is global).
+
+    Returns
+    -------
+    ResponseAtlas
+        Answers :meth:`ResponseAtlas.backward` for any output mask; ``nbytes`` is its memory.
+    """
+    started = time.perf_counter()
+    n_blocks = check_count("n_blocks (K)", n_blocks)
+    n_jitters = check_count("n_jitters (N)", n_jitters)
+    memory_budget = check_count("memory_budget (bytes)", memory_budget)
+    if isinstance(blocks, str):
+        check_choice("blocks", blocks, ("slic", "grid"))
+    before, voxels_before = model.evaluations, model.evaluated_voxels
+    prepared = model.prepare(x, geometry)
+    channel_list = channel_indices(model.card, channels)
+    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    fingerprints = {"model": model_fingerprint(model), "input": input_fingerprint(model, x, geometry)}
+    n_samples = len(prepared.samples)
+    if isinstance(blocks, str):
+        label_samples = _block_labels(prepared, range(n_samples), n_blocks, compactness, blocks)
+    else:  # the given labels, numbered 1..K in their order
+        given = _check_block_labels(blocks, prepared.volume_shape, [n_blocks])
+        ids, compact = np.unique(given, return_inverse=True)
+        compact = compact.reshape(given.shape).astype(np.int32) + (0 if ids[0] == 0 else 1)
+        label_samples = np.ascontiguousarray(prepared.to_samples(compact))
+    labels = prepared.from_samples(label_samples)
+    n_labels = int(labels.max()) + 1
+
+    perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
+    occupied = np.flatnonzero(label_samples.reshape(n_samples, -1).any(axis=1))
+    radius_info = response_radius(perturber, int(occupied[len(occupied) // 2]), 0.0)
+    radius = radius_info.radius
+    low, high = _reach_boxes(labels, n_labels, radius, prepared.slice_axis)
+    index_type = np.int32 if labels.size < 2**31 else np.int64
+    bound = int(np.prod(high - low + 1, axis=1).sum()) * (4 + np.dtype(index_type).itemsize)
+    if bound > memory_budget:
+        reach = ("the model's response is global (it reaches across the whole sample), so every block's response "
+                 "covers its whole sample" if radius is None else f"with a response radius of {radius} voxels")
+        raise InputError(f"the response atlas of {n_labels - 1} blocks would take up to {bound / 2**20:.0f} MiB, "
+                         f"above its memory budget of {memory_budget / 2**20:.0f} MiB: {reach}; use fewer blocks "
+                         "(n_blocks), raise the atlas's memory_budget (ibix atlas --atlas-budget), or compute "
+                         "backward maps one by one")
+    check_cancel(cancel)
+    volume_index = prepared.to_samples(np.arange(labels.size, dtype=index_type).reshape(labels.shape))
+    collector = _Collector(volume_index, n_labels)
+    sums = _BlockSums(perturber, None, radius, jitter_schedule(n_jitters, False), progress, sink=collector,
+                      stage="response atlas")
+    sums.compute(label_samples, np.arange(1, n_labels))
+    starts, index, values = collector.assemble()
+    filled = np.flatnonzero(starts[1:] > starts[:-1])
+    denominator = np.zeros(n_labels)
+    if len(filled):
+        denominator[filled] = np.add.reduceat(values, starts[filled], dtype=np.float64)
+    parameters = {
+        "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters, "max_jitter": h_max,
+        "channels": [model.card.input.channels[c] for c in channel_list],
+        "blocks": blocks if isinstance(blocks, str) else "labels",
+        "method": "batched" if radius is None else "local", "locality_tolerance": 0.0, "tiles": True,
+        "model": model.path.name, "slice_axis": prepared.slice_axis, "samples_with_blocks": int(len(occupied)),
+    }
+    return ResponseAtlas(
+        labels=labels, starts=starts, index=index, values=values, denominator=denominator, low=low, high=high,
+        geometry=prepared.geometry, parameters=parameters, fingerprints=fingerprints,
+        evaluations=model.evaluations - before, seconds=time.perf_counter() - started, device=model.device,
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
+            model.pipeline.padded_shape(prepared.sample_shape))),
+        radius=radius_info.to_dict(), tiling=sums.tiling)
