@@ -30,6 +30,8 @@ from .perturb import Perturber, jitter_levels, jitter_schedule, resolve_max_jitt
 
 #: Default memory budget of an atlas's responses (bytes).
 DEFAULT_ATLAS_BUDGET = 1024 * 2**20
+#: Up to this many blocks near an output mask, an answer reads them one by one; beyond, all entries at once.
+NEAR_BLOCKS_ONE_BY_ONE = 2000
 #: What an atlas file says it is, and the version of its layout.
 FILE_KIND, FILE_VERSION = "ibix-response-atlas", 1
 
@@ -141,27 +143,24 @@ class ResponseAtlas:
 
     # -- answers ------------------------------------------------------------------------------------------
     def numerators(self, out_mask: np.ndarray) -> np.ndarray:
-        """sum_{i in M^f} |F(D_k)_i| for every block k (index 0: no block), from the blocks that can reach M^f."""
-        axes = range(out_mask.ndim)
-        extent = [np.flatnonzero(out_mask.any(axis=tuple(a for a in axes if a != axis))) for axis in axes]
-        mask_low = np.array([e[0] for e in extent])
-        mask_high = np.array([e[-1] for e in extent])
-        near = np.flatnonzero(np.all((self.low <= mask_high) & (self.high >= mask_low), axis=1)
-                              & (self.starts[1:] > self.starts[:-1]))
+        """sum_{i in M^f} |F(D_k)_i| for every block k (index 0: no block), read from the blocks whose reach meets
+        the mask's bounding box (float32 pairwise sums, as the backward mapping's tiles sum them)."""
+        flat = out_mask.reshape(-1)
         numerator = np.zeros(len(self.denominator))
-        if len(near) == 0:
+        rows = out_mask.reshape(out_mask.shape[0], -1).any(axis=1)  # extent along the first axis
+        plane = out_mask.any(axis=0)  # and along the others
+        extents = [np.flatnonzero(rows)] + [
+            np.flatnonzero(plane.any(axis=tuple(b for b in range(plane.ndim) if b != a))) for a in range(plane.ndim)]
+        mask_low, mask_high = np.array([e[0] for e in extents]), np.array([e[-1] for e in extents])
+        filled = np.flatnonzero(self.starts[1:] > self.starts[:-1])
+        near = filled[np.all((self.low[filled] <= mask_high) & (self.high[filled] >= mask_low), axis=1)]
+        if len(near) > NEAR_BLOCKS_ONE_BY_ONE:  # many blocks: all entries at once
+            weighted = self.values * flat[self.index]
+            numerator[filled] = np.add.reduceat(weighted, self.starts[filled])
             return numerator
-        first, counts = self.starts[near], self.starts[near + 1] - self.starts[near]
-        if len(near) == self.n_blocks + 1 or counts.sum() == len(self.values):
-            chosen = slice(None)
-            offsets = first
-        else:  # the entries of the nearby blocks, one run each
-            ends = np.cumsum(counts)
-            chosen = np.repeat(first - (ends - counts), counts) + np.arange(int(ends[-1]))
-            offsets = ends - counts
-        inside = out_mask.reshape(-1)[self.index[chosen]]
-        numerator[near] = np.add.reduceat(np.where(inside, self.values[chosen], np.float32(0)), offsets,
-                                          dtype=np.float64)
+        for k in near:  # block by block: each block's entries lie close together, so reading them is cache-friendly
+            start, stop = self.starts[k], self.starts[k + 1]
+            numerator[k] = (self.values[start:stop] * flat[self.index[start:stop]]).sum()
         return numerator
 
     def backward(self, out_mask: Any, normalization: str = "fraction") -> BackwardResult:
@@ -334,7 +333,7 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
         reach = ("the model's response is global (it reaches across the whole sample), so every block's response "
                  "covers its whole sample" if radius is None else f"with a response radius of {radius} voxels")
         raise InputError(f"the response atlas of {n_labels - 1} blocks would take up to {bound / 2**20:.0f} MiB, "
-                         f"above its memory budget of {memory_budget / 2**20:.0f} MiB: {reach}; use fewer blocks "
+                         f"above its memory budget of {memory_budget / 2**20:g} MiB: {reach}; use fewer blocks "
                          "(n_blocks), raise the atlas's memory_budget (ibix atlas --atlas-budget), or compute "
                          "backward maps one by one")
     check_cancel(cancel)

@@ -32,7 +32,10 @@ def assert_atlas_answers_like_backward_mapping(model, x, masks, atlas, n_jitters
 
 
 @pytest.mark.parametrize("name", ["identity", "convolution", "autoencoder"])
-def test_2d_atlas_equals_backward_mapping(tmp_path, rng, name):
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_2d_atlas_equals_backward_mapping(tmp_path, rng, monkeypatch, name, one_by_one):
+    if not one_by_one:  # the path of answers that read many blocks: all entries at once
+        monkeypatch.setattr(ibx.atlas, "NEAR_BLOCKS_ONE_BY_ONE", 0)
     built = {"identity": om.identity(), "convolution": om.convolution(KERNEL), "autoencoder": om.small_autoencoder()}
     model = ibx.load_model(om.save(built[name], tmp_path, name))
     x = rng.normal(size=(48, 56)).astype(np.float32)
