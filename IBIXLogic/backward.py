@@ -17,7 +17,7 @@ from .checks import channel_indices, check_choice, check_count, check_mask
 from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
+from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
                       response_radius)
 from .pipeline import PreparedInput
 
@@ -120,15 +120,8 @@ class _BlockSums:
         return groups, wanted
 
     def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
-        """Windowed items holding the groups' blocks, when they run fewer voxels than whole samples.
-
-        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
-        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
-        reproduce the whole-sample output is used (checked on the unperturbed input, 2 tile evaluations each).
-        """
-        perturber = self.perturber
-        padded_shape = perturber.padded_input(groups[0].sample).shape[1:]
-        offset = tuple(p[0] for p in perturber.pads)
+        """Windowed items holding the groups' blocks and their context, when they run fewer voxels than whole
+        samples (see :meth:`Perturber.checked_tiles`)."""
         starts = np.cumsum([0] + [len(g.blocks) for g in groups])
         rows = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]  # each group's rows of low/high
         low = np.zeros((starts[-1], label_samples.ndim - 1), np.int64)
@@ -138,49 +131,14 @@ class _BlockSums:
             at = np.concatenate([rows[i] for i in members])
             low[at], high[at] = locality.block_boxes(label_samples[s],
                                                      np.concatenate([groups[i].blocks for i in members]))
+        tiles, self.tiling = self.perturber.checked_tiles(groups[0].sample, low, high, rows, self.radius,
+                                                          len(groups))
+        if tiles is None:
+            return None
         owner = np.concatenate([[i] * len(g.blocks) for i, g in enumerate(groups)])
         all_blocks = np.concatenate([g.blocks for g in groups])
-        for align in locality.tile_alignments(padded_shape, perturber.model.card.input.multiple_of):
-            tiles = locality.plan_tiles(low, high, rows, self.radius, padded_shape, offset, align)
-            voxels = sum(int(np.prod(t.shape)) for t in tiles)
-            if voxels >= 0.8 * len(groups) * np.prod(padded_shape):
-                self.tiling = {"tiles": False, "reason": "tiles would not run fewer voxels"}
-                return None
-            if self._tiles_reproduce_the_model(groups[0].sample, tiles[0].shape, align):
-                items = [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window)
-                         for t in tiles]
-                self.tiling = {"tiles": True, "alignment": align, "items": len(items), "blocks": int(len(low)),
-                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
-                return items
-        self.tiling = {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
-        return None
-
-    def _tiles_reproduce_the_model(self, sample: int, shape: tuple[int, ...], align: int) -> bool:
-        """Whether tiles of ``shape`` starting at multiples of ``align`` reproduce the whole sample's output.
-
-        Checked at the tile origins (align, align, ...) and at the far corner, away from tile borders that are
-        not the sample's (within the response radius of such a border the tile lacks context).
-        """
-        perturber = self.perturber
-        padded = perturber.padded_input(sample)
-        base = perturber.padded_base[sample]
-        spatial = padded.shape[1:]
-        origins = {tuple(min(align, p - n) for p, n in zip(spatial, shape)),
-                   tuple(p - n for p, n in zip(spatial, shape))}
-        for origin in sorted(origins):
-            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
-            try:
-                out = perturber.model.run(padded[(slice(None),) + window][None].copy(), perturber.prepared)[0]
-            except ModelError:
-                return False
-            interior = tuple(slice(0 if o == 0 else self.radius, n if o + n == p else n - self.radius)
-                             for o, n, p in zip(origin, shape, spatial))
-            expected = base[window][interior]
-            if expected.size == 0:
-                continue
-            if np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
-                return False
-        return True
+        self.tiling["blocks"] = int(len(low))
+        return [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window) for t in tiles]
 
     def compute(self, label_samples: np.ndarray, ids: np.ndarray,
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
@@ -192,12 +150,14 @@ class _BlockSums:
         if not groups:
             return numerator, denominator
         perturber = self.perturber
-        perturber.base_outputs(sorted({g.sample for g in groups}))
+        # a sample's own output serves every tile of it; on a large sample, each tile's output is cheaper
+        perturber.base_outputs(sorted({g.sample for g in groups if perturber.small_sample}))
         items = self._tiles(label_samples, groups) if self.tiles else None
         if items is None:
             items = groups
             if self.radius is not None:
                 self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
+        perturber.base_outputs(sorted({i.sample for i in items if i.window is None}))
         sample_shape = perturber.prepared.sample_shape
         shapes: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):  # items of one shape go through the model together
@@ -209,29 +169,26 @@ class _BlockSums:
                 raise InputError(f"progressive backward mapping would keep {needed / 2**20:.0f} MiB of running "
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
-        padded_labels = {s: np.pad(label_samples[s], perturber.pads, mode="edge") for s in {i.sample for i in items}}
-        inside = np.zeros(perturber.padded_input(items[0].sample).shape[1:], bool)
-        inside[perturber.crop] = True
-        padded_out = {s: np.pad(self.out_samples[s], perturber.pads) for s in padded_labels
-                      if self.out_samples is not None}
+        # block labels of each tile, padded as the model pads the perturbed input
+        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window)[0]
+                       for i, item in enumerate(items) if item.window is not None}
         member = np.zeros(size, bool)
 
-        def direction(item: _Item) -> np.ndarray:
+        def direction(index: int) -> np.ndarray:
+            item = items[index]
             member[:] = False
             member[item.blocks] = True
-            if item.window is None:
-                return member[label_samples[item.sample]]
-            return member[padded_labels[item.sample][item.window]]
+            return member[label_samples[item.sample] if item.window is None else tile_labels[index]]
 
         def input_of(item: _Item) -> np.ndarray:
             if item.window is None:
                 return perturber.prepared.samples[item.sample]
-            return perturber.padded_input(item.sample)[(slice(None),) + item.window]
+            return perturber.window_input(item.sample, item.window)
 
         def base_of(item: _Item) -> np.ndarray:
             if item.window is None:
                 return perturber.base[item.sample]
-            return perturber.padded_base[item.sample][item.window]
+            return perturber.window_base(item.sample, item.window)
 
         regions: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}  # per tile, reused across jitter levels
 
@@ -250,13 +207,15 @@ class _BlockSums:
                 numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
                 return
             if index not in regions:
-                inner = inside[item.window]
-                labels = padded_labels[item.sample][item.window]
+                inner = perturber.inside(item.window)
+                labels = tile_labels[index]
+                if self.sink is None:
+                    out = perturber.window_of(self.out_samples[item.sample], item.window)
                 regions[index] = []
                 for block in item.blocks:
                     region = locality.footprint((labels == block) & inner, self.radius) & inner
                     if self.sink is None:
-                        regions[index].append((block, region, region & padded_out[item.sample][item.window]))
+                        regions[index].append((block, region, region & out))
                     else:  # where the region lies in the sample, as flat indices
                         where = np.nonzero(region)
                         at = [w + s.start - p[0] for w, s, p in zip(where, item.window, perturber.pads)]
@@ -274,7 +233,7 @@ class _BlockSums:
             for shape, indices in shapes.items():
                 chosen = [items[i] for i in indices]
                 runs = perturber.responses(
-                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(chosen[j]),
+                    len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(indices[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
                               + ("" if chosen[j].window is None else " (tile)"), subset, shape)
@@ -495,7 +454,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                           one_item_per_batch=method == "brute")
     radius_info = radius = None
     if method in ("auto", "local"):
-        radius_info = response_radius(perturber, int(touched[0]), locality_tolerance)
+        radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
+                                      near=box_centre(out_samples[touched[0]]))
         if radius_info.is_global and method == "local":
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")

@@ -1,6 +1,10 @@
 """Forward mapping F(M^x) (Espadoto et al., section 3.2): which output voxels react to jittering an input region.
 
 F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,   h_k = k H / N.
+
+On samples much larger than the model's reach, F is computed in a tile of each sample that holds the mask and
+twice the measured response radius around it: f(x + h M) - f(x) is exactly 0 farther than the radius from M, and
+within it the tile holds all the context the model sees, so the map equals the whole-sample one.
 """
 from __future__ import annotations
 
@@ -10,15 +14,22 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import channel_indices, check_count, check_mask
+from .checks import channel_indices, check_choice, check_count, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
-from .perturb import Perturber, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter
+from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
+                      resolve_max_jitter, response_radius)
+
+METHODS = ("auto", "whole")
 
 
 @dataclass
 class ForwardResult:
-    """A forward mapping F on the output grid."""
+    """A forward mapping F on the output grid.
+
+    ``radius`` is the model's measured response radius (None when not measured) and ``tiling`` says whether
+    F was computed in tiles of the samples or on whole samples, and why.
+    """
 
     signed: np.ndarray
     normalized: np.ndarray
@@ -28,18 +39,51 @@ class ForwardResult:
     seconds: float
     device: str
     units: str
+    radius: dict | None = None
+    tiling: dict | None = None
+    equivalent_evaluations: float = 0.0
 
     def to_dict(self) -> dict:
         return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
+                "equivalent_evaluations": round(self.equivalent_evaluations, 2),
                 "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
-                "max_abs": float(np.abs(self.signed).max()), "geometry": self.geometry.to_dict()}
+                "max_abs": float(np.abs(self.signed).max()), "response_radius": self.radius,
+                "tiling": self.tiling, "geometry": self.geometry.to_dict()}
 
+
+Item = tuple[int, "tuple[slice, ...] | None"]  # a sample, and the window of it perturbed (None: all of it)
+
+
+def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, method: str
+           ) -> tuple[list[Item], dict | None, dict]:
+    """What to perturb: a tile of each touched sample holding the mask and its context when the model's response
+    is local and tiles run fewer voxels, else the whole samples; with the radius and the decision."""
+    whole = [(int(s), None) for s in touched]
+    if method == "whole":
+        return whole, None, {"tiles": False, "reason": "method 'whole'"}
+    if perturber.model.card.input.size:
+        return whole, None, {"tiles": False, "reason": "the model takes a fixed input size"}
+    near = box_centre(mask_samples[touched[0]])
+    if not perturber.has_probe_window(near):
+        return whole, None, {"tiles": False, "reason": "the sample is not much larger than the model's reach"}
+    radius = response_radius(perturber, int(touched[0]), 0.0, near=near)
+    if radius.is_global:
+        return whole, radius.to_dict(), {"tiles": False, "reason": "the model's response is global"}
+    boxes = [mask_box(mask_samples[s]) for s in touched]
+    tiles, tiling = perturber.checked_tiles(int(touched[0]), np.array([b[0] for b in boxes]),
+                                            np.array([b[1] for b in boxes]),
+                                            [np.array([i]) for i in range(len(touched))], radius.radius,
+                                            len(touched))
+    if tiles is None:
+        return whole, radius.to_dict(), tiling
+    return [(int(touched[t.members[0]]), t.window) for t in tiles], radius.to_dict(), tiling
 
 
 def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jitter: float | None = None,
-                    channels: Any = None, geometry: Geometry | None = None, progressive: bool = False,
-                    preview: Callable[[np.ndarray, int], None] | None = None, tolerance: float | None = None,
-                    progress: ProgressCallback | None = None, cancel: Any = None) -> ForwardResult:
+                    channels: Any = None, geometry: Geometry | None = None, method: str = "auto",
+                    progressive: bool = False, preview: Callable[[np.ndarray, int], None] | None = None,
+                    tolerance: float | None = None, progress: ProgressCallback | None = None,
+                    cancel: Any = None) -> ForwardResult:
     """Forward mapping F(M^x): how the output reacts to jittering the masked input voxels.
 
     Parameters
@@ -58,6 +102,11 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
         Geometry of the input volume; resolves a 2D model's slice axis and is carried by the result.
+    method : {"auto", "whole"}
+        "auto": on samples much larger than the probe window (64 voxels a side), measure the model's response
+        radius R and perturb a tile of each sample holding the mask dilated by 2R (aligned to the model's stride,
+        checked once per run), which gives the whole-sample map exactly; whole samples otherwise (a global
+        response, a fixed input size, tiles no smaller). "whole": always whole samples.
     progressive : bool
         Evaluate nested jitter grids (N = 1, 2, 4, ... up to n_jitters, each reusing every earlier evaluation)
         and call ``preview(normalized_map, N)`` after each level but the last.
@@ -72,53 +121,75 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     """
     started = time.perf_counter()
     n_jitters = check_count("n_jitters (N)", n_jitters)
-    evaluations_before = model.evaluations
+    check_choice("method", method, METHODS)
+    before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     mask = check_mask(mask, prepared.volume_shape, "input mask")
     channel_list = channel_indices(model.card, channels)
     h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     mask_samples = prepared.to_samples(mask)
-    touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
-    perturber.base_outputs(touched)
-
-    def on_output_grid(touched_values: np.ndarray) -> np.ndarray:
-        """A map on the touched samples, placed on the whole output grid (0 on the other samples)."""
-        values = np.zeros((len(mask_samples),) + prepared.sample_shape, np.float32)
-        values[touched] = touched_values
-        return prepared.from_samples(values)
-
     # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
-    sums = np.zeros((len(touched),) + prepared.sample_shape, np.float32)
+    touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
+    items, radius, tiling = _items(perturber, mask_samples, touched, method)
+    sample_shape = prepared.sample_shape
+    perturber.base_outputs([s for s, window in items if window is None])
+    perturber.window_bases([(s, window) for s, window in items if window is not None])
+
+    def on_output_grid(values: list[np.ndarray]) -> np.ndarray:
+        """Per-item maps placed on the whole output grid (0 elsewhere)."""
+        grid = np.zeros((len(mask_samples),) + sample_shape, np.float32)
+        for (s, window), item_values in zip(items, values):
+            if window is None:
+                grid[s] = item_values
+            else:
+                source, target = perturber.overlap(window)
+                grid[s][source] = item_values[target]
+        return prepared.from_samples(grid)
+
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, window) in enumerate(items):  # items of one shape go through the model together
+        shapes.setdefault(sample_shape if window is None else tuple(w.stop - w.start for w in window), []).append(i)
+    inputs = [prepared.samples[s] if window is None else perturber.window_input(s, window) for s, window in items]
+    bases = [perturber.base[s] if window is None else perturber.window_base(s, window) for s, window in items]
+    directions = [mask_samples[s] if window is None else
+                  model.pipeline.padded_window(mask_samples[s][None], window)[0] for s, window in items]
+    sums = [np.zeros(d.shape, np.float32) for d in directions]
     schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
     for level, (n_level, subset) in enumerate(schedule):
-        for start, stop, chunk in perturber.sample_responses(
-                touched, lambda i: mask_samples[touched[i]],
-                lambda i: f"the input mask perturbed in sample {touched[i]}", subset):
-            sums[start:stop] += chunk
-            report_progress(progress, stop, len(touched), f"forward mapping, N = {n_level}")
+        done = 0
+        for shape, indices in shapes.items():
+            for start, stop, chunk in perturber.responses(
+                    len(indices), lambda j: inputs[indices[j]], lambda j: directions[indices[j]],
+                    lambda j: bases[indices[j]], lambda j: f"the input mask perturbed in sample {items[indices[j]][0]}",
+                    subset, shape):
+                for j in range(start, stop):
+                    sums[indices[j]] += chunk[j - start]
+                report_progress(progress, done + stop, len(items), f"forward mapping, N = {n_level}")
+            done += len(indices)
         used = n_level
-        level_map = sums / (2 * n_level)
-        magnitude = np.abs(level_map)
-        peak = float(magnitude.max())
+        level_map = [values / (2 * n_level) for values in sums]
+        peak = max(float(np.abs(values).max()) for values in level_map)
         last = level == len(schedule) - 1
-        change = None if previous is None else float(np.abs(level_map - previous).max()) / max(peak, 1e-30)
+        change = None if previous is None else max(
+            float(np.abs(a - b).max()) for a, b in zip(level_map, previous)) / max(peak, 1e-30)
         stop_early = change is not None and tolerance is not None and change < tolerance
         if preview is not None and not (last or stop_early):
-            preview(on_output_grid(magnitude / peak if peak > 0 else 0.0), n_level)
+            preview(on_output_grid([np.abs(v) / peak if peak > 0 else 0 * v for v in level_map]), n_level)
         if stop_early:
             break
         previous = level_map
     signed = on_output_grid(level_map)
-    normalized = on_output_grid(magnitude / peak if peak > 0 else 0.0)
+    normalized = on_output_grid([np.abs(v) / peak if peak > 0 else 0 * v for v in level_map])
     units = model.card.output.units
     return ForwardResult(
         signed=signed, normalized=normalized, geometry=prepared.geometry,
-        parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max,
+        parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
                     "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
-        evaluations=model.evaluations - evaluations_before, seconds=time.perf_counter() - started,
-        device=model.device, units=f"{units or 'output units'} per input unit")
-
+        evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
+        device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
+            model.pipeline.padded_shape(sample_shape))))

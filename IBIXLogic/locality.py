@@ -30,6 +30,7 @@ class ResponseRadius:
     tolerance: float
     probes: int
     evaluations: int
+    window: tuple[int, ...] | None = None  # where the probes stood, if not in the whole sample
 
     @property
     def radius(self) -> int | None:
@@ -38,7 +39,7 @@ class ResponseRadius:
     def to_dict(self) -> dict:
         return {"measured": self.measured, "margin": self.margin, "radius": self.radius,
                 "is_global": self.is_global, "tolerance": self.tolerance, "probes": self.probes,
-                "evaluations": self.evaluations}
+                "evaluations": self.evaluations, "window": None if self.window is None else list(self.window)}
 
 
 def probe_points(shape: tuple[int, ...], count: int = 5, spacing: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import locality
 from .checks import channel_indices, check_max_jitter
-from .errors import InputError
+from .errors import InputError, ModelError
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .pipeline import PreparedInput
@@ -21,6 +21,14 @@ DEFAULT_JITTER_FRACTION = 0.15
 PROBES = 5
 #: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
 RADIUS_MARGIN = 2
+#: Side (voxels) of the window the response radius is first measured in, on samples larger than that.
+PROBE_WINDOW = 64
+#: Largest model stride tile and probe windows are aligned to (their origins are multiples of it, at most).
+LARGEST_ALIGNMENT = 32
+#: Samples of at most this many voxels are evaluated whole for the unperturbed output of their tiles.
+WHOLE_BASE_VOXELS = 2**20
+#: Tiles are used when they run fewer than this share of the voxels of the whole samples they replace.
+TILE_SAVING = 0.8
 
 
 def jitter_levels(n_jitters: int, max_jitter: float) -> np.ndarray:
@@ -70,6 +78,19 @@ def resolve_max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[
     return DEFAULT_JITTER_FRACTION * spread
 
 
+def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive lower and upper index corners of a non-empty mask's bounding box."""
+    where = [np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+             for axis in range(mask.ndim)]
+    return np.array([w[0] for w in where]), np.array([w[-1] for w in where])
+
+
+def box_centre(mask: np.ndarray) -> tuple[int, ...]:
+    """The centre voxel of the bounding box of a non-empty mask."""
+    low, high = mask_box(mask)
+    return tuple(int(v) for v in (low + high) // 2)
+
+
 def report_progress(progress: ProgressCallback | None, done: int, total: int, message: str) -> None:
     """Call the engine's ``progress(done, total, message)`` callback, if any."""
     if progress is not None:
@@ -92,6 +113,9 @@ class Perturber:
         self.base: dict[int, np.ndarray] = {}
         self.padded_base: dict[int, np.ndarray] = {}
         self._padded_input: dict[int, np.ndarray] = {}
+        self._window_base: dict[tuple, np.ndarray] = {}
+        #: small samples (slices) are evaluated whole once, so that their tiles need no output of their own
+        self.small_sample = int(np.prod(prepared.sample_shape)) <= WHOLE_BASE_VOXELS
 
     def padded_input(self, sample: int) -> np.ndarray:
         """The sample in input units, padded as the model sees it (channels, *padded_shape)."""
@@ -113,6 +137,117 @@ class Perturber:
             for s, padded in zip(missing[start:stop], out):
                 self.padded_base[s] = padded
                 self.base[s] = padded[self.crop]
+
+    # -- windows of the padded sample (tiles), without padding or evaluating the whole sample ---------------
+    def window_input(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The padded sample's ``window`` in input units, (channels, *window shape)."""
+        if sample in self._padded_input:
+            return self._padded_input[sample][(slice(None),) + window]
+        return self.model.pipeline.padded_window(self.prepared.samples[sample], window)
+
+    def overlap(self, window: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Where ``window`` (padded-sample coordinates) meets the sample: (slices of the sample, of the window)."""
+        source, target = [], []
+        for w, (before, _), n in zip(window, self.pads, self.prepared.sample_shape):
+            low, high = max(w.start - before, 0), max(min(w.stop - before, n), max(w.start - before, 0))
+            source.append(slice(low, high))
+            target.append(slice(low + before - w.start, high + before - w.start))
+        return tuple(source), tuple(target)
+
+    def window_of(self, values: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+        """``window`` of an array on the sample grid placed in the padded sample, 0 (False) in the padding."""
+        out = np.zeros(tuple(w.stop - w.start for w in window), values.dtype)
+        source, target = self.overlap(window)
+        out[target] = values[source]
+        return out
+
+    def inside(self, window: tuple[slice, ...]) -> np.ndarray:
+        """Which voxels of ``window`` lie in the sample rather than in its padding."""
+        out = np.zeros(tuple(w.stop - w.start for w in window), bool)
+        out[self.overlap(window)[1]] = True
+        return out
+
+    def window_base(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The unperturbed output on ``window``: cut from the whole sample's if that was evaluated, else the
+        window's own output (which equals it wherever the window holds the context of a voxel)."""
+        if sample in self.padded_base:
+            return self.padded_base[sample][window]
+        self.window_bases([(sample, window)])
+        return self._window_base[(sample, tuple((w.start, w.stop) for w in window))]
+
+    def window_bases(self, windows: Sequence[tuple[int, tuple[slice, ...]]]) -> None:
+        """Evaluate the unperturbed output of the (sample, window) pairs not known yet, windows of one shape
+        together."""
+        missing: dict[tuple, list] = {}
+        for sample, window in windows:
+            key = (sample, tuple((w.start, w.stop) for w in window))
+            if sample not in self.padded_base and key not in self._window_base:
+                missing.setdefault(tuple(w.stop - w.start for w in window), []).append((key, sample, window))
+        for shape, entries in missing.items():
+            entries = list({key: (key, s, w) for key, s, w in entries}.values())
+            runs = self.model.run_chunked(
+                lambda a, b: np.stack([self.window_input(s, w) for _, s, w in entries[a:b]]), len(entries),
+                self.prepared, lambda i: f"the unperturbed input (a tile of sample {entries[i][1]})",
+                cancel=self.cancel, sample_shape=shape)
+            for start, stop, out in runs:
+                for (key, _, _), values in zip(entries[start:stop], out):
+                    self._window_base[key] = values
+
+    def tiles_reproduce(self, sample: int, shape: tuple[int, ...], align: int, radius: int) -> bool:
+        """Whether windows of ``shape`` starting at multiples of ``align`` reproduce the model's output.
+
+        Checked at the origin (align, align, ...), an odd multiple of ``align``, and at the far corner, away from
+        the window's borders that are not the sample's (within ``radius`` of such a border a window lacks
+        context). The reference is the whole sample's output if that was evaluated, else the output of a window
+        ``align`` voxels wider on each side: a model whose stride does not divide ``align`` then sees another
+        pooling phase and fails the check.
+        """
+        padded = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)), tuple(p - n for p, n in zip(padded, shape))}
+        for origin in sorted(origins):
+            window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
+            try:
+                out = self.model.run(self.window_input(sample, window)[None].copy(), self.prepared)[0]
+                if sample in self.padded_base:
+                    reference = self.padded_base[sample][window]
+                else:
+                    wider = tuple(slice(max(0, w.start - align), min(p, w.stop + align))
+                                  for w, p in zip(window, padded))
+                    reference = self.model.run(self.window_input(sample, wider)[None].copy(), self.prepared)[0][
+                        tuple(slice(w.start - o.start, w.stop - o.start) for w, o in zip(window, wider))]
+            except ModelError:
+                return False
+            interior = tuple(slice(0 if o == 0 else radius, n if o + n == p else n - radius)
+                             for o, n, p in zip(origin, shape, padded))
+            expected = reference[interior]
+            if expected.size and np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+                return False
+        return True
+
+    def has_probe_window(self, near: Sequence[int]) -> bool:
+        """Whether the sample is much larger than the window the response radius is measured in."""
+        return _probe_window(self, near) is not None
+
+    def checked_tiles(self, sample: int, low: np.ndarray, high: np.ndarray, members: list[np.ndarray],
+                      radius: int, whole_items: int) -> tuple[list[locality.Tile] | None, dict]:
+        """Tiles holding the boxes ``low``..``high`` (sample coordinates; rows grouped by ``members``) and their
+        context, when they run fewer voxels than ``whole_items`` whole samples; (tiles or None, what was decided).
+
+        Tiles start at multiples of the model's stride, which a black box does not state: the candidates are the
+        card's ``multiple_of`` and its doublings that divide the padded sample; the smallest one at which tiles
+        reproduce the model's output (:meth:`tiles_reproduce`, on ``sample``) is used.
+        """
+        padded_shape = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+        offset = tuple(before for before, _ in self.pads)
+        for align in locality.tile_alignments(padded_shape, self.model.card.input.multiple_of, LARGEST_ALIGNMENT):
+            tiles = locality.plan_tiles(low, high, members, radius, padded_shape, offset, align)
+            voxels = sum(int(np.prod(t.shape)) for t in tiles)
+            if voxels >= TILE_SAVING * whole_items * np.prod(padded_shape):
+                return None, {"tiles": False, "reason": "tiles would not run fewer voxels"}
+            if self.tiles_reproduce(sample, tiles[0].shape, align, radius):
+                return tiles, {"tiles": True, "alignment": align, "items": len(tiles),
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+        return None, {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
 
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
                   direction_of: Callable[[int], np.ndarray], base_of: Callable[[int], np.ndarray],
@@ -189,27 +324,36 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
                            tolerance)
 
 
-def response_radius(perturber: Perturber, sample: int, tolerance: float) -> locality.ResponseRadius:
-    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
+def _probe_window(perturber: Perturber, near: Sequence[int]) -> tuple[slice, ...] | None:
+    """A window of about PROBE_WINDOW voxels a side around ``near`` (sample coordinates), its origin aligned to
+    the largest stride candidate; None when the sample is not much larger."""
+    padded = np.asarray(perturber.model.pipeline.padded_shape(perturber.prepared.sample_shape))
+    stride = perturber.model.card.input.multiple_of
+    align = max(locality.tile_alignments(tuple(padded), stride, LARGEST_ALIGNMENT) or [stride])
+    side = np.minimum(padded, -(-PROBE_WINDOW // align) * align)
+    if np.prod(side) * 2 > np.prod(padded):
+        return None
+    centre = np.asarray(near) + np.array([before for before, _ in perturber.pads])
+    origin = np.clip((centre - side // 2) // align * align, 0, (padded - side) // align * align)
+    return tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side))
 
-    The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
-    to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
-    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
-    """
-    model, shape = perturber.model, perturber.prepared.sample_shape
-    before = model.evaluations
-    # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
-    # divides 8, the probes meet every such position and the largest reach is measured, not guessed.
-    stride = model.card.input.multiple_of
-    every_phase = stride in (2, 4, 8)
-    count = max(PROBES, stride) if every_phase else PROBES
-    perturber.base_outputs([sample])
+
+def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None,
+           count: int) -> tuple[int, bool, int]:
+    """(measured radius, global?, probes) from probes in ``window`` of the padded sample (None: the sample)."""
+    if window is None:
+        shape = perturber.prepared.sample_shape
+        perturber.base_outputs([sample])
+        source, base = perturber.prepared.samples[sample], perturber.base[sample]
+    else:
+        shape = tuple(w.stop - w.start for w in window)
+        source, base = perturber.window_input(sample, window), perturber.window_base(sample, window)
     largest = np.array([0, len(perturber.jitters) - 1])
 
     def responses_to(directions: list[np.ndarray], what: Callable[[int], str]) -> np.ndarray:
         out = np.empty((len(directions),) + shape, np.float32)
-        for start, stop, response in perturber.sample_responses([sample] * len(directions), lambda i: directions[i],
-                                                                what, largest):
+        for start, stop, response in perturber.responses(len(directions), lambda i: source, lambda i: directions[i],
+                                                         lambda i: base, what, largest, shape):
             out[start:stop] = response
         return out
 
@@ -232,6 +376,33 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float) -> loca
         separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
                                 lambda i: f"probe voxel {tuple(points[i])}")
         measured, is_global = locality.radius_from_responses(separate, points, tolerance)
-    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance,
-                                   len(points), model.evaluations - before)
+    return measured, is_global, len(points)
 
+
+def response_radius(perturber: Perturber, sample: int, tolerance: float, near: Sequence[int] | None = None
+                    ) -> locality.ResponseRadius:
+    """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
+
+    The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
+    to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
+    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
+    With ``near`` (a voxel of the sample) on a sample much larger than PROBE_WINDOW, the probes stand in a window
+    of that size around it, so that the whole sample is never evaluated; a response that reaches across the
+    window is measured again on the whole sample.
+    """
+    model = perturber.model
+    before = model.evaluations
+    # A convolutional model's reach depends on a voxel's position modulo its stride. When the card's stride
+    # divides 8, the probes meet every such position (windows start at multiples of it) and the largest reach
+    # is measured, not guessed.
+    stride = model.card.input.multiple_of
+    every_phase = stride in (2, 4, 8)
+    count = max(PROBES, stride) if every_phase else PROBES
+    window = None if near is None else _probe_window(perturber, near)
+    measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)
+    if window is not None and is_global:
+        window = None
+        measured, is_global, probes = _probe(perturber, sample, tolerance, None, count)
+    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance, probes,
+                                   model.evaluations - before,
+                                   None if window is None else tuple(w.stop - w.start for w in window))

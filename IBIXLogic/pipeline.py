@@ -198,6 +198,14 @@ class Pipeline:
         """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
         return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self.padded_shape(shape)))
 
+    def padded_window(self, sample: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
+        """``window`` (padded-sample coordinates) of ``sample`` (channels, *shape) padded as the model sees it,
+        without padding the whole sample: edge padding repeats the nearest voxel inside."""
+        pads = self.padding(sample.shape[1:])
+        index = [np.clip(np.arange(w.start, w.stop) - before, 0, n - 1)
+                 for w, (before, _), n in zip(window, pads, sample.shape[1:])]
+        return sample[(slice(None),) + np.ix_(*index)]
+
     def to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
         """A batch of samples in input units (overwritten) as the model's input tensor."""
         batch = prepared.normalize(batch)

@@ -1,5 +1,6 @@
 """Oracle tests of the forward mapping F on analytic ONNX models."""
 import numpy as np
+import pytest
 
 import IBIXLogic as ibx
 import onnx_models as om
@@ -95,3 +96,70 @@ def test_progressive_stops_early_when_the_map_settles(tmp_path, rng):
     result = ibx.forward_mapping(model, x, mask, n_jitters=8, progressive=True, tolerance=1e-4)
     assert result.parameters["n_jitters_used"] == 2  # a linear model's F does not change with the grid
     assert result.evaluations == 2 * 2 + 1
+
+
+# -- local forward maps: tiles of samples much larger than the model's reach ---------------------------------
+def _local_and_whole(model, x, mask, **kw):
+    local = ibx.forward_mapping(model, x, mask, **kw)
+    whole = ibx.forward_mapping(model, x, mask, method="whole", **kw)
+    return local, whole
+
+
+def test_local_forward_on_a_large_image_equals_the_kernel_and_the_whole_image_map(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv"))
+    x = rng.normal(size=(160, 150)).astype(np.float32)
+    mask = box_mask(x.shape, slice(70, 75), slice(60, 66))
+    local, whole = _local_and_whole(model, x, mask, n_jitters=2, max_jitter=1.0)
+    assert local.tiling["tiles"] is True and whole.tiling["tiles"] is False
+    assert local.radius["measured"] == 1 and local.radius["window"] == [64, 64]
+    np.testing.assert_allclose(local.signed, om.correlate(mask, KERNEL), atol=1e-5)
+    np.testing.assert_array_equal(local.signed, whole.signed)
+    np.testing.assert_array_equal(local.normalized, whole.normalized)
+    assert local.equivalent_evaluations < 0.25 * whole.equivalent_evaluations
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_local_forward_of_a_strided_autoencoder_equals_the_whole_image_map(tmp_path, rng, layout):
+    model = ibx.load_model(om.save(om.small_autoencoder(layout=layout), tmp_path, "cae",
+                                   {"input": {"multiple_of": 2}}))
+    x = rng.normal(size=(192, 176)).astype(np.float32)
+    mask = box_mask(x.shape, slice(101, 106), slice(40, 47))
+    local, whole = _local_and_whole(model, x, mask, n_jitters=3)
+    assert local.tiling["tiles"] is True and local.tiling["alignment"] >= 2
+    np.testing.assert_allclose(local.signed, whole.signed, rtol=1e-5, atol=1e-6 * np.abs(whole.signed).max())
+    assert np.count_nonzero(whole.signed) and not np.any(whole.signed[np.abs(local.signed) == 0])
+
+
+def test_local_forward_per_slice_of_a_volume_for_a_2d_model(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv", {"spatial_dims": 2}))
+    x = rng.normal(size=(4, 140, 150)).astype(np.float32)
+    mask = np.zeros(x.shape, bool)
+    mask[1, 20:24, 100:110] = True
+    mask[3, 120:125, 5:9] = True
+    local, whole = _local_and_whole(model, x, mask, n_jitters=1, max_jitter=1.0)
+    assert local.tiling["tiles"] is True and local.tiling["items"] == 2
+    np.testing.assert_array_equal(local.signed, whole.signed)
+    for s in range(4):
+        np.testing.assert_allclose(local.signed[s], om.correlate(mask[s], KERNEL), atol=1e-5)
+
+
+def test_local_forward_of_a_3d_model_equals_the_kernel(tmp_path, rng):
+    kernel = rng.normal(size=(3, 3, 3)).astype(np.float32)
+    model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
+    x = rng.normal(size=(72, 96, 100)).astype(np.float32)
+    mask = box_mask(x.shape, slice(30, 35), slice(50, 55), slice(70, 75))
+    local = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0)
+    assert local.tiling["tiles"] is True and local.radius["window"] == [64, 64, 64]
+    np.testing.assert_allclose(local.signed, om.correlate(mask, kernel), atol=1e-5)
+    assert local.equivalent_evaluations < 2  # whole samples: 2N = 4
+
+
+def test_global_response_keeps_the_whole_sample_path_and_says_so(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution_plus_mean(KERNEL, 0.5), tmp_path, "global"))
+    x = rng.normal(size=(160, 150)).astype(np.float32)
+    mask = box_mask(x.shape, slice(70, 75), slice(60, 66))
+    local, whole = _local_and_whole(model, x, mask, n_jitters=2, max_jitter=1.0)
+    assert local.tiling == {"tiles": False, "reason": "the model's response is global"}
+    assert local.radius["is_global"] is True
+    np.testing.assert_allclose(local.signed, whole.signed, atol=1e-6)
+    assert np.all(local.signed != 0)  # the mean reaches every voxel
