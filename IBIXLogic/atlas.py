@@ -124,6 +124,10 @@ class ResponseAtlas:
     radius: dict | None = None
     tiling: dict | None = None
 
+    def __post_init__(self) -> None:
+        for array in (self.labels, self.starts, self.index, self.values, self.denominator, self.low, self.high):
+            array.flags.writeable = False  # answers share the labels; nothing may change what the atlas holds
+
     @property
     def n_blocks(self) -> int:
         return len(self.starts) - 2

@@ -186,3 +186,12 @@ def test_bad_arguments_are_named(conv_model, image, mask):
         atlas.backward(mask[:10])
     with pytest.raises(ibx.InputError, match="empty"):
         atlas.backward(np.zeros_like(mask))
+
+
+def test_answers_cannot_change_the_atlas(conv_model, image, mask):
+    atlas = ibx.block_response_atlas(conv_model, image, n_blocks=9, blocks="grid", n_jitters=1)
+    answer = atlas.backward(mask)
+    with pytest.raises(ValueError):
+        answer.labels[0, 0] = 5  # the labels are the atlas's own, read-only
+    answer.map[:] = 0  # the map is the answer's own
+    assert atlas.backward(mask).map.max() > 0
