@@ -32,10 +32,10 @@ def assert_atlas_answers_like_backward_mapping(model, x, masks, atlas, n_jitters
 
 
 @pytest.mark.parametrize("name", ["identity", "convolution", "autoencoder"])
-@pytest.mark.parametrize("one_by_one", [True, False])
-def test_2d_atlas_equals_backward_mapping(tmp_path, rng, monkeypatch, name, one_by_one):
-    if not one_by_one:  # the path of answers that read many blocks: all entries at once
-        monkeypatch.setattr(ibx.atlas, "NEAR_BLOCKS_ONE_BY_ONE", 0)
+@pytest.mark.parametrize("entries_per_call", [0, 10**12])
+def test_2d_atlas_equals_backward_mapping(tmp_path, rng, monkeypatch, name, entries_per_call):
+    # both ways of answering: the blocks near the mask one by one, and all entries at once
+    monkeypatch.setattr(ibx.atlas, "ENTRIES_PER_CALL", entries_per_call)
     built = {"identity": om.identity(), "convolution": om.convolution(KERNEL), "autoencoder": om.small_autoencoder()}
     model = ibx.load_model(om.save(built[name], tmp_path, name))
     x = rng.normal(size=(48, 56)).astype(np.float32)
