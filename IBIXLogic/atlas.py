@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from .backward import BackwardResult, NORMALIZATIONS, _BlockSums, _block_labels, _check_block_labels, \
-    _normalize_blocks
+    _label_boxes, _normalize_blocks
 from .blocks import DEFAULT_COMPACTNESS
 from .checks import channel_indices, check_choice, check_count, check_mask
 from .errors import InputError
@@ -347,7 +347,7 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
     collector = _Collector(volume_index, n_labels)
     sums = _BlockSums(perturber, None, radius, jitter_schedule(n_jitters, False), progress, sink=collector,
                       stage="response atlas")
-    sums.compute(label_samples, np.arange(1, n_labels))
+    sums.compute(label_samples, np.arange(1, n_labels), _label_boxes(label_samples))
     starts, index, values = collector.assemble()
     filled = np.flatnonzero(starts[1:] > starts[:-1])
     denominator = np.zeros(n_labels)

@@ -12,13 +12,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import locality
-from .blocks import DEFAULT_COMPACTNESS, grid_blocks, superpixel_blocks
+from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
 from .checks import channel_indices, check_choice, check_count, check_mask
-from .errors import InputError, ModelError
+from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, report_progress, resolve_max_jitter,
-                      response_radius)
+from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
+                      resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
 
 METHODS = ("auto", "local", "batched", "brute")
@@ -93,11 +93,11 @@ class _BlockSums:
         self.tiles = tiles and radius is not None and not perturber.model.card.input.size
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
-    def _groups(self, label_samples: np.ndarray, ids: np.ndarray) -> tuple[list[_Item], np.ndarray]:
+    def _groups(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]
+                ) -> tuple[list[_Item], np.ndarray]:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
-        occupied = label_samples.reshape(len(label_samples), -1).any(axis=1)  # most slices of a volume hold none
-        present = [np.intersect1d(np.unique(label_samples[s]), ids) if occupied[s] else ids[:0]
-                   for s in range(len(label_samples))]
+        present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s][boxes[s]].ravel())), ids)
+                   if s in boxes else ids[:0] for s in range(len(label_samples))]
         if self.out_samples is None:  # every block is relevant
             wanted = present
         else:
@@ -114,12 +114,14 @@ class _BlockSums:
             if len(blocks) == 0:
                 continue
             if self.radius is not None:
-                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s], blocks, self.radius))
+                groups.extend(_Item(s, g) for g in locality.disjoint_groups(label_samples[s][boxes[s]], blocks,
+                                                                            self.radius))
             else:
                 groups.extend(_Item(s, blocks[i:i + 1]) for i in range(len(blocks)))
         return groups, wanted
 
-    def _tiles(self, label_samples: np.ndarray, groups: list[_Item]) -> list[_Item] | None:
+    def _tiles(self, label_samples: np.ndarray, groups: list[_Item], boxes: dict[int, tuple[slice, ...]]
+               ) -> list[_Item] | None:
         """Windowed items holding the groups' blocks and their context, when they run fewer voxels than whole
         samples (see :meth:`Perturber.checked_tiles`)."""
         starts = np.cumsum([0] + [len(g.blocks) for g in groups])
@@ -129,8 +131,11 @@ class _BlockSums:
         for s in {g.sample for g in groups}:  # one pass over each sample's labels
             members = [i for i, g in enumerate(groups) if g.sample == s]
             at = np.concatenate([rows[i] for i in members])
-            low[at], high[at] = locality.block_boxes(label_samples[s],
+            low[at], high[at] = locality.block_boxes(label_samples[s][boxes[s]],
                                                      np.concatenate([groups[i].blocks for i in members]))
+            start = np.array([b.start for b in boxes[s]])
+            low[at] += start
+            high[at] += start
         tiles, self.tiling = self.perturber.checked_tiles(groups[0].sample, low, high, rows, self.radius,
                                                           len(groups))
         if tiles is None:
@@ -140,19 +145,20 @@ class _BlockSums:
         self.tiling["blocks"] = int(len(low))
         return [_Item(groups[owner[t.members[0]]].sample, all_blocks[list(t.members)], t.window) for t in tiles]
 
-    def compute(self, label_samples: np.ndarray, ids: np.ndarray,
+    def compute(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]],
                 on_level: Callable[[np.ndarray, np.ndarray, int], bool] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples)."""
-        size = int(label_samples.max()) + 1
+        """Numerator and denominator of B for the blocks ``ids`` (labels on the samples; ``boxes``: where each
+        sample that holds blocks holds them)."""
+        size = int(max(label_samples[s][box].max() for s, box in boxes.items())) + 1 if boxes else 1
         numerator, denominator = np.zeros(size), np.zeros(size)
-        groups, wanted = self._groups(label_samples, ids)
+        groups, wanted = self._groups(label_samples, ids, boxes)
         if not groups:
             return numerator, denominator
         perturber = self.perturber
         # a sample's own output serves every tile of it; on a large sample, each tile's output is cheaper
         perturber.base_outputs(sorted({g.sample for g in groups if perturber.small_sample}))
-        items = self._tiles(label_samples, groups) if self.tiles else None
+        items = self._tiles(label_samples, groups, boxes) if self.tiles else None
         if items is None:
             items = groups
             if self.radius is not None:
@@ -261,25 +267,33 @@ def _normalize_blocks(numerator: np.ndarray, denominator: np.ndarray, normalizat
 
 
 def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int, compactness: float,
-                  kind: str, masks: np.ndarray | None = None) -> np.ndarray:
+                  kind: str, masks: np.ndarray | None = None,
+                  near: Callable[[int], tuple[slice, ...]] | None = None) -> np.ndarray:
     """Labels (unique across samples) of ``kind`` blocks on the given samples; 0 elsewhere.
 
     ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
     its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
+    Supervoxels of a large 3D sample are cut in chunks (:func:`chunked_supervoxels`), only those that meet the
+    box ``near(sample)`` when given: blocks elsewhere cannot reach the output mask.
     """
     labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
     offset = 0
+    chunked = kind == "slic" and masks is None and len(prepared.sample_shape) == 3 \
+        and int(np.prod(prepared.sample_shape)) > CHUNKED_ABOVE
     for s in samples:
         region = None if masks is None else masks[s]
         if region is not None and not region.any():
             continue
-        if kind == "grid":
+        if chunked:
+            sample_labels = chunked_supervoxels(prepared.samples[s], n_blocks, compactness, prepared.sample_spacing,
+                                                None if near is None else near(s), channel_axis=0)
+        elif kind == "grid":
             sample_labels = grid_blocks(prepared.sample_shape, n_blocks, prepared.sample_spacing, region)
         else:
             share = n_blocks if region is None else max(1, round(n_blocks * region.mean()))
             sample_labels = superpixel_blocks(prepared.samples[s], share, compactness,
                                               prepared.sample_spacing, region, channel_axis=0)
-        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0)
+        labels[s] = np.where(sample_labels > 0, sample_labels + offset, 0) if offset else sample_labels
         offset = int(labels[s].max(initial=offset))
     return labels
 
@@ -301,8 +315,9 @@ class _Refinement:
         self.n_jitters, self.jitters_used = n_jitters, n_jitters
         self._previewed: np.ndarray | None = None
 
-    def next_level(self, labels: np.ndarray, new_ids: np.ndarray) -> None:
-        self.labels, self.new_ids, self._previewed = labels, new_ids, None
+    def next_level(self, labels: np.ndarray, new_ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]) -> None:
+        self.labels, self.new_ids, self.boxes, self._previewed = labels, new_ids, boxes, None
+        self.present = _label_counts(labels, {s: boxes[s] for s in self.touched.tolist() if s in boxes}) > 0
 
     def merge(self, level_numerator: np.ndarray, level_denominator: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -313,7 +328,8 @@ class _Refinement:
         numerator[:kept], denominator[:kept] = self.numerator[:kept], self.denominator[:kept]
         numerator[self.new_ids] = level_numerator[self.new_ids]
         denominator[self.new_ids] = level_denominator[self.new_ids]
-        present = np.bincount(self.labels[self.touched].ravel(), minlength=size)[:size] > 0
+        present = np.zeros(size, bool)
+        present[:min(size, len(self.present))] = self.present[:size]
         numerator[~present], denominator[~present] = 0.0, 0.0
         return numerator, denominator, _normalize_blocks(numerator, denominator, self.normalization)
 
@@ -333,21 +349,69 @@ class _Refinement:
 
     def painted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Consecutive block labels 1..K (0 = no block), B per label, and B painted on the input grid."""
-        all_labels = self.labels
-        # computed on the samples that hold blocks: most slices of a volume hold none
-        occupied = np.flatnonzero(all_labels.reshape(len(all_labels), -1).any(axis=1))
-        labels = all_labels[occupied]
-        ids = np.flatnonzero(np.bincount(labels.ravel()))
+        # computed where the blocks are: most slices of a volume, and most of a large volume, hold none
+        counts = _label_counts(self.labels, self.boxes, len(self.values))
+        ids = np.flatnonzero(counts)
         ids = ids if len(ids) and ids[0] == 0 else np.concatenate([[0], ids])
-        relabel = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
+        relabel = np.zeros(len(counts), np.int32)
         relabel[ids] = np.arange(len(ids), dtype=np.int32)
         block_values = self.values[ids].astype(np.float32)
         block_values[0] = 0.0
-        compact = np.zeros(all_labels.shape, np.int32)
-        compact[occupied] = relabel[labels]
-        painted = np.zeros(all_labels.shape, np.float32)
-        painted[occupied] = block_values[compact[occupied]]
+        compact = np.zeros(self.labels.shape, np.int32)
+        painted = np.zeros(self.labels.shape, np.float32)
+        for s, box in self.boxes.items():
+            compact[s][box] = relabel[self.labels[s][box]]
+            painted[s][box] = block_values[compact[s][box]]
         return self.prepared.from_samples(compact), block_values, self.prepared.from_samples(painted)
+
+
+def _label_counts(labels: np.ndarray, boxes: dict[int, tuple[slice, ...]], size: int = 0) -> np.ndarray:
+    """Voxels of each label, counted in the samples' boxes (at least ``size`` entries)."""
+    counts = [np.bincount(labels[s][box].ravel()) for s, box in boxes.items()]
+    total = np.zeros(max([len(c) for c in counts] + [size, 1]), np.int64)
+    for c in counts:
+        total[:len(c)] += c
+    return total
+
+
+def _label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """For each sample that holds blocks, the bounding box of its blocks."""
+    boxes = {}
+    for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
+        low, high = mask_box(labels[s] != 0)
+        boxes[int(s)] = tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))
+    return boxes
+
+
+def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.ndarray, n_blocks: int,
+                  compactness: float, blocks: Any, refine_threshold: float, given: np.ndarray | None,
+                  near: Callable[[int], tuple[slice, ...]] | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[slice, ...]]]:
+    """The labels of a level, its new blocks and the samples' boxes of blocks: the user's blocks, the first
+    level's blocks (near the output mask where that can be told), or the previous level's blocks with those of
+    B >= refine_threshold * max B cut finer."""
+    if refinement.labels is not None:
+        values = refinement.values
+        refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
+        fine = _block_labels(prepared, touched, n_blocks, compactness, blocks, np.isin(refinement.labels, refine))
+        top = int(refinement.labels.max())
+        current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
+        return current, np.unique(fine[fine > 0]) + top, _label_boxes(current)
+    current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if given is not None
+               else _block_labels(prepared, touched, n_blocks, compactness, blocks, near=near))
+    boxes = _label_boxes(current)
+    return current, np.flatnonzero(_label_counts(current, boxes)[1:]) + 1, boxes
+
+
+def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
+    """Where blocks can reach the output mask of a sample: the mask's bounding box grown by the radius."""
+    if radius is None:
+        return None
+
+    def box(sample: int) -> tuple[slice, ...]:
+        low, high = mask_box(out_samples[sample])
+        return tuple(slice(max(0, int(a) - radius), int(b) + radius + 1) for a, b in zip(low, high))
+    return box
 
 
 def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
@@ -464,22 +528,14 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
     refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
     evaluations_per_level, blocks_per_level = [], []
-    for level, k in enumerate(levels):
+    for k in levels:
         check_cancel(cancel)
         level_start = model.evaluations
-        if level > 0:
-            values = refinement.values
-            refine = np.flatnonzero(values >= refine_threshold * values.max()) if values.max() > 0 else []
-            fine = _block_labels(prepared, touched, k, compactness, blocks, np.isin(refinement.labels, refine))
-            top = int(refinement.labels.max())
-            current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
-            new_ids = np.unique(fine[fine > 0]) + top
-        else:
-            current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if custom
-                       else _block_labels(prepared, touched, k, compactness, blocks))
-            new_ids = np.flatnonzero(np.bincount(current.ravel())[1:]) + 1
-        refinement.next_level(current, new_ids)
-        level_sums = sums.compute(current, new_ids, refinement.on_jitter_level if len(schedule) > 1 else None)
+        current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
+                                                refine_threshold, given, _reach(out_samples, radius))
+        refinement.next_level(current, new_ids, boxes)
+        level_sums = sums.compute(current, new_ids, boxes,
+                                  refinement.on_jitter_level if len(schedule) > 1 else None)
         refinement.finish_level(*level_sums)
         evaluations_per_level.append(model.evaluations - level_start)
         blocks_per_level.append(int(len(new_ids)))

@@ -21,8 +21,9 @@ DEFAULT_JITTER_FRACTION = 0.15
 PROBES = 5
 #: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
 RADIUS_MARGIN = 2
-#: Side (voxels) of the window the response radius is first measured in, on samples larger than that.
-PROBE_WINDOW = 64
+#: Sides (voxels) of the windows the response radius is measured in, in turn, on samples larger than twice that;
+#: a response that reaches across a window is measured in the next, and last on the whole sample.
+PROBE_WINDOWS = (48, 96)
 #: Largest model stride tile and probe windows are aligned to (their origins are multiples of it, at most).
 LARGEST_ALIGNMENT = 32
 #: Samples of at most this many voxels are evaluated whole for the unperturbed output of their tiles.
@@ -71,7 +72,8 @@ def resolve_max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[
     chosen = check_max_jitter(max_jitter)
     if chosen is not None:
         return chosen
-    spread = robust_range(prepared.samples[:, channels])
+    every = list(channels) == list(range(prepared.samples.shape[1]))
+    spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
     if not spread > 0:
         raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
                          "(15 % of that range) is 0; give max_jitter explicitly (input units)")
@@ -172,8 +174,15 @@ class Perturber:
         window's own output (which equals it wherever the window holds the context of a voxel)."""
         if sample in self.padded_base:
             return self.padded_base[sample][window]
-        self.window_bases([(sample, window)])
-        return self._window_base[(sample, tuple((w.start, w.stop) for w in window))]
+        return self._window_output(sample, window)
+
+    def _window_output(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
+        """The model's output on ``window`` alone (unperturbed), evaluated once."""
+        key = (sample, tuple((w.start, w.stop) for w in window))
+        if key not in self._window_base:
+            self._window_base[key] = self.model.run(self.window_input(sample, window)[None].copy(),
+                                                    self.prepared, lambda i: f"a tile of sample {sample}")[0]
+        return self._window_base[key]
 
     def window_bases(self, windows: Sequence[tuple[int, tuple[slice, ...]]]) -> None:
         """Evaluate the unperturbed output of the (sample, window) pairs not known yet, windows of one shape
@@ -193,40 +202,47 @@ class Perturber:
                 for (key, _, _), values in zip(entries[start:stop], out):
                     self._window_base[key] = values
 
-    def tiles_reproduce(self, sample: int, shape: tuple[int, ...], align: int, radius: int) -> bool:
+    def tiles_reproduce(self, sample: int, shape: tuple[int, ...], align: int, radius: int,
+                        at: tuple[int, ...] | None = None) -> bool:
         """Whether windows of ``shape`` starting at multiples of ``align`` reproduce the model's output.
 
-        Checked at the origin (align, align, ...), an odd multiple of ``align``, and at the far corner, away from
-        the window's borders that are not the sample's (within ``radius`` of such a border a window lacks
-        context). The reference is the whole sample's output if that was evaluated, else the output of a window
-        ``align`` voxels wider on each side: a model whose stride does not divide ``align`` then sees another
-        pooling phase and fails the check.
+        Compared away from the window's borders that are not the sample's (within ``radius`` of such a border a
+        window lacks context). Against the whole sample's output, if that was evaluated, at the origin (align,
+        align, ...), an odd multiple of ``align``, and at the far corner. Otherwise against a window ``align``
+        voxels wider on each side, at the origin ``at`` (a tile about to be used, whose output is then known) when
+        it lies at least ``align`` from the start of every axis, else at the same two origins: a model whose stride
+        does not divide ``align`` then sees another pooling phase and fails the check.
         """
         padded = self.model.pipeline.padded_shape(self.prepared.sample_shape)
-        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)), tuple(p - n for p, n in zip(padded, shape))}
+        whole = sample in self.padded_base
+        origins = {tuple(min(align, p - n) for p, n in zip(padded, shape)),
+                   tuple(p - n for p, n in zip(padded, shape))}
+        if not whole and at is not None and all(o >= align for o in at):
+            origins = {tuple(at)}
         for origin in sorted(origins):
             window = tuple(slice(o, o + n) for o, n in zip(origin, shape))
             try:
-                out = self.model.run(self.window_input(sample, window)[None].copy(), self.prepared)[0]
-                if sample in self.padded_base:
+                out = self._window_output(sample, window)
+                if whole:
                     reference = self.padded_base[sample][window]
                 else:
                     wider = tuple(slice(max(0, w.start - align), min(p, w.stop + align))
                                   for w, p in zip(window, padded))
-                    reference = self.model.run(self.window_input(sample, wider)[None].copy(), self.prepared)[0][
+                    reference = self._window_output(sample, wider)[
                         tuple(slice(w.start - o.start, w.stop - o.start) for w, o in zip(window, wider))]
             except ModelError:
                 return False
             interior = tuple(slice(0 if o == 0 else radius, n if o + n == p else n - radius)
                              for o, n, p in zip(origin, shape, padded))
             expected = reference[interior]
-            if expected.size and np.abs(out[interior] - expected).max() > 1e-4 * (np.abs(expected).max() + 1e-12) + 1e-7:
+            tolerance = 1e-4 * (np.abs(expected).max(initial=0.0) + 1e-12) + 1e-7
+            if expected.size and np.abs(out[interior] - expected).max() > tolerance:
                 return False
         return True
 
     def has_probe_window(self, near: Sequence[int]) -> bool:
-        """Whether the sample is much larger than the window the response radius is measured in."""
-        return _probe_window(self, near) is not None
+        """Whether the sample is much larger than the smallest window the response radius is measured in."""
+        return bool(_probe_windows(self, near))
 
     def checked_tiles(self, sample: int, low: np.ndarray, high: np.ndarray, members: list[np.ndarray],
                       radius: int, whole_items: int) -> tuple[list[locality.Tile] | None, dict]:
@@ -244,9 +260,9 @@ class Perturber:
             voxels = sum(int(np.prod(t.shape)) for t in tiles)
             if voxels >= TILE_SAVING * whole_items * np.prod(padded_shape):
                 return None, {"tiles": False, "reason": "tiles would not run fewer voxels"}
-            if self.tiles_reproduce(sample, tiles[0].shape, align, radius):
+            if self.tiles_reproduce(sample, tiles[0].shape, align, radius, tiles[0].origin):
                 return tiles, {"tiles": True, "alignment": align, "items": len(tiles),
-                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 2)}
+                               "voxels_per_sample": round(float(voxels / np.prod(padded_shape)), 4)}
         return None, {"tiles": False, "reason": "tiles do not reproduce the model's output at any alignment"}
 
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
@@ -286,11 +302,6 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
-    def sample_responses(self, samples: Sequence[int], direction_of: Callable[[int], np.ndarray],
-                         what: Callable[[int], str], subset: np.ndarray | None = None):
-        """:meth:`responses` for items that perturb whole samples: item i perturbs sample ``samples[i]``."""
-        return self.responses(len(samples), lambda i: self.prepared.samples[samples[i]], direction_of,
-                              lambda i: self.base[samples[i]], what, subset)
 
 
 def measure_response_radius(model: Model, x: Any, max_jitter: float | None = None, channels: Any = None,
@@ -324,18 +335,22 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
                            tolerance)
 
 
-def _probe_window(perturber: Perturber, near: Sequence[int]) -> tuple[slice, ...] | None:
-    """A window of about PROBE_WINDOW voxels a side around ``near`` (sample coordinates), its origin aligned to
-    the largest stride candidate; None when the sample is not much larger."""
+def _probe_windows(perturber: Perturber, near: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Windows of PROBE_WINDOWS voxels a side around ``near`` (sample coordinates), for those at most half the
+    size of the sample. Their origins are multiples of the card's stride and of 8 where possible, so that the
+    probes meet the pooling phases they would meet in the whole sample."""
     padded = np.asarray(perturber.model.pipeline.padded_shape(perturber.prepared.sample_shape))
     stride = perturber.model.card.input.multiple_of
-    align = max(locality.tile_alignments(tuple(padded), stride, LARGEST_ALIGNMENT) or [stride])
-    side = np.minimum(padded, -(-PROBE_WINDOW // align) * align)
-    if np.prod(side) * 2 > np.prod(padded):
-        return None
+    align = max(locality.tile_alignments(tuple(padded), stride, 8) or [stride])
     centre = np.asarray(near) + np.array([before for before, _ in perturber.pads])
-    origin = np.clip((centre - side // 2) // align * align, 0, (padded - side) // align * align)
-    return tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side))
+    windows = []
+    for size in PROBE_WINDOWS:
+        side = np.minimum(padded, -(-size // align) * align)
+        if np.prod(side) * 2 > np.prod(padded):
+            break
+        origin = np.clip((centre - side // 2) // align * align, 0, (padded - side) // align * align)
+        windows.append(tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side)))
+    return windows
 
 
 def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None,
@@ -386,9 +401,9 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
     The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
     to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
     where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
-    With ``near`` (a voxel of the sample) on a sample much larger than PROBE_WINDOW, the probes stand in a window
-    of that size around it, so that the whole sample is never evaluated; a response that reaches across the
-    window is measured again on the whole sample.
+    With ``near`` (a voxel of the sample) on a sample much larger than the PROBE_WINDOWS, the probes stand in
+    a window around it, so that the whole sample is not evaluated; a response that reaches across a window is
+    measured again in the next larger one, and last on the whole sample.
     """
     model = perturber.model
     before = model.evaluations
@@ -398,11 +413,10 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
     stride = model.card.input.multiple_of
     every_phase = stride in (2, 4, 8)
     count = max(PROBES, stride) if every_phase else PROBES
-    window = None if near is None else _probe_window(perturber, near)
-    measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)
-    if window is not None and is_global:
-        window = None
-        measured, is_global, probes = _probe(perturber, sample, tolerance, None, count)
+    for window in ([] if near is None else _probe_windows(perturber, near)) + [None]:
+        measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)
+        if not is_global:
+            break
     return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance, probes,
                                    model.evaluations - before,
                                    None if window is None else tuple(w.stop - w.start for w in window))

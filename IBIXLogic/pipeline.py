@@ -15,6 +15,7 @@ from .card import Intensity, ModelCard
 from .errors import InputError, ModelError
 from .geometry import Geometry, slice_array_axis
 
+
 def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[float, float]:
     """Scale and offset of ``intensity`` (percentiles resolved on ``values``)."""
     if intensity.kind == "identity":
@@ -172,8 +173,11 @@ class Pipeline:
                                  np.array([a[1] for a in affines], np.float32), clip, slice_axis,
                                  in_plane and card.transpose, in_plane and card.flip_rows,
                                  in_plane and card.flip_cols)
-        samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
-        prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if slice_axis is None and not (prepared.transpose or prepared.flip_rows or prepared.flip_cols):
+            prepared.samples = volume[None]  # one sample, as it is: no copy of a large volume
+        else:
+            samples = np.stack([prepared.to_samples(c) for c in volume], axis=1)
+            prepared.samples = np.ascontiguousarray(samples, dtype=np.float32)
         self.padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
         return prepared
 

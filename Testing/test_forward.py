@@ -111,7 +111,7 @@ def test_local_forward_on_a_large_image_equals_the_kernel_and_the_whole_image_ma
     mask = box_mask(x.shape, slice(70, 75), slice(60, 66))
     local, whole = _local_and_whole(model, x, mask, n_jitters=2, max_jitter=1.0)
     assert local.tiling["tiles"] is True and whole.tiling["tiles"] is False
-    assert local.radius["measured"] == 1 and local.radius["window"] == [64, 64]
+    assert local.radius["measured"] == 1 and local.radius["window"] == [48, 48]
     np.testing.assert_allclose(local.signed, om.correlate(mask, KERNEL), atol=1e-5)
     np.testing.assert_array_equal(local.signed, whole.signed)
     np.testing.assert_array_equal(local.normalized, whole.normalized)
@@ -149,7 +149,7 @@ def test_local_forward_of_a_3d_model_equals_the_kernel(tmp_path, rng):
     x = rng.normal(size=(72, 96, 100)).astype(np.float32)
     mask = box_mask(x.shape, slice(30, 35), slice(50, 55), slice(70, 75))
     local = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0)
-    assert local.tiling["tiles"] is True and local.radius["window"] == [64, 64, 64]
+    assert local.tiling["tiles"] is True and local.radius["window"] == [48, 48, 48]
     np.testing.assert_allclose(local.signed, om.correlate(mask, kernel), atol=1e-5)
     assert local.equivalent_evaluations < 2  # whole samples: 2N = 4
 
