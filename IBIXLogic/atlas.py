@@ -191,7 +191,11 @@ class ResponseAtlas:
         numerator = self.numerators(out_mask)
         block_values = _normalize_blocks(numerator, self.denominator, normalization).astype(np.float32)
         block_values[0] = 0.0
-        painted = block_values[self.labels]
+        painted = np.zeros(self.labels.shape, np.float32)
+        reached = np.flatnonzero(numerator)  # B is 0 elsewhere: paint the box of the blocks that reach the mask
+        if len(reached):
+            box = tuple(slice(a, b + 1) for a, b in zip(self.low[reached].min(axis=0), self.high[reached].max(axis=0)))
+            painted[box] = block_values[self.labels[box]]
         samples = self._samples_touched(out_mask)
         parameters = dict(self.parameters, n_jitters_used=self.parameters["n_jitters"], progressive=False,
                           tolerance=None, normalization=normalization, coarse_blocks=None, refine_threshold=None,
