@@ -195,3 +195,16 @@ def test_answers_cannot_change_the_atlas(conv_model, image, mask):
         answer.labels[0, 0] = 5  # the labels are the atlas's own, read-only
     answer.map[:] = 0  # the map is the answer's own
     assert atlas.backward(mask).map.max() > 0
+
+
+def test_progress_and_cancel(conv_model, image):
+    import threading
+    reports = []
+    ibx.block_response_atlas(conv_model, image, n_blocks=16, blocks="grid", n_jitters=1,
+                             progress=lambda done, total, message: reports.append((done, total, message)))
+    assert reports and all(m.startswith("response atlas") and 0 < d <= t for d, t, m in reports)
+    assert reports[-1][0] == reports[-1][1]
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ibx.Cancelled):
+        ibx.block_response_atlas(conv_model, image, n_blocks=16, blocks="grid", n_jitters=1, cancel=cancel)
