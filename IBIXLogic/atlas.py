@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .backward import BackwardResult, NORMALIZATIONS, _BlockSums, _block_labels, _check_block_labels, \
-    _label_boxes, _normalize_blocks
+from .backward import BackwardResult, _BlockSums, _block_labels, _label_boxes, _normalize_blocks
 from .blocks import DEFAULT_COMPACTNESS
-from .checks import channel_indices, check_choice, check_count, check_mask
+from .checks import BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_choice, check_mask
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
@@ -186,7 +185,7 @@ class ResponseAtlas:
             With ``evaluations`` 0 and ``seconds`` the time of this answer.
         """
         started = time.perf_counter()
-        check_choice("normalization", normalization, NORMALIZATIONS)
+        normalization = check_arguments(normalization=normalization)["normalization"]
         out_mask = check_mask(out_mask, self.labels.shape, "output mask")
         numerator = self.numerators(out_mask)
         block_values = _normalize_blocks(numerator, self.denominator, normalization).astype(np.float32)
@@ -311,24 +310,22 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
         Answers :meth:`ResponseAtlas.backward` for any output mask; ``nbytes`` is its memory.
     """
     started = time.perf_counter()
-    n_blocks = check_count("n_blocks (K)", n_blocks)
-    n_jitters = check_count("n_jitters (N)", n_jitters)
-    memory_budget = check_count("memory_budget (bytes)", memory_budget)
+    checked = check_arguments(n_blocks=n_blocks, compactness=compactness, n_jitters=n_jitters, max_jitter=max_jitter,
+                              geometry=geometry, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    n_blocks, compactness, n_jitters = checked["n_blocks"], checked["compactness"], checked["n_jitters"]
+    memory_budget = checked["memory_budget"]
     if isinstance(blocks, str):
-        check_choice("blocks", blocks, ("slic", "grid"))
+        check_choice("blocks", blocks, BLOCK_KINDS)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     fingerprints = {"model": model_fingerprint(model), "input": input_fingerprint(model, x, geometry)}
     n_samples = len(prepared.samples)
     if isinstance(blocks, str):
         label_samples = _block_labels(prepared, range(n_samples), n_blocks, compactness, blocks)
     else:  # the given labels, numbered 1..K in their order
-        given = _check_block_labels(blocks, prepared.volume_shape, [n_blocks])
-        ids, compact = np.unique(given, return_inverse=True)
-        compact = compact.reshape(given.shape).astype(np.int32) + (0 if ids[0] == 0 else 1)
-        label_samples = np.ascontiguousarray(prepared.to_samples(compact))
+        label_samples = np.ascontiguousarray(prepared.to_samples(check_block_labels(blocks, prepared.volume_shape)))
     labels = prepared.from_samples(label_samples)
     n_labels = int(labels.max()) + 1
 

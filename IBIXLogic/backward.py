@@ -13,7 +13,8 @@ import numpy as np
 
 from . import locality
 from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
-from .checks import channel_indices, check_choice, check_count, check_mask
+from .checks import (BACKWARD_METHODS, BLOCK_KINDS, channel_indices, check_arguments, check_block_labels,
+                     check_block_levels, check_choice, check_mask)
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
@@ -21,8 +22,6 @@ from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mas
                       resolve_max_jitter, response_radius)
 from .pipeline import PreparedInput
 
-METHODS = ("auto", "local", "batched", "brute")
-NORMALIZATIONS = ("fraction", "magnitude")
 
 
 @dataclass
@@ -90,7 +89,8 @@ class _BlockSums:
                  stage: str = "backward mapping"):
         self.perturber, self.out_samples, self.sink, self.stage = perturber, out_samples, sink, stage
         self.radius, self.schedule, self.progress = radius, schedule, progress
-        self.tiles = tiles and radius is not None and not perturber.model.card.input.size
+        card_input = perturber.model.card.input
+        self.tiles = tiles and radius is not None and not card_input.size and card_input.patch is None
         self.tiling: dict | None = None  # how the last compute() ran, for the result's summary
 
     def _groups(self, label_samples: np.ndarray, ids: np.ndarray, boxes: dict[int, tuple[slice, ...]]
@@ -176,7 +176,7 @@ class _BlockSums:
                                  "sums; raise the memory budget or turn progressive refinement off")
             state = {i: np.zeros(item.shape(sample_shape), np.float32) for i, item in enumerate(items)}
         # block labels of each tile, padded as the model pads the perturbed input
-        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window)[0]
+        tile_labels = {i: perturber.model.pipeline.padded_window(label_samples[item.sample][None], item.window, 0)[0]
                        for i, item in enumerate(items) if item.window is not None}
         member = np.zeros(size, bool)
 
@@ -242,7 +242,8 @@ class _BlockSums:
                     len(chosen), lambda j: input_of(chosen[j]), lambda j: direction(indices[j]),
                     lambda j: base_of(chosen[j]),
                     lambda j: f"block(s) {chosen[j].blocks[:5].tolist()} of sample {chosen[j].sample}"
-                              + ("" if chosen[j].window is None else " (tile)"), subset, shape)
+                              + ("" if chosen[j].window is None else " (tile)"), subset, shape,
+                    sample_of=lambda j: chosen[j].sample)
                 for start, stop, sums in runs:
                     for j in range(start, stop):
                         if state is not None:
@@ -397,7 +398,7 @@ def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.
         top = int(refinement.labels.max())
         current = np.where(fine > 0, fine + top, refinement.labels).astype(np.int32)
         return current, np.unique(fine[fine > 0]) + top, _label_boxes(current)
-    current = (np.ascontiguousarray(prepared.to_samples(given.astype(np.int32))) if given is not None
+    current = (np.ascontiguousarray(prepared.to_samples(given)) if given is not None
                else _block_labels(prepared, touched, n_blocks, compactness, blocks, near=near))
     boxes = _label_boxes(current)
     return current, np.flatnonzero(_label_counts(current, boxes)[1:]) + 1, boxes
@@ -414,38 +415,11 @@ def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple
     return box
 
 
-def _block_levels(n_blocks: int, coarse_blocks: Any) -> list[int]:
-    """Block counts of the coarse-to-fine levels, ending with ``n_blocks``."""
-    levels = [] if coarse_blocks is None else [coarse_blocks] if np.isscalar(coarse_blocks) else list(coarse_blocks)
-    levels = [check_count("coarse_blocks", k) for k in levels] + [n_blocks]
-    if any(b >= a for a, b in zip(levels[1:], levels)):
-        raise InputError(f"coarse_blocks must increase and stay below n_blocks: {levels}")
-    return levels
-
-
-def _check_options(method: str, normalization: str, refine_threshold: float, locality_tolerance: float,
-                   blocks: Any) -> None:
-    check_choice("method", method, METHODS)
-    check_choice("normalization", normalization, NORMALIZATIONS)
-    if not 0 <= refine_threshold <= 1:
-        raise InputError(f"refine_threshold must lie in [0, 1], got {refine_threshold!r}")
-    if not 0 <= locality_tolerance < 1:
-        raise InputError(f"locality_tolerance must lie in [0, 1), got {locality_tolerance!r}")
-    if isinstance(blocks, str) and blocks not in ("slic", "grid"):
-        raise InputError(f"blocks must be 'slic', 'grid' or a label image, got {blocks!r}")
-
-
-def _check_block_labels(blocks: Any, shape: tuple[int, ...], levels: list[int]) -> np.ndarray:
-    """A user's block label image on the input grid."""
-    if len(levels) > 1:
-        raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image")
-    given = np.asarray(blocks)
-    if given.shape != shape or not np.issubdtype(given.dtype, np.integer):
-        raise InputError(f"a block label image must be integer with the input's shape {shape}, "
-                         f"got {given.dtype} {given.shape}")
-    if given.min() < 0 or given.max() < 1:
-        raise InputError("block labels must be >= 0 with at least one block (label >= 1)")
-    return given
+def _check_blocks(blocks: Any, levels: list[int]) -> None:
+    if isinstance(blocks, str):
+        check_choice("blocks", blocks, BLOCK_KINDS)
+    elif len(levels) > 1:
+        raise InputError("coarse-to-fine needs generated blocks ('slic' or 'grid'), not a label image (blocks)")
 
 
 def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
@@ -500,19 +474,26 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         A 2D model on a volume is explained on the slices M^f touches; B is 0 elsewhere.
     """
     started = time.perf_counter()
-    n_blocks = check_count("n_blocks (K)", n_blocks)
-    n_jitters = check_count("n_jitters (N)", n_jitters)
-    _check_options(method, normalization, refine_threshold, locality_tolerance, blocks)
-    levels = _block_levels(n_blocks, coarse_blocks)
+    checked = check_arguments(n_blocks=n_blocks, compactness=compactness, n_jitters=n_jitters, max_jitter=max_jitter,
+                              normalization=normalization, refine_threshold=refine_threshold,
+                              locality_tolerance=locality_tolerance, geometry=geometry, tiles=tiles,
+                              progressive=progressive, preview=preview, tolerance=tolerance, progress=progress,
+                              cancel=cancel)
+    n_blocks, compactness, n_jitters = checked["n_blocks"], checked["compactness"], checked["n_jitters"]
+    refine_threshold, locality_tolerance, tolerance = (checked[k] for k in ("refine_threshold",
+                                                                            "locality_tolerance", "tolerance"))
+    check_choice("method", method, BACKWARD_METHODS)
+    levels = check_block_levels(n_blocks, coarse_blocks)
+    _check_blocks(blocks, levels)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     out_mask = check_mask(out_mask, prepared.volume_shape, "output mask")
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     out_samples = prepared.to_samples(out_mask)
     touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
     custom = not isinstance(blocks, str)
-    given = _check_block_labels(blocks, prepared.volume_shape, levels) if custom else None
+    given = check_block_labels(blocks, prepared.volume_shape) if custom else None
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
                           one_item_per_batch=method == "brute")
@@ -550,11 +531,13 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "refine_threshold": refine_threshold if len(levels) > 1 else None, "method": method,
         "locality_tolerance": locality_tolerance, "tiles": tiles, "output_mask_voxels": int(out_mask.sum()),
         "samples": int(len(touched)), "model": model.path.name,
+        "windows": perturber.patch_summary(model.evaluations - before),
+        "model_assumptions": list(model.card.assumptions),
     }
     return BackwardResult(
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model.pipeline.padded_shape(prepared.sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
+            model.pipeline.sample_voxels(prepared.sample_shape)))

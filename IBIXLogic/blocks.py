@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .checks import check_arguments, check_array, check_count
 from .errors import InputError
 
 #: Gaussian smoothing (voxels) SLIC applies first, so that noise does not fragment the blocks.
@@ -57,11 +58,9 @@ def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = DEF
     """
     from skimage.segmentation import slic
 
-    if int(n_blocks) < 1:
-        raise InputError(f"the number of blocks must be at least 1, got {n_blocks}")
-    if not compactness > 0:
-        raise InputError(f"compactness must be positive, got {compactness}")
-    image = np.asarray(image, dtype=np.float32)
+    checked = check_arguments(n_blocks=n_blocks, compactness=compactness)
+    n_blocks, compactness = checked["n_blocks"], checked["compactness"]
+    image = check_array("image", image).astype(np.float32, copy=False)
     channels = image[None] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
     scaled = np.empty(channels.shape[1:] + (len(channels),), np.float32)
     if ranges is None:
@@ -81,9 +80,8 @@ def superpixel_blocks(image: np.ndarray, n_blocks: int, compactness: float = DEF
 def grid_blocks(shape: Sequence[int], n_blocks: int, spacing: Sequence[float] | None = None,
                 mask: np.ndarray | None = None) -> np.ndarray:
     """A regular grid of about ``n_blocks`` near-cubic blocks (in millimetres when ``spacing`` is given)."""
-    if int(n_blocks) < 1:
-        raise InputError(f"the number of blocks must be at least 1, got {n_blocks}")
-    shape = tuple(int(s) for s in shape)
+    n_blocks = check_arguments(n_blocks=n_blocks)["n_blocks"]
+    shape = tuple(check_count("shape", s, 1) for s in np.atleast_1d(np.asarray(shape, dtype=object)))
     spacing = np.ones(len(shape)) if spacing is None else np.asarray(spacing, float)
     extent = np.asarray(shape) * spacing
     edge = (np.prod(extent) / int(n_blocks)) ** (1.0 / len(shape))

@@ -9,10 +9,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ModelCardError
+import numpy as np
 
+from .errors import ModelCardError, is_file, short_path
+
+_FLOAT_MAX = 1.7976931348623157e308
 SCHEMA_PATH = Path(__file__).with_name("model_card.schema.json")
 LAYOUTS = {2: ("NCHW", "NHWC"), 3: ("NCDHW", "NDHWC")}
+#: Most input values (batch x channels x voxels) one model call may take: 4 GiB of float32.
+MAX_CALL_VOXELS = 2**30
 #: Channel dimensions this small (and no spatial dimension) suggest where the channels are.
 _MAX_CHANNELS_GUESS = 16
 
@@ -52,6 +57,55 @@ class Intensity:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """How a sample is padded to the shape the model takes (card ``input.padding``).
+
+    ``mode``: ``"constant"`` (``value``, in model units), ``"edge"`` (repeat the border voxel) or ``"reflect"``
+    (mirror, border voxel not repeated); ``position``: ``"center"`` (split, the odd voxel after the image) or
+    ``"end"`` (all after the image along every axis). The default, centred edge padding, is what IBIX did before
+    cards could say.
+    """
+
+    mode: str = "edge"
+    value: float = 0.0
+    position: str = "center"
+
+    @classmethod
+    def from_card(cls, spec: Mapping[str, Any] | None) -> "Padding":
+        spec = spec or {}
+        return cls(spec.get("mode", "edge"), float(spec.get("value", 0.0)), spec.get("position", "center"))
+
+    def to_card(self) -> dict:
+        out = {"mode": self.mode, "position": self.position}
+        if self.mode == "constant":
+            out["value"] = self.value
+        return out
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Sliding-window (patch) inference (card ``input.patch``): windows of ``size`` voxels overlapping by
+    ``overlap`` (a fraction of the window), outputs blended with ``blend`` weights (``"constant"`` or
+    ``"gaussian"``, sigma = ``sigma_scale`` * size per axis), as MONAI's ``sliding_window_inference``."""
+
+    size: tuple[int, ...]
+    overlap: float = 0.25
+    blend: str = "constant"
+    sigma_scale: float = 0.125
+
+    @classmethod
+    def from_card(cls, spec: Mapping[str, Any] | None) -> "Patch | None":
+        if spec is None:
+            return None
+        return cls(tuple(int(v) for v in spec["size"]), float(spec.get("overlap", 0.25)),
+                   spec.get("blend", "constant"), float(spec.get("sigma_scale", 0.125)))
+
+    def to_card(self) -> dict:
+        return {"size": list(self.size), "overlap": self.overlap, "blend": self.blend,
+                "sigma_scale": self.sigma_scale}
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One side (input or output) of the model as IBIX feeds it."""
 
@@ -62,6 +116,8 @@ class TensorSpec:
     multiple_of: int = 1
     intensity: Intensity = Intensity()
     units: str = ""
+    padding: Padding = Padding()
+    patch: Patch | None = None
 
     @property
     def channels_last(self) -> bool:
@@ -91,7 +147,9 @@ class ModelCard:
                 "channels": list(self.input.channels), "layout": self.input.layout,
                 "units": self.output.units, "fixed_batch": self.fixed_batch,
                 "size": list(self.input.size) if self.input.size else None,
-                "multiple_of": self.input.multiple_of, "assumptions": list(self.assumptions)}
+                "multiple_of": self.input.multiple_of, "padding": self.input.padding.to_card(),
+                "patch": self.input.patch.to_card() if self.input.patch else None,
+                "assumptions": list(self.assumptions)}
 
 
 def _field_path(error) -> str:
@@ -114,12 +172,35 @@ def _describe(error) -> str:
     if keyword == "oneOf" and where.endswith("intensity"):
         return (f"model card field {where!r} must be either {{\"from\": [a, b], \"to\": [c, d], \"clip\": bool}} "
                 f"or {{\"percentiles\": [p_lo, p_hi], \"to\": [c, d], \"clip\": bool}}; got {error.instance!r}")
+    if where.endswith("patch.overlap") and keyword in ("minimum", "exclusiveMaximum", "type"):
+        return f"model card field {where!r} is {error.instance!r}; the overlap is a fraction in [0, 1)"
     if keyword == "not":
         return f"model card field {where!r} may give 'size' or 'multiple_of', not both"
     return f"model card field {where!r}: {error.message}"
 
 
 _MAX_CARD_DEPTH = 32
+#: Largest model card file IBIX reads (bytes); cards are small JSON files.
+MAX_CARD_BYTES = 1 << 20
+#: Digits an integer in a card file may have before it is refused (Python refuses 4300 itself, with a hint about
+#: ``sys.set_int_max_str_digits`` that would mislead a card author).
+_MAX_DIGITS = 400
+#: Widest scale factor an intensity mapping may have: IBIX feeds float32, where a larger factor turns ordinary
+#: values into infinity and a smaller one rounds them together.
+MAX_INTENSITY_SCALE = 1e12
+#: Largest magnitude of an intensity range bound: times the widest scale it stays within float32 (3.4e38).
+MAX_INTENSITY_BOUND = 1e24
+
+
+class _HugeInteger:
+    """An integer of a card file too long to convert: kept for :func:`_json_clean` to refuse with the field name."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("+-"))
+
+
+def _parse_int(text: str) -> int | _HugeInteger:
+    return int(text) if len(text) <= _MAX_DIGITS else _HugeInteger(text)
 
 
 def _json_clean(value: Any, where: str, depth: int = 0) -> Any:
@@ -146,10 +227,30 @@ def _json_clean(value: Any, where: str, depth: int = 0) -> Any:
         return [_json_clean(item, f"{where}.{i}" if where else str(i), depth + 1) for i, item in enumerate(value)]
     if isinstance(value, float) and not math.isfinite(value):
         raise ModelCardError(f"model card field {name!r} is {value!r}; model cards take finite numbers only")
+    if isinstance(value, _HugeInteger) or (isinstance(value, int) and not isinstance(value, bool)
+                                           and abs(value) > _FLOAT_MAX):
+        digits = value.digits if isinstance(value, _HugeInteger) else len(str(abs(value)))
+        raise ModelCardError(f"model card field {name!r} is a number of {digits} digits; model cards take "
+                             "finite numbers within +-1.8e308 only")
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise ModelCardError(f"model card field {name!r} holds a {type(value).__name__}; model cards take JSON "
                          "values only (objects, arrays, text, numbers, true/false, null)")
+
+
+def _check_scale(side: str, source: Sequence[float], target: Sequence[float]) -> None:
+    """Refuse a linear intensity mapping that float32 cannot carry (e.g. ``from: [0, 1e-40]``)."""
+    with np.errstate(over="ignore"):
+        widths = np.float32(float(source[1]) - float(source[0])), np.float32(float(target[1]) - float(target[0]))
+        bounds = np.asarray([*source, *target], np.float64)
+    scale = abs(float(widths[1]) / float(widths[0])) if np.all(np.isfinite(widths)) and widths[0] else math.inf
+    if not (np.all(np.abs(bounds) <= MAX_INTENSITY_BOUND) and 1 / MAX_INTENSITY_SCALE <= scale
+            <= MAX_INTENSITY_SCALE):
+        raise ModelCardError(
+            f"model card field '{side}.intensity' maps {list(source)} onto {list(target)}, a scale factor of "
+            f"{scale:.3g}; IBIX computes in float32 and takes factors between {1 / MAX_INTENSITY_SCALE:g} and "
+            f"{MAX_INTENSITY_SCALE:g} and bounds within +-{MAX_INTENSITY_BOUND:g}: fix 'from' or 'to' (in the "
+            "units of the values they describe)")
 
 
 def validate_card(card: Any) -> dict:
@@ -173,6 +274,13 @@ def validate_card(card: Any) -> dict:
         spec["multiple_of"] = int(spec["multiple_of"])
     if "size" in spec:
         spec["size"] = [int(v) for v in spec["size"]]
+    if "patch" in spec:
+        spec["patch"]["size"] = [int(v) for v in spec["patch"]["size"]]
+    padding = spec.get("padding", {})
+    if "value" in padding and padding.get("mode", "edge") != "constant":
+        raise ModelCardError(f"model card field 'input.padding.value' is given but 'input.padding.mode' is "
+                             f"{padding.get('mode', 'edge')!r} (the default is 'edge'); a value applies to mode "
+                             "'constant' only: set the mode to 'constant' or remove the value")
     for side in ("input", "output"):
         intensity = card.get(side, {}).get("intensity")
         if intensity is None:
@@ -185,6 +293,8 @@ def validate_card(card: Any) -> dict:
         if intensity["to"][0] == intensity["to"][1]:
             raise ModelCardError(f"model card field '{side}.intensity.to' must span a range (two different "
                                  f"values); got {intensity['to']}")
+        if key == "from":
+            _check_scale(side, source, intensity["to"])
     dims = card.get("spatial_dims")
     for side in ("input", "output"):
         layout = card.get(side, {}).get("layout")
@@ -194,9 +304,28 @@ def validate_card(card: Any) -> dict:
     size = card.get("input", {}).get("size")
     if size and dims and len(size) != dims:
         raise ModelCardError(f"model card field 'input.size' has {len(size)} values but spatial_dims is {dims}")
+    patch = card.get("input", {}).get("patch")
+    if patch:
+        _check_patch(patch["size"], dims, size, "input.size", spec.get("multiple_of", 1))
     if card.get("slice_axis") and dims == 3:
         raise ModelCardError("model card field 'slice_axis' applies to 2D models only (spatial_dims is 3)")
     return card
+
+
+def _check_patch(patch: Sequence[int], dims: int | None, size: Sequence[int | None] | None, size_field: str,
+                 multiple_of: int) -> None:
+    """The window of ``input.patch`` fits the model: one value per spatial axis, no larger than a fixed size
+    (``size_field`` names where that size comes from), a multiple of ``multiple_of``."""
+    if dims and len(patch) != dims:
+        raise ModelCardError(f"model card field 'input.patch.size' has {len(patch)} values but the model is "
+                             f"{dims}D; give one window size per spatial axis")
+    if size:
+        if len(size) != len(patch) or any(f is not None and p > f for p, f in zip(patch, size)):
+            raise ModelCardError(f"model card field 'input.patch.size' is {list(patch)}, larger than the model's "
+                                 f"fixed size {list(size)} ({size_field}); the window must fit the model")
+    if any(p % multiple_of for p in patch):
+        raise ModelCardError(f"model card field 'input.patch.size' is {list(patch)} but 'input.multiple_of' is "
+                             f"{multiple_of}; every window size must be a multiple of it")
 
 
 def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Path) -> tuple[dict, str]:
@@ -206,15 +335,31 @@ def read_card(card: Mapping[str, Any] | str | os.PathLike | None, model_path: Pa
     """
     if isinstance(card, Mapping):
         return validate_card(card), "given card"
-    path = Path(card) if card is not None else model_path.with_suffix(".json")
-    if card is None and not path.is_file():
-        return {}, "no card"
-    if not path.is_file():
-        raise ModelCardError(f"{path}: model card not found")
+    if card is not None and not isinstance(card, (str, os.PathLike)):
+        raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got a "
+                             f"{type(card).__name__}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        path = Path(card) if card is not None else model_path.with_suffix(".json")
+    except TypeError:  # an os.PathLike that returns bytes
+        raise ModelCardError(f"card must be a model card (a dict), the path of a JSON file or None; got "
+                             f"{card!r}") from None
+    found = is_file(path, "card:", ModelCardError, "; give the path of a JSON file or the card itself (a dict)")
+    if card is None and not found:
+        return {}, "no card"
+    if not found:
+        raise ModelCardError(f"{short_path(path)}: model card not found")
+    try:
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise ModelCardError(f"{path}: the model card is {path.stat().st_size / 2**20:.1f} MiB; a card is a "
+                                 f"small JSON file (at most {MAX_CARD_BYTES // 2**20} MiB)")
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_parse_int)
+    except RecursionError:
+        raise ModelCardError(f"{path}: the model card is nested too deeply to read; model cards nest at most "
+                             f"{_MAX_CARD_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise ModelCardError(f"{path}: not valid JSON ({exc}); fix the file or remove it") from None
+    except OSError as exc:
+        raise ModelCardError(f"{path}: the model card cannot be read ({exc.strerror or exc})") from None
     try:
         return validate_card(data), str(path)
     except ModelCardError as exc:
@@ -320,6 +465,15 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     elif any(d is not None for d in onnx_size):
         size = onnx_size
         assumed.append(f"fixed spatial size {list(onnx_size)} from the model's input shape")
+    if card_in.get("patch"):
+        _check_patch(card_in["patch"]["size"], dims, size or onnx_size,
+                     "input.size" if card_in.get("size") else f"the model's input shape {spatial_shape}",
+                     int(card_in.get("multiple_of", 1)))
+    call_voxels = math.prod([_static(arg_in.shape[0]) or 1, len(channels), *(d or 1 for d in size or ())])
+    if call_voxels > MAX_CALL_VOXELS:
+        raise ModelCardError(f"the model's input {arg_in.name!r} declares the fixed shape {list(arg_in.shape)}: "
+                             f"{call_voxels:.3g} values per model call, more than the {MAX_CALL_VOXELS:.3g} IBIX "
+                             "runs at once; export the model with dynamic (or smaller) batch and spatial dimensions")
     slice_axis = card.get("slice_axis")
     if dims == 2 and slice_axis is None:
         slice_axis = "axial"
@@ -330,7 +484,9 @@ def resolve_card(card: Mapping[str, Any], inputs: Sequence, outputs: Sequence) -
     return ModelCard(
         spatial_dims=dims,
         input=TensorSpec(arg_in.name, layout_in, channels, size, int(card_in.get("multiple_of", 1)),
-                         Intensity.from_card(card_in.get("intensity"))),
+                         Intensity.from_card(card_in.get("intensity")),
+                         padding=Padding.from_card(card_in.get("padding")),
+                         patch=Patch.from_card(card_in.get("patch"))),
         output=TensorSpec(arg_out.name, layout_out, tuple(card_out.get("channels", ("output",))),
                           intensity=Intensity.from_card(card_out.get("intensity")),
                           units=card_out.get("units", "")),

@@ -315,7 +315,7 @@ def _block_labels(path: Path, reference: Geometry) -> np.ndarray:
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise InputError(f"{path}: block labels must be whole numbers")
-    return labels.astype(np.int32)
+    return labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)  # the engine relabels
 
 
 def _atlas_conflicts(args: argparse.Namespace, model: Model, atlas: ResponseAtlas) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import channel_indices, check_choice, check_count, check_mask
+from .checks import channel_indices, check_arguments, check_choice, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
@@ -63,6 +63,8 @@ def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, 
         return whole, None, {"tiles": False, "reason": "method 'whole'"}
     if perturber.model.card.input.size:
         return whole, None, {"tiles": False, "reason": "the model takes a fixed input size"}
+    if perturber.patched:
+        return whole, None, {"tiles": False, "reason": "sliding windows: only the windows the mask touches run"}
     near = box_centre(mask_samples[touched[0]])
     if not perturber.has_probe_window(near):
         return whole, None, {"tiles": False, "reason": "the sample is not much larger than the model's reach"}
@@ -95,9 +97,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask : ndarray of bool
         The input voxels M^x to jitter, same shape as the input.
     n_jitters : int
-        N: the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
+        N (1 to 10000): the jitters are h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample).
     max_jitter : float, optional
-        H in input units; default 15 % of the input's 1st-99th percentile range.
+        H in input units; default 15 % of the input's 1st-99th percentile range. An H whose smallest jitter H/N
+        float32 cannot resolve on this input is refused with the smallest usable value.
     channels : str, int or sequence, optional
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
@@ -120,13 +123,15 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         A 2D model on a volume is run only on the slices the mask touches; F is 0 elsewhere.
     """
     started = time.perf_counter()
-    n_jitters = check_count("n_jitters (N)", n_jitters)
+    checked = check_arguments(n_jitters=n_jitters, max_jitter=max_jitter, geometry=geometry, progressive=progressive,
+                              preview=preview, tolerance=tolerance, progress=progress, cancel=cancel)
+    n_jitters, tolerance = checked["n_jitters"], checked["tolerance"]
     check_choice("method", method, METHODS)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     mask = check_mask(mask, prepared.volume_shape, "input mask")
     channel_list = channel_indices(model.card, channels)
-    h_max = resolve_max_jitter(prepared, max_jitter, channel_list)
+    h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     mask_samples = prepared.to_samples(mask)
     # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
@@ -153,7 +158,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     inputs = [prepared.samples[s] if window is None else perturber.window_input(s, window) for s, window in items]
     bases = [perturber.base[s] if window is None else perturber.window_base(s, window) for s, window in items]
     directions = [mask_samples[s] if window is None else
-                  model.pipeline.padded_window(mask_samples[s][None], window)[0] for s, window in items]
+                  model.pipeline.padded_window(mask_samples[s][None], window, 0)[0] for s, window in items]
     sums = [np.zeros(d.shape, np.float32) for d in directions]
     schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
@@ -163,7 +168,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
             for start, stop, chunk in perturber.responses(
                     len(indices), lambda j: inputs[indices[j]], lambda j: directions[indices[j]],
                     lambda j: bases[indices[j]], lambda j: f"the input mask perturbed in sample {items[indices[j]][0]}",
-                    subset, shape):
+                    subset, shape, sample_of=lambda j: items[indices[j]][0]):
                 for j in range(start, stop):
                     sums[indices[j]] += chunk[j - start]
                 report_progress(progress, done + stop, len(items), f"forward mapping, N = {n_level}")
@@ -188,8 +193,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],
-                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name},
+                    "mask_voxels": int(mask.sum()), "samples": int(len(touched)), "model": model.path.name,
+                    "windows": perturber.patch_summary(model.evaluations - before),
+                    "model_assumptions": list(model.card.assumptions)},
         evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(np.prod(
-            model.pipeline.padded_shape(sample_shape))))
+        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
+            model.pipeline.sample_voxels(sample_shape)))

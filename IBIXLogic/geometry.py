@@ -17,6 +17,13 @@ from .errors import InputError
 SLICE_NORMALS = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
+def _whole(value) -> int:
+    """An array size: an integer, or a float with an integral value."""
+    if isinstance(value, (bool, np.bool_)) or float(value) != int(value):
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Position of a voxel grid in physical (LPS) space.
@@ -39,9 +46,15 @@ class Geometry:
     shape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        origin = tuple(float(v) for v in self.origin)
-        spacing = tuple(float(v) for v in self.spacing)
-        direction = np.asarray(self.direction, dtype=float)
+        try:
+            origin = tuple(float(v) for v in self.origin)
+            spacing = tuple(float(v) for v in self.spacing)
+            direction = np.asarray(self.direction, dtype=float)
+            shape = None if self.shape is None else tuple(_whole(s) for s in self.shape)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"geometry takes numbers: origin and spacing (sequences of float), direction (a matrix) "
+                             f"and shape (integers or None); got origin {self.origin!r}, spacing {self.spacing!r}, "
+                             f"direction {self.direction!r}, shape {self.shape!r}") from None
         dim = len(origin)
         if direction.size == dim * dim:
             direction = direction.reshape(dim, dim)
@@ -56,8 +69,10 @@ class Geometry:
         object.__setattr__(self, "origin", origin)
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "direction", direction)
-        if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if shape is not None:
+            if len(shape) != dim or min(shape) < 0:
+                raise InputError(f"geometry shape {shape} must hold {dim} sizes of at least 0")
+            object.__setattr__(self, "shape", shape)
 
     @property
     def dimension(self) -> int:
@@ -66,6 +81,8 @@ class Geometry:
     @classmethod
     def identity(cls, shape: Sequence[int]) -> "Geometry":
         """Unit spacing, zero origin and identity direction for an array of this shape."""
+        if not isinstance(shape, (tuple, list, np.ndarray)):
+            raise InputError(f"geometry shape must be a sequence of integers, got {shape!r}")
         dim = len(shape)
         return cls((0.0,) * dim, (1.0,) * dim, np.eye(dim), tuple(shape))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .checks import check_arguments, check_array, check_geometry, check_path
+from .errors import InputError, is_file
 from .geometry import Geometry
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -29,8 +30,8 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     geometry : Geometry
         Origin, spacing and direction of the file (LPS).
     """
-    path = Path(path)
-    if not path.is_file():
+    path = check_path("path", path)
+    if not is_file(path, "volume", InputError):
         raise InputError(f"{path}: no such file")
     try:
         image = sitk.ReadImage(str(path))
@@ -49,15 +50,22 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry)
     The file is written under a temporary name in the same folder and renamed when complete, so an
     interrupted write never leaves a partial file under the final name.
     """
-    path = Path(path)
+    path = check_path("path", path)
     suffix = _suffix(path)
     if not suffix:
         raise InputError(f"{path}: unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: output folder does not exist")
-    array = np.asarray(array)
+    array = check_array("volume to write", array)
+    geometry = check_geometry("geometry", geometry)
+    if geometry is None or geometry.dimension != array.ndim or geometry.shape not in (None, array.shape):
+        raise InputError(f"{path}: the geometry ({'none' if geometry is None else f'{geometry.dimension}D, shape '}"
+                         f"{'' if geometry is None else geometry.shape}) does not describe the array's grid "
+                         f"({array.ndim}D, shape {array.shape}); give the geometry of the array")
     if array.dtype == bool:
         array = array.astype(np.uint8)
+    elif array.dtype == np.float16:  # no half-precision pixel type in SimpleITK
+        array = array.astype(np.float32)
     image = sitk.GetImageFromArray(array)
     geometry.to_sitk(image)
     temporary = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}")
@@ -73,8 +81,14 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry)
 
 def resample_mask(mask: np.ndarray, geometry: Geometry, reference: Geometry) -> np.ndarray:
     """Nearest-neighbour resampling of a boolean mask onto a reference grid (reference.shape needed)."""
-    if reference.shape is None:
-        raise InputError("the reference geometry needs a shape to resample a mask onto it")
+    mask = check_array("mask", mask)
+    geometry, reference = check_geometry("geometry", geometry), check_geometry("reference", reference)
+    if geometry is None or reference is None or reference.shape is None:
+        raise InputError("resampling a mask needs its geometry and a reference geometry with a shape")
+    if geometry.dimension != reference.dimension:
+        raise InputError(f"the mask is {geometry.dimension}D (shape {tuple(np.shape(mask))}) but the volume is "
+                         f"{reference.dimension}D (shape {tuple(reference.shape)}); give a mask of the volume's "
+                         "dimension, on its grid")
     image = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
     geometry.to_sitk(image)
     target = sitk.Image([int(s) for s in reversed(reference.shape)], sitk.sitkUInt8)
@@ -98,6 +112,8 @@ def read_mask(path: str | os.PathLike, label: int | None = None,
     reference : Geometry, optional
         Grid the mask must lie on. A mask on another grid is resampled onto it (nearest neighbour).
     """
+    label = check_arguments(label=label)["label"]
+    reference = check_geometry("reference", reference)
     array, geometry = read_volume(path)
     if label is None:
         mask = array != 0
@@ -115,7 +131,10 @@ def read_mask(path: str | os.PathLike, label: int | None = None,
         raise InputError(f"{path}: the mask is empty" + (f" for label {label} (labels present: {present})"
                                                          if label is not None else ""))
     if reference is not None and not geometry.matches(reference):
-        mask = resample_mask(mask, geometry, reference)
+        try:
+            mask = resample_mask(mask, geometry, reference)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         if not mask.any():
             raise InputError(f"{path}: the mask does not overlap the reference volume after resampling onto "
                              "its grid; check that mask and volume belong together")

@@ -11,16 +11,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .card import ModelCard, read_card, resolve_card
-from .errors import Cancelled, InputError, ModelError
+from .checks import check_arguments
+from .errors import Cancelled, ModelError, is_file
 from .geometry import Geometry
 from .model_file import check_external_data
 from .pipeline import Pipeline, PreparedInput
+from .windows import blend
 
 log = logging.getLogger("IBIX")
 
@@ -30,6 +33,11 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 ACTIVATION_FACTOR = 48
 #: Largest batch IBIX sends at once; larger batches stop paying off on CPUs and small GPUs.
 MAX_BATCH = 64
+#: Largest sample (voxels) the load-time check runs.
+CHECK_VOXELS = 4_000_000
+#: Relative change of a sample's output beside another sample beyond which a model counts as mixing samples
+#: (ONNX Runtime's batched kernels differ from single-sample ones by rounding only).
+BATCH_TOLERANCE = 1e-4
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -88,6 +96,10 @@ class _DeviceBuffers:
         return binding.copy_outputs_to_cpu()[0]
 
 
+class _NonFiniteOutput(ModelError):
+    """The model returned NaN or infinite values."""
+
+
 class Model:
     """An ONNX image-to-image model with its card; see :func:`load_model`."""
 
@@ -107,6 +119,10 @@ class Model:
         #: (on by default with CUDA, where it saves an allocation and a staging copy per batch)
         self.io_binding = device == "cuda"
         self._bound = _DeviceBuffers(card.input.name, card.output.name, device)
+        #: each model call takes one sample: set by :meth:`check_runs` when the model mixes the samples of a batch
+        #: (a sample's output depends on the others, as with batch statistics), so that no map depends on which
+        #: jittered copies shared a call
+        self.one_sample_per_call = False
 
     def __repr__(self) -> str:
         return (f"Model({self.path.name!r}, {self.card.spatial_dims}D, channels={list(self.card.input.channels)}, "
@@ -122,46 +138,86 @@ class Model:
         return self.pipeline.prepare(x, geometry)
 
     def batch_size(self, sample_shape: Sequence[int]) -> int:
-        """How many samples go through the model at once (the model's fixed batch, or the memory budget)."""
+        """How many samples go through the model at once (the model's fixed batch, or the memory budget; with
+        sliding windows, as many samples as their windows fit)."""
+        patch = self.card.input.patch
+        if patch is None:
+            return self.capacity(sample_shape)
+        return max(1, self.capacity(patch.size) // len(self.pipeline.windows(sample_shape)))
+
+    def capacity(self, shape: Sequence[int]) -> int:
+        """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
-        voxels = int(np.prod(self.pipeline.padded_shape(sample_shape)))
-        per_sample = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
-        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_sample, 1))))
+        voxels = int(np.prod(self.pipeline.model_shape(shape)))
+        per_image = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
+        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_image, 1))))
 
     # -- running ------------------------------------------------------------------------------------------
     def _session_run(self, batch: np.ndarray) -> np.ndarray:
+        """The model's raw outputs for ``batch``, in calls of the model's fixed batch size (the last call filled
+        with copies of its last sample), or of one sample each when the model mixes samples."""
         fixed = self.card.fixed_batch
         n = batch.shape[0]
-        if fixed and n % fixed:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - n % fixed, axis=0)])
+        step = 1 if self.one_sample_per_call else fixed or n
         outputs = []
-        step = fixed or n
-        for start in range(0, batch.shape[0], step):
+        for start in range(0, n, step):
             chunk = batch[start:start + step]
-            if self.io_binding:
-                try:
-                    outputs.append(self._bound.run(self.session, chunk))
-                    continue
-                except Exception as exc:  # ONNX Runtime raises its own exception types
-                    if _is_out_of_memory(str(exc)):
-                        raise
-                    # a binding the device refuses is no reason to stop: plain runs give the same outputs
-                    log.warning("ONNX Runtime I/O binding failed on %s (%s); running without it", self.device,
-                                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-                    self.io_binding = False
-            outputs.append(self.session.run([self.card.output.name], {self.card.input.name: chunk})[0])
-        return np.concatenate(outputs)[:n] if len(outputs) > 1 else outputs[0][:n]
+            if fixed and len(chunk) < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+            outputs.append(self._call(chunk)[:min(step, n - start)])
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _call(self, chunk: np.ndarray) -> np.ndarray:
+        """One ONNX Runtime call (through the device buffers with I/O binding)."""
+        if self.io_binding:
+            try:
+                return self._bound.run(self.session, chunk)
+            except Exception as exc:  # ONNX Runtime raises its own exception types
+                if _is_out_of_memory(str(exc)):
+                    raise
+                # a binding the device refuses is no reason to stop: plain runs give the same outputs
+                log.warning("ONNX Runtime I/O binding failed on %s (%s); running without it", self.device,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                self.io_binding = False
+        return self.session.run([self.card.output.name], {self.card.input.name: chunk})[0]
 
     def run(self, batch: np.ndarray, prepared: PreparedInput,
             describe: Callable[[int], str] | None = None) -> np.ndarray:
         """Model outputs (output units) for a batch of samples in input units.
 
         ``batch`` has shape (n, channels, *sample_shape) and is overwritten. ``describe(i)`` names sample i in
-        the error raised when the model returns NaN or infinite values.
+        the error raised when the model returns NaN or infinite values. With sliding windows (``input.patch``)
+        each sample is padded to hold a window, cut into windows, and the windows' outputs are blended.
         """
+        batch = prepared.normalize(batch)
+        if self.card.input.patch is None:
+            return self.run_model_units(batch, describe)
+        pipeline, sample_shape = self.pipeline, batch.shape[2:]
+        plan, widths = pipeline.windows(sample_shape), pipeline.padding(sample_shape)
+        padded = pipeline.pad(batch, widths)
+        parts = np.stack([padded[(i, slice(None)) + w] for i in range(len(batch)) for w in plan])
+        outputs = self.run_windows(parts, None if describe is None else
+                                   lambda j: f"{describe(j // len(plan))}, window {j % len(plan) + 1} of {len(plan)}")
+        weights = pipeline.importance_map()
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(widths, sample_shape))
+        return np.stack([blend(outputs[i * len(plan):(i + 1) * len(plan)], plan, padded.shape[2:], weights)[crop]
+                         for i in range(len(batch))])
+
+    def run_windows(self, parts: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for windows of padded samples in model units, (n, channels, *patch_size), as
+        many at a time as the batch size allows."""
+        step = self.capacity(parts.shape[2:])
+        outputs = [self.run_model_units(parts[a:a + step], None if describe is None else
+                                        (lambda j, a=a: describe(a + j)))
+                   for a in range(0, len(parts), step)]
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def run_model_units(self, batch: np.ndarray, describe: Callable[[int], str] | None = None) -> np.ndarray:
+        """Outputs (output units) for images already in model units, (n, channels, *shape): padded to the shape
+        the model takes, run, cropped back to ``shape``."""
         sample_shape = batch.shape[2:]
-        model_input = self.pipeline.to_model(batch, prepared)
+        model_input = self.pipeline.layout(batch)
         try:
             raw = self._session_run(model_input)
         except Exception as exc:  # ONNX Runtime raises its own exception types
@@ -172,14 +228,17 @@ class Model:
             raise ModelError(f"{self.path.name}: ONNX Runtime failed on an input of shape "
                              f"{list(model_input.shape)}: {first}") from None
         self.evaluations += batch.shape[0]
-        self.evaluated_voxels += batch.shape[0] * int(np.prod(self.pipeline.padded_shape(sample_shape)))
-        out = self.pipeline.from_model(np.asarray(raw), sample_shape)
+        self.evaluated_voxels += batch.shape[0] * int(np.prod(self.pipeline.model_shape(sample_shape)))
+        out = self.pipeline.from_model(np.asarray(raw), sample_shape, batch.shape[0])
         finite = np.isfinite(out).reshape(out.shape[0], -1).all(axis=1)
         if not finite.all():
-            i = int(np.flatnonzero(~finite)[0])
-            what = describe(i) if describe else f"sample {i} of the batch"
-            raise ModelError(f"the model produced NaN or infinite values for {what}; check the model on this "
-                             "input, or lower the maximum jitter H if only perturbed inputs fail")
+            failed = np.flatnonzero(~finite)
+            named = [describe(int(i)) if describe else f"sample {int(i)} of the batch" for i in failed[:8]]
+            more = f" and {len(failed) - 8} more" if len(failed) > 8 else ""
+            raise _NonFiniteOutput(
+                f"the model produced NaN or infinite values for {'; '.join(named)}{more} ({len(failed)} of the "
+                f"{len(finite)} inputs of this model call): check the model on this input, "
+                "or lower the maximum jitter H if only perturbed inputs fail")
         return out
 
     def run_chunked(self, make_batch: Callable[[int, int], np.ndarray], total: int, prepared: PreparedInput,
@@ -248,29 +307,81 @@ class Model:
         return ModelError(f"out of memory running one sample of {list(prepared.sample_shape)} voxels ({exc}); "
                           "use a smaller volume, a smaller model, or the CPU")
 
+    def _check_inputs(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, str]:
+        """Two different smooth inputs (channels, *shape) in model units for :meth:`check_runs`, and what they are.
+
+        Values lie in the middle half of the card's input intensity range (its ``to``), or in [0.25, 0.75]
+        without one: positive and moderate, so that models such as log(x) or 1/x are checked where they are
+        defined.
+        """
+        target = self.card.input.intensity.target if self.card.input.intensity.kind != "identity" else (0.0, 1.0)
+        low = min(target) + 0.25 * abs(target[1] - target[0])
+        high = max(target) - 0.25 * abs(target[1] - target[0])
+        grids = np.meshgrid(*[np.linspace(0.0, 1.0, n) for n in shape], indexing="ij")
+        ramp = sum(grids) / len(grids)
+        wave = 0.5 + 0.5 * np.sin(sum((i + 2) * np.pi * g for i, g in enumerate(grids)))
+        first, second = (np.stack([low + (high - low) * (pattern if c % 2 == 0 else 1 - pattern)
+                                   for c in range(self.n_channels)]).astype(np.float32) for pattern in (ramp, wave))
+        what = (f"IBIX's load-time check input ({self.n_channels} channel(s) of {list(shape)} voxels, smooth values "
+                f"in [{low:.4g}, {high:.4g}] in the model's input units)")
+        return first, second, what
+
     def check_runs(self) -> None:
-        """Run the model once on a small constant input, so that a card that does not fit fails at load time."""
+        """Run the model at load time on two small smooth inputs, each alone and both together in one batch.
+
+        A card that does not fit the model fails here; a model whose output is NaN or infinite on them is refused
+        with the inputs named; a model that mixes the samples of a batch (a sample's output changes when another
+        sample shares the call, as with batch statistics) is run one sample per call from then on, and the card's
+        assumptions say so.
+        """
         spec = self.card.input
         side = 32 if self.card.spatial_dims == 2 else 16
         shape = [size if size else -(-side // spec.multiple_of) * spec.multiple_of
                  for size in (spec.size or (None,) * self.card.spatial_dims)]
-        if int(np.prod(shape)) > 4_000_000:
+        if spec.patch is not None:
+            shape = list(spec.patch.size)
+        if int(np.prod(shape)) > CHECK_VOXELS:
+            note = (f"no load-time check (the model's fixed input of {list(shape)} voxels is too large): the card "
+                    "is trusted and the samples of a batch are assumed independent")
+            self.card = replace(self.card, assumptions=self.card.assumptions + (note,))
+            log.info("%s: %s", self.path.name, note)
             return
-        probe = PreparedInput(np.zeros((1, self.n_channels, *shape), np.float32), tuple(shape),
-                              Geometry.identity(shape), np.ones(self.n_channels, np.float32),
+        first, second, what = self._check_inputs(shape)
+        probe = PreparedInput(first[None], tuple(shape), Geometry.identity(shape), np.ones(self.n_channels, np.float32),
                               np.zeros(self.n_channels, np.float32), None, None, False, False, False)
+        undefined = (f"the model produced NaN or infinite values on {what}: check the model, or, if it takes other "
+                     "input values, write the mapping to them in the card's 'input.intensity'")
         try:
-            self.run(probe.samples.copy(), probe)
-        except ModelError as exc:
-            raise ModelError(f"the model does not run as its card describes it ({exc}); IBIX fed "
-                             f"{self.card.input.layout} with channels {list(self.card.input.channels)}: check the "
-                             "card's 'input.layout', 'input.channels', 'input.size' and 'input.multiple_of'") from None
+            try:
+                alone = self.run(first[None].copy(), probe, lambda i: what)[0]
+            except _NonFiniteOutput:
+                raise ModelError(undefined) from None
+            except ModelError as exc:
+                raise ModelError(f"the model does not run as its card describes it ({exc}); IBIX fed "
+                                 f"{self.card.input.layout} with channels {list(self.card.input.channels)}: check the "
+                                 "card's 'input.layout', 'input.channels', 'input.size' and 'input.multiple_of'"
+                                 ) from None
+            try:
+                alone = np.stack([alone, self.run(second[None].copy(), probe, lambda i: what)[0]])
+                together = self.run(np.stack([first, second]), probe, lambda i: what)
+            except _NonFiniteOutput:
+                raise ModelError(undefined) from None
+            except ModelError as exc:  # one sample runs: not a matter of the card's layout
+                raise ModelError(f"the model runs on one sample but not on a batch of two ({exc})") from None
         finally:
             self.evaluations = self.evaluated_voxels = 0
+        difference = float(np.abs(alone - together).max())
+        if difference > BATCH_TOLERANCE * (float(np.abs(alone).max()) + float(np.abs(together).max())) + 1e-12:
+            self.one_sample_per_call = True
+            note = (f"the model mixes the samples of a batch (a sample's output changed by up to {difference:.3g} "
+                    "beside another sample): IBIX runs it one sample per model call")
+            self.card = replace(self.card, assumptions=self.card.assumptions + (note,))
+            log.warning("%s: %s", self.path.name, note)
 
     def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
                 cancel: Any = None) -> np.ndarray:
         """The model's output (output units, float32) for input ``x`` on the input's grid."""
+        check_arguments(geometry=geometry, progress=progress, cancel=cancel)
         prepared = self.prepare(x, geometry)
         return prepared.from_samples(self.predict_samples(prepared, progress=progress, cancel=cancel))
 
@@ -370,12 +481,9 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
     memory_budget : int
         Bytes one batch of samples (inputs and activations) may take; sets the batch size.
     """
-    path = Path(path)
-    if device not in ("auto", "cuda", "cpu"):
-        raise InputError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-    if not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
-        raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if not path.is_file():
+    checked = check_arguments(path=path, device=device, memory_budget=memory_budget)
+    path, memory_budget = checked["path"], checked["memory_budget"]
+    if not is_file(path, "model path", ModelError):
         raise ModelError(f"{path}: model file not found")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: the model file is empty; export the model again")

@@ -4,19 +4,25 @@ F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,  h_k = k H / N 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import locality
-from .checks import channel_indices, check_max_jitter
+from . import locality, windows
+from .checks import channel_indices, check_arguments, check_count, check_number
 from .errors import InputError, ModelError
 from .geometry import Geometry
-from .model import Model, ProgressCallback
+from .model import Model, ProgressCallback, check_cancel
 from .pipeline import PreparedInput
 
 #: Default maximum jitter H as a fraction of the input's robust range (1st to 99th percentile).
 DEFAULT_JITTER_FRACTION = 0.15
+#: float32 steps (ulps of the largest model input) the smallest jitter H/N must move an input by: difference
+#: quotients then carry about three significant digits of the input step, not rounding noise.
+JITTER_RESOLUTION = 2**10
+#: Fraction of float32's range jittered model inputs may reach.
+JITTER_HEADROOM = 2.0**-20
 #: Probe voxels the response radius is measured at, at least.
 PROBES = 5
 #: Voxels added to the measured response radius when the probes may have missed a pooling phase of the model.
@@ -67,17 +73,47 @@ def robust_range(values: np.ndarray) -> float:
     return float(high - low)
 
 
-def resolve_max_jitter(prepared: PreparedInput, max_jitter: Any, channels: list[int]) -> float:
-    """H in input units: ``max_jitter`` checked, or by default 15 % of the jittered channels' robust range."""
-    chosen = check_max_jitter(max_jitter)
-    if chosen is not None:
-        return chosen
-    every = list(channels) == list(range(prepared.samples.shape[1]))
-    spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
-    if not spread > 0:
-        raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
-                         "(15 % of that range) is 0; give max_jitter explicitly (input units)")
-    return DEFAULT_JITTER_FRACTION * spread
+def usable_jitter_range(prepared: PreparedInput, channels: list[int], n_jitters: int) -> tuple[float, float]:
+    """The smallest and largest H (input units) whose jitters h_k = k H / N float32 can carry on this input.
+
+    The smallest jitter H / N must move the model's inputs by :data:`JITTER_RESOLUTION` float32 steps (ulps) of
+    the largest input value, or the difference quotients are rounding noise (or, for tiny H, infinite); the
+    largest input plus H must stay far inside float32's range.
+    """
+    eps, tiny, largest = (float(v) for v in (np.finfo(np.float32).eps, np.finfo(np.float32).tiny,
+                                            np.finfo(np.float32).max))
+    low, high = 0.0, math.inf
+    for c in channels:
+        values = prepared.samples[:, c]
+        scale, offset = abs(float(prepared.scale[c])), float(prepared.offset[c])
+        peak = max(abs(float(values.min()) * float(prepared.scale[c]) + offset),
+                   abs(float(values.max()) * float(prepared.scale[c]) + offset))
+        step = max(JITTER_RESOLUTION * eps * peak, math.sqrt(tiny))  # model units
+        low = max(low, n_jitters * step / scale, n_jitters * math.sqrt(tiny))
+        high = min(high, (largest * JITTER_HEADROOM - peak) / scale)
+    return low, high
+
+
+def resolve_max_jitter(prepared: PreparedInput, max_jitter: float | None, channels: list[int],
+                       n_jitters: int) -> float:
+    """H in input units: ``max_jitter`` (checked by :func:`check_arguments`) if it is usable on this input with
+    N = ``n_jitters``, or by default 15 % of the jittered channels' robust range."""
+    if max_jitter is None:
+        every = list(channels) == list(range(prepared.samples.shape[1]))
+        spread = robust_range(prepared.samples if every else prepared.samples[:, channels])  # no copy when it can
+        if not spread > 0:
+            raise InputError("the input's 1st and 99th percentiles are equal, so the default maximum jitter "
+                             "(15 % of that range) is 0; give max_jitter explicitly (input units)")
+        max_jitter = DEFAULT_JITTER_FRACTION * spread
+    low, high = usable_jitter_range(prepared, channels, n_jitters)
+    if max_jitter < low:
+        raise InputError(f"max_jitter (H) = {max_jitter:.3g} is too small for this input: with N = {n_jitters} the "
+                         f"smallest jitter H/N would be lost to float32 rounding of the model's inputs; use "
+                         f"max_jitter >= {low:.3g} (input units)")
+    if max_jitter > high:
+        raise InputError(f"max_jitter (H) = {max_jitter:.3g} is too large for this input: jittered values would "
+                         f"leave the float32 range; use max_jitter <= {high:.3g} (input units)")
+    return float(max_jitter)
 
 
 def mask_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +136,11 @@ def report_progress(progress: ProgressCallback | None, done: int, total: int, me
 
 
 class Perturber:
-    """Runs jittered copies of samples (or of tiles of them) through the model and sums difference quotients."""
+    """Runs jittered copies of samples (or of tiles of them) through the model and sums difference quotients.
+
+    With sliding windows (card ``input.patch``) only the windows a perturbation touches are run again: the
+    unperturbed outputs of every window are evaluated once per sample and reused (see :meth:`patch_responses`).
+    """
 
     def __init__(self, model: Model, prepared: PreparedInput, jitters: np.ndarray, channels: list[int],
                  cancel: Any, one_item_per_batch: bool = False):
@@ -118,17 +158,52 @@ class Perturber:
         self._window_base: dict[tuple, np.ndarray] = {}
         #: small samples (slices) are evaluated whole once, so that their tiles need no output of their own
         self.small_sample = int(np.prod(prepared.sample_shape)) <= WHOLE_BASE_VOXELS
+        self.patched = model.card.input.patch is not None
+        if self.patched:
+            pipeline = model.pipeline
+            self.patches = pipeline.windows(prepared.sample_shape)
+            self.patch_weights = pipeline.importance_map()
+            self.patch_weight_sum = windows.weight_sum(self.patches, pipeline.padded_shape(prepared.sample_shape),
+                                                       self.patch_weights)
+            self.patch_base: dict[int, np.ndarray] = {}  # each sample's unperturbed window outputs
+            #: window evaluations a brute-force run of the whole windowed pipeline would have made
+            self.brute_force_windows = 0
 
     def padded_input(self, sample: int) -> np.ndarray:
-        """The sample in input units, padded as the model sees it (channels, *padded_shape)."""
+        """The sample in input units, padded as the model sees it (channels, *padded_shape).
+
+        A constant padding value (model units) is taken back to input units per channel: exact unless the card's
+        clipping changes it, which the tiles' check of the model's output then finds.
+        """
         if sample not in self._padded_input:
-            self._padded_input[sample] = np.pad(self.prepared.samples[sample], ((0, 0),) + self.pads, mode="edge")
+            padded_shape = self.model.pipeline.padded_shape(self.prepared.sample_shape)
+            self._padded_input[sample] = self.window_input(sample, tuple(slice(0, n) for n in padded_shape))
         return self._padded_input[sample]
+
+    def model_input(self, sample: int, direction: np.ndarray | None = None, jitter: float = 0.0) -> np.ndarray:
+        """Sample ``sample`` jittered by ``jitter`` along ``direction`` on the selected channels, as the model sees
+        it: in model units, padded as the card says (channels, *padded_shape)."""
+        x = self.prepared.samples[sample][None].copy()
+        if direction is not None:
+            x += (jitter * self.channel_mask).reshape((1, -1) + (1,) * direction.ndim) * direction
+        return self.model.pipeline.pad(self.prepared.normalize(x), self.pads)[0]
 
     def base_outputs(self, samples: Sequence[int]) -> None:
         """Evaluate the unperturbed samples not evaluated yet (kept padded, for tiles, and cropped)."""
         missing = [int(s) for s in samples if int(s) not in self.base]
         if not missing:
+            return
+        if self.patched:
+            for s in missing:
+                check_cancel(self.cancel)
+                padded = self.model_input(s)
+                self.patch_base[s] = self.model.run_windows(
+                    np.stack([padded[(slice(None),) + w] for w in self.patches]),
+                    lambda j, s=s: f"the unperturbed input (sample {s}, window {j + 1})")
+                self.padded_base[s] = windows.blend(self.patch_base[s], self.patches, padded.shape[1:],
+                                                    self.patch_weights)
+                self.base[s] = self.padded_base[s][self.crop]
+                self.brute_force_windows += len(self.patches)
             return
         padded_shape = self.padded_input(missing[0]).shape[1:]
         runs = self.model.run_chunked(lambda a, b: np.stack([self.padded_input(s) for s in missing[a:b]]),
@@ -145,7 +220,10 @@ class Perturber:
         """The padded sample's ``window`` in input units, (channels, *window shape)."""
         if sample in self._padded_input:
             return self._padded_input[sample][(slice(None),) + window]
-        return self.model.pipeline.padded_window(self.prepared.samples[sample], window)
+        # a constant padding value (model units) in input units, per channel: exact unless the card's clipping
+        # changes it, which the tiles' check of the model's output then finds
+        fill = (self.model.card.input.padding.value - self.prepared.offset) / self.prepared.scale
+        return self.model.pipeline.padded_window(self.prepared.samples[sample], window, fill)
 
     def overlap(self, window: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         """Where ``window`` (padded-sample coordinates) meets the sample: (slices of the sample, of the window)."""
@@ -268,13 +346,18 @@ class Perturber:
     def responses(self, n_items: int, input_of: Callable[[int], np.ndarray],
                   direction_of: Callable[[int], np.ndarray], base_of: Callable[[int], np.ndarray],
                   what: Callable[[int], str], subset: np.ndarray | None = None,
-                  shape: tuple[int, ...] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                  shape: tuple[int, ...] | None = None, sample_of: Callable[[int], int] | None = None
+                  ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (start, stop, S) for items start..stop-1, S = sum over the jitters of (f(x + h d) - f(x)) / h.
 
         Item i perturbs the input ``input_of(i)`` (channels, *shape; input units) along ``direction_of(i)`` (a 0/1
         map) on the selected channels, against the unperturbed output ``base_of(i)``; ``subset`` picks jitters
         (indices into ``self.jitters``, default all). Divide S by the jitter count of the grid to get F.
+        With sliding windows, items perturb whole samples, ``sample_of(i)``: see :meth:`patch_responses`.
         """
+        if self.patched:
+            yield from self.patch_responses(n_items, sample_of, direction_of, what, subset)
+            return
         shape = tuple(shape or self.prepared.sample_shape)
         channels = self.prepared.samples.shape[1]
         jitters = self.jitters if subset is None else self.jitters[subset]
@@ -302,6 +385,47 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             yield start, stop, sums.reshape((stop - start,) + shape)
 
+    def patch_responses(self, n_items: int, sample_of: Callable[[int], int],
+                        direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
+                        subset: np.ndarray | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """:meth:`responses` of a model run in sliding windows, one item at a time.
+
+        The blended output is sum_w g o_w / sum_w g (g: the importance map), so a perturbation changes it by
+        sum_{w in T} g (o_w(x + h d) - o_w(x)) / sum_w g, T the windows that hold a perturbed voxel of the padded
+        sample: only those are evaluated, against the unperturbed window outputs evaluated once per sample. The
+        (jitter, window) pairs of an item go through the model as many at a time as the batch size allows.
+        """
+        jitters = self.jitters if subset is None else self.jitters[subset]
+        step = self.model.capacity(self.patch_weights.shape)
+        for i in range(n_items):
+            sample = sample_of(i)
+            self.base_outputs([sample])
+            direction = direction_of(i).astype(np.float32)
+            padded_direction = self.model.pipeline.pad(direction, self.pads, direction=True)
+            touched = windows.touched_windows(self.patches, padded_direction != 0)
+            pairs = [(float(h), int(t)) for h in jitters for t in touched]
+            total = np.zeros(self.patch_weight_sum.shape, np.float64)
+            jittered: tuple[float, np.ndarray] | None = None  # the padded input of the current jitter
+            for start in range(0, len(pairs), step):
+                check_cancel(self.cancel)
+                chunk, parts = pairs[start:start + step], []
+                for h, t in chunk:
+                    if jittered is None or jittered[0] != h:
+                        jittered = (h, self.model_input(sample, direction, h))
+                    parts.append(jittered[1][(slice(None),) + self.patches[t]])
+                out = self.model.run_windows(np.stack(parts), lambda j: f"{what(i)} with jitter h = "
+                                             f"{chunk[j][0]:.6g} (window {chunk[j][1] + 1})")
+                for (h, t), window_out in zip(chunk, out):
+                    total[self.patches[t]] += self.patch_weights * (window_out - self.patch_base[sample][t]) / h
+            self.brute_force_windows += len(jitters) * len(self.patches)
+            yield i, i + 1, (total / self.patch_weight_sum)[self.crop][None].astype(np.float32)
+
+    def patch_summary(self, evaluations: int) -> dict | None:
+        """Window evaluations made (``evaluations``) against a brute-force run; None without sliding windows."""
+        if not self.patched:
+            return None
+        return {"windows_per_sample": len(self.patches), "window_evaluations": int(evaluations),
+                "brute_force_window_evaluations": int(self.brute_force_windows)}
 
 
 def measure_response_radius(model: Model, x: Any, max_jitter: float | None = None, channels: Any = None,
@@ -326,11 +450,12 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
     ResponseRadius
         In voxels (L-infinity distance); ``is_global`` when the response reaches across the sample.
     """
+    checked = check_arguments(max_jitter=max_jitter, geometry=geometry, cancel=cancel)
+    tolerance = check_number("tolerance", tolerance, 0.0, 1.0, high_open=True)
     prepared = model.prepare(x, geometry)
-    if not 0 <= sample < len(prepared.samples):
-        raise InputError(f"sample must lie in 0..{len(prepared.samples) - 1}, got {sample!r}")
+    sample = check_count("sample", sample, 0, len(prepared.samples) - 1)
     chosen = channel_indices(model.card, channels)
-    jitter = resolve_max_jitter(prepared, max_jitter, chosen)
+    jitter = resolve_max_jitter(prepared, checked["max_jitter"], chosen, 1)
     return response_radius(Perturber(model, prepared, np.array([-jitter, jitter]), chosen, cancel), sample,
                            tolerance)
 
@@ -338,19 +463,22 @@ def measure_response_radius(model: Model, x: Any, max_jitter: float | None = Non
 def _probe_windows(perturber: Perturber, near: Sequence[int]) -> list[tuple[slice, ...]]:
     """Windows of PROBE_WINDOWS voxels a side around ``near`` (sample coordinates), for those at most half the
     size of the sample. Their origins are multiples of the card's stride and of 8 where possible, so that the
-    probes meet the pooling phases they would meet in the whole sample."""
+    probes meet the pooling phases they would meet in the whole sample. None for a model run in sliding windows
+    (``input.patch``): a part of the sample is not run as the whole sample's windows are."""
+    if perturber.patched:
+        return []
     padded = np.asarray(perturber.model.pipeline.padded_shape(perturber.prepared.sample_shape))
     stride = perturber.model.card.input.multiple_of
     align = max(locality.tile_alignments(tuple(padded), stride, 8) or [stride])
     centre = np.asarray(near) + np.array([before for before, _ in perturber.pads])
-    windows = []
+    found = []
     for size in PROBE_WINDOWS:
         side = np.minimum(padded, -(-size // align) * align)
         if np.prod(side) * 2 > np.prod(padded):
             break
         origin = np.clip((centre - side // 2) // align * align, 0, (padded - side) // align * align)
-        windows.append(tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side)))
-    return windows
+        found.append(tuple(slice(int(o), int(o + n)) for o, n in zip(origin, side)))
+    return found
 
 
 def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None,
@@ -368,7 +496,8 @@ def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[sl
     def responses_to(directions: list[np.ndarray], what: Callable[[int], str]) -> np.ndarray:
         out = np.empty((len(directions),) + shape, np.float32)
         for start, stop, response in perturber.responses(len(directions), lambda i: source, lambda i: directions[i],
-                                                         lambda i: base, what, largest, shape):
+                                                         lambda i: base, what, largest, shape,
+                                                         sample_of=lambda i: sample):
             out[start:stop] = response
         return out
 
@@ -389,7 +518,7 @@ def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[sl
     if measured is None:
         points = locality.probe_points(shape, count)
         separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
-                                lambda i: f"probe voxel {tuple(points[i])}")
+                                lambda i: f"probe voxel {tuple(int(p) for p in points[i])}")
         measured, is_global = locality.radius_from_responses(separate, points, tolerance)
     return measured, is_global, len(points)
 
@@ -412,6 +541,8 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
     # is measured, not guessed.
     stride = model.card.input.multiple_of
     every_phase = stride in (2, 4, 8)
+    if perturber.patched:  # sliding windows that start off the stride's grid see the probes at other phases
+        every_phase = every_phase and all(w.start % stride == 0 for patch in perturber.patches for w in patch)
     count = max(PROBES, stride) if every_phase else PROBES
     for window in ([] if near is None else _probe_windows(perturber, near)) + [None]:
         measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)

@@ -1,8 +1,9 @@
 """How volumes become model inputs and model outputs become volumes, as the model card says.
 
 Intensity mapping (fixed once from the unperturbed input), slicing a volume along a 2D model's slice axis, the
-in-plane transform, padding to the sizes the model takes, tensor layout and the output's intensity mapping. No
-ONNX Runtime here: :mod:`IBIXLogic.model` runs what this module prepares.
+in-plane transform, padding to the sizes the model takes (the card's ``input.padding``: the one padding rule of
+the model and the perturber), sliding windows (``input.patch``), tensor layout and the output's intensity mapping.
+No ONNX Runtime here: :mod:`IBIXLogic.model` runs what this module prepares.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import windows
 from .card import Intensity, ModelCard
+from .checks import check_volume
 from .errors import InputError, ModelError
 from .geometry import Geometry, slice_array_axis
 
@@ -26,9 +29,20 @@ def _affine(intensity: Intensity, values: np.ndarray | None = None) -> tuple[flo
         if not high > low:
             raise InputError(
                 f"percentile normalisation is undefined: the {intensity.source} percentiles of a channel are "
-                f"both {low}; the channel is (nearly) constant, check the input volume")
+                f"both {low}; the channel is (nearly) constant between them: check the input volume, or the "
+                "model card field 'input.intensity.percentiles'")
     scale = (intensity.target[1] - intensity.target[0]) / (high - low)
-    return scale, intensity.target[0] - low * scale
+    offset = intensity.target[0] - low * scale
+    if values is not None:  # the model is fed float32: the mapped input must stay finite and distinct there
+        extremes = np.array([values.min(), values.max()], np.float64) * scale + offset
+        limit = float(np.finfo(np.float32).max)
+        if not (np.all(np.abs(extremes) < limit) and limit > abs(scale) >= float(np.finfo(np.float32).tiny)):
+            key = "percentiles" if intensity.kind == "percentile" else "from"
+            raise InputError(
+                f"the card's input intensity mapping ({key} {list(intensity.source)} -> {list(intensity.target)}, "
+                f"a scale factor of {scale:.3g}) takes this input's values [{values.min():.6g}, {values.max():.6g}] "
+                f"beyond what float32 holds; check the input's units or fix 'input.intensity' in the model card")
+    return scale, offset
 
 
 
@@ -120,15 +134,18 @@ class Pipeline:
 
     def stack_channels(self, x: Any) -> np.ndarray:
         """The input as one float32 array (channels, *shape), checked against the card's channels."""
+        names = list(self.card.input.channels)
         if isinstance(x, np.ndarray) and self.n_channels == 1 and x.ndim in (2, 3):
-            arrays = [x]
+            given = [x]
         elif isinstance(x, (list, tuple)):
-            arrays = [np.asarray(a) for a in x]
+            given = list(x)
         else:
-            arrays = [np.asarray(x)]
-        if len(arrays) != self.n_channels:
+            given = [x]
+        if len(given) != self.n_channels:
             raise InputError(f"the model takes {self.n_channels} input channel(s) {list(self.card.input.channels)} "
-                             f"but {len(arrays)} volume(s) were given; pass one volume per channel, in that order")
+                             f"but {len(given)} volume(s) were given; pass one volume per channel, in that order")
+        arrays = [check_volume(f"input channel {names[i]!r}" if len(names) > 1 else "input", a)
+                  for i, a in enumerate(given)]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise InputError(f"input channels have different shapes {sorted(shapes)}; resample them onto one grid")
@@ -139,14 +156,7 @@ class Pipeline:
             raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
         if min(shape) < 1:
             raise InputError(f"input has an empty dimension: shape {shape}")
-        stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-        bad = ~np.isfinite(stacked)
-        if bad.any():
-            channel, *position = np.argwhere(bad)[0]
-            raise InputError(f"input channel {self.card.input.channels[channel]!r} has {int(bad.sum())} NaN or "
-                             f"infinite voxel(s), the first at array index {tuple(int(p) for p in position)}; "
-                             "replace them (e.g. with 0) before running IBIX")
-        return stacked
+        return np.stack(arrays)
 
     def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:
         """Cut ``x`` into model samples and fix the intensity mapping from the unperturbed input."""
@@ -181,9 +191,18 @@ class Pipeline:
         self.padded_shape(prepared.sample_shape)  # fail early on sizes the model cannot take
         return prepared
 
-    # -- padding and layout --------------------------------------------------------------------------------
+    # -- padding, windows and layout ------------------------------------------------------------------------
     def padded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """The sample shape the model sees: the card's fixed ``size``, or ``shape`` rounded up to ``multiple_of``."""
+        """Shape of a sample of ``shape`` once padded: what the model takes, or with sliding windows
+        (``input.patch``) at least one window along every axis."""
+        patch = self.card.input.patch
+        if patch is not None:
+            return tuple(max(int(n), p) for n, p in zip(shape, patch.size))
+        return self.model_shape(shape)
+
+    def model_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape the model is fed for an image (a sample, or a window) of ``shape``: the card's fixed
+        ``size``, or ``shape`` rounded up to ``multiple_of``."""
         spec = self.card.input
         out = []
         for axis, n in enumerate(shape):
@@ -199,42 +218,88 @@ class Pipeline:
         return tuple(out)
 
     def padding(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (centred, edge values)."""
-        return tuple(((p - n) // 2, p - n - (p - n) // 2) for n, p in zip(shape, self.padded_shape(shape)))
+        """Voxels IBIX adds before and after each axis of a sample of ``shape`` (the card's ``input.padding``
+        position; by default centred, the odd voxel after the image)."""
+        return windows.pad_widths(shape, self.padded_shape(shape), self.card.input.padding.position)
 
-    def padded_window(self, sample: np.ndarray, window: tuple[slice, ...]) -> np.ndarray:
-        """``window`` (padded-sample coordinates) of ``sample`` (channels, *shape) padded as the model sees it,
-        without padding the whole sample: edge padding repeats the nearest voxel inside."""
+    def pad(self, batch: np.ndarray, widths: Sequence[tuple[int, int]], direction: bool = False) -> np.ndarray:
+        """``batch`` (..., *spatial; model units) padded by ``widths`` as the card says. A perturbation
+        ``direction`` (or a label image) is padded with the same mode and the constant 0: padding is linear in the
+        image, so pad(x + h d) = pad(x) + h pad_direction(d)."""
+        padding = self.card.input.padding
+        return windows.pad(batch, widths, padding.mode, 0.0 if direction else padding.value)
+
+    def windows(self, sample_shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The sliding windows (``input.patch``) over a padded sample of ``sample_shape``."""
+        patch = self.card.input.patch
+        return windows.plan_windows(self.padded_shape(sample_shape), patch.size, patch.overlap)
+
+    def importance_map(self) -> np.ndarray:
+        """Blending weights of one window's output (``input.patch``)."""
+        patch = self.card.input.patch
+        return windows.importance_map(patch.size, patch.blend, patch.sigma_scale)
+
+    def sample_voxels(self, sample_shape: Sequence[int]) -> int:
+        """Voxels the model runs for one whole sample of ``sample_shape`` (all its windows, with ``input.patch``)."""
+        patch = self.card.input.patch
+        if patch is None:
+            return int(np.prod(self.model_shape(sample_shape)))
+        return len(self.windows(sample_shape)) * int(np.prod(self.model_shape(patch.size)))
+
+    def padded_window(self, sample: np.ndarray, window: tuple[slice, ...], fill: Any = None) -> np.ndarray:
+        """``window`` (padded-sample coordinates) of ``sample`` (channels, *shape) padded as the card says,
+        without padding the whole sample. ``fill``: the constant of ``"constant"`` padding, per channel or one for
+        all, in the units of ``sample`` (default the card's value, model units); 0 for a perturbation direction
+        or block labels."""
         pads = self.padding(sample.shape[1:])
-        index = [np.clip(np.arange(w.start, w.stop) - before, 0, n - 1)
-                 for w, (before, _), n in zip(window, pads, sample.shape[1:])]
-        return sample[(slice(None),) + np.ix_(*index)]
+        mode = self.card.input.padding.mode
+        positions = [np.arange(w.start, w.stop) - before for w, (before, _) in zip(window, pads)]
+        index = [windows.source_index(p, n, mode) for p, n in zip(positions, sample.shape[1:])]
+        out = sample[(slice(None),) + np.ix_(*index)]
+        if mode == "constant":
+            outside = np.zeros(out.shape[1:], bool)
+            for axis, (p, n) in enumerate(zip(positions, sample.shape[1:])):
+                outside |= ((p < 0) | (p >= n)).reshape((-1,) + (1,) * (len(positions) - axis - 1))
+            if outside.any():
+                value = self.card.input.padding.value if fill is None else fill
+                values = np.broadcast_to(np.asarray(value, out.dtype), (out.shape[0],))
+                for channel, v in enumerate(values):
+                    out[channel][outside] = v
+        return out
 
     def to_model(self, batch: np.ndarray, prepared: PreparedInput) -> np.ndarray:
-        """A batch of samples in input units (overwritten) as the model's input tensor."""
-        batch = prepared.normalize(batch)
-        pads = self.padding(batch.shape[2:])
-        if any(before or after for before, after in pads):
-            batch = np.pad(batch, ((0, 0), (0, 0)) + pads, mode="edge")
+        """A batch of samples in input units (overwritten) as the model's input tensor (no sliding windows)."""
+        return self.layout(prepared.normalize(batch))
+
+    def layout(self, batch: np.ndarray) -> np.ndarray:
+        """Images in model units (samples, or windows of padded samples) padded to the shape the model takes,
+        in the model's layout and element type."""
+        shape = batch.shape[2:]
+        batch = self.pad(batch, windows.pad_widths(shape, self.model_shape(shape), self.card.input.padding.position))
         if self.card.input.channels_last:
             batch = np.moveaxis(batch, 1, -1)
         return np.ascontiguousarray(batch, dtype=self.dtype)
 
-    def from_model(self, raw: np.ndarray, sample_shape: Sequence[int]) -> np.ndarray:
-        """The model's output tensor as samples of ``sample_shape`` in output units (padding cropped away)."""
+    def from_model(self, raw: np.ndarray, sample_shape: Sequence[int], n_samples: int) -> np.ndarray:
+        """The model's output tensor for ``n_samples`` inputs as images of ``sample_shape`` in output units
+        (padding cropped away)."""
         channels_last = self.card.output.channels_last
         if raw.ndim != len(sample_shape) + 2:
             raise ModelError(f"the model returned shape {raw.shape}; expected a batch of "
                              f"{len(sample_shape)}D images with one channel")
+        if raw.shape[0] != n_samples:
+            raise ModelError(f"the model returned {raw.shape[0]} output image(s) (shape {list(raw.shape)}) for a "
+                             f"batch of {n_samples} input(s); IBIX needs one output per input along the batch axis")
         n_out = raw.shape[-1] if channels_last else raw.shape[1]
         if n_out != 1:
             raise ModelError(f"the model returned {n_out} output channels (shape {raw.shape}); IBIX explains one")
         out = raw[..., 0] if channels_last else raw[:, 0]
-        padded = self.padded_shape(sample_shape)
+        padded = self.model_shape(sample_shape)
         if tuple(out.shape[1:]) != padded:
             raise ModelError(f"the model returned images of shape {list(out.shape[1:])} for inputs of shape "
                              f"{list(padded)}; IBIX needs the output on the input's grid")
-        crop = tuple(slice(before, before + n) for (before, _), n in zip(self.padding(sample_shape), sample_shape))
+        widths = windows.pad_widths(sample_shape, padded, self.card.input.padding.position)
+        crop = tuple(slice(before, before + n) for (before, _), n in zip(widths, sample_shape))
         out = out[(slice(None),) + crop].astype(np.float32)
         scale, offset = _affine(self.card.output.intensity)
         if (scale, offset) != (1.0, 0.0):

@@ -189,11 +189,12 @@ def load_inputs(paths: Sequence[Path], model: Model) -> Inputs:
 def load_mask(path: Path, label: int | None, reference: Geometry, console: Console, what: str) -> np.ndarray:
     """A mask on the input grid; one on another grid is resampled (nearest neighbour) if it overlaps."""
     _, geometry = read_volume(path)
+    mask = read_mask(path, label=label, reference=reference)  # refuses a mask that cannot be resampled
     if not geometry.matches(reference):
         console.note(f"{path}: the {what}'s grid (shape {geometry.shape}, spacing {geometry.spacing}) differs from "
                      f"the input's (shape {reference.shape}, spacing {reference.spacing}); resampled onto the "
                      "input's grid (nearest neighbour)")
-    return read_mask(path, label=label, reference=reference)
+    return mask
 
 
 def channel_arguments(values: Sequence[str] | None, model: Model) -> list[str | int] | None:

@@ -16,6 +16,21 @@ KERNEL = np.array([[0.0, 1.0, 0.5], [2.0, -1.0, 0.0], [0.25, 0.0, 3.0]], np.floa
 #: A 3x3 kernel with non-negative weights (outputs stay non-negative on non-negative images).
 POSITIVE_KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], np.float32)
 
+#: Cards valid for the 2D identity test model (input "x", output "y", one channel, NCHW).
+IDENTITY_CARDS = [
+    {},
+    {"ibix_card": 1, "name": "identity", "spatial_dims": 2, "slice_axis": "axial",
+     "input": {"name": "x", "layout": "NCHW", "channels": ["T1"],
+               "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0], "clip": False}},
+     "output": {"name": "y", "layout": "NCHW", "channels": ["T2"],
+                "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0]}, "units": "a.u."}},
+    {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True, "flip_rows": True},
+     "input": {"channels": ["T1"], "multiple_of": 4,
+               "intensity": {"percentiles": [1, 99], "to": [-1, 1], "clip": True}}},
+    {"input": {"size": [32, 32]}, "output": {"units": "HU", "intensity": {"from": [-1, 1], "to": [-1000, 2000]}},
+     "training": {"data": "none"}, "metrics": {"mae": 1.0}, "license": "BSD", "authors": ["a", "b"]},
+]
+
 
 def box_mask(shape: Sequence[int], *slices: slice) -> np.ndarray:
     """A boolean array of ``shape`` that is True on the box ``slices``."""
@@ -27,6 +42,12 @@ def box_mask(shape: Sequence[int], *slices: slice) -> np.ndarray:
 def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:
     spatial = list(spatial)
     return [batch, channels] + spatial if layout[1] == "C" else [batch] + spatial + [channels]
+
+
+def _initializer(value) -> np.ndarray:
+    """float32, except integer arrays (indices, axes), which keep int64."""
+    value = np.asarray(value)
+    return value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float32)
 
 
 def build(nodes: list, initializers: dict, layout: str = "NCHW", in_channels: int = 1, out_channels: int = 1,
@@ -49,7 +70,7 @@ def build(nodes: list, initializers: dict, layout: str = "NCHW", in_channels: in
         pre + nodes + post, "ibix_test",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, _shape(layout, in_channels, batch, spatial))],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, _shape(layout, out_channels, batch, spatial))],
-        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+        [numpy_helper.from_array(_initializer(v), k) for k, v in initializers.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -162,3 +183,12 @@ def convolution_plus_mean(kernel: np.ndarray, weight: float, **kw) -> onnx.Model
              helper.make_node("Mul", ["m", "g"], ["gm"]),
              helper.make_node("Add", ["c", "gm"], ["core_out"])]
     return build(nodes, {"w": kernel[None, None], "g": np.float32(weight)}, **kw)
+
+
+def batch_mixing(reduce: str = "ReduceMean", weight: float = 1.0, layout: str = "NCHW", **kw) -> onnx.ModelProto:
+    """y = x + weight * reduce(x over the batch axis): each sample's output depends on the other samples of the
+    batch, as a network exported with batch statistics does. One sample alone: reduce(x) = x (for a mean, max, min)."""
+    nodes = [helper.make_node(reduce, ["core_in"], ["m"], axes=[0], keepdims=1),
+             helper.make_node("Mul", ["m", "g"], ["gm"]),
+             helper.make_node("Add", ["core_in", "gm"], ["core_out"])]
+    return build(nodes, {"g": np.float32(weight)}, layout, **kw)

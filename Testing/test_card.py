@@ -43,20 +43,6 @@ def _schema_fields(schema: dict, found: set | None = None) -> set:
 
 FIELDS = _schema_fields(ibx.card_schema()) | {"from", "to", "percentiles"}
 
-# Cards that are valid for the test model (2D identity, NCHW, input "x", output "y", one channel).
-VALID_CARDS = [
-    {},
-    {"ibix_card": 1, "name": "identity", "spatial_dims": 2, "slice_axis": "axial",
-     "input": {"name": "x", "layout": "NCHW", "channels": ["T1"],
-               "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0], "clip": False}},
-     "output": {"name": "y", "layout": "NCHW", "channels": ["T2"],
-                "intensity": {"from": [0.0, 1.0], "to": [0.0, 1.0]}, "units": "a.u."}},
-    {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True, "flip_rows": True},
-     "input": {"channels": ["T1"], "multiple_of": 4,
-               "intensity": {"percentiles": [1, 99], "to": [-1, 1], "clip": True}}},
-    {"input": {"size": [32, 32]}, "output": {"units": "HU", "intensity": {"from": [-1, 1], "to": [-1000, 2000]}},
-     "training": {"data": "none"}, "metrics": {"mae": 1.0}, "license": "BSD", "authors": ["a", "b"]},
-]
 
 json_leaf = (st.none() | st.booleans() | st.integers(-10**12, 10**12)
              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
@@ -82,7 +68,7 @@ def _containers(card, path=()):
 
 @st.composite
 def mutated_cards(draw):
-    card = copy.deepcopy(draw(st.sampled_from(VALID_CARDS)))
+    card = copy.deepcopy(draw(st.sampled_from(om.IDENTITY_CARDS)))
     for _ in range(draw(st.integers(1, 4))):
         containers = list(_containers(card))
         _, target = containers[draw(st.integers(0, len(containers) - 1))]
@@ -264,3 +250,65 @@ def test_invalid_card_field_is_named(tmp_path):
     path = om.save(om.identity(), tmp_path, "identity", {"input": {"layout": "NCWH"}})
     with pytest.raises(ibx.ModelCardError, match="'input.layout' is 'NCWH'; accepted values"):
         ibx.load_model(path)
+
+
+# -- defects found by the hostile generator (Testing/hostile.py) ---------------------------------------------------
+
+@pytest.mark.parametrize("card, field, expected", [
+    ({"input": {"intensity": {"from": [-10**400, 10**400], "to": [0, 1]}}}, "input.intensity.from.0", "401 digits"),
+    ({"input": {"intensity": {"from": [0, 1e-40], "to": [0, 1]}}}, "input.intensity", "scale factor of 1e\\+40"),
+    ({"input": {"intensity": {"from": [0, 1], "to": [0, 1e-30]}}}, "input.intensity", "scale factor of 1e-30"),
+    ({"output": {"intensity": {"from": [0, 1e-40], "to": [0, 1]}}}, "output.intensity", "scale factor"),
+    ({"input": {"intensity": {"from": [-1e300, 1e300], "to": [0, 1]}}}, "input.intensity", "within"),
+    ({"input": {"intensity": {"from": [1e30, 2e30], "to": [0, 1e30]}}}, "input.intensity", "within"),
+])
+def test_numbers_float32_cannot_carry_are_refused_with_the_field(card, field, expected):
+    with pytest.raises(ibx.ModelCardError) as info:
+        ibx.validate_card(card)
+    assert field in str(info.value) and re.search(expected, str(info.value)), str(info.value)
+
+
+def test_ordinary_intensity_ranges_still_pass():
+    for source, target in ([-1024, 3071], [0, 1]), ([0, 1], [-1000, 2000]), ([0, 4095], [-1, 1]):
+        ibx.validate_card({"input": {"intensity": {"from": source, "to": target}}})
+
+
+@pytest.mark.parametrize("card", [[1, 2], b"{}", 3.5, ("a",), bytearray(b"x")])
+def test_a_card_of_the_wrong_type_names_the_argument(identity_path, card):
+    with pytest.raises(ibx.ModelCardError, match=r"card must be a model card \(a dict\), the path of a JSON file"):
+        ibx.load_model(identity_path, card=card, device="cpu")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"input": {"multiple_of": ' + "9" * 5000 + "}}", "'input.multiple_of' is a number of 5000 digits"),
+    ('{"input": {"intensity": {"from": [-1e400, 1e400], "to": [0, 1]}}}', "'input.intensity.from.0' is -inf"),
+    ('{"name": "\\ud800"', "not valid JSON"),
+])
+def test_card_files_that_json_cannot_read_are_refused_cleanly(identity_path, tmp_path, text, expected):
+    path = tmp_path / "card.json"
+    path.write_text(text)
+    with pytest.raises(ibx.ModelCardError, match=re.escape(str(path)) + ".*" + re.escape(expected)):
+        ibx.load_model(identity_path, card=path, device="cpu")
+
+
+def test_a_huge_card_file_is_refused_before_reading(identity_path, tmp_path):
+    path = tmp_path / "huge.json"
+    path.write_text('{"description": "' + "x" * (2 << 20) + '"}')
+    with pytest.raises(ibx.ModelCardError, match="a card is a small JSON file"):
+        ibx.load_model(identity_path, card=path, device="cpu")
+
+
+def test_an_input_the_percentile_mapping_takes_beyond_float32_is_refused(identity_path):
+    model = ibx.load_model(identity_path, card={"input": {"intensity": {"percentiles": [1, 99], "to": [0, 1]}}},
+                           device="cpu")
+    x = np.full((16, 16), 1.0, np.float32)
+    x[:8] += 1e-6
+    x[0, 0] = 3e38
+    with pytest.raises(ibx.InputError, match="input intensity mapping .* beyond what float32 holds.*'input.intensity'"):
+        model.predict(x)
+
+
+def test_a_card_path_the_file_system_refuses_is_named(identity_path):
+    with pytest.raises(ibx.ModelCardError, match=r"card: .*\.\.\..* \(5000 characters\) cannot be opened"):
+        ibx.load_model(identity_path, card="9" * 5000, device="cpu")

@@ -423,3 +423,117 @@ def test_atlas_budget_error_names_the_budget(tmp_path, capsys, rng):
                                        "100", "--atlas-budget", "0.5", "--output", str(tmp_path / "out")])
     assert code == 2 and "memory budget of 0.5 MiB" in message
     assert "global" in message and "--atlas-budget" in message
+
+
+# -- reliability (issue 17) -----------------------------------------------------------------------------------
+def test_a_2d_mask_for_a_3d_input_names_the_mask_and_both_shapes(case, capsys):
+    flat = write(case["tmp"] / "flat_mask.nrrd", case["mask"][1], origin=ORIGIN[:2], spacing=SPACING[:2],
+                 direction=(-1.0, 0.0, 0.0, -1.0))
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(flat), "--label", "1", "--output", str(case["out"])])
+    assert code == 2, err
+    assert "flat_mask.nrrd" in err and "mask is 2D (shape (20, 24))" in err and "volume is 3D (shape (4, 20, 24))" in err
+    assert "IBIX_DEBUG" not in err and "resampled" not in err and not case["out"].exists()
+
+
+def test_a_max_jitter_too_small_exits_2_with_the_smallest_usable_value(case, capsys):
+    code, err = run_error(capsys, ["forward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                   "--mask", str(case["mask_path"]), "--label", "1", "--max-jitter", "1e-40",
+                                   "--output", str(case["out"])])
+    assert code == 2 and "too small for this input" in err and "use max_jitter >= " in err
+    assert not case["out"].exists() or not any(case["out"].iterdir())
+
+
+def test_block_labels_of_2_to_the_31_or_more_keep_their_blocks(case):
+    labels = np.zeros(SHAPE, np.int64)
+    labels[:, :10] = 1
+    labels[:, 10:] = 2
+    for name, offset in (("small", 0), ("large", 2**31 - 1)):
+        path = write(case["tmp"] / f"blocks_{name}.nrrd", np.where(labels > 0, labels + offset, 0))
+        assert main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+                     str(case["out_mask_path"]), "--block-labels", str(path), "--n-jitters", "1", "--no-png",
+                     "--quiet", "--output", str(case["out"] / name)]) == 0
+    small, large = (read(case["out"] / name / "backward.nrrd") for name in ("small", "large"))
+    np.testing.assert_array_equal(large, small)
+    assert small.max() > 0
+
+
+def test_a_batch_mixing_model_is_run_one_sample_per_call_and_the_summary_says_so(case, capsys):
+    model = om.save(om.batch_mixing("ReduceMean", 1.0), case["tmp"], "mixing")
+    code = main(["forward", "--model", str(model), "--input", str(case["volume"]), "--mask",
+                 str(case["mask_path"]), "--label", "1", "--n-jitters", "2", "--no-png", "--output", str(case["out"])])
+    assert code == 0
+    assert "mixes the samples of a batch" in capsys.readouterr().err
+    summary = json.loads((case["out"] / "summary.json").read_text())
+    assert any("one sample per model call" in a for a in summary["model"]["card"]["assumptions"])
+    assert any("one sample per model call" in a for a in summary["forward"]["parameters"]["model_assumptions"])
+    signed = read(case["out"] / "forward_signed.nrrd")
+    np.testing.assert_allclose(signed, 2.0 * (case["mask"] == 1), atol=1e-4)  # alone, y = x + mean(x) = 2x
+
+
+class _InterruptingImport:
+    """A meta path finder that interrupts the import of one module (as Ctrl-C while Python loads IBIX)."""
+
+    def __init__(self, name, exception):
+        self.name, self.exception = name, exception
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.name:
+            raise self.exception
+        return None
+
+
+@pytest.mark.parametrize("interrupt", ["KeyboardInterrupt", "ImportError after SIGINT"])
+def test_an_interrupt_while_the_command_line_loads_exits_130_without_traceback(monkeypatch, capsys, interrupt):
+    import ibix_launcher
+
+    monkeypatch.delitem(sys.modules, "IBIXLogic.cli")
+    if interrupt == "KeyboardInterrupt":
+        finder = _InterruptingImport("IBIXLogic.cli", KeyboardInterrupt())
+    else:  # numpy's extension modules turn an interrupt during their import into an ImportError
+        monkeypatch.setattr(ibix_launcher, "_interrupts", [2])
+        finder = _InterruptingImport("IBIXLogic.cli", ImportError("PyCapsule_Import could not import module"))
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    assert ibix_launcher.main() == 130
+    assert capsys.readouterr().err == "ibix: interrupted; nothing was written\n"
+
+
+def test_an_import_error_without_an_interrupt_is_not_hidden(monkeypatch):
+    import ibix_launcher
+
+    monkeypatch.delitem(sys.modules, "IBIXLogic.cli")
+    monkeypatch.setattr(ibix_launcher, "_interrupts", [])
+    monkeypatch.setattr(sys, "meta_path", [_InterruptingImport("IBIXLogic.cli", ImportError("broken"))] + sys.meta_path)
+    with pytest.raises(ImportError, match="broken"):
+        ibix_launcher.main()
+
+
+def test_ctrl_c_early_in_the_console_script_exits_130_quietly(case):
+    script = Path(sys.executable).with_name("ibix")
+    if not script.exists():
+        pytest.skip("the ibix console script is not installed")
+    import signal
+    import time
+
+    process = subprocess.Popen([str(script), "forward", "--model", str(case["model"]), "--input",
+                                str(case["volume"]), "--mask", str(case["mask_path"]), "--label", "1",
+                                "--output", str(case["out"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+
+    def loading_numpy() -> bool:
+        try:
+            return "numpy" in maps.read_text()
+        except OSError:  # the process is gone
+            return True
+
+    if maps.exists():  # Linux: wait until numpy is being loaded, i.e. the launcher runs (not Python's own start)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not loading_numpy():
+            time.sleep(0.005)
+    else:
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err

@@ -128,3 +128,49 @@ def test_keyboard_interrupt_during_a_write_leaves_no_partial_file(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         ibx.write_volume(tmp_path / "result.nrrd", np.zeros((2, 3, 4), np.float32), ibx.Geometry.identity((2, 3, 4)))
     assert _listing(tmp_path) == []
+
+
+# -- wrong arguments of the file, geometry and block helpers (found by Testing/hostile.py) --------------------------
+
+def _identity2():
+    return ibx.Geometry.identity((2, 2))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: ibx.read_volume(None), "path must be the path of a file"),
+    (lambda p: ibx.read_volume(5), "path must be the path of a file"),
+    (lambda p: ibx.read_volume("x" * 5000), r"volume .* \(5000 characters\) cannot be opened"),
+    (lambda p: ibx.read_mask(None), "path must be the path of a file"),
+    (lambda p: ibx.read_mask(p / "m.nrrd", label="1"), "label must be an integer"),
+    (lambda p: ibx.read_mask(p / "m.nrrd", reference="g"), "reference must be an IBIXLogic.Geometry"),
+    (lambda p: ibx.write_volume(p / "v.nrrd", "abc", _identity2()), "volume to write has dtype <U3"),
+    (lambda p: ibx.write_volume(p / "v.nrrd", np.zeros((2, 2)), "g"), "geometry must be an IBIXLogic.Geometry"),
+    (lambda p: ibx.write_volume(None, np.zeros((2, 2)), _identity2()), "path must be the path of a file"),
+    (lambda p: ibx.write_volume(p / "v.nrrd", np.zeros((2, 3)), _identity2()),
+     r"geometry \(2D, shape \(2, 2\)\) does not describe the array's grid \(2D, shape \(2, 3\)\)"),
+    (lambda p: ibx.write_volume(p / "v.nrrd", np.zeros((2, 2, 2)), _identity2()), "does not describe the array's grid"),
+    (lambda p: ibx.resample_mask(np.ones((2, 2)), "g", _identity2()), "geometry must be an IBIXLogic.Geometry"),
+    (lambda p: ibx.Geometry.identity("x"), "geometry shape must be a sequence of integers"),
+    (lambda p: ibx.Geometry.identity(None), "geometry shape must be a sequence of integers"),
+    (lambda p: ibx.Geometry.identity((2, 2.5)), "geometry takes numbers"),
+    (lambda p: ibx.Geometry("x", 1, 2), "geometry takes numbers"),
+    (lambda p: ibx.Geometry((0.0, 0.0), (1.0, 1.0), np.eye(2), (2, 2, 2)), r"geometry shape \(2, 2, 2\) must hold 2"),
+    (lambda p: ibx.grid_blocks((0, 5), 3), "shape must be an integer of at least 1, got 0"),
+    (lambda p: ibx.grid_blocks((4, 5), "3"), r"n_blocks \(K\) must be an integer"),
+    (lambda p: ibx.superpixel_blocks(np.zeros((4, 4)), "x"), r"n_blocks \(K\) must be an integer"),
+    (lambda p: ibx.superpixel_blocks(np.zeros((4, 4)), 3, compactness="x"), "compactness must be"),
+    (lambda p: ibx.superpixel_blocks("abc", 3), "image has dtype <U3"),
+])
+def test_wrong_arguments_of_the_helpers_are_named(tmp_path, call, message):
+    ibx.write_volume(tmp_path / "m.nrrd", np.ones((2, 2), np.uint8), _identity2())
+    with pytest.raises(ibx.InputError, match=message):
+        call(tmp_path)
+    assert not list(tmp_path.glob("v.*")) and not list(tmp_path.glob(".*"))
+
+
+def test_half_precision_volumes_are_written_as_float32(tmp_path):
+    array = np.linspace(0, 1, 6, dtype=np.float16).reshape(2, 3)
+    ibx.write_volume(tmp_path / "half.nrrd", array, ibx.Geometry.identity((2, 3)))
+    read, _ = ibx.read_volume(tmp_path / "half.nrrd")
+    assert read.dtype == np.float32
+    np.testing.assert_array_equal(read, array.astype(np.float32))

@@ -630,3 +630,111 @@ def test_200_forward_mappings_keep_memory_flat(tmp_path, capsys):
               f"run {LONG_RUNS} {rss[-1]:.1f} MiB, drift {drift:+.1f} MiB")
     assert drift < DRIFT_BOUND_MIB
     assert ibx_model.cached_sessions() <= ibx_model.SESSION_CACHE_SIZE
+
+
+# -- declared shapes and outputs that do not fit (found by the hostile generator) ---------------------------------
+
+@pytest.mark.parametrize("shape", [[1, 1, 100000, 100000], [1, 1, 4096, 4096, 4096], [2**40, 1, 8, 8],
+                                   ["N", 1, 2**62, 2**62]])
+def test_huge_declared_input_shapes_are_refused_at_load_time(tmp_path, shape):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "huge", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    layout = "NCHW" if len(shape) == 4 else "NCDHW"
+    with pytest.raises(ibx.ModelCardError, match=r"declares the fixed shape .* values per model call, more than"):
+        ibx.load_model(om.save(model, tmp_path, "huge"), card={"input": {"layout": layout, "channels": ["a"]}})
+
+
+def test_a_model_that_returns_fewer_outputs_than_inputs_is_named(tmp_path):
+    """A reduction over the batch axis: one output image for a batch of several (refused at load time)."""
+    model = om.build([helper.make_node("ReduceMean", ["core_in"], ["core_out"], axes=[0], keepdims=1)], {})
+    with pytest.raises(ibx.ModelError, match=r"runs on one sample but not on a batch of two .*returned 1 output "
+                                             r"image\(s\) .* for a batch of 2 input\(s\)"):
+        ibx.load_model(om.save(model, tmp_path, "batch_of_one"), device="cpu")
+
+
+# -- models that mix the samples of a batch, and the load-time check ---------------------------------------------
+
+def _brute_forward(model, x, mask, n_jitters, max_jitter):
+    """F from one model call per perturbed input."""
+    base = model.predict(x).astype(np.float64)
+    total = np.zeros(base.shape)
+    for k in [*range(-n_jitters, 0), *range(1, n_jitters + 1)]:
+        h = np.float32(k * max_jitter / n_jitters)
+        total += (model.predict(x + h * mask).astype(np.float64) - base) / h
+    return total / (2 * n_jitters)
+
+
+@pytest.mark.parametrize("reduce, weight", [("ReduceMean", 1.0), ("ReduceMean", -1.0), ("ReduceMax", 0.5)])
+def test_a_batch_mixing_model_is_detected_and_run_one_sample_per_call(tmp_path, unit_image, unit_mask, reduce,
+                                                                      weight, caplog):
+    """y = x + w * reduce(x over the batch): IBIX batches jittered copies, so without the check every map would be
+    silently wrong. Detected at load time, recorded in the card, and the maps equal brute force."""
+    with caplog.at_level("WARNING", logger="IBIX"):
+        model = ibx.load_model(om.save(om.batch_mixing(reduce, weight), tmp_path, "mixing"), device="cpu")
+    assert model.one_sample_per_call
+    note = [a for a in model.card.assumptions if "mixes the samples of a batch" in a]
+    assert note and "one sample per model call" in note[0] and note[0] in caplog.text
+    assert model.card.summary()["assumptions"] == list(model.card.assumptions)
+    result = ibx.forward_mapping(model, unit_image, unit_mask, n_jitters=2, max_jitter=0.3)
+    np.testing.assert_allclose(result.signed, _brute_forward(model, unit_image, unit_mask, 2, 0.3), atol=1e-4)
+    np.testing.assert_allclose(result.signed, (1 + weight) * unit_mask, atol=1e-4)  # alone: reduce(x) = x
+    assert "mixes the samples" in " ".join(result.parameters["model_assumptions"])
+    backward = ibx.backward_mapping(model, unit_image, unit_mask, blocks="grid", n_blocks=16, n_jitters=1,
+                                    max_jitter=0.3)
+    for label, value in enumerate(backward.block_values[1:], start=1):
+        block = backward.labels == label
+        response = np.abs(_brute_forward(model, unit_image, block, 1, 0.3))
+        expected = response[unit_mask].sum() / response.sum() if response.sum() > 0 else 0.0
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_batch_mixing_2d_model_on_a_volume_predicts_each_slice_alone(tmp_path, rng):
+    model = ibx.load_model(om.save(om.batch_mixing("ReduceMean", 1.0), tmp_path, "mixing"), device="cpu")
+    volume = rng.uniform(0, 1, (6, 10, 12)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(volume), 2 * volume, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [lambda: om.convolution(KERNEL), lambda: om.small_autoencoder(),
+                                   lambda: om.convolution(KERNEL, batch=3)])
+def test_ordinary_models_keep_batching(tmp_path, build):
+    model = ibx.load_model(om.save(build(), tmp_path, "ordinary"), card={"input": {"multiple_of": 2}}, device="cpu")
+    assert not model.one_sample_per_call
+    assert not any("mixes" in a for a in model.card.assumptions)
+
+
+def _unary(op: str, constant: float | None = None):
+    nodes = [helper.make_node(op, ["core_in"] + (["c"] if constant is not None else []), ["core_out"])]
+    return om.build(nodes, {} if constant is None else {"c": np.float32(constant)})
+
+
+@pytest.mark.parametrize("op", ["Log", "Reciprocal", "Sqrt"])
+def test_models_undefined_at_zero_load(tmp_path, op):
+    """The load-time check used to run the model on zeros, so log(x) or 1/x was refused with a hint about
+    'input.layout'; it now runs on moderate positive values and these models load and run."""
+    model = ibx.load_model(om.save(_unary(op), tmp_path, op), device="cpu")
+    x = np.linspace(1, 2, 80, dtype=np.float32).reshape(8, 10)
+    assert np.isfinite(model.predict(x)).all()
+
+
+def test_a_model_undefined_on_the_check_input_is_refused_naming_the_input(tmp_path):
+    """log(x - 5) is NaN on [0.25, 0.75]: the error says what was checked and points at the intensity mapping,
+    not at the layout."""
+    model = om.build([helper.make_node("Sub", ["core_in", "c"], ["d"]), helper.make_node("Log", ["d"], ["core_out"])],
+                     {"c": np.float32(5.0)})
+    with pytest.raises(ibx.ModelError) as info:
+        ibx.load_model(om.save(model, tmp_path, "log_shifted"), device="cpu")
+    message = str(info.value)
+    assert "load-time check input (1 channel(s) of [32, 32] voxels, smooth values in [0.25, 0.75]" in message
+    assert "'input.intensity'" in message and "input.layout" not in message
+    card = {"input": {"intensity": {"from": [0, 1], "to": [10, 20]}}}  # maps the input where the model works
+    loaded = ibx.load_model(om.save(model, tmp_path, "log_shifted_card", card), device="cpu")
+    assert np.isfinite(loaded.predict(np.full((4, 4), 0.5, np.float32))).all()
+
+
+def test_a_model_too_large_to_check_at_load_time_says_so(tmp_path):
+    model = ibx.load_model(om.save(om.identity(spatial=[2048, 2048]), tmp_path, "large"), device="cpu")
+    assert any("no load-time check" in a and "assumed independent" in a for a in model.card.assumptions)
+    assert not model.one_sample_per_call

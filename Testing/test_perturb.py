@@ -100,3 +100,22 @@ def test_probes_whose_responses_could_meet_are_measured_one_by_one(tmp_path, rng
     x = rng.normal(size=(64, 64)).astype(np.float32)
     radius = ibx.measure_response_radius(model, x, 1.0, channels=[0])
     assert radius.measured == 7 and radius.evaluations == 3 + 2 * 5
+
+
+@pytest.mark.parametrize("call", ["forward", "forward progressive", "backward", "backward batched", "backward brute"])
+def test_nan_for_some_jitters_names_every_failing_jitter_and_stops(tmp_path, unit_image, unit_mask, call):
+    """NaN only where x + h > 1.25: the positive jitters above 0.25 fail; the run stops and says which."""
+    model = ibx.load_model(om.save(om.nan_above(1.25), tmp_path, "nan"), device="cpu")
+    x = unit_image * 0.999
+    options = {"n_jitters": 4, "max_jitter": 0.5}
+    with pytest.raises(ibx.ModelError) as info:
+        if call.startswith("forward"):
+            ibx.forward_mapping(model, x, unit_mask, progressive=call.endswith("progressive"), **options)
+        else:
+            method = call.split()[1] if " " in call else "auto"
+            ibx.backward_mapping(model, x, unit_mask, n_blocks=9, blocks="grid", method=method, **options)
+    message = str(info.value)
+    assert "NaN or infinite values for" in message and "with jitter h = 0.5" in message
+    assert "h = -" not in message and "h = 0.125" not in message  # only the failing jitters are named
+    if call == "forward":
+        assert "with jitter h = 0.375" in message and "(2 of the 8 inputs of this model call)" in message

@@ -64,13 +64,15 @@ def write_like(arr, ref_img, path, pixel_type=None):
 def export_and_verify(model, example, path, in_name, out_name, checks, rtol_abs=1e-4):
     """Export `model` (eval mode) to ONNX with dynamic batch/spatial axes, then compare onnxruntime to torch.
 
-    checks: list of (label, np.float32 array NCHW). Returns dict of results.
+    checks: list of (label, np.float32 array NCHW or NCDHW). Returns dict of results.
     """
     import onnx
     import onnxruntime as ort
     import torch
 
     model.eval()
+    # batch and spatial axes dynamic: (N, C, H, W) for 2D models, (N, C, D, H, W) for 3D ones
+    axes = {0: "batch", **dict(zip(range(2, example.ndim), ["depth", "height", "width"][5 - example.ndim:]))}
     torch.onnx.export(
         model,
         (torch.from_numpy(example),),
@@ -79,7 +81,7 @@ def export_and_verify(model, example, path, in_name, out_name, checks, rtol_abs=
         output_names=[out_name],
         opset_version=17,
         dynamo=False,
-        dynamic_axes={in_name: {0: "batch", 2: "height", 3: "width"}, out_name: {0: "batch", 2: "height", 3: "width"}},
+        dynamic_axes={in_name: axes, out_name: axes},
     )
     m = onnx.load(path)
     onnx.checker.check_model(m)
