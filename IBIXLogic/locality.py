@@ -226,25 +226,26 @@ def plan_tiles(low: np.ndarray, high: np.ndarray, members: list[np.ndarray], rad
     need_low = np.clip(low + np.asarray(offset) - 2 * radius, 0, padded - 1)
     need_high = np.clip(high + np.asarray(offset) + 2 * radius, 0, padded - 1)
     tiles = []
+
+    def cost(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:  # voxels of the windows of boxes, any leading axes
+        return np.prod(_window(lo, hi, padded, align)[1], axis=-1)
+
     for group in members:
         clusters = [[int(i)] for i in group]
-
-        def cost(rows: list[int]) -> int:
-            return int(np.prod(_window(need_low[rows].min(0), need_high[rows].max(0), padded, align)[1]))
-
-        costs = [cost(c) for c in clusters]
-        while len(clusters) > 1:
-            saving, best = 0, None
-            for a in range(len(clusters)):
-                for b in range(a + 1, len(clusters)):
-                    merged = cost(clusters[a] + clusters[b])
-                    if costs[a] + costs[b] - merged > saving:
-                        saving, best = costs[a] + costs[b] - merged, (a, b, merged)
-            if best is None:
+        lo, hi = need_low[group], need_high[group]
+        costs = cost(lo, hi)
+        merged = cost(np.minimum(lo[:, None], lo[None]), np.maximum(hi[:, None], hi[None]))  # every pair's window
+        while len(clusters) > 1:  # merge the pair that saves the most (the first such pair a < b)
+            saving = costs[:, None] + costs[None] - merged
+            saving[np.tril_indices(len(clusters))] = 0
+            a, b = (int(i) for i in np.unravel_index(np.argmax(saving), saving.shape))
+            if saving[a, b] <= 0:
                 break
-            a, b, merged = best
-            clusters[a], costs[a] = clusters[a] + clusters[b], merged
-            del clusters[b], costs[b]
+            clusters[a] = clusters[a] + clusters.pop(b)
+            lo[a], hi[a], costs[a] = np.minimum(lo[a], lo[b]), np.maximum(hi[a], hi[b]), merged[a, b]
+            lo, hi, costs = np.delete(lo, b, 0), np.delete(hi, b, 0), np.delete(costs, b)
+            merged = np.delete(np.delete(merged, b, 0), b, 1)
+            merged[a, :] = merged[:, a] = cost(np.minimum(lo[a], lo), np.maximum(hi[a], hi))
         for rows in clusters:
             origin, shape = _window(need_low[rows].min(0), need_high[rows].max(0), padded, align)
             assert np.all(origin <= need_low[rows]) and np.all(origin + shape > need_high[rows])
