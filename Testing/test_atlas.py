@@ -208,3 +208,16 @@ def test_progress_and_cancel(conv_model, image):
     cancel.set()
     with pytest.raises(ibx.Cancelled):
         ibx.block_response_atlas(conv_model, image, n_blocks=16, blocks="grid", n_jitters=1, cancel=cancel)
+
+
+def test_multichannel_model_and_a_chosen_channel(tmp_path, rng):
+    model = ibx.load_model(om.save(om.channel_mix([0.5, -2.0, 3.0]), tmp_path, "mix"))
+    x = [rng.normal(size=(24, 28)).astype(np.float32) for _ in range(3)]
+    atlas = ibx.block_response_atlas(model, x, n_blocks=20, compactness=1.0, n_jitters=1, channels=[1])
+    assert atlas.parameters["channels"] == [model.card.input.channels[1]]
+    out_mask = box_mask((24, 28), slice(5, 12), slice(6, 20))
+    expected = ibx.backward_mapping(model, x, out_mask, blocks=atlas.labels, n_jitters=1, channels=[1])
+    np.testing.assert_allclose(atlas.backward(out_mask).block_values, expected.block_values, rtol=1e-5, atol=1e-7)
+    atlas.check(model, x)
+    with pytest.raises(ibx.InputError, match="another input"):
+        atlas.check(model, [x[0], x[2], x[1]])
