@@ -50,11 +50,13 @@ def model_fingerprint(model: Model) -> str:
 
 
 def input_fingerprint(model: Model, x: Any, geometry: Geometry | None = None) -> str:
-    """SHA-256 of the input volumes (float32, channel by channel, with their shape) and of their geometry."""
+    """SHA-256 of the input volumes (float32, channel by channel, with their shape) and of their geometry (to 1e-6
+    mm and 1e-6 of the direction cosines, so that the same grid read or converted another way gives the same
+    fingerprint)."""
     volume = model.pipeline.stack_channels(x)
     geometry = (geometry if geometry is not None else Geometry.identity(volume.shape[1:])).with_shape(volume.shape[1:])
-    digest = hashlib.sha256(json.dumps({"shape": list(volume.shape), "geometry": geometry.to_dict()},
-                                       sort_keys=True).encode())
+    grid = {k: [round(v, 6) + 0.0 for v in values] for k, values in geometry.to_dict().items() if k != "shape"}
+    digest = hashlib.sha256(json.dumps({"shape": list(volume.shape), "grid": grid}, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(volume).tobytes())
     return digest.hexdigest()
 

@@ -221,3 +221,11 @@ def test_multichannel_model_and_a_chosen_channel(tmp_path, rng):
     atlas.check(model, x)
     with pytest.raises(ibx.InputError, match="another input"):
         atlas.check(model, [x[0], x[2], x[1]])
+
+
+def test_the_same_grid_written_another_way_matches(conv_model, image):
+    """A geometry that differs in the last digits (the same grid read or converted another way) is the same input."""
+    geometry = ibx.Geometry((10.0, -5.0), (0.7, 0.7), np.eye(2), image.shape)
+    atlas = ibx.block_response_atlas(conv_model, image, n_blocks=9, blocks="grid", n_jitters=1, geometry=geometry)
+    nearly = ibx.Geometry((10.0 + 1e-9, -5.0), (0.7 * (1 + 1e-12), 0.7), np.eye(2) + 1e-13, image.shape)
+    atlas.check(conv_model, image, nearly)
