@@ -62,40 +62,46 @@ def input_fingerprint(model: Model, x: Any, geometry: Geometry | None = None) ->
 
 
 class _Collector:
-    """The sink of :class:`_BlockSums`: each block's nonzero |F| as (block, flat index on the input grid, value)
-    chunks, assembled into one array per block at the end."""
+    """The sink of :class:`_BlockSums`: each block's nonzero |F| as chunks of (flat index on the input grid, value),
+    sorted by block within a chunk and kept with their runs (block, count), assembled into one range per block at
+    the end."""
 
     def __init__(self, volume_index: np.ndarray, n_labels: int):
         self.volume_index = volume_index  # per sample: the flat input-grid index of each sample voxel
         self.n_labels = n_labels
-        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def __call__(self, sample: int, blocks: Any, index: np.ndarray, values: np.ndarray) -> None:
         keep = values != 0
-        index = self.volume_index[sample].reshape(-1)[index[keep]]
-        blocks = np.broadcast_to(np.asarray(blocks, np.int32), keep.shape)[keep]
-        self.chunks.append((np.ascontiguousarray(blocks), index, values[keep].astype(np.float32)))
+        index, values = self.volume_index[sample].reshape(-1)[index[keep]], values[keep].astype(np.float32)
+        if not len(values):
+            return
+        if np.ndim(blocks) == 0:  # one block
+            self.chunks.append((np.array([blocks], np.int64), np.array([len(values)]), index, values))
+            return
+        blocks = blocks[keep]
+        order = np.argsort(blocks, kind="stable")
+        blocks, index, values = blocks[order], index[order], values[order]
+        first = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]]))
+        self.chunks.append((blocks[first].astype(np.int64), np.diff(np.append(first, len(blocks))), index, values))
 
     def assemble(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(starts, index, values): block k's entries are ``starts[k]:starts[k + 1]`` (a counting sort; each
-        chunk is freed once placed)."""
+        """(starts, index, values): block k's entries are ``starts[k]:starts[k + 1]`` (a counting sort of the
+        chunks' runs; each chunk is freed once placed)."""
         counts = np.zeros(self.n_labels, np.int64)
-        for blocks, _, _ in self.chunks:
-            counts += np.bincount(blocks, minlength=self.n_labels)
+        for blocks, run_counts, _, _ in self.chunks:
+            counts[blocks] += run_counts  # a chunk's runs are of distinct blocks
         starts = np.concatenate([[0], np.cumsum(counts)])
         index = np.empty(int(starts[-1]), self.volume_index.dtype)
         values = np.empty(int(starts[-1]), np.float32)
         cursor = starts[:-1].copy()
         self.chunks.reverse()
         while self.chunks:
-            blocks, chunk_index, chunk_values = self.chunks.pop()
-            order = np.argsort(blocks, kind="stable")
-            blocks = blocks[order]
-            runs = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]]))
-            rank = np.arange(len(blocks)) - np.repeat(runs, np.diff(np.append(runs, len(blocks))))
-            at = cursor[blocks] + rank
-            index[at], values[at] = chunk_index[order], chunk_values[order]
-            cursor += np.bincount(blocks, minlength=self.n_labels)
+            blocks, run_counts, chunk_index, chunk_values = self.chunks.pop()
+            run_starts = np.cumsum(run_counts) - run_counts
+            at = np.repeat(cursor[blocks] - run_starts, run_counts) + np.arange(len(chunk_values))
+            index[at], values[at] = chunk_index, chunk_values
+            cursor[blocks] += run_counts
         return starts, index, values
 
 
