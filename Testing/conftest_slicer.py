@@ -7,16 +7,24 @@ Colors module logics, and a slice view ("Red") with its slice logic for composit
 ``slicer_app`` fixture installs them as ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` (what
 ``slicer.util`` and the IBIX bridge call) and removes them afterwards.
 
-Import the fixture into a test module with ``from conftest_slicer import slicer_app  # noqa: F401``.
+Import the fixture into a test module with ``from conftest_slicer import slicer_app  # noqa: F401``. Also here:
+scene snapshots (``scene_snapshot``, ``assert_scene_unchanged``) and carded analytic models (``conv_model``,
+``identity_model``, built with ``onnx_models``).
 """
 from __future__ import annotations
 
-import json
+import sys
+import textwrap
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+#: The Slicer module's folder: ``IBIX.py`` and its helper package ``IBIXLib`` (as Slicer puts it on the path).
+MODULE_DIR = Path(__file__).resolve().parents[1] / "IBIX"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
 
 
 def import_slicer_core():
@@ -116,19 +124,56 @@ def slicer_app(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Analytic ONNX models (built with onnx.helper: opset 17, NCHW, dynamic batch and spatial size)
+# Scene snapshots (what "the scene was left as it was" means in the tests)
 # ------------------------------------------------------------------------------------------------------------------
 
-def _save(model, card: dict, directory: Path, name: str) -> Path:
-    onnx = pytest.importorskip("onnx")
-    onnx.checker.check_model(model)
-    path = Path(directory) / f"{name}.onnx"
-    onnx.save(model, str(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    return path
+def scene_snapshot(app: SlicerCoreApp, volume, segmentation, segment_ids) -> dict:
+    """Node IDs, the volume's voxels and geometry, and each segment's labelmap as stored (not converted)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    slicer = app.slicer
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    masks = {}
+    for sid in segment_ids:
+        image = segmentation.GetSegmentation().GetSegment(sid).GetRepresentation(binary)
+        masks[sid] = None if image is None else numpy_support.vtk_to_numpy(
+            image.GetPointData().GetScalars()).copy()
+    return dict(ids=sorted(app.scene.GetNthNode(i).GetID() for i in range(app.node_count())),
+                array=slicer.util.arrayFromVolume(volume).copy(),
+                matrix=[matrix.GetElement(r, c) for r in range(4) for c in range(4)],
+                masks=masks, segments=segmentation.GetSegmentation().GetNumberOfSegments(),
+                representations=sorted(_representations(segmentation)))
 
 
-def _card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
+def _representations(segmentation) -> list:
+    seg = segmentation.GetSegmentation()
+    return [name for name in ("Binary labelmap", "Closed surface", "Planar contour", "Fractional labelmap")
+            if seg.ContainsRepresentation(name)]
+
+
+def assert_scene_unchanged(before: dict, after: dict) -> None:
+    """The same nodes, voxels, geometry, segments and representations as before."""
+    assert after["ids"] == before["ids"]
+    np.testing.assert_array_equal(after["array"], before["array"])
+    assert after["matrix"] == before["matrix"]
+    assert after["segments"] == before["segments"]
+    assert after["representations"] == before["representations"]
+    for sid, mask in before["masks"].items():
+        if mask is None:
+            assert after["masks"][sid] is None
+        else:
+            np.testing.assert_array_equal(after["masks"][sid], mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Analytic ONNX models with a card (from the tests' one model-building module, onnx_models)
+# ------------------------------------------------------------------------------------------------------------------
+
+def card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
+    """A 2D axial card with identity intensity mappings (the model sees the voxel values as they are)."""
     return {
         "ibix_card": 1, "name": name, "description": "analytic test model",
         "spatial_dims": 2, "slice_axis": "axial",
@@ -141,38 +186,120 @@ def _card(name: str, channels=("T1",), out="T2", units="a.u.") -> dict:
 
 def identity_model(directory: Path, channels=("T1",)) -> Path:
     """y = sum of the input channels (identity for one channel)."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
+    pytest.importorskip("onnx")
+    import onnx_models
 
-    c = len(channels)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, "H", "W"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    if c == 1:
-        nodes = [helper.make_node("Identity", ["x"], ["y"])]
-        inits = []
-    else:
-        axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
-        nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)]
-        inits = [axes]
-    graph = helper.make_graph(nodes, "identity", [x], [y], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ibix-tests")
-    model.ir_version = 8
-    return _save(model, _card("identity (test)", channels), directory, "identity")
+    model = (onnx_models.identity() if len(channels) == 1
+             else onnx_models.channel_mix([1.0] * len(channels)))
+    return onnx_models.save(model, directory, "identity", card("identity (test)", channels))
 
 
-KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, 4.0, 2.0], [0.0, 0.5, 0.0]], dtype=np.float32)
+def conv_model(directory: Path, kernel: np.ndarray | None = None) -> Path:
+    """y = 3x3 zero-padded cross-correlation of x with ``kernel`` (default onnx_models.POSITIVE_KERNEL)."""
+    pytest.importorskip("onnx")
+    import onnx_models
+
+    kernel = onnx_models.POSITIVE_KERNEL if kernel is None else kernel
+    return onnx_models.save(onnx_models.convolution(kernel), directory, "conv3x3", card("3x3 convolution (test)"))
 
 
-def conv_model(directory: Path, kernel: np.ndarray = KERNEL) -> Path:
-    """y = 3x3 convolution (cross-correlation, zero padding 1) of x with a known kernel."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "H", "W"])
-    w = numpy_helper.from_array(np.asarray(kernel, np.float32).reshape(1, 1, 3, 3), name="w")
-    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    graph = helper.make_graph([node], "conv3x3", [x], [y], initializer=[w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="ibix-tests")
-    model.ir_version = 8
-    return _save(model, _card("3x3 convolution (test)"), directory, "conv3x3")
+# ------------------------------------------------------------------------------------------------------------------
+# A stand-in engine process (exact, fast protocol cases for the runner and the widget)
+# ------------------------------------------------------------------------------------------------------------------
+
+#: A stand-in for IBIXLib/child.py: behaves as IBIX_FAKE says; the result is input x mask (F) or the input (others).
+FAKE_CHILD = textwrap.dedent('''
+    import json, os, sys, time
+    import numpy as np
+    import SimpleITK as sitk
+    argv = sys.argv[1:]
+    folder = argv[argv.index("--job-folder") + 1]
+    args = argv[argv.index("--") + 1:]
+    if args == ["wait"]:  # a standby: the job arrives as job.json
+        while not os.path.exists(os.path.join(folder, "job.json")):
+            time.sleep(0.01)
+        args = json.load(open(os.path.join(folder, "job.json")))
+    mode_file = os.environ.get("IBIX_FAKE_FILE", "")  # read at job time (a standby started earlier)
+    mode = open(mode_file).read() if os.path.exists(mode_file) else os.environ.get("IBIX_FAKE", "ok")
+    command = args[0]
+    if command == "probe":  # the model check: a one-channel 2D model on the CPU
+        print(json.dumps({"stage": "finished", "model": {
+            "name": "fake", "channels": ["T1"], "spatial_dims": 2, "slice_axis": "axial", "units": "a.u.",
+            "output_channels": ["T2"], "device": "cpu", "provider": "CPUExecutionProvider",
+            "requested": argv[argv.index("--device") + 1]}}), flush=True)
+        sys.exit(0)
+    out = args[args.index("--output") + 1]
+    print("a human message on stderr", file=sys.stderr, flush=True)
+    for done in range(3):
+        print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
+    if mode == "fail":
+        print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
+        sys.exit(2)
+    if mode == "crash":
+        print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
+        os.abort()
+    image = sitk.ReadImage(args[args.index("--input") + 1])
+    if "--progressive" in args:  # a preview map (as ibix: written under its name, removed at the end)
+        os.makedirs(out)
+        preview = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, 0.5, np.float32))
+        preview.CopyInformation(image)
+        name = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}[command]
+        sitk.WriteImage(preview, os.path.join(out, "partial.nrrd"))
+        os.replace(os.path.join(out, "partial.nrrd"), os.path.join(out, name))
+        open(os.path.join(folder, "preview-written"), "w").close()
+        while mode == "preview" and not os.path.exists(os.path.join(folder, "go-on")):  # the test looks first
+            time.sleep(0.01)
+        if mode != "hang":
+            os.remove(os.path.join(out, name))
+    if mode == "hang":
+        open(os.path.join(folder, "hanging"), "w").close()
+        time.sleep(600)
+    x = sitk.GetArrayFromImage(image).astype(np.float32)
+    if "--mask" in args:
+        x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
+                 "backward": ["backward"]}[command]:
+        result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
+        result.CopyInformation(image)
+        files[role] = os.path.join(out, role + ".nrrd")
+        sitk.WriteImage(result, files[role])
+    files["summary"] = os.path.join(out, "summary.json")
+    with open(files["summary"], "w") as f:
+        json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
+                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u."}}, f)
+    print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
+''')
+
+
+
+class FakeMode:
+    """``setenv("IBIX_FAKE", mode)`` for FAKE_CHILD, also read by standby processes started before the call."""
+
+    def __init__(self, monkeypatch, path: Path):
+        self.monkeypatch, self.path = monkeypatch, path
+        monkeypatch.setenv("IBIX_FAKE_FILE", str(path))
+        self.setenv("IBIX_FAKE", "ok")
+
+    def setenv(self, name: str, value: str) -> None:
+        self.monkeypatch.setenv(name, value)
+        if name == "IBIX_FAKE":
+            self.path.write_text(value)
+
+    def __getattr__(self, name):
+        return getattr(self.monkeypatch, name)
+
+
+@pytest.fixture
+def fake_child(tmp_path, monkeypatch):
+    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, or preview: a progressive run
+    waits after its preview until the test writes ``go-on`` in the job folder)."""
+    from IBIXLib import jobs
+
+    path = tmp_path / "fake_child.py"
+    path.write_text(FAKE_CHILD)
+    monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
+    monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
+    return FakeMode(monkeypatch, tmp_path / "fake_mode")

@@ -1,8 +1,10 @@
-"""Reliability in Slicer (slicer-core scene): one run at a time, closing the scene cancels a run, and results
-land on the right voxels on oblique, left-handed, anisotropic grids and with masks drawn on another grid."""
+"""Runs in Slicer through the module's runner and the real ``ibix`` command line (slicer-core scene): the results
+equal the engine's, and land on the right voxels on oblique, left-handed, anisotropic grids and with masks drawn
+on another grid."""
 from __future__ import annotations
 
-import threading
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import IBIXLogic as ibx  # noqa: E402
-from IBIXLogic import mrml  # noqa: E402
+from IBIXLib import jobs  # noqa: E402
+from IBIXLib import scene as mrml  # noqa: E402
 
 SHIFT = np.zeros((3, 3), np.float32)
 SHIFT[1, 2] = 1.0  # cross-correlation: y[r, c] = x[r, c + 1]
@@ -57,104 +60,57 @@ def _peak_ras(node):
     return (mrml._ijk_to_ras_array(node) @ np.array([i, j, k, 1.0]))[:3]
 
 
-# -- one run at a time ------------------------------------------------------------------------------------------
-
-def test_a_second_run_while_one_computes_is_refused_never_interleaved(scene_case):
-    model = ibx.load_model(conv_model(scene_case["tmp"]), device="cpu")
-    args = (model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"])
-    first = mrml.prepare_forward(*args, n_jitters=2)
-    second = mrml.prepare_forward(*args, n_jitters=2)
-    inside, release = threading.Event(), threading.Event()
-
-    def hold(*_):
-        inside.set()
-        release.wait(30)
-        return False
-    worker = threading.Thread(target=lambda: first.compute(cancel=hold))
-    worker.start()
-    assert inside.wait(30)
-    assert mrml.run_in_progress()
-    nodes = scene_case["app"].node_count()
-    with pytest.raises(ibx.InputError, match="another IBIX run is in progress"):
-        second.compute()
-    with pytest.raises(ibx.InputError, match="another IBIX run is in progress"):  # the console API too
-        mrml.run_forward(*args, n_jitters=2)
-    assert scene_case["app"].node_count() == nodes and second.result is None
-    release.set()
-    worker.join(30)
-    assert not mrml.run_in_progress()
-    first_node = first.finish()
-    second.compute()  # now it runs
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(second.finish()),
-                                  slicer.util.arrayFromVolume(first_node))
+def _run(kind, model, volumes, segmentation=None, segment_id=None, output=None, **params):
+    """A run through the module's runner: inputs to files, the real ``ibix`` in a child process, result node."""
+    request = mrml.prepare_request(kind, ["T1"] * len(volumes), volumes, segmentation, segment_id,
+                                   output_node=output, **params)
+    run = jobs.Run(request, str(model), "cpu", python=sys.executable).start()
+    jobs.wait(run)
+    assert run.state == jobs.FINISHED, run.error
+    return run
 
 
-def test_the_lock_is_released_after_a_failed_or_cancelled_run(scene_case):
-    model = ibx.load_model(conv_model(scene_case["tmp"]), device="cpu")
-    args = (model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"])
-    with pytest.raises(ibx.Cancelled):
-        mrml.run_forward(*args, cancel=lambda: True)
-    with pytest.raises(ibx.InputError):
-        mrml.run_forward(*args, n_jitters=0)
-    assert not mrml.run_in_progress()
-    assert mrml.run_forward(*args, n_jitters=2) is not None
+# -- the runner gives what the engine gives -------------------------------------------------------------------
+
+def test_forward_backward_and_output_through_the_runner_equal_the_engine(scene_case):
+    model_path = conv_model(scene_case["tmp"])
+    model = ibx.load_model(model_path, device="cpu")
+    volume, array = scene_case["volume"], scene_case["array"]
+    geometry = mrml.geometry_from_volume_node(volume)
+    mask = np.zeros(SHAPE, bool)
+    mask[2, 9, 6] = True
+    args = (model_path, [volume], scene_case["segmentation"], scene_case["seg_id"])
+    run = _run("forward", *args, n_jitters=3)
+    expected = ibx.forward_mapping(model, array, mask, n_jitters=3, geometry=geometry)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(run.node), expected.normalized, rtol=1e-5, atol=1e-6)
+    assert run.node.GetName() == "oblique forward map (voxel)"
+    assert int(run.node.GetAttribute("IBIX.evaluations")) == expected.evaluations
+    signed = _run("forward", *args, n_jitters=3, display="signed")
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(signed.node), expected.signed, rtol=1e-5, atol=1e-6)
+    output = _run("output", model_path, [volume])
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(output.node), model.predict(array, geometry=geometry),
+                               rtol=1e-5, atol=1e-4)
+    params = dict(n_blocks=12, n_jitters=2, blocks="grid")
+    backward = _run("backward", *args, output=output.node, **params)
+    expected = ibx.backward_mapping(model, array, mask, geometry=geometry, **params)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(backward.node), expected.map, rtol=1e-5, atol=1e-6)
+    for node in (run.node, signed.node, output.node, backward.node):
+        assert mrml.geometry_from_volume_node(node).matches(geometry)
 
 
-# -- closing the scene cancels ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("after_calls", [1, 2, 4])
-def test_closing_the_scene_during_a_run_cancels_it_cleanly(scene_case, after_calls):
-    app = scene_case["app"]
-    model = ibx.load_model(conv_model(scene_case["tmp"]), device="cpu", memory_budget=50_000)
-    args = (model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"])
-    calls = []
-
-    def close_scene_on_call():
-        calls.append(1)
-        if len(calls) == after_calls:
-            app.scene.Clear(0)  # what File > Close Scene does
-        return False
-    before = app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    assert before == 1
-    with pytest.raises(ibx.Cancelled, match="scene was closed"):
-        mrml.run_backward(*args, n_blocks=12, blocks="grid", n_jitters=1, method="batched",
-                          cancel=close_scene_on_call)
-    assert app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # closed, and no result added
-    assert not mrml.run_in_progress()
-    # The next run on a new scene works and matches a run that was never interrupted.
-    volume = slicer.util.addVolumeFromArray(scene_case["array"], scene_case["matrix"], name="again")
-    segmentation = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
-    mask = np.zeros(SHAPE, np.uint8)
-    mask[2, 9, 6] = 1
-    seg_id = segmentation.GetSegmentation().AddEmptySegment("", "voxel")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, seg_id, volume)
-    node = mrml.run_backward(model, [volume], segmentation, seg_id, n_blocks=12, blocks="grid", n_jitters=1,
-                             method="batched")
-    expected = ibx.backward_mapping(model, scene_case["array"], mask.astype(bool), n_blocks=12, blocks="grid",
-                                    n_jitters=1, method="batched",
-                                    geometry=mrml.geometry_from_volume_node(volume))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected.map, atol=1e-6)
-
-
-def test_a_job_prepared_before_the_scene_closed_does_not_add_nodes(scene_case):
-    model = ibx.load_model(conv_model(scene_case["tmp"]), device="cpu")
-    job = mrml.prepare_forward(model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
-                               n_jitters=2)
-    job.watch_scene()  # what the GUI does before it starts the worker thread
-    scene_case["app"].scene.Clear(0)
-    with pytest.raises(ibx.Cancelled, match="scene was closed"):
-        job.compute()
-    with pytest.raises(ibx.Cancelled, match="scene was closed"):
-        job.finish()
-    assert scene_case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+def test_a_bad_parameter_is_the_engine_message(scene_case):
+    request = mrml.prepare_request("forward", ["T1"], [scene_case["volume"]], scene_case["segmentation"],
+                                   scene_case["seg_id"], n_jitters=0)
+    run = jobs.Run(request, str(conv_model(scene_case["tmp"])), "cpu", python=sys.executable).start()
+    jobs.wait(run)
+    assert run.state == jobs.FAILED and "n-jitters" in run.error.replace("_", "-")
 
 
 # -- geometry traps: results land on the right voxels -----------------------------------------------------------
 
 def test_identity_on_left_handed_oblique_anisotropic_volume_peaks_at_the_painted_point(scene_case):
-    model = ibx.load_model(identity_model(scene_case["tmp"]), device="cpu")
-    node = mrml.run_forward(model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
-                            n_jitters=2)
+    node = _run("forward", identity_model(scene_case["tmp"]), [scene_case["volume"]], scene_case["segmentation"],
+                scene_case["seg_id"], n_jitters=2).node
     # By hand: RAS = origin + D diag(spacing) (i, j, k) with (i, j, k) = (6, 9, 2)
     expected = ORIGIN + LEFT_HANDED @ (SPACING * np.array([6, 9, 2]))
     np.testing.assert_allclose(_peak_ras(node), expected, atol=1e-4)
@@ -162,9 +118,8 @@ def test_identity_on_left_handed_oblique_anisotropic_volume_peaks_at_the_painted
 
 
 def test_shift_model_moves_the_peak_by_one_column_in_physical_space(scene_case):
-    model = ibx.load_model(conv_model(scene_case["tmp"], kernel=SHIFT), device="cpu")
-    node = mrml.run_forward(model, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
-                            n_jitters=2)
+    node = _run("forward", conv_model(scene_case["tmp"], kernel=SHIFT), [scene_case["volume"]],
+                scene_case["segmentation"], scene_case["seg_id"], n_jitters=2).node
     # y[.., c] = x[.., c + 1]: jittering column i = 6 moves output column 5 (the axial slice axis is k here).
     expected = ORIGIN + LEFT_HANDED @ (SPACING * np.array([5, 9, 2]))
     np.testing.assert_allclose(_peak_ras(node), expected, atol=1e-4)
@@ -187,8 +142,10 @@ def test_mask_painted_on_another_grid_lands_on_the_same_physical_point(scene_cas
     mask, resampled = mrml.mask_from_segment(segmentation, seg_id, scene_case["volume"])
     assert resampled
     assert mask[2, 9, 6]
-    model = ibx.load_model(identity_model(scene_case["tmp"]), device="cpu")
-    node = mrml.run_forward(model, [scene_case["volume"]], segmentation, seg_id, n_jitters=2)
+    run = _run("forward", identity_model(scene_case["tmp"]), [scene_case["volume"]], segmentation, seg_id,
+               n_jitters=2)
+    assert "resampled" in run.status
+    node = run.node
     np.testing.assert_allclose(_peak_ras(node), target_ras, atol=1e-4)
 
 
@@ -207,11 +164,31 @@ def test_2d_model_when_the_axial_axis_is_the_arrays_last_axis(slicer_app, tmp_pa
     mask[6, 4, 3] = 1
     seg_id = segmentation.GetSegmentation().AddEmptySegment("", "voxel")
     slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, seg_id, volume)
-    model = ibx.load_model(conv_model(tmp_path, kernel=SHIFT), device="cpu")
-    node = mrml.run_forward(model, [volume], segmentation, seg_id, n_jitters=2)
+    node = _run("forward", conv_model(tmp_path, kernel=SHIFT), [volume], segmentation, seg_id, n_jitters=2).node
     result = slicer.util.arrayFromVolume(node)
     # Samples are axial slices (k, j) at fixed i; the sample's last axis is j: the peak moves to j = 3, same i.
     assert np.count_nonzero(result) == 1
     assert np.unravel_index(np.argmax(result), shape) == (6, 3, 3)
     expected = origin + direction @ (spacing * np.array([3, 3, 6]))
     np.testing.assert_allclose(_peak_ras(node), expected, atol=1e-4)
+
+
+def test_a_standby_engine_process_runs_the_next_job_and_ends_when_stopped(scene_case):
+    """The module keeps an engine process started for the next run: same result as a fresh process; one that
+    is not needed ends when stopped (its watchdog sees the cancel file)."""
+    model_path = conv_model(scene_case["tmp"])
+    request = mrml.prepare_request("forward", ["T1"], [scene_case["volume"]], scene_case["segmentation"],
+                                   scene_case["seg_id"], n_jitters=3)
+    standby = jobs.Standby("cpu", python=sys.executable)
+    run = jobs.Run(request, str(model_path), "cpu", python=sys.executable).start(standby)
+    assert run.process is standby.process and run.folder == standby.folder
+    jobs.wait(run)
+    assert run.state == jobs.FINISHED, run.error
+    fresh = _run("forward", model_path, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
+                 n_jitters=3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.node), slicer.util.arrayFromVolume(fresh.node))
+    assert not os.path.exists(standby.folder)
+    idle = jobs.Standby("cpu", python=sys.executable)
+    idle.stop()
+    jobs.wait(idle.process)
+    assert idle.process.state == jobs.CANCELLED and not os.path.exists(idle.folder)

@@ -1,5 +1,4 @@
-"""The Slicer module files: IBIX.py vs IBIX.ui, import hygiene, packaging metadata, and the console API
-(IBIX.IBIXLogic) run on a slicer-core scene with Qt-only pieces stubbed."""
+"""The Slicer module files: IBIX.py vs IBIX.ui, import hygiene, packaging metadata."""
 from __future__ import annotations
 
 import ast
@@ -79,24 +78,21 @@ def test_ui_mrml_widgets_get_the_scene():
 
 
 def test_no_onnxruntime_at_import_time():
-    """Importing the engine (and the bridge) must not import ONNX Runtime; IBIX.py imports neither at top level."""
+    """Importing the engine, the Slicer helpers or IBIX.py never imports ONNX Runtime (it runs in the engine
+    process only)."""
     for node in module_tree().body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n and (n.startswith("onnxruntime") or n.startswith("IBIXLogic")) for n in names), names
+            assert not any(n and n.startswith("onnxruntime") for n in names), names
     code = (
-        "import sys, ast\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'IBIX')!r})\n"
         "import IBIXLogic\n"
         "assert 'onnxruntime' not in sys.modules, 'import IBIXLogic imported onnxruntime'\n"
-        "try:\n"
-        "    import slicer\n"
-        "    if hasattr(slicer, 'vtkMRMLScene'):\n"
-        "        import IBIXLogic.mrml\n"
-        "except ImportError:\n"
-        "    pass\n"
-        "assert 'onnxruntime' not in sys.modules, 'import IBIXLogic.mrml imported onnxruntime'\n"
-        f"compile(open({str(MODULE)!r}).read(), 'IBIX.py', 'exec')\n"
-        "assert 'onnxruntime' not in sys.modules\n"
+        "import slicer\n"
+        "if hasattr(slicer, 'vtkMRMLScene'):\n"
+        "    import IBIXLib.scene, IBIXLib.jobs, IBIXLib.dependencies\n"
+        "assert 'onnxruntime' not in sys.modules, 'import IBIXLib imported onnxruntime'\n"
         "print('clean')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -134,6 +130,8 @@ def test_module_cmake_lists_every_file():
         assert rel in text
         assert (ROOT / "IBIX" / rel.replace("${MODULE_NAME}", "IBIX")).exists()
     assert "IBIXLogic/*.py" in text and "IBIXLogic/*.json" in text
+    for path in sorted((ROOT / "IBIX" / "IBIXLib").glob("*.py")):  # the Slicer helpers, installed with the module
+        assert f"IBIXLib/{path.name}" in text, path.name
 
 
 def test_extensions_index_entry():
@@ -158,158 +156,18 @@ def test_license_and_icons():
             assert image.size == (128, 128)
 
 
-def test_requirements_file():
+def test_requirements_file_is_the_one_dependency_list():
+    """pyproject.toml reads its dependencies from the module's requirements.txt; ONNX Runtime is the user's
+    choice (extras cpu/gpu, the module's Runtime setting), never in the list."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "dependencies" in project["project"]["dynamic"] and "dependencies" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["IBIX/Resources/requirements.txt"]}
     lines = [l.strip() for l in (ROOT / "IBIX/Resources/requirements.txt").read_text().splitlines()
              if l.strip() and not l.startswith("#")]
     names = [re.split(r"[<>=!~ ;\[]", l)[0].lower() for l in lines]
-    assert "onnxruntime" in names and "onnxruntime-gpu" not in names
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# IBIX.py imported with the Qt-only pieces stubbed (slicer-core has no Qt): dependencies and the console API
-# ------------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def ibix_module(monkeypatch):
-    from conftest_slicer import import_slicer_core
-
-    slicer = import_slicer_core()
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
-
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.WithinRange = lambda lo, hi: (lo, hi)
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def getParameterNode(self):
-            return None
-
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(slm, name, type(name, (Base,), {}))
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setattr(slicer, "parameterNodeWrapper", wrapper, raising=False)
-    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
-    monkeypatch.syspath_prepend(str(ROOT / "IBIX"))
-    monkeypatch.delitem(sys.modules, "IBIX", raising=False)
-    import IBIX
-
-    yield IBIX
-    sys.modules.pop("IBIX", None)
-
-
-@pytest.mark.parametrize("gpu, installed, expect_install, expect_uninstall", [
-    (True, [], "onnxruntime-gpu", None),
-    (False, [], "onnxruntime", None),
-    (True, ["onnxruntime"], "onnxruntime-gpu", "onnxruntime"),
-    (False, ["onnxruntime-gpu"], "onnxruntime", "onnxruntime-gpu"),
-])
-def test_dependency_choice_asks_first_and_never_installs_both(ibix_module, monkeypatch, gpu, installed,
-                                                              expect_install, expect_uninstall):
-    IBIX = ibix_module
-    import importlib.util
-
-    import slicer
-
-    calls = []
-    state = {"installed": False}
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (None if name == "onnxruntime" and not state["installed"]
-                                          else real_find_spec(name, *a)))
-    monkeypatch.setattr(IBIX, "hasNvidiaGpu", lambda: gpu)
-    monkeypatch.setattr(IBIX, "_installedDistributions", lambda *names: [n for n in names if n in installed])
-    util = slicer.util
-    monkeypatch.setattr(util, "pip_uninstall", lambda name: calls.append(("uninstall", name)), raising=False)
-    monkeypatch.setattr(util, "confirmOkCancelDisplay", lambda text, title=None: calls.append(("ask", text)) or True,
-                        raising=False)
-
-    def pip_install(requirements):
-        calls.append(("install", requirements))
-        state["installed"] = True
-
-    monkeypatch.setattr(util, "pip_install", pip_install, raising=False)
-    assert IBIX.ensureDependencies() is True
-    kinds = [c[0] for c in calls]
-    assert "ask" in kinds and kinds.index("ask") < kinds.index("install")
-    assert "uninstall" not in kinds or kinds.index("ask") < kinds.index("uninstall") < kinds.index("install")
-    install = [c[1] for c in calls if c[0] == "install"][0]
-    assert expect_install in install.split()[0] or install.startswith(expect_install + ">=")
-    other = "onnxruntime" if expect_install == "onnxruntime-gpu" else "onnxruntime-gpu"
-    assert not re.search(rf"(^| ){re.escape(other)}(>|=|$| )", install)
-    assert [c[1] for c in calls if c[0] == "uninstall"] == ([expect_uninstall] if expect_uninstall else [])
-
-
-def test_dependency_prompt_declined_raises(ibix_module, monkeypatch):
-    IBIX = ibix_module
-    import slicer
-
-    monkeypatch.setattr(IBIX, "missingRequirements", lambda: ("onnxruntime", []))
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: False, raising=False)
-    installs = []
-    monkeypatch.setattr(slicer.util, "pip_install", lambda r: installs.append(r), raising=False)
-    monkeypatch.setattr(IBIX, "_installedDistributions", lambda *names: ["onnxruntime-gpu"])
-    uninstalls = []
-    monkeypatch.setattr(slicer.util, "pip_uninstall", lambda r: uninstalls.append(r), raising=False)
-    with pytest.raises(RuntimeError, match="cannot run without"):
-        IBIX.ensureDependencies()
-    assert not installs and not uninstalls  # declining changes nothing
-
-
-def test_console_api_on_a_slicer_core_scene(ibix_module, slicer_app, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from conftest_slicer import conv_model
-
-    import slicer
-
-    IBIX = ibix_module
-    logic = IBIX.IBIXLogic()
-    with pytest.raises(ValueError, match="no model loaded"):
-        logic.generateOutput([])
-    with pytest.raises(ValueError, match="model file not found"):
-        logic.loadModel(str(tmp_path / "missing.onnx"), installDependencies=False)
-    model = logic.loadModel(str(conv_model(tmp_path)), device="cpu", installDependencies=False)
-    assert "T1" in logic.cardSummary() and "2D" in logic.cardSummary()
-    assert logic.deviceSummary().startswith("cpu")
-
-    array = np.random.default_rng(1).random((4, 16, 12)).astype(np.float32)
-    volume = slicer.util.addVolumeFromArray(array, np.diag([0.9, 1.2, 3.0, 1.0]), name="T1")
-    seg = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    sid = seg.GetSegmentation().AddEmptySegment("", "Left ventricle")
-    mask = np.zeros(array.shape, np.uint8)
-    mask[1, 5:8, 4:7] = 1
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, sid, volume)
-
-    output = logic.generateOutput([volume])
-    fmap = logic.runForward([volume], seg, sid, n_jitters=2)
-    assert fmap.GetName() == "T1 forward map (Left ventricle)"
-    bmap = logic.runBackward([volume], output, seg, sid, n_blocks=12, n_jitters=2, blocks="grid")
-    assert bmap.GetAttribute("IBIX.kind") == "backward"
-    assert model is logic.model
-
-    # GUI parameters -> engine parameters
-    p = types.SimpleNamespace(forwardJitters=8, backwardJitters=4, maxJitter=0.0, blocks=500, compactness=0.1,
-                              coarseToFine=True, coarseBlocks=50, refineThreshold=0.5, normalization="fraction",
-                              signedDisplay=False, progressive=True)
-    assert logic.forwardParameters(p) == {"n_jitters": 8, "display": "normalized", "progressive": True}
-    assert logic.backwardParameters(p) == {"n_blocks": 500, "compactness": 0.1, "n_jitters": 4,
-                                           "normalization": "fraction", "coarse_blocks": 50, "refine_threshold": 0.5,
-                                           "progressive": True}
-    p.maxJitter = 2.5
-    assert logic.forwardParameters(p)["max_jitter"] == 2.5
-
-    # Errors: same text as the GUI shows, scene unchanged.
-    empty = seg.GetSegmentation().AddEmptySegment("", "empty")
-    count = slicer_app.node_count()
-    with pytest.raises(ValueError, match="is empty: paint it in the Segment Editor"):
-        logic.runForward([volume], seg, empty)
-    with pytest.raises(ValueError, match="1 input channel"):
-        logic.runForward([volume, output], seg, sid)
-    assert slicer_app.node_count() == count
+    assert not any(n.startswith("onnxruntime") for n in names)
+    assert {"numpy", "scipy", "simpleitk", "scikit-image", "jsonschema"} <= set(names)
+    extras = project["project"]["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime>=1.17"] and extras["gpu"] == ["onnxruntime-gpu[cuda,cudnn]>=1.21"]

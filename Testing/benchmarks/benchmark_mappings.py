@@ -191,7 +191,8 @@ def run_case(name: str, quick: bool) -> dict:
         if name == "2d-forward":
             result, figures = measure(model, prepared,
                                       lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
-            return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, **figures}
+            return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, **figures,
+                    "equivalent": result.equivalent_evaluations}
         _, mask_name, method = name.split("-", 2)
         started = time.perf_counter()
         blocks = ibx.superpixel_blocks(image, n_blocks)
@@ -256,7 +257,7 @@ def run_case(name: str, quick: bool) -> dict:
             label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4 " \
                     "(blocks included)"
         return {"case": label, "evaluations": result.evaluations, **figures,
-                "equivalent": getattr(result, "equivalent_evaluations", None)}
+                "equivalent": result.equivalent_evaluations}
     if name.startswith("clinical-"):
         return clinical_case(name)
     if name.startswith("3d-"):
@@ -278,7 +279,7 @@ def run_case(name: str, quick: bool) -> dict:
                 result, figures = measure(model, prepared,
                                           lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
                 return {"case": f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask",
-                        "evaluations": result.evaluations, **figures}
+                        "evaluations": result.evaluations, **figures, "equivalent": result.equivalent_evaluations}
             started = time.perf_counter()
             blocks = ibx.superpixel_blocks(volume, n_blocks)
             blocks_s = time.perf_counter() - started

@@ -1,19 +1,16 @@
-"""IBIXLogic.mrml (the MRML bridge) on a real MRML scene from slicer-core, with analytic ONNX models."""
+"""IBIXLib.scene (the MRML bridge) on a real MRML scene from slicer-core: geometry, segments to masks, requests,
+result nodes and their display. Runs go through IBIXLib.jobs (test_jobs.py)."""
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import pytest
 
-from conftest_slicer import KERNEL, conv_model, identity_model, import_slicer_core, slicer_app  # noqa: F401
+from conftest_slicer import assert_scene_unchanged, import_slicer_core, scene_snapshot, slicer_app  # noqa: F401
 
 slicer = import_slicer_core()
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
 
 import IBIXLogic as ibx  # noqa: E402
-from IBIXLogic import mrml  # noqa: E402
+from IBIXLib import scene as mrml  # noqa: E402
 
 # Anisotropic spacing (0.7, 1.1, 2.5) and a rotated, axis-permuted direction (columns = i, j, k in RAS):
 # i runs R->L (LPS-like flip), j runs P->A rotated 30 degrees about S, k runs S.
@@ -99,62 +96,6 @@ def test_parent_transform_is_refused_with_the_fix(case):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# (1) forward / backward through the bridge == engine on the same arrays; result geometry == reference
-# ------------------------------------------------------------------------------------------------------------------
-
-def test_forward_through_bridge_equals_engine(case):
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    volume = case["volume"]
-    node = mrml.run_forward(model, [volume], case["segmentation"], case["seg_id"], n_jitters=3)
-    assert node.GetName() == "T1 forward map (Left ventricle)"
-    assert node.GetAttribute("IBIX.kind") == "forward"
-    assert node.GetAttribute("IBIX.segmentName") == "Left ventricle"
-    assert node.GetAttribute("IBIX.maskResampled") == "false"
-    assert_same_geometry(node, volume)
-
-    expected = ibx.forward_mapping(model, case["array"], case["mask"], n_jitters=3,
-                                   geometry=mrml.geometry_from_volume_node(volume))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected.normalized, rtol=1e-5, atol=1e-6)
-    # The 3x3 kernel spreads the mask's influence by one voxel in-plane (2D model: no through-plane reach).
-    reacting = slicer.util.arrayFromVolume(node) > 0
-    assert reacting[2].any() and not reacting[[0, 1, 3, 4]].any()
-
-    signed = mrml.run_forward(model, [volume], case["segmentation"], case["seg_id"], n_jitters=3,
-                              display="signed")
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(signed), expected.signed, rtol=1e-5, atol=1e-6)
-    assert signed.GetAttribute("IBIX.display") == "signed"
-
-
-def test_backward_through_bridge_equals_engine(case):
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    volume = case["volume"]
-    output = mrml.generate_output(model, [volume])
-    assert_same_geometry(output, volume)
-    expected_output = model.predict(case["array"], geometry=mrml.geometry_from_volume_node(volume))
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(output), expected_output, rtol=1e-5, atol=1e-4)
-
-    params = dict(n_blocks=30, n_jitters=2, blocks="grid")
-    node = mrml.run_backward(model, [volume], case["segmentation"], case["out_id"], output_node=output, **params)
-    assert node.GetName() == "T1 backward map (Output region)"
-    assert_same_geometry(node, volume)
-    expected = ibx.backward_mapping(model, case["array"], case["out_mask"],
-                                    geometry=mrml.geometry_from_volume_node(volume), **params)
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), expected.map, rtol=1e-5, atol=1e-6)
-    assert int(node.GetAttribute("IBIX.evaluations")) == expected.evaluations
-
-
-def test_multichannel_inputs_in_card_order(case):
-    model = ibx.load_model(identity_model(case["tmp"], channels=("water", "fat")), device="cpu")
-    volume = case["volume"]
-    fat_array = case["array"][::-1].copy()
-    fat = slicer.util.addVolumeFromArray(fat_array, ijk_to_ras(), name="fat")
-    node = mrml.generate_output(model, [volume, fat])
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), case["array"] + fat_array, rtol=1e-5, atol=1e-3)
-    with pytest.raises(ibx.InputError, match="2 input channel"):
-        mrml.generate_output(model, [volume])
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # (2) a segmentation on a different geometry is resampled onto the reference grid
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -193,13 +134,9 @@ def test_segment_on_other_grid_is_resampled(case):
     assert not mask[distance >= 4.0 + fine_spacing].any()
     assert mask[2, 10, 7]
 
-    # The run says it resampled (node attribute and the job's status line).
-    model = ibx.load_model(identity_model(case["tmp"]), device="cpu")
-    job = mrml.prepare_forward(model, [volume], other, ball_id, n_jitters=2)
-    job.compute()
-    node = job.finish()
-    assert node.GetAttribute("IBIX.maskResampled") == "true"
-    assert "resampled" in job.status
+    # The request says it resampled.
+    request = mrml.prepare_request("forward", ["T1"], [volume], other, ball_id, n_jitters=2)
+    assert request.mask_resampled
 
 
 def test_same_grid_cropped_labelmap_is_not_resampled(case):
@@ -262,41 +199,11 @@ def test_slice_view_composite_shows_overlay_colours(slicer_app):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# (4) inputs unchanged after a run, a failed run and a cancelled run
+# Requests: bad inputs are refused with the fix, and reading never changes the scene
 # ------------------------------------------------------------------------------------------------------------------
 
 def _snapshot(case):
-    seg = case["segmentation"]
-    return dict(
-        nodes=case["app"].node_count(),
-        ids=sorted(case["app"].scene.GetNthNode(i).GetID() for i in range(case["app"].node_count())),
-        array=slicer.util.arrayFromVolume(case["volume"]).copy(),
-        matrix=matrix_of(case["volume"]),
-        masks={sid: mrml.mask_from_segment(seg, sid, case["volume"])[0]
-               for sid in (case["seg_id"], case["out_id"])},
-        segments=seg.GetSegmentation().GetNumberOfSegments(),
-    )
-
-
-def _assert_unchanged(case, before, allow_new=0):
-    after = _snapshot(case)
-    assert after["nodes"] - before["nodes"] in ((0,) if allow_new == 0 else range(1, allow_new + 1))
-    if allow_new == 0:
-        assert after["ids"] == before["ids"]
-    np.testing.assert_array_equal(after["array"], before["array"])
-    np.testing.assert_array_equal(after["matrix"], before["matrix"])
-    for sid, m in before["masks"].items():
-        np.testing.assert_array_equal(after["masks"][sid], m)
-    assert after["segments"] == before["segments"]
-
-
-def test_inputs_unchanged_after_successful_run(case):
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    before = _snapshot(case)
-    node = mrml.run_forward(model, [case["volume"]], case["segmentation"], case["seg_id"], n_jitters=2,
-                            show=False)
-    _assert_unchanged(case, before, allow_new=2)  # the map and its display node only
-    assert case["app"].scene.GetNodeByID(node.GetID()) is node
+    return scene_snapshot(case["app"], case["volume"], case["segmentation"], [case["seg_id"], case["out_id"]])
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -304,17 +211,16 @@ def test_inputs_unchanged_after_successful_run(case):
     ("no_segment", "no segment selected"),
     ("no_segmentation", "no segmentation selected"),
     ("no_volume", "no input volume selected"),
+    ("channels", "expects 2 input channel"),
     ("transform", "harden the transform"),
-    ("no_model", "no model loaded"),
 ])
-def test_failed_runs_leave_scene_unchanged(case, mutate, message):
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
+def test_bad_requests_are_refused_and_leave_the_scene_unchanged(case, mutate, message):
     volume, seg, sid = case["volume"], case["segmentation"], case["seg_id"]
     if mutate == "transform":
         transform = case["app"].scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "t")
         volume.SetAndObserveTransformNodeID(transform.GetID())
-    before = _snapshot(case) if mutate != "transform" else None
-    args = dict(model=model, input_nodes=[volume], segmentation_node=seg, segment_id=sid)
+    before = _snapshot(case)
+    args = dict(kind="forward", channels=["T1"], input_nodes=[volume], segmentation_node=seg, segment_id=sid)
     if mutate == "empty":
         args["segment_id"] = case["empty_id"]
     elif mutate == "no_segment":
@@ -323,69 +229,105 @@ def test_failed_runs_leave_scene_unchanged(case, mutate, message):
         args["segmentation_node"] = None
     elif mutate == "no_volume":
         args["input_nodes"] = [None]
-    elif mutate == "no_model":
-        args["model"] = None
-    count = case["app"].node_count()
+    elif mutate == "channels":
+        args["channels"] = ["water", "fat"]
     with pytest.raises(ibx.IBIXError, match=message):
-        mrml.run_forward(**args, n_jitters=2)
-    assert case["app"].node_count() == count
-    if before is not None:
-        _assert_unchanged(case, before)
+        mrml.prepare_request(**args, n_jitters=2)
+    assert_scene_unchanged(before, _snapshot(case))
 
 
-def test_cancelled_run_leaves_scene_unchanged(case):
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    before = _snapshot(case)
-    cancel = threading.Event()
-    cancel.set()
-    with pytest.raises(ibx.Cancelled):
-        mrml.run_forward(model, [case["volume"]], case["segmentation"], case["seg_id"], n_jitters=2, cancel=cancel)
-    _assert_unchanged(case, before)
-
-    # Cancelled part-way: the engine polls cancel between evaluations; it says yes from the second poll on.
-    polls = []
-
-    def cancel_after_first_poll():
-        polls.append(1)
-        return len(polls) > 1
-
-    with pytest.raises(ibx.Cancelled):
-        mrml.run_backward(model, [case["volume"]], case["segmentation"], case["out_id"], n_blocks=20,
-                          n_jitters=2, blocks="grid", cancel=cancel_after_first_poll)
-    assert len(polls) > 1
-    _assert_unchanged(case, before)
+def test_request_copies_inputs_in_card_order(case):
+    fat_array = case["array"][::-1].copy()
+    fat = slicer.util.addVolumeFromArray(fat_array, ijk_to_ras(), name="fat")
+    request = mrml.prepare_request("output", ["water", "fat"], [case["volume"], fat])
+    np.testing.assert_array_equal(request.arrays[0], case["array"])
+    np.testing.assert_array_equal(request.arrays[1], fat_array)
+    request.arrays[0][:] = 0  # copies: the volume keeps its voxels
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(case["volume"]), case["array"])
+    assert request.geometry.matches(mrml.geometry_from_volume_node(case["volume"]))
 
 
-def test_job_compute_runs_in_a_worker_thread(case):
-    """The GUI's pattern: prepare (main) -> compute (thread) -> finish (main)."""
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    job = mrml.prepare_forward(model, [case["volume"]], case["segmentation"], case["seg_id"], n_jitters=2)
-    count = case["app"].node_count()
-    errors = []
-    worker = threading.Thread(target=lambda: errors.append(None) if job.compute() is not None else None)
-    worker.start()
-    worker.join(60)
-    assert case["app"].node_count() == count  # nothing added while computing
-    node = job.finish()
-    assert node.GetAttribute("IBIX.evaluations") == str(job.result.evaluations)
-    assert "evaluations" in job.status
+def test_closed_surface_segmentation_is_read_without_being_modified(case):
+    """Issue 11 (7): a segmentation holding only closed surfaces gets no binary labelmap representation added."""
+    scene = case["app"].scene
+    source = case["segmentation"]
+    surface = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    surface.SetReferenceImageGeometryParameterFromVolumeNode(case["volume"])
+    surface.GetSegmentation().CopySegmentFromSegmentation(source.GetSegmentation(), case["seg_id"])
+    closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    surface.GetSegmentation().CreateRepresentation(closed)
+    surface.GetSegmentation().SetSourceRepresentationName(closed)
+    surface.GetSegmentation().RemoveRepresentation(binary)
+    assert not surface.GetSegmentation().ContainsRepresentation(binary)
+    sid = surface.GetSegmentation().GetNthSegmentID(0)
+    before = scene_snapshot(case["app"], case["volume"], surface, [sid])
+    mask, _ = mrml.mask_from_segment(surface, sid, case["volume"])
+    assert_scene_unchanged(before, scene_snapshot(case["app"], case["volume"], surface, [sid]))
+    assert not surface.GetSegmentation().ContainsRepresentation(binary)
+    # the surface of the painted box, voxelised again on the volume's grid: inside the box grown by one voxel
+    grown = np.zeros(SHAPE, bool)
+    grown[1:4, 7:13, 4:10] = True
+    assert mask.any() and not mask[~grown].any()
 
 
-def test_progressive_preview_node_is_replaced_by_the_final_map(case):
-    """A progressive run shows a preview node while it computes; the final map (or a cancel) removes it."""
-    model = ibx.load_model(conv_model(case["tmp"]), device="cpu")
-    before = _snapshot(case)
-    job = mrml.prepare_forward(model, [case["volume"]], case["segmentation"], case["seg_id"], n_jitters=4,
-                               progressive=True)
-    job.compute()
-    preview = job.show_preview()
-    assert "preview, N = 2" in preview.GetName()
-    np.testing.assert_allclose(mrml.slicer.util.arrayFromVolume(preview), job.preview[0])
-    assert job.show_preview() is None  # nothing new to show: no second node
-    job.remove_preview()
-    _assert_unchanged(case, before)  # e.g. a cancel: no trace of the preview
-    node = job.finish(show=False)
-    assert node.GetAttribute("IBIX.parameters").count('"progressive": true') == 1
+def test_result_background_is_the_output_for_F_and_the_input_for_B(case):
+    """Issue 11 (7): F is shown over the generated output volume, B over the input volume."""
+    output = slicer.util.addVolumeFromArray(case["array"] * 2, ijk_to_ras(), name="T2 generated")
+    composite = case["app"].slice_logic.GetSliceCompositeNode()
+    for kind, segment, background in (("forward", case["seg_id"], output),
+                                      ("backward", case["out_id"], case["volume"])):
+        request = mrml.prepare_request(kind, ["T1"], [case["volume"]], case["segmentation"], segment,
+                                       output_node=output)
+        node = mrml.add_result(request, np.ones(SHAPE, np.float32), request.geometry, {})
+        assert composite.GetBackgroundVolumeID() == background.GetID(), kind
+        assert composite.GetForegroundVolumeID() == node.GetID()
+        assert node.GetAttribute("IBIX.background") == background.GetID()
+        assert_same_geometry(node, case["volume"])
+    # without a generated output, F is shown over the input
+    request = mrml.prepare_request("forward", ["T1"], [case["volume"]], case["segmentation"], case["seg_id"])
+    mrml.add_result(request, np.ones(SHAPE, np.float32), request.geometry, {})
+    assert composite.GetBackgroundVolumeID() == case["volume"].GetID()
+
+
+def test_result_of_a_closed_scene_is_not_added(case):
+    request = mrml.prepare_request("forward", ["T1"], [case["volume"]], case["segmentation"], case["seg_id"])
+    case["app"].scene.Clear(0)
+    with pytest.raises(ibx.Cancelled, match="scene was closed"):
+        mrml.add_result(request, np.ones(SHAPE, np.float32), request.geometry, {})
+    assert case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_signed_map_threshold_applies_to_the_magnitude_both_signs_show(slicer_app):
+    """Issue 11 (3): a signed F with the default threshold shows its negative (blue) and positive (red) values;
+    values with |F| below the threshold stay transparent."""
+    shape = (1, 40, 40)
+    volume = slicer.util.addVolumeFromArray(np.full(shape, 50.0, np.float32), np.eye(4), name="input")
+    volume.CreateDefaultDisplayNodes()
+    volume.GetDisplayNode().AutoWindowLevelOff()
+    volume.GetDisplayNode().SetWindowLevelMinMax(0.0, 100.0)
+    signed = np.zeros(shape, np.float32)
+    signed[0, 4:16, 4:16] = -2.0
+    signed[0, 24:36, 24:36] = 2.0
+    signed[0, 18:22, 4:16] = 0.05  # |F| / max = 0.025 < 0.05: hidden
+    node = mrml.create_volume_node(signed, mrml.geometry_from_volume_node(volume), "signed F")
+    node.SetAttribute("IBIX.kind", "forward")
+    node.SetAttribute("IBIX.display", "signed")
+    mrml.show_overlay(node, volume, opacity=1.0, threshold=0.05)
+    rgb = slicer_app.render_slice((120, 120))[..., :3].astype(int)
+    blue = rgb[..., 2] > rgb[..., 0] + 60
+    red = rgb[..., 0] > rgb[..., 2] + 60
+    grey = np.abs(rgb - rgb[..., :1]).max(axis=-1) <= 1
+    assert blue.sum() > 0.03 * blue.size and red.sum() > 0.03 * red.size
+    assert abs(int(blue.sum()) - int(red.sum())) < 0.2 * red.sum()  # same area, both signs
+    rows, cols = np.nonzero(blue)
+    assert cols.max() < rgb.shape[1] * 0.6 or rows.max() < rgb.shape[0] * 0.6
+    # the weak band is transparent: as many grey pixels as without it
+    signed[0, 18:22, 4:16] = 0.0
+    slicer.util.updateVolumeFromArray(node, signed)
+    grey_without = np.abs(slicer_app.render_slice((120, 120))[..., :3].astype(int)
+                          - slicer_app.render_slice((120, 120))[..., :1].astype(int)).max(axis=-1) <= 1
+    assert abs(int(grey.sum()) - int(grey_without.sum())) <= 0.01 * grey.size
 
 
 def test_slice_view_is_radiological_patient_left_on_screen_right(slicer_app):

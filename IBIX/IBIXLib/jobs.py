@@ -1,0 +1,609 @@
+"""Runs the IBIX engine in a separate Python process and brings its results into the scene.
+
+Why a process: in Slicer, PythonQt holds the GIL while Qt's event loop idles, so a Python worker thread only
+advances while the main thread runs Python; a forward map that takes 0.45 s alone took 10.9 s that way. The
+engine therefore runs in a child process (``PythonSlicer`` in Slicer, started through
+``slicer.util.launchConsoleProcess`` as SlicerTotalSegmentator and SlicerMONAIAuto3DSeg do), and the main thread
+only writes the inputs, polls, and loads the results.
+
+* :class:`Process` - one child speaking the JSON-lines protocol of ``ibix ... --progress-format jsonl``
+  (``{"stage", "done", "total"}`` lines, then ``{"stage": "finished", "files", "summary"}`` or
+  ``{"stage": "failed", "error"}``). A daemon thread reads the child's output into a queue; :meth:`Process.poll`
+  (called by a timer on the main thread) drains it without ever waiting.
+* :class:`Run` - one module run: writes the inputs of a :class:`IBIXLib.scene.Request` (NRRD files with their
+  geometry) to a temporary folder, starts ``ibix predict|forward|backward`` there, reports progress, and on
+  success adds the result node; on failure, crash or cancel the scene is left as it was. The folder is removed
+  in every case.
+* :func:`probe_model` - loads a model in a child (the provider that really runs it, without creating an ONNX
+  Runtime session or calling ``nvidia-smi`` on the main thread).
+* :class:`Standby` - an engine process started ahead of time (Python started, engine and ONNX Runtime imported)
+  that the next run takes, so that a run does not wait for the child's start-up.
+* :func:`wait` - the synchronous form for the Python console (polls until the run ends).
+
+The way the child is started is one injectable function (a *launcher*), ``slicer.util.launchConsoleProcess`` in
+Slicer and :func:`subprocess_launcher` in tests and outside Slicer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import IBIXLogic as ibx
+
+from . import scene
+
+#: ``launcher(args, environment) -> Popen`` with text ``stdout`` (stderr merged into it), ``poll``, ``kill``.
+Launcher = Callable[[Sequence[str], dict], Any]
+
+#: Where this module's child entry point lives (installed beside it).
+CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
+
+#: Last lines of the child's other output kept for error messages.
+TAIL_LINES = 20
+
+#: Seconds between two polls in :func:`wait`.
+WAIT_INTERVAL = 0.05
+
+#: Seconds a result read may take for the result node to be added in the same poll (else at the next poll).
+SPLIT_AFTER = 0.05
+
+#: Exit code of ``ibix`` for bad usage or bad input.
+USAGE_ERROR = 2
+
+#: States of a process or a run; the last four are final.
+RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
+
+
+def engine_path() -> str:
+    """The folder that holds the ``IBIXLogic`` package (put on the child's Python path)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(ibx.__file__)))
+
+
+def python_executable() -> str:
+    """``PythonSlicer`` inside Slicer (its Python with Slicer's environment), else this interpreter."""
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is not None:
+            return shutil.which("PythonSlicer") or sys.executable
+    except ImportError:
+        pass
+    return sys.executable
+
+
+def slicer_launcher(args: Sequence[str], environment: dict):
+    """Start a child the way Slicer does (hidden console on Windows, Slicer's startup environment)."""
+    import slicer
+
+    return slicer.util.launchConsoleProcess(list(args), updateEnvironment=environment)
+
+
+def subprocess_launcher(args: Sequence[str], environment: dict):
+    """Start a child with :class:`subprocess.Popen` (outside Slicer and in tests): same pipes as Slicer's."""
+    return subprocess.Popen(list(args), env={**os.environ, **environment}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+
+
+def default_launcher() -> Launcher:
+    """:func:`slicer_launcher` in the Slicer application, :func:`subprocess_launcher` elsewhere."""
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is not None:
+            return slicer_launcher
+    except ImportError:
+        pass
+    return subprocess_launcher
+
+
+def child_command(folder: str, device: str, arguments: Sequence[str], python: str | None = None) -> list[str]:
+    """The command line of a child that runs ``ibix <arguments>`` (or ``probe ...``) for a job folder."""
+    return [python or python_executable(), CHILD_SCRIPT, "--job-folder", folder, "--device", device,
+            "--engine-path", engine_path(), "--", *arguments]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One child process and its protocol
+# ------------------------------------------------------------------------------------------------------------------
+
+class Process:
+    """A child process that prints JSON-lines progress records; never blocks the caller.
+
+    Parameters
+    ----------
+    args : sequence of str
+        The command line.
+    folder : str
+        The job folder; :meth:`cancel` creates ``folder/cancel``, which the child's watchdog obeys.
+    launcher : callable, optional
+        How to start it (default :func:`default_launcher`).
+    environment : dict, optional
+        Extra environment variables of the child.
+    """
+
+    def __init__(self, args: Sequence[str], folder: str, launcher: Launcher | None = None,
+                 environment: dict | None = None):
+        self.args = list(args)
+        self.folder = folder
+        self.state = RUNNING
+        self.progress: tuple[int, int, str] = (0, 1, "starting")
+        self.record: dict | None = None          # the final "finished" or "failed" record
+        self.returncode: int | None = None
+        self.tail: list[str] = []                # the child's other output (human messages, tracebacks)
+        self._lines: queue.Queue = queue.Queue()
+        self._cancelled = False
+        self._closed = False                     # the child's output ended (it may not be reaped yet)
+        environment = {"PYTHONUNBUFFERED": "1", **(environment or {})}
+        self._proc = (launcher or default_launcher())(self.args, environment)
+        self._reader = threading.Thread(target=self._read, name="IBIX child output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """Reader thread: every output line into the queue, then None once the pipe closes."""
+        stream = self._proc.stdout
+        try:
+            for line in iter(stream.readline, ""):
+                self._lines.put(line.rstrip("\r\n"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+        finally:
+            self._lines.put(None)
+
+    @property
+    def done(self) -> bool:
+        return self.state != RUNNING
+
+    def poll(self) -> str:
+        """Take what the child printed since the last call (main thread, never waits); returns the state."""
+        if self.done:
+            return self.state
+        while not self._closed:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._closed = True
+            else:
+                self._take(line)
+        if self._closed or self._cancelled:
+            returncode = self._proc.poll()
+            if returncode is None:
+                return self.state  # output closed but not yet reaped: next poll
+            self.returncode = returncode
+            self.state = self._final_state()
+        return self.state
+
+    def _take(self, line: str) -> None:
+        record = None
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+        if not isinstance(record, dict) or "stage" not in record:
+            self.tail = (self.tail + [line])[-TAIL_LINES:]
+            return
+        stage = str(record["stage"])
+        if stage in (FINISHED, FAILED):
+            self.record = record
+        else:
+            self.progress = (int(record.get("done", 0)), max(1, int(record.get("total", 1))), stage)
+
+    def _final_state(self) -> str:
+        if self._cancelled:
+            return CANCELLED
+        if self.record is not None and self.record["stage"] == FINISHED and self.returncode == 0:
+            return FINISHED
+        if self.record is not None and self.record["stage"] == FAILED:
+            return FAILED
+        if self.returncode == USAGE_ERROR and self.tail:  # refused its arguments (argparse prints no record)
+            self.record = {"stage": FAILED, "error": self.tail[-1]}
+            return FAILED
+        return CRASHED
+
+    def cancel(self) -> None:
+        """End the child now: the cancel file for its watchdog, then kill the process that was started."""
+        if self.done or self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            open(os.path.join(self.folder, "cancel"), "w").close()
+        except OSError:
+            pass
+        try:
+            self._proc.kill()
+        except OSError:
+            pass
+
+    @property
+    def error(self) -> str:
+        """What went wrong, in words (empty unless failed or crashed)."""
+        if self.state == FAILED:
+            return str(self.record.get("error", "the IBIX engine failed"))
+        if self.state == CRASHED:
+            last = "\n".join(self.tail[-5:]) or "(no output)"
+            return (f"the IBIX engine process stopped unexpectedly (exit code {self.returncode}); the scene was not "
+                    f"changed. Its last output:\n{last}")
+        return ""
+
+
+def wait(job, idle: Callable[[], None] | None = None, interval: float = WAIT_INTERVAL) -> str:
+    """Poll ``job`` (a :class:`Process` or :class:`Run`) until it ends; ``idle`` runs between polls."""
+    while not job.done:
+        job.poll()
+        if job.done:
+            break
+        if idle is not None:
+            idle()
+        time.sleep(interval)
+    return job.state
+
+
+def remove_folder(folder: str | None) -> None:
+    if folder and os.path.isdir(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model probe
+# ------------------------------------------------------------------------------------------------------------------
+
+def probe_model(model_path: str, device: str = "auto", launcher: Launcher | None = None,
+                python: str | None = None) -> "Probe":
+    """Load a model in a child process; poll the returned :class:`Probe` until ``done``, then read ``info``."""
+    return Probe(model_path, device, launcher, python)
+
+
+class Probe:
+    """A child that loads a model and reports its card, device and provider (``info`` once finished)."""
+
+    def __init__(self, model_path: str, device: str, launcher: Launcher | None, python: str | None):
+        if not model_path:
+            raise ibx.InputError("no model selected: choose an ONNX model file (.onnx with its .json model card)")
+        if not os.path.isfile(model_path):
+            raise ibx.InputError(f"model file not found: {model_path}: choose an existing .onnx file")
+        self.folder = tempfile.mkdtemp(prefix="IBIX-probe-")
+        self.process = Process(child_command(self.folder, device, ["probe", "--model", str(model_path)], python),
+                               self.folder, launcher)
+        self.info: dict | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.process.done
+
+    @property
+    def state(self) -> str:
+        return self.process.state
+
+    @property
+    def error(self) -> str:
+        return self.process.error
+
+    def poll(self) -> str:
+        state = self.process.poll()
+        if self.done:
+            if state == FINISHED:
+                self.info = self.process.record.get("model")
+            remove_folder(self.folder)
+        return state
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A standby engine process
+# ------------------------------------------------------------------------------------------------------------------
+
+class Standby:
+    """An engine process started ahead of time; it waits for a job (``job.json`` in its folder).
+
+    :meth:`take` hands it to a run (or None where it ended meanwhile); :meth:`stop` ends it (its watchdog sees
+    the cancel file). A standby nobody takes ends by itself after ``child.IDLE_LIMIT`` seconds.
+    """
+
+    def __init__(self, device: str = "auto", launcher: Launcher | None = None, python: str | None = None):
+        self.device, self.launcher, self.python = device, launcher, python
+        self.folder = tempfile.mkdtemp(prefix="IBIX-run-")
+        try:
+            self.process = Process(child_command(self.folder, device, ["wait"], python), self.folder, launcher)
+        except BaseException:
+            remove_folder(self.folder)
+            raise
+
+    def matches(self, device: str, launcher: Launcher | None, python: str | None) -> bool:
+        return (device, launcher, python) == (self.device, self.launcher, self.python)
+
+    def take(self) -> "Standby | None":
+        """This standby for one run, if its process still waits; else it is cleaned up and None returned."""
+        if self.process.poll() == RUNNING:
+            return self
+        self.stop()
+        return None
+
+    def stop(self) -> None:
+        self.process.cancel()
+        remove_folder(self.folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A module run: inputs -> child -> result node
+# ------------------------------------------------------------------------------------------------------------------
+
+#: Engine parameters the command line takes, per run kind, with their options.
+OPTIONS = {
+    "output": {},
+    "forward": {"n_jitters": "--n-jitters", "max_jitter": "--max-jitter", "progressive": "--progressive",
+                "tolerance": "--tolerance"},
+    "backward": {"n_jitters": "--n-jitters", "max_jitter": "--max-jitter", "progressive": "--progressive",
+                 "n_blocks": "--n-blocks", "compactness": "--compactness", "blocks": "--blocks",
+                 "normalization": "--normalization", "coarse_blocks": "--coarse-blocks",
+                 "refine_threshold": "--refine-threshold", "method": "--method",
+                 "locality_tolerance": "--locality-tolerance"},
+}
+
+#: The preview file a progressive run writes (and removes) in its output folder, per run kind.
+PREVIEW_FILE = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}
+
+#: The file role (JSON-lines "files") that holds each result.
+RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": "backward"}
+
+
+def command_arguments(request: scene.Request, model_path: str, folder: str, inputs: Sequence[str],
+                      mask: str | None, device: str) -> list[str]:
+    """The ``ibix`` command line of a request whose inputs were written to ``folder``."""
+    command = {"output": "predict", "forward": "forward", "backward": "backward"}[request.kind]
+    args = [command, "--model", str(model_path), "--device", device, "--output", os.path.join(folder, "out"),
+            "--quiet", "--progress-format", "jsonl"]
+    for path in inputs:
+        args += ["--input", path]
+    if request.kind == "forward":
+        args += ["--mask", mask, "--label", "1", "--no-png"]
+    elif request.kind == "backward":
+        args += ["--out-mask", mask, "--out-label", "1", "--no-png"]
+    options = OPTIONS[request.kind]
+    for key, value in request.params.items():
+        if key not in options:
+            raise ibx.InputError(f"unknown parameter {key!r} for a {request.kind} run: use "
+                                 f"{', '.join(sorted(options)) or 'none'}")
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(options[key])
+        elif isinstance(value, (list, tuple)):
+            args += [options[key], *[str(v) for v in value]]
+        else:
+            args += [options[key], str(value)]
+    return args
+
+
+class Run:
+    """One IBIX run of the module, from a scene request to a result node, in a child process.
+
+    Call :meth:`start`, then :meth:`poll` from a timer (or :func:`wait`) until ``done``; ``node`` holds the new
+    result node when ``state == "finished"``, ``error`` the message otherwise. :meth:`cancel` ends the child at
+    once. Closing the scene (the request's nodes leave it) cancels the run at the next poll.
+
+    Parameters
+    ----------
+    request : IBIXLib.scene.Request
+        What to compute, read from the scene.
+    model_path : str
+        The ``.onnx`` file (its card ``<model>.json`` beside it).
+    device : {"auto", "cpu", "cuda"}
+        Where the child runs the model.
+    display : dict, optional
+        Display options of the result (see :func:`IBIXLib.scene.show_overlay`) and ``show``.
+    on_progress : callable, optional
+        ``on_progress(done, total, stage)`` on the main thread while the child reports progress.
+    on_done : callable, optional
+        ``on_done(run)`` on the main thread once the run ended (any final state).
+    launcher, python
+        How the child is started and with which Python (defaults: Slicer's way inside Slicer).
+    """
+
+    def __init__(self, request: scene.Request, model_path: str, device: str = "auto", display: dict | None = None,
+                 on_progress: Callable[[int, int, str], None] | None = None,
+                 on_done: Callable[["Run"], None] | None = None, launcher: Launcher | None = None,
+                 python: str | None = None):
+        self.request = request
+        self.model_path = str(model_path)
+        self.device = device
+        self.display = dict(display or {})
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.launcher = launcher
+        self.python = python
+        self.folder: str | None = None
+        self.process: Process | None = None
+        self.state = "idle"
+        self.node = None
+        self.summary: dict | None = None
+        self.error = ""
+        self.seconds = 0.0
+        self._started = 0.0
+        self._reported: tuple | None = None
+        self._result: tuple | None = None        # (array, geometry) read, not yet in the scene
+        self.preview = scene.Preview(request, display)
+        self._preview_stamp: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (FINISHED, FAILED, CANCELLED, CRASHED)
+
+    def start(self, standby: Standby | None = None) -> "Run":
+        """Write the inputs and start the child, or hand the job to ``standby`` (main thread; returns at once)."""
+        if self.state != "idle":
+            raise ibx.InputError("this run was already started: make a new one")
+        self._started = time.perf_counter()
+        if standby is not None and not standby.matches(self.device, self.launcher, self.python):
+            standby.stop()
+            standby = None
+        standby = standby.take() if standby is not None else None
+        self.folder = standby.folder if standby is not None else tempfile.mkdtemp(prefix="IBIX-run-")
+        try:
+            inputs = []
+            for i, array in enumerate(self.request.arrays):
+                inputs.append(_write(os.path.join(self.folder, f"input{i}.nrrd"), array, self.request.geometry))
+            mask = None
+            if self.request.mask is not None:
+                mask = _write(os.path.join(self.folder, "mask.nrrd"), self.request.mask.astype(np.uint8),
+                              self.request.geometry)
+            arguments = command_arguments(self.request, self.model_path, self.folder, inputs, mask, self.device)
+            if standby is not None:
+                job = os.path.join(self.folder, "job.json")
+                with open(job + ".partial", "w", encoding="utf-8") as f:
+                    json.dump(arguments, f)
+                os.replace(job + ".partial", job)  # the standby reads it whole or not at all
+                self.process = standby.process
+            else:
+                self.process = Process(child_command(self.folder, self.device, arguments, self.python), self.folder,
+                                       self.launcher)
+        except BaseException:
+            if standby is not None:
+                standby.process.cancel()
+            remove_folder(self.folder)
+            raise
+        self.state = RUNNING
+        return self
+
+    def poll(self) -> str:
+        """Progress and completion (main thread, never waits); returns the state.
+
+        A finished child's result is read, and put into the scene at the same poll when the read was quick, else at
+        the next one, so that no single step holds the main thread long.
+        """
+        if self.state != RUNNING:
+            return self.state
+        if self._result is not None:
+            self._add()
+            return self.state
+        if not self.request.scene_alive():  # the scene was closed: nothing may be added to it
+            self.process.cancel()
+        state = self.process.poll()
+        if self.process.progress != self._reported and self.on_progress is not None and not self.process.done:
+            self._reported = self.process.progress
+            self.on_progress(*self.process.progress)
+        if state == RUNNING:
+            self._show_preview()
+        if state == FINISHED:
+            started = time.perf_counter()
+            self._read()
+            if self._result is not None and time.perf_counter() - started < SPLIT_AFTER:
+                self._add()  # a quick read: the node now rather than one poll later
+        elif self.process.done:
+            self._end(state, self.process.error if state != CANCELLED else self._cancel_reason())
+        return self.state
+
+    def cancel(self) -> None:
+        """End the child at once; the scene is left as it was (the run ends at the next poll)."""
+        if self.process is not None and self.state == RUNNING:
+            if self._result is not None:  # already computed: just do not add it
+                self._result = None
+                self._end(CANCELLED, self._cancel_reason())
+            else:
+                self.process.cancel()
+
+    def _show_preview(self) -> None:
+        """A progressive run's newest preview map, when the engine has written one since the last poll."""
+        name = PREVIEW_FILE.get(self.request.kind)
+        if not name or not self.request.params.get("progressive"):
+            return
+        path = os.path.join(self.folder, "out", name)
+        try:
+            stamp = os.stat(path).st_mtime_ns
+            if stamp == self._preview_stamp:
+                return
+            array, geometry = ibx.read_volume(path)
+        except (OSError, ibx.IBIXError):  # none yet, or removed meanwhile (the run just ended)
+            return
+        self._preview_stamp = stamp
+        self.preview.show(array, geometry, "preview")
+
+    def _cancel_reason(self) -> str:
+        if not self.request.scene_alive():
+            return "the scene was closed during the run; it was cancelled and nothing was written"
+        return "cancelled; the scene was not changed"
+
+    def _read(self) -> None:
+        """Step 1 of a finished run: the result file and the summary."""
+        record = self.process.record
+        files = record.get("files") or {}
+        role = RESULT_ROLE[self.request.kind]
+        if self.request.kind == "forward" and self.request.display == "signed":
+            role = "forward_signed"
+        try:
+            if role not in files:
+                raise ibx.IBIXError(f"the IBIX engine finished without a {role} file; this is a bug: please report it")
+            array, geometry = ibx.read_volume(files[role])
+            with open(record.get("summary") or files["summary"], encoding="utf-8") as f:
+                self.summary = json.load(f)
+        except (ibx.IBIXError, OSError, ValueError, KeyError) as error:
+            self._end(FAILED, f"could not read the IBIX engine's result: {error}")
+            return
+        self._result = (array, geometry)
+
+    def _add(self) -> None:
+        """Step 2 of a finished run: the result node (unless the scene was closed meanwhile)."""
+        array, geometry = self._result
+        self._result = None
+        self.preview.remove()
+        try:
+            self.node = scene.add_result(self.request, array, geometry, self.summary, **self.display)
+        except ibx.Cancelled as error:
+            self._end(CANCELLED, str(error))
+        except (ibx.IBIXError, ValueError) as error:
+            self._end(FAILED, str(error))
+        else:
+            self._end(FINISHED, "")
+
+    def _end(self, state: str, error: str) -> None:
+        self.preview.remove()
+        self.state, self.error = state, error
+        remove_folder(self.folder)
+        self.seconds = time.perf_counter() - self._started
+        if self.on_done is not None:
+            self.on_done(self)
+
+    @property
+    def status(self) -> str:
+        """One line for a status bar: what ran, evaluations, time, and the device that really ran it."""
+        if self.state != FINISHED:
+            return self.error
+        summary = self.summary or {}
+        model = summary.get("model") or {}
+        section = summary.get(self.request.kind if self.request.kind != "output" else "predict") or {}
+        parts = [f"{self.request.kind} done"]
+        if section.get("evaluations") is not None:
+            parts.append(f"{section['evaluations']} evaluations")
+        parts.append(f"{self.seconds:.1f} s")
+        if model.get("device"):
+            parts.append(f"on {model['device']}" + (f" ({model['provider']})" if model.get("provider") else ""))
+        text = ", ".join(parts)
+        if self.device == "cuda" and model.get("device") == "cpu":
+            text += "; CUDA was asked for but the CPU ran the model"
+        if self.request.mask_resampled:
+            text += (f"; segment '{self.request.segment_name}' was on a different grid and was resampled onto "
+                     f"'{self.request.reference_node.GetName()}'")
+        return text
+
+
+def _write(path: str, array: np.ndarray, geometry) -> str:
+    """An input file for the child: uncompressed NRRD (fast to write on the main thread) with its geometry."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.to_sitk(image)
+    sitk.WriteImage(image, path, False)
+    return path

@@ -1,0 +1,525 @@
+"""IBIX.py's own code: the widget's state machine and the console API, on a real MRML scene (slicer-core), with
+light stand-ins for the Qt widgets and timer. Slicer's parameterNodeWrapper is used where slicer-core provides it
+(it does not today; a stand-in then keeps the fields and sends ModifiedEvent as the wrapper does).
+
+Engine processes are real: the model check runs IBIXLib/child.py; runs use the stand-in engine FAKE_CHILD (exact
+success, failure, crash, hang) so that each state is reached for sure.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest_slicer import (MODULE_DIR, assert_scene_unchanged, conv_model, fake_child,  # noqa: F401
+                             import_slicer_core, scene_snapshot, slicer_app)
+
+slicer = import_slicer_core()
+
+MODULE = MODULE_DIR / "IBIX.py"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stand-ins for Qt and the Slicer application pieces slicer-core has not
+# ------------------------------------------------------------------------------------------------------------------
+
+class FakeWidget:
+    """Any Qt widget: properties as attributes, signals recorded by connect() and sent by emit()."""
+
+    def __init__(self, name):
+        self.name, self.enabled, self.visible, self.text, self.toolTip = name, True, True, "", ""
+        self.currentPath, self.currentText, self.currentIndex, self.style = "", "", 0, ""
+        self.maximum, self.value = 1, 0
+        self._node, self._segment, self.slots = None, "", {}
+
+    def connect(self, signal, slot):
+        self.slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        """Call the slots as PythonQt does: with as many of the signal's arguments as each slot takes."""
+        import inspect
+
+        for slot in self.slots.get(signal, []):
+            parameters = inspect.signature(slot).parameters.values()
+            if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+                slot(*args)
+            else:
+                slot(*args[:len(parameters)])
+
+    def blockSignals(self, blocked):
+        return False
+
+    def setMaximum(self, value):
+        self.maximum = value
+
+    def setValue(self, value):
+        self.value = value
+
+    def setStyleSheet(self, style):
+        self.style = style
+
+    def setCurrentNode(self, node):
+        self._node = node
+
+    def currentNode(self):
+        return self._node
+
+    def setCurrentSegmentID(self, segment):
+        self._segment = segment
+
+    def currentSegmentID(self):
+        return self._segment
+
+
+class FakeUI:
+    """``slicer.util.childWidgetVariables`` of IBIX.ui: one FakeWidget per name asked for."""
+
+    def __getattr__(self, name):
+        widget = FakeWidget(name)
+        setattr(self, name, widget)
+        return widget
+
+
+class FakeTimer:
+    """qt.QTimer: the test fires it (the event loop's part)."""
+
+    instances: list = []
+
+    def __init__(self):
+        self.active, self.interval, self.slots = False, 0, []
+        FakeTimer.instances.append(self)
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, slot):
+        self.slots.append(slot)
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        if self.active:
+            for slot in self.slots:
+                slot()
+
+
+def standin_parameter_node_wrapper(cls):
+    """Fields with their defaults; setting one sends ModifiedEvent to observers (as the wrapper's node does)."""
+    import vtk
+
+    fields = list(cls.__annotations__)
+
+    class Wrapped:
+        def __init__(self, node=None):
+            object.__setattr__(self, "_observers", {})
+            for name in fields:
+                object.__setattr__(self, name, getattr(cls, name, None))
+
+        def __setattr__(self, name, value):
+            object.__setattr__(self, name, value)
+            for callback in list(self._observers.values()):
+                callback(self, vtk.vtkCommand.ModifiedEvent)
+
+        def AddObserver(self, event, callback, priority=0.0):
+            tag = len(self._observers) + 1
+            self._observers[tag] = callback
+            return tag
+
+        def RemoveObserver(self, tag):
+            self._observers.pop(tag, None)
+
+        def connectGui(self, ui):
+            return "gui"
+
+        def disconnectGui(self, tag):
+            pass
+
+    Wrapped.__name__ = cls.__name__
+    return Wrapped
+
+
+@pytest.fixture
+def ibix(monkeypatch, slicer_app):
+    """IBIX.py imported as Slicer would, with Qt-only pieces replaced by stand-ins; messages recorded."""
+    qt = types.ModuleType("qt")
+    qt.QTimer = FakeTimer
+    FakeTimer.instances = []
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    try:
+        import importlib
+
+        importlib.import_module("slicer.parameterNodeWrapper")  # Slicer's own, where slicer-core ships it
+    except ImportError:
+        wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+        wrapper.parameterNodeWrapper = standin_parameter_node_wrapper
+        wrapper.WithinRange = lambda lo, hi: (lo, hi)
+        monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            self.parent = types.SimpleNamespace(isEntered=True)
+
+        def getParameterNode(self):
+            return None
+
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(slm, name, type(name, (Base,), {}))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    messages = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: messages.append(("error", text)))
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kw: messages.append(("warning", text)))
+    monkeypatch.delitem(sys.modules, "IBIX", raising=False)
+    import IBIX
+
+    monkeypatch.setattr(IBIX.dependencies, "ensure", lambda runtime, prompt=True: "ready")
+    IBIX.messages = messages
+    IBIX.widgets = []
+    standbys = []
+    real_standby = IBIX.jobs.Standby
+
+    def recorded(*args, **kwargs):
+        standbys.append(real_standby(*args, **kwargs))
+        return standbys[-1]
+
+    monkeypatch.setattr(IBIX.jobs, "Standby", recorded)
+    yield IBIX
+    for widget in IBIX.widgets:
+        widget.cleanup()
+    for standby in standbys:  # engine processes kept for a next run end with the test
+        standby.stop()
+    sys.modules.pop("IBIX", None)
+
+
+@pytest.fixture
+def case(slicer_app, tmp_path):
+    array = np.random.default_rng(5).uniform(1, 2, (4, 16, 12)).astype(np.float32)
+    volume = slicer.util.addVolumeFromArray(array, np.diag([0.9, 1.2, 3.0, 1.0]), name="T1")
+    seg = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    sid = seg.GetSegmentation().AddEmptySegment("", "Left ventricle")
+    mask = np.zeros(array.shape, np.uint8)
+    mask[1, 5:8, 4:7] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, sid, volume)
+    model = conv_model(tmp_path)
+    return dict(app=slicer_app, array=array, volume=volume, seg=seg, sid=sid, mask=mask.astype(bool), model=model)
+
+
+def _widget(ibix):
+    widget = ibix.IBIXWidget()
+    ibix.widgets.append(widget)
+    widget.ui = FakeUI()
+    widget.logic = ibix.IBIXLogic(python=sys.executable)
+    widget.setupWidgets()
+    return widget
+
+
+def _drive(widget, deadline=120.0):
+    """The event loop: fire the widget's timer until its job has ended."""
+    end = time.perf_counter() + deadline
+    while widget._job is not None and time.perf_counter() < end:
+        widget._timer.fire()
+        time.sleep(0.01)
+    assert widget._job is None, "the job did not end"
+
+
+def _loaded(ibix, case):
+    widget = _widget(ibix)
+    widget.ui.modelPathLineEdit.currentPath = str(case["model"])
+    widget.onLoadModel()
+    assert widget._job is not None and not widget.ui.loadModelButton.enabled  # busy while the child checks
+    assert widget.ui.progressBar.maximum == 0
+    _drive(widget)
+    return widget
+
+
+def _buttons(widget):
+    ui = widget.ui
+    return {name: getattr(ui, name).enabled for name in ("loadModelButton", "generateOutputButton",
+                                                         "runForwardButton", "runBackwardButton", "cancelButton")}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The module file
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_module_imports_the_engine_under_an_alias_without_importlib():
+    """Issue 11 (8): the engine is ``import IBIXLogic as ibx``; no importlib indirection; helpers in IBIXLib."""
+    source = MODULE.read_text()
+    tree = ast.parse(source)
+    imports = [(a.name, a.asname) for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+    assert ("IBIXLogic", "ibx") in imports
+    assert "importlib" not in source
+    assert not (Path(MODULE_DIR).parent / "IBIXLogic" / "mrml.py").exists()
+    froms = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert "IBIXLib" in froms and "slicer.i18n" in froms
+
+
+def test_user_visible_strings_are_translatable():
+    """Status texts, titles and messages go through _() as in Slicer's module template."""
+    tree = ast.parse(MODULE.read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "_"]
+    assert len(calls) >= 20
+    for node in ast.walk(tree):  # every _setStatus / errorDisplay with a literal text wraps it in _()
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_setStatus":
+            assert not isinstance(node.args[0], ast.Constant), ast.unparse(node)
+
+
+def test_engine_has_no_slicer_import():
+    engine = Path(MODULE_DIR).parent / "IBIXLogic"
+    for path in engine.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("slicer", "qt", "ctk", "vtk") for n in names), (path.name, names)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The widget's state machine
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_model_check_runs_in_the_engine_process_and_shows_the_provider(ibix, case):
+    widget = _widget(ibix)
+    assert _buttons(widget) == {"loadModelButton": True, "generateOutputButton": False, "runForwardButton": False,
+                                "runBackwardButton": False, "cancelButton": False}
+    widget = _loaded(ibix, case)
+    assert "T1" in widget.ui.cardSummaryLabel.text and "2D" in widget.ui.cardSummaryLabel.text
+    assert widget.ui.deviceLabel.text == "cpu (CPUExecutionProvider)"
+    assert widget.ui.inputVolumeLabel0.text == "T1 volume:" and not widget.ui.inputVolumeSelector1.visible
+    assert _buttons(widget)["generateOutputButton"] and not _buttons(widget)["runForwardButton"]
+    widget._parameterNode.inputSegmentation = case["seg"]  # ModifiedEvent: the forward button follows
+    assert _buttons(widget)["runForwardButton"]
+
+
+def test_gpu_asked_and_cpu_running_is_said_plainly(ibix, case):
+    logic = ibix.IBIXLogic(python=sys.executable)
+    logic.modelInfo = {"channels": ["T1"], "device": "cpu", "provider": "CPUExecutionProvider",
+                       "requested": "cuda", "spatial_dims": 2, "slice_axis": "axial"}
+    assert "GPU was asked for but the CPU runs the model" in logic.deviceSummary()
+
+
+def test_bad_model_is_an_error_message_and_nothing_is_enabled(ibix, tmp_path):
+    widget = _widget(ibix)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    widget.ui.modelPathLineEdit.currentPath = str(bad)
+    widget.onLoadModel()
+    _drive(widget)
+    assert ibix.messages and "bad.onnx" in ibix.messages[-1][1]
+    assert not _buttons(widget)["generateOutputButton"] and _buttons(widget)["loadModelButton"]
+
+
+def test_run_progress_and_finish(ibix, case, fake_child):
+    widget = _loaded(ibix, case)
+    p = widget._parameterNode
+    p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
+    widget.ui.runForwardButton.emit("clicked(bool)", True)
+    busy = _buttons(widget)
+    assert busy == {"loadModelButton": False, "generateOutputButton": False, "runForwardButton": False,
+                    "runBackwardButton": False, "cancelButton": True}
+    seen = []
+    while widget._job is not None:
+        widget._timer.fire()
+        seen.append((widget.ui.progressBar.value, widget.ui.progressBar.maximum))
+        time.sleep(0.01)
+    assert (2, 3) in seen  # the child's progress reached the bar
+    assert p.resultVolume is not None and p.resultVolume.GetAttribute("IBIX.kind") == "forward"
+    assert "forward done" in widget.ui.statusLabel.text and "7 evaluations" in widget.ui.statusLabel.text
+    assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
+    assert not widget._timer.active
+
+
+@pytest.mark.parametrize("mode, text", [("fail", "n_jitters must be at least 1"), ("crash", "stopped unexpectedly")])
+def test_failure_and_crash_are_messages_and_the_scene_is_unchanged(ibix, case, fake_child, mode, text):
+    widget = _loaded(ibix, case)
+    fake_child.setenv("IBIX_FAKE", mode)
+    p = widget._parameterNode
+    p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
+    before = scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]])
+    widget.onRunForward()
+    _drive(widget)
+    assert ibix.messages[-1][0] == "error" and text in ibix.messages[-1][1]
+    assert text in widget.ui.statusLabel.text
+    assert_scene_unchanged(before, scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]]))
+    assert _buttons(widget)["runForwardButton"]
+
+
+def test_cancel_ends_the_run_and_leaves_the_scene_unchanged(ibix, case, fake_child):
+    widget = _loaded(ibix, case)
+    fake_child.setenv("IBIX_FAKE", "hang")
+    p = widget._parameterNode
+    p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
+    before = scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]])
+    widget.onRunForward()
+    widget._timer.fire()
+    widget.ui.cancelButton.emit("clicked(bool)", True)
+    assert widget.ui.statusLabel.text == "Cancelling..."
+    _drive(widget)
+    assert widget.ui.statusLabel.text.startswith("Cancelled")
+    assert not any(kind == "error" for kind, _ in ibix.messages)
+    assert_scene_unchanged(before, scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]]))
+    assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
+
+
+def test_bad_input_is_refused_before_a_process_starts(ibix, case, fake_child):
+    widget = _loaded(ibix, case)
+    p = widget._parameterNode
+    empty = case["seg"].GetSegmentation().AddEmptySegment("", "empty")
+    p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], empty
+    widget.onRunForward()
+    assert widget._job is None and "is empty" in ibix.messages[-1][1]
+
+
+@pytest.mark.parametrize("moment", ["running", "finishing"])
+def test_closing_the_scene_with_another_module_shown_is_safe(ibix, case, fake_child, moment):
+    """Issue 11 (5): the scene closes while a run is in flight and the panel is not shown (no parameter node):
+    no exception on any poll, nothing added to the new scene, the GUI is ready again."""
+    widget = _loaded(ibix, case)
+    if moment == "running":
+        fake_child.setenv("IBIX_FAKE", "hang")
+    p = widget._parameterNode
+    p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
+    widget.onRunForward()
+    widget.exit()  # another module is shown
+    widget.parent.isEntered = False
+    if moment == "finishing":
+        while widget._job.process.poll() == "running":  # the child is done; its result is not loaded yet
+            time.sleep(0.01)
+    case["app"].scene.Clear(0)  # File > Close scene: the widget's scene observer runs
+    assert widget._parameterNode is None
+    _drive(widget)
+    assert "scene was closed" in widget.ui.statusLabel.text
+    assert case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+    assert not any(kind == "error" for kind, _ in ibix.messages)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The console API: synchronous and asynchronous calls share the runner
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_console_synchronous_and_asynchronous_runs(ibix, case, fake_child):
+    logic = ibix.IBIXLogic(python=sys.executable)
+    with pytest.raises(ValueError, match="no model loaded"):
+        logic.runForward([case["volume"]], case["seg"], case["sid"])
+    info = logic.loadModel(str(case["model"]), installDependencies=False)
+    assert info["channels"] == ["T1"] and "cpu" in logic.deviceSummary()
+    node = logic.runForward([case["volume"]], case["seg"], case["sid"], n_jitters=2)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node), case["array"] * case["mask"])
+    ended = []
+    run = logic.startForward([case["volume"]], case["seg"], case["sid"], n_jitters=2, onDone=ended.append)
+    assert not run.done and ended == []  # returned at once
+    timer = FakeTimer.instances[-1]
+    while timer.active:
+        timer.fire()
+        time.sleep(0.01)
+    assert ended == [run] and run.state == "finished" and run.node is not None and logic._pollers == []
+    fake_child.setenv("IBIX_FAKE", "fail")
+    with pytest.raises(ValueError, match="n_jitters must be at least 1"):
+        logic.runBackward([case["volume"]], None, case["seg"], case["sid"], n_blocks=4)
+    fake_child.setenv("IBIX_FAKE", "ok")
+    output = logic.generateOutput([case["volume"]])
+    assert output.GetName() == "output generated from T1"
+
+
+def test_gui_parameters_to_engine_parameters(ibix):
+    logic = ibix.IBIXLogic()
+    p = types.SimpleNamespace(forwardJitters=8, backwardJitters=4, maxJitter=0.0, blocks=500, compactness=0.1,
+                              coarseToFine=True, coarseBlocks=50, refineThreshold=0.5, normalization="fraction",
+                              signedDisplay=False, progressive=True)
+    assert logic.forwardParameters(p) == {"n_jitters": 8, "signed": False, "progressive": True}
+    assert logic.backwardParameters(p) == {"n_blocks": 500, "compactness": 0.1, "n_jitters": 4,
+                                           "normalization": "fraction", "coarse_blocks": 50, "refine_threshold": 0.5,
+                                           "progressive": True}
+    p.maxJitter = 2.5
+    assert logic.forwardParameters(p)["max_jitter"] == 2.5
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The self-test on a test machine without ONNX Runtime
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_self_test_passes_without_onnxruntime_and_says_inference_was_skipped(ibix, slicer_app, monkeypatch):
+    """Issue 11 (2): installs are skipped under --testing; IBIXTest tests the scene side and skips inference."""
+    shown = []
+    red = types.SimpleNamespace(sliceLogic=lambda: slicer_app.slice_logic)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        layoutManager=lambda: types.SimpleNamespace(sliceWidget=lambda name: red),
+        testingEnabled=lambda: True, processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(ibix.dependencies, "installed_runtime", lambda: None)
+    test = ibix.IBIXTest()
+    test.delayDisplay = lambda text, *a: shown.append(text)
+    test.assertEqual, test.assertIn, test.assertTrue = _eq, _in, _true
+    test.assertRaises = pytest.raises
+    test.runTest()
+    assert any("inference skipped" in text for text in shown), shown
+
+
+def _eq(a, b):
+    assert a == b
+
+
+def _in(a, b):
+    assert a in b
+
+
+def _true(a):
+    assert a
+
+
+def test_nothing_slow_runs_on_the_gui_thread(ibix, case, fake_child, monkeypatch):
+    """Issue 11 (6): no nvidia-smi or other blocking subprocess call in the module; the model is loaded in the
+    engine process; a waiting console call keeps Slicer's event loop turning."""
+    for path in [MODULE, *sorted((MODULE_DIR / "IBIXLib").glob("*.py"))]:
+        source = path.read_text()
+        for call in ('"nvidia-smi"', "'nvidia-smi'", "subprocess.run(", "check_output(", ".communicate("):
+            assert call not in source, (path.name, call)
+    tree = ast.parse(MODULE.read_text())
+    assert not any(isinstance(n, (ast.Import, ast.ImportFrom)) and "onnxruntime" in ast.unparse(n)
+                   for n in ast.walk(tree))
+    events = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: events.append(1),
+                                                             testingEnabled=lambda: False), raising=False)
+    from IBIXLib import jobs
+
+    logic = ibix.IBIXLogic(launcher=jobs.subprocess_launcher, python=sys.executable)
+    logic.loadModel(str(case["model"]), installDependencies=False)
+    waited = len(events)
+    assert waited > 0  # the model check was waited for with the event loop turning
+    logic.runForward([case["volume"]], case["seg"], case["sid"], n_jitters=2)
+    assert len(events) > waited
+
+
+def test_self_test_runs_the_demo_model_where_onnxruntime_is_installed(ibix, slicer_app, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    shown = []
+    red = types.SimpleNamespace(sliceLogic=lambda: slicer_app.slice_logic)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        layoutManager=lambda: types.SimpleNamespace(sliceWidget=lambda name: red),
+        testingEnabled=lambda: True, processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(ibix.jobs, "default_launcher", lambda: ibix.jobs.subprocess_launcher)
+    monkeypatch.setattr(ibix.jobs, "python_executable", lambda: sys.executable)
+    monkeypatch.setattr(ibix.dependencies, "installed_runtime", lambda: "cpu")
+    test = ibix.IBIXTest()
+    test.delayDisplay = lambda text, *a: shown.append(text)
+    test.assertEqual, test.assertIn, test.assertTrue = _eq, _in, _true
+    test.assertGreater = lambda a, b: _true(a > b)
+    test.assertRaises = pytest.raises
+    test.runTest()
+    assert shown[-1] == "IBIX test passed", shown
+    assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 4  # input, output, F, B
