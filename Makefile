@@ -19,6 +19,7 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(VENV)/bin/python Testing/benchmarks/benchmark_mappings.py
+	$(VENV)/bin/python Testing/benchmarks/benchmark_atlas.py
 
 clean:
 	rm -rf $(VENV) ibix-demo-output .pytest_cache

@@ -80,11 +80,18 @@ class _BlockSums:
     context; whichever runs fewer voxels through the model. With several jitter levels (progressive refinement),
     each item's running sum is kept between levels so that no evaluation is repeated, and
     ``on_level(numerator, denominator, N)`` is called after each level; it returns True to stop early.
+
+    A response atlas evaluates every block: ``out_samples`` None makes every block relevant, and a ``sink``
+    receives each block's |F| where it is read, ``sink(sample, blocks, index, values)``: the values at the flat
+    indices ``index`` of the sample, read for block ``blocks`` (one label, or one per value); zeros may be left
+    out. The sums are then not kept.
     """
 
-    def __init__(self, perturber: Perturber, out_samples: np.ndarray, radius: int | None,
-                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True):
-        self.perturber, self.out_samples = perturber, out_samples
+    def __init__(self, perturber: Perturber, out_samples: np.ndarray | None, radius: int | None,
+                 schedule: list[tuple[int, np.ndarray]], progress: ProgressCallback | None, tiles: bool = True,
+                 sink: Callable[[int, Any, np.ndarray, np.ndarray], None] | None = None,
+                 stage: str = "backward mapping"):
+        self.perturber, self.out_samples, self.sink, self.stage = perturber, out_samples, sink, stage
         self.radius, self.schedule, self.progress = radius, schedule, progress
         card_input = perturber.model.card.input
         self.tiles = tiles and radius is not None and not card_input.size and card_input.patch is None
@@ -95,12 +102,15 @@ class _BlockSums:
         """Groups of blocks perturbed together (whole-sample items), and the blocks that need evaluating."""
         present = [np.intersect1d(np.flatnonzero(np.bincount(label_samples[s][boxes[s]].ravel())), ids)
                    if s in boxes else ids[:0] for s in range(len(label_samples))]
-        touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
-        if self.radius is not None:
-            wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
-                      for s in touched]
+        if self.out_samples is None:  # every block is relevant
+            wanted = present
         else:
-            wanted = [present[s] for s in touched]
+            touched = [s for s in range(len(label_samples)) if self.out_samples[s].any()]
+            if self.radius is not None:
+                wanted = [locality.relevant_blocks(label_samples[s], present[s], self.out_samples[s], self.radius)
+                          for s in touched]
+            else:
+                wanted = [present[s] for s in touched]
         wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + wanted))
         groups: list[_Item] = []
         for s, blocks in enumerate(present):
@@ -198,6 +208,10 @@ class _BlockSums:
             if item.window is None:
                 owner = locality.owner_labels(label_samples[item.sample], item.blocks).ravel()
                 weights = magnitude.ravel()
+                if self.sink is not None:
+                    read = np.flatnonzero(weights)
+                    self.sink(item.sample, owner[read], read, weights[read])
+                    return
                 inside_mask = self.out_samples[item.sample].ravel()
                 denominator[:] += np.bincount(owner, weights, minlength=size)[:size]
                 numerator[:] += np.bincount(owner[inside_mask], weights[inside_mask], minlength=size)[:size]
@@ -205,14 +219,23 @@ class _BlockSums:
             if index not in regions:
                 inner = perturber.inside(item.window)
                 labels = tile_labels[index]
-                out = perturber.window_of(self.out_samples[item.sample], item.window)
+                if self.sink is None:
+                    out = perturber.window_of(self.out_samples[item.sample], item.window)
                 regions[index] = []
                 for block in item.blocks:
                     region = locality.footprint((labels == block) & inner, self.radius) & inner
-                    regions[index].append((block, region, region & out))
-            for block, region, region_in_mask in regions[index]:
+                    if self.sink is None:
+                        regions[index].append((block, region, region & out))
+                    else:  # where the region lies in the sample, as flat indices
+                        where = np.nonzero(region)
+                        at = [w + s.start - p[0] for w, s, p in zip(where, item.window, perturber.pads)]
+                        regions[index].append((block, region, np.ravel_multi_index(at, sample_shape)))
+            for block, region, read in regions[index]:
+                if self.sink is not None:
+                    self.sink(item.sample, block, read, magnitude[region])
+                    continue
                 denominator[block] += magnitude[region].sum()
-                numerator[block] += magnitude[region_in_mask].sum()
+                numerator[block] += magnitude[read].sum()
 
         for n_level, subset in self.schedule:
             numerator[:], denominator[:] = 0.0, 0.0
@@ -231,7 +254,7 @@ class _BlockSums:
                             state[indices[j]] += sums[j - start]
                         total = state[indices[j]] if state is not None else sums[j - start]
                         add_sums(indices[j], np.abs(total) / (2 * n_level))
-                    report_progress(self.progress, done + stop, len(items), f"backward mapping, N = {n_level}")
+                    report_progress(self.progress, done + stop, len(items), f"{self.stage}, N = {n_level}")
                 done += len(chosen)
             keep = np.zeros(size, bool)
             keep[wanted] = True

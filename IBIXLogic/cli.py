@@ -1,4 +1,5 @@
-"""The ``ibix`` command line: predict, forward and backward mappings on volumes in files, and the demo.
+"""The ``ibix`` command line: predict, forward and backward mappings and response atlases on volumes in files, and
+the demo.
 
 Parsing and exit codes only; loading, running and writing live in :mod:`IBIXLogic.session`.
 Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem), 1 any other
@@ -19,9 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__, cohort, session
+from .atlas import ResponseAtlas
 from .blocks import DEFAULT_COMPACTNESS
+from .checks import channel_indices
 from .demo import run_demo
-from .errors import IBIXError
+from .errors import IBIXError, InputError
 from .model import Model
 from .session import FORMATS, PROGRESS_FORMATS, Console, FigureOptions, Inputs, Outputs
 from .statistics import describe
@@ -122,7 +125,7 @@ def _figure_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-png", action="store_true", default=False, help="write no PNG figure")
 
 
-def _mapping_options(group, n_jitters: int) -> None:
+def _jitter_options(group, n_jitters: int) -> None:
     group.add_argument("--n-jitters", type=_int_at_least(1), default=n_jitters, metavar="N",
                        help="N: jitters h_k = k H / N for k = -N..N, k != 0 (2N model evaluations per sample)")
     group.add_argument("--max-jitter", type=_max_jitter, default="auto", metavar="H",
@@ -130,6 +133,22 @@ def _mapping_options(group, n_jitters: int) -> None:
                             "percentile range")
     group.add_argument("--channels", nargs="+", default=None, metavar="CHANNEL",
                        help="input channels to jitter (card names or indices); none: all channels")
+
+
+def _block_options(group) -> None:
+    group.add_argument("--n-blocks", type=_int_at_least(1), default=500, metavar="K",
+                       help="K, blocks per sample (SLIC superpixels per slice for 2D models, supervoxels for 3D)")
+    group.add_argument("--compactness", type=_number(0.0, strict_min=True), default=DEFAULT_COMPACTNESS,
+                       help="SLIC compactness: higher gives more regular blocks")
+    blocks = group.add_mutually_exclusive_group()
+    blocks.add_argument("--blocks", choices=("slic", "grid"), default="slic",
+                        help="how the input is cut into blocks")
+    blocks.add_argument("--block-labels", type=Path, default=None, metavar="LABELS",
+                        help="a label volume giving the blocks instead (0 = no block), on the input's grid")
+
+
+def _mapping_options(group, n_jitters: int) -> None:
+    _jitter_options(group, n_jitters)
     group.add_argument("--progressive", action="store_true", default=False,
                        help="nested jitter grids N = 1, 2, 4 ... reuse every evaluation; a preview map is written "
                             "(<map>_preview) after each level and replaced by the final map")
@@ -168,6 +187,12 @@ def _cohort_parser(sub) -> None:
                        help="human: a progress bar counting cases on stderr; jsonl: JSON lines on stdout "
                             "({stage: cases, done, total}, then {stage: finished, files, summary})")
     group.set_defaults(handler=cmd_cohort)
+
+
+def _parsed_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Each option's default as parsing gives it (a text default goes through the option's type, as argparse does)."""
+    return {a.dest: a.type(a.default) if isinstance(a.default, str) and a.type else a.default
+            for a in parser._actions if a.default is not argparse.SUPPRESS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,16 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "differs")
     group.add_argument("--out-label", "--label", dest="out_label", type=_int_at_least(0), default=None,
                        metavar="N", help="use the voxels of this label of the mask file (needed when it holds several labels)")
-    group.add_argument("--n-blocks", type=_int_at_least(1), default=500, metavar="K",
-                       help="K, blocks per sample (SLIC superpixels per slice for 2D models, supervoxels for 3D)")
-    group.add_argument("--compactness", type=_number(0.0, strict_min=True), default=DEFAULT_COMPACTNESS,
-                       help="SLIC compactness: higher gives more regular blocks")
+    _block_options(group)
     _mapping_options(group, 4)
-    blocks = group.add_mutually_exclusive_group()
-    blocks.add_argument("--blocks", choices=("slic", "grid"), default="slic",
-                        help="how the input is cut into blocks")
-    blocks.add_argument("--block-labels", type=Path, default=None, metavar="LABELS",
-                        help="a label volume giving the blocks instead (0 = no block), on the input's grid")
+    group.add_argument("--atlas", type=Path, default=None, metavar="NPZ",
+                       help="answer from this response atlas (written by 'ibix atlas' for the same model and "
+                            "input): no model evaluation; options that contradict the atlas are refused")
     group.add_argument("--normalization", choices=("fraction", "magnitude"), default="fraction",
                        help="B_k as the fraction of block k's effect that lands in M^f, or that effect scaled "
                             "to a maximum of 1")
@@ -240,7 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-tiles", dest="tiles", action="store_false", default=True,
                        help="local method: perturb blocks in whole samples only, not in tiles of them")
     _figure_options(backward)
-    backward.set_defaults(handler=cmd_backward)
+    backward.set_defaults(handler=cmd_backward, option_defaults=_parsed_defaults(backward))
+
+    atlas = sub.add_parser("atlas", formatter_class=_Formatter, help="response atlas: B of any output mask later",
+                           description="Response atlas: evaluate every block once and keep its response |F(D_k)|, "
+                                       "so that 'ibix backward --atlas' answers any output mask with no model "
+                                       "evaluation. Writes atlas.npz, atlas_blocks (block labels) and "
+                                       "summary.json.")
+    _common(atlas)
+    group = atlas.add_argument_group("response atlas")
+    _block_options(group)
+    _jitter_options(group, 4)
+    group.add_argument("--atlas-budget", type=_number(0.0, strict_min=True), default=1024.0, metavar="MiB",
+                       help="memory the atlas's responses may take (checked before any block is evaluated)")
+    atlas.set_defaults(handler=cmd_atlas)
 
     _cohort_parser(sub)
 
@@ -306,24 +339,57 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _atlas_conflicts(args: argparse.Namespace, model: Model, atlas: ResponseAtlas) -> None:
+    """Refuse ``ibix backward --atlas`` options that ask for something other than what the atlas holds."""
+    defaults, held = args.option_defaults, atlas.parameters
+    given = {dest: getattr(args, dest) for dest in defaults
+             if hasattr(args, dest) and getattr(args, dest) != defaults[dest]}
+    conflicts = []
+    for dest in ("n_blocks", "compactness", "n_jitters", "blocks"):
+        if dest in given and given[dest] != held[dest]:
+            conflicts.append(f"--{dest.replace('_', '-')} {given[dest]} (the atlas has {held[dest]})")
+    if "max_jitter" in given and not np.isclose(given["max_jitter"], held["max_jitter"], rtol=1e-6):
+        conflicts.append(f"--max-jitter {given['max_jitter']:g} (the atlas has {held['max_jitter']:g})")
+    if "channels" in given:
+        chosen = channel_indices(model.card, session.channel_arguments(given["channels"], model))
+        if [model.card.input.channels[c] for c in chosen] != held["channels"]:
+            conflicts.append(f"--channels {' '.join(given['channels'])} (the atlas jittered {held['channels']})")
+    for dest in ("block_labels", "coarse_blocks", "progressive", "tolerance", "method", "locality_tolerance",
+                 "tiles"):
+        if dest in given:
+            flag = "--no-tiles" if dest == "tiles" else f"--{dest.replace('_', '-')}"
+            conflicts.append(f"{flag} (an atlas answers from its own blocks and responses)")
+    if conflicts:
+        raise InputError(f"{args.atlas}: options that contradict the response atlas: {'; '.join(conflicts)}; "
+                         "leave them out, or compute a new atlas with them (ibix atlas)")
+
+
 def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
+    atlas = None
+    if args.atlas is not None:
+        atlas = ResponseAtlas.load(args.atlas, model, inputs.x, inputs.geometry)
+        _atlas_conflicts(args, model, atlas)
     mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
     outputs = Outputs(args.output, args.format,
-                      [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card])
+                      [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card, args.atlas])
     outputs.check(["summary.json"])
-    parameters = dict(_mapping_parameters(args, model), n_blocks=args.n_blocks, compactness=args.compactness,
-                      blocks=blocks, normalization=args.normalization, coarse_blocks=args.coarse_blocks,
-                      refine_threshold=args.refine_threshold, method=args.method,
-                      locality_tolerance=args.locality_tolerance, tiles=args.tiles)
-    run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args))
+    if atlas is not None:
+        parameters: dict = {"normalization": args.normalization}
+    else:
+        parameters = dict(_mapping_parameters(args, model), n_blocks=args.n_blocks, compactness=args.compactness,
+                          blocks=blocks, normalization=args.normalization, coarse_blocks=args.coarse_blocks,
+                          refine_threshold=args.refine_threshold, method=args.method,
+                          locality_tolerance=args.locality_tolerance, tiles=args.tiles)
+    run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args), atlas=atlas)
     result = run.result
     session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
                           label=args.out_label,
                           block_labels=None if args.block_labels is None else str(args.block_labels),
+                          atlas=None if args.atlas is None else str(args.atlas),
                           backward=result.to_dict(), figure=run.figure)
     radius = result.radius or {}
     session.finish(console, outputs, [
@@ -353,6 +419,28 @@ def cmd_cohort(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
+    started = time.perf_counter()
+    model, inputs = _open_case(args)
+    blocks: Any = (args.blocks if args.block_labels is None
+                   else session.load_block_labels(args.block_labels, inputs.geometry))
+    outputs = Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card])
+    outputs.check(["summary.json"])
+    parameters = {"n_blocks": args.n_blocks, "compactness": args.compactness, "blocks": blocks,
+                  "n_jitters": args.n_jitters, "max_jitter": args.max_jitter,
+                  "channels": session.channel_arguments(args.channels, model),
+                  "memory_budget": int(args.atlas_budget * 2**20)}
+    atlas = session.run_atlas(model, inputs, outputs, console, parameters)
+    session.write_summary(outputs, "atlas", model, inputs, started,
+                          block_labels=None if args.block_labels is None else str(args.block_labels),
+                          atlas=atlas.to_dict())
+    session.finish(console, outputs, [
+        f"atlas: {atlas.n_blocks} blocks, {atlas.evaluations} evaluations in {atlas.seconds:.2f} s on "
+        f"{atlas.device}; {atlas.nbytes / 2**20:.1f} MiB; answer any output mask with "
+        f"'ibix backward --atlas {outputs.written['atlas']} ...'"])
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     run_demo(args.output, quick=args.quick, figures_dir=args.figures, device=args.device, fmt=args.format,
              console=console)
@@ -369,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ibix: error: choose a command: predict, forward, backward, cohort or demo (ibix --help)",
+        print("ibix: error: choose a command: predict, forward, backward, atlas, cohort or demo (ibix --help)",
               file=sys.stderr)
         return 2
     console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))

