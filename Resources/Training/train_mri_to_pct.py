@@ -22,20 +22,22 @@ CHANNELS = ["water", "fat", "in_phase"]
 HU_LO, HU_HI = ph.HU_RANGE
 
 
-def block(i, o):
-    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU())
+def block(i, o, dims=2):
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(i, o, 3, padding=1), nn.ReLU(), conv(o, o, 3, padding=1), nn.ReLU())
 
 
 class UNet(nn.Module):
-    """3-level U-Net, 16/32/64 channels, max-pool down, nearest upsample + concatenation skips, 1x1 linear head."""
+    """3-level U-Net (2D, or 3D with ``dims=3``), max-pool down, nearest upsample + concatenation skips, 1x1 linear
+    head; 16/32/64 channels by default."""
 
-    def __init__(self, cin=3, c=(16, 32, 64)):
+    def __init__(self, cin=3, c=(16, 32, 64), dims=2):
         super().__init__()
-        self.e1, self.e2, self.b = block(cin, c[0]), block(c[0], c[1]), block(c[1], c[2])
-        self.d2, self.d1 = block(c[2] + c[1], c[1]), block(c[1] + c[0], c[0])
-        self.pool = nn.MaxPool2d(2)
+        self.e1, self.e2, self.b = block(cin, c[0], dims), block(c[0], c[1], dims), block(c[1], c[2], dims)
+        self.d2, self.d1 = block(c[2] + c[1], c[1], dims), block(c[1] + c[0], c[0], dims)
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head = nn.Conv2d(c[0], 1, 1)
+        self.head = (nn.Conv2d if dims == 2 else nn.Conv3d)(c[0], 1, 1)
 
     def forward(self, x):
         e1 = self.e1(x)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import make_pelvis_phantom as ph
 from ibix_train_common import CACHE, MODELS, export_and_verify, seed_everything, write_card
-from train_mri_to_pct import CHANNELS, HU_HI, HU_LO, P_HI, P_LO, model_to_hu, phantom_arrays
+from train_mri_to_pct import CHANNELS, HU_HI, HU_LO, P_HI, P_LO, UNet, model_to_hu, phantom_arrays
 
 PATCH = (16, 64, 64)  # slices, rows, cols: the deployed window
 OVERLAP, BLEND, SIGMA_SCALE = 0.25, "gaussian", 0.125
@@ -29,28 +29,9 @@ CROP = (16, 48, 48)  # training crops (the model is fully convolutional)
 WEIGHTS = os.path.join(CACHE, "mri_to_pct_unet3d.pt")
 
 
-def block(i, o):
-    return nn.Sequential(nn.Conv3d(i, o, 3, padding=1), nn.ReLU(), nn.Conv3d(o, o, 3, padding=1), nn.ReLU())
-
-
-class UNet3D(nn.Module):
-    """3-level 3D U-Net, 8/16/32 channels, max-pool down, nearest upsample + concatenation skips, 1x1x1 head."""
-
-    def __init__(self, cin=3, c=(8, 16, 32)):
-        super().__init__()
-        self.e1, self.e2, self.b = block(cin, c[0]), block(c[0], c[1]), block(c[1], c[2])
-        self.d2, self.d1 = block(c[2] + c[1], c[1]), block(c[1] + c[0], c[0])
-        self.pool = nn.MaxPool3d(2)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.head = nn.Conv3d(c[0], 1, 1)
-
-    def forward(self, x):
-        e1 = self.e1(x)
-        e2 = self.e2(self.pool(e1))
-        b = self.b(self.pool(e2))
-        d2 = self.d2(torch.cat([self.up(b), e2], 1))
-        d1 = self.d1(torch.cat([self.up(d2), e1], 1))
-        return self.head(d1)
+def UNet3D():
+    """The 2D script's U-Net in 3D: 8/16/32 channels, 1x1x1 head (88,945 parameters)."""
+    return UNet(cin=3, c=(8, 16, 32), dims=3)
 
 
 def volume_arrays(seed):
