@@ -53,6 +53,12 @@ def _findResource(*parts):
     return None
 
 
+def statisticLabels():
+    """Labels of the map statistics (IBIXLogic.statistics), as the module shows them."""
+    return {"reach95_mm": _("reach95 (95 % of the map within)"), "inside_fraction": _("inside the mask"),
+            "blocks90": _("blocks holding 90 %"), "peak": _("peak value"), "peak_ras_mm": _("peak at RAS")}
+
+
 #
 # IBIX
 #
@@ -447,6 +453,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onRunDone(self, run):
         """A run ended (main thread). The scene may have been closed and the panel hidden meanwhile."""
         p = self._parameterNode
+        self.ui.statisticsLabel.text = self.statisticsText(run) if run.state == jobs.FINISHED else ""
         if run.state == jobs.FINISHED:
             if p is not None:
                 if run.request.kind == "output":
@@ -458,6 +465,17 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
         else:
             self._fail(run.error)
+
+    @staticmethod
+    def statisticsText(run):
+        """The statistics of a finished forward/backward run as a small table (rich text), empty for an output."""
+        kind = run.request.kind if hasattr(run, "request") else ""
+        rows = jobs.statistics_rows(kind, run.statistics)
+        if not rows:
+            return ""
+        labels = statisticLabels()
+        cells = "".join(f"<tr><td>{labels.get(key, key)}</td><td>&nbsp;{value}</td></tr>" for key, value in rows)
+        return f"<table>{cells}</table>"
 
     def _displayOptions(self):
         return self.logic.displayOptions(self._parameterNode)
@@ -698,6 +716,49 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
     def runBackward(self, inputNodes, outputNode, segmentationNode, segmentId, **params):
         """Backward map B of an output segment -> NEW volume node on the input grid. Waits."""
         return _result(self.startBackward(inputNodes, outputNode, segmentationNode, segmentId, poll=False, **params))
+
+
+    # --- cohorts: ibix cohort in the engine process, then open any case's maps ---------------------------------
+
+    def startCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
+                    runtime=None, onProgress=None, onDone=None, poll=True):
+        """Start ``ibix cohort`` on a manifest (CSV) in an engine process; returns the run at once.
+
+        ``onProgress(done, total, stage)`` counts cases; ``onDone(run)`` gets the ended run: ``run.files`` holds
+        ``cohort_csv`` and ``report`` (paths), ``run.cases`` the counts. Results stay in ``outputDir`` (a rerun
+        skips the cases done); open a case with :meth:`loadCohortCase`.
+        """
+        run = jobs.CohortRun(manifestPath, modelPath, outputDir, mapping=mapping, card_path=cardPath,
+                             workers=workers, device=self.device(runtime or self.runtime), on_progress=onProgress,
+                             on_done=onDone, launcher=self.launcher, python=self.python)
+        run.start()
+        if poll:
+            self._pollers.append(_Poller(run, self._pollers))
+        return run
+
+    def runCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
+                  runtime=None, onProgress=None, onDone=None):
+        """Run a cohort (waits; Slicer stays responsive) -> {"cohort_csv": path, "report": path}."""
+        run = self.startCohort(manifestPath, modelPath, outputDir, mapping, cardPath, workers, runtime,
+                               onProgress=onProgress, onDone=onDone, poll=False)
+        jobs.wait(run, idle=_processEvents)
+        if run.state == jobs.FINISHED:
+            return run.files
+        if run.state == jobs.CANCELLED:
+            raise ibx.Cancelled(run.error)
+        raise ibx.IBIXError(run.error)
+
+    @staticmethod
+    def cohortCases(outputDir):
+        """The rows of ``outputDir/cohort.csv`` (case, status, error, evaluations, seconds, statistics)."""
+        return jobs.cohort_cases(outputDir)
+
+    def loadCohortCase(self, outputDir, case, display=None):
+        """Open a finished case of a cohort: its first input and its maps as NEW volume nodes, each map shown over
+        the input. Returns the new nodes (input first); each map node's ``IBIX.statistics`` attribute holds its
+        statistics (JSON)."""
+        summary, maps = jobs.case_maps(outputDir, case)
+        return scene.add_case_maps(case, summary, maps, **(display or {}))
 
 
 class _Poller:

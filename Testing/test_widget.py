@@ -8,6 +8,7 @@ success, failure, crash, hang) so that each state is reached for sure.
 from __future__ import annotations
 
 import ast
+import json
 import sys
 import time
 import types
@@ -341,6 +342,10 @@ def test_run_progress_and_finish(ibix, case, fake_child):
     assert (2, 3) in seen  # the child's progress reached the bar
     assert p.resultVolume is not None and p.resultVolume.GetAttribute("IBIX.kind") == "forward"
     assert "forward done" in widget.ui.statusLabel.text and "7 evaluations" in widget.ui.statusLabel.text
+    table = widget.ui.statisticsLabel.text  # the run's map statistics, from its summary.json
+    for text in ("reach95", "4.5 mm", "inside the mask", "62.5 %", "peak value", "1.75", "(-1.0, 2.5, 3.0) mm"):
+        assert text in table, (text, table)
+    assert json.loads(p.resultVolume.GetAttribute("IBIX.statistics"))["reach95_mm"] == 4.5
     assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
     assert not widget._timer.active
 
@@ -429,10 +434,14 @@ def test_console_synchronous_and_asynchronous_runs(ibix, case, fake_child):
         timer.fire()
         time.sleep(0.01)
     assert ended == [run] and run.state == "finished" and run.node is not None and logic._pollers == []
+    assert run.statistics == {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,
+                              "peak_ras_mm": [-1.0, 2.5, 3.0]}
     fake_child.setenv("IBIX_FAKE", "fail")
     with pytest.raises(ValueError, match="n_jitters must be at least 1"):
         logic.runBackward([case["volume"]], None, case["seg"], case["sid"], n_blocks=4)
     fake_child.setenv("IBIX_FAKE", "ok")
+    bmap = logic.runBackward([case["volume"]], None, case["seg"], case["sid"], n_blocks=4)
+    assert json.loads(bmap.GetAttribute("IBIX.statistics"))["blocks90"] == 3
     output = logic.generateOutput([case["volume"]])
     assert output.GetName() == "output generated from T1"
 
@@ -523,3 +532,20 @@ def test_self_test_runs_the_demo_model_where_onnxruntime_is_installed(ibix, slic
     test.runTest()
     assert shown[-1] == "IBIX test passed", shown
     assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 4  # input, output, F, B
+
+
+def test_statistics_table_of_each_map_kind(ibix):
+    """Forward: reach95, inside fraction, peak and its location; backward: reach95, blocks90, peak and location;
+    an output run or a zero map shows nothing or dashes."""
+    def run(kind, statistics):
+        return types.SimpleNamespace(request=types.SimpleNamespace(kind=kind), statistics=statistics)
+
+    backward = ibix.IBIXWidget.statisticsText(run("backward", {"reach95_mm": 10.62, "blocks90": 21.0, "peak": 0.25,
+                                                                "peak_ras_mm": [-21.04, -40.0, 19.5]}))
+    for text in ("10.6 mm", "blocks holding 90 %", "<td>&nbsp;21</td>", "0.25", "(-21.0, -40.0, 19.5) mm"):
+        assert text in backward, (text, backward)
+    assert "inside the mask" not in backward
+    zero = ibix.IBIXWidget.statisticsText(run("forward", {"reach95_mm": None, "inside_fraction": None, "peak": 0.0,
+                                                          "peak_ras_mm": None}))
+    assert zero.count("&nbsp;-<") == 3
+    assert ibix.IBIXWidget.statisticsText(run("output", {})) == ""
