@@ -549,3 +549,51 @@ def test_statistics_table_of_each_map_kind(ibix):
                                                           "peak_ras_mm": None}))
     assert zero.count("&nbsp;-<") == 3
     assert ibix.IBIXWidget.statisticsText(run("output", {})) == ""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cohorts from the console API (a real engine process running ibix cohort)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_cohort_runs_in_the_engine_process_and_a_case_opens_in_the_scene(ibix, slicer_app, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("distributed")
+    samples = Path(MODULE_DIR).parent / "Resources" / "SampleData"
+    model = Path(MODULE_DIR).parent / "Resources" / "Models" / "t1_to_t2_cae.onnx"
+    t1 = samples / "IBIX-T1.nrrd"
+    manifest = tmp_path / "manifest.csv"
+    mask = samples / "IBIX-T1-input-mask.nrrd"
+    manifest.write_text(f"case,input,mask,n_jitters\nventricle,{t1},{mask},1\n"
+                        f"missing,{tmp_path / 'no-such.nrrd'},{mask},1\n")
+    logic = ibix.IBIXLogic(python=sys.executable)
+    with pytest.raises(ValueError, match="manifest not found"):
+        logic.startCohort(str(tmp_path / "none.csv"), str(model), str(tmp_path / "out"))
+    seen, ended = [], []
+    out = tmp_path / "out"
+    files = logic.runCohort(str(manifest), str(model), str(out), mapping="forward", workers=1,
+                            onProgress=lambda done, total, stage: seen.append((done, total)), onDone=ended.append)
+    assert files["cohort_csv"] == str(out / "cohort.csv") and Path(files["report"]).is_file()
+    assert (1, 2) in seen or (2, 2) in seen
+    assert ended[0].cases == {"total": 2, "failed": 1, "run": 2, "skipped": 0}
+    assert "2 cases, 1 failed" in ended[0].status
+    rows = {r["case"]: r for r in logic.cohortCases(str(out))}
+    assert rows["ventricle"]["status"] == "ok" and rows["missing"]["status"] == "failed"
+    before = slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes = logic.loadCohortCase(str(out), "ventricle")
+    assert [n.GetName() for n in nodes] == ["ventricle input", "ventricle forward signed",
+                                            "ventricle forward normalized"]
+    assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 3
+    shown = nodes[-1]
+    statistics = json.loads(shown.GetAttribute("IBIX.statistics"))
+    assert statistics["reach95_mm"] == pytest.approx(rows["ventricle"]["reach95_mm"])
+    assert shown.GetDisplayNode().GetColorNode() is not None
+    composite = slicer_app.slice_logic.GetSliceCompositeNode()
+    assert composite.GetForegroundVolumeID() == shown.GetID()
+    assert composite.GetBackgroundVolumeID() == nodes[0].GetID()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes[0]),
+                               ibix.ibx.read_volume(t1)[0])
+    with pytest.raises(ValueError, match="no finished result"):
+        logic.loadCohortCase(str(out), "missing")
+    # a rerun in the background process skips the finished case
+    run = logic.startCohort(str(manifest), str(model), str(out), workers=1, poll=False)
+    assert ibix.jobs.wait(run) == "finished" and run.cases["skipped"] == 1
