@@ -5,6 +5,7 @@ the run with a timer. The engine package is imported as ``ibx``; it runs in a se
 (``IBIXLib.jobs``), so ONNX Runtime is never imported into Slicer itself. ``IBIXLib.scene`` reads the scene and
 shows results; ``IBIXLib.dependencies`` installs the Python packages, after asking.
 """
+import json
 import logging
 import os
 from typing import Annotated
@@ -191,6 +192,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobKind = ""
         self._timer = None
+        self._cohortCases = []   # finished cases of the cohort output folder, as listed in cohortCaseComboBox
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -227,6 +229,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runBackwardButton.connect("clicked(bool)", self.onRunBackward)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.applyDisplayButton.connect("clicked(bool)", self.onApplyDisplay)
+        self.ui.runCohortButton.connect("clicked(bool)", self.onRunCohort)
+        self.ui.openCohortCaseButton.connect("clicked(bool)", self.onOpenCohortCase)
+        self.ui.cohortOutputPathLineEdit.connect("currentPathChanged(QString)", self.onCohortOutputChanged)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -257,8 +262,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
 
     def onSceneStartClose(self, caller, event):
-        # A run reads nodes of this scene: end it now (the next poll reports it; nothing is added).
-        if self._job is not None:
+        # A run reads nodes of this scene: end it now (the next poll reports it; nothing is added). A cohort reads
+        # only files and goes on.
+        if self._job is not None and not isinstance(self._job, jobs.CohortRun):
             self._job.cancel()
         self.setParameterNode(None)
 
@@ -347,6 +353,8 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runForwardButton.enabled = hasModel and not busy and bool(p and p.inputSegmentation)
         self.ui.runBackwardButton.enabled = hasModel and not busy and bool(p and p.outputSegmentation)
         self.ui.cancelButton.enabled = busy
+        self.ui.runCohortButton.enabled = hasModel and not busy
+        self.ui.openCohortCaseButton.enabled = not busy and bool(self._cohortCases)
         if p:
             self.ui.coarseBlocksSpinBox.enabled = p.coarseToFine
             self.ui.refineThresholdSpinBox.enabled = p.coarseToFine
@@ -469,8 +477,11 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def statisticsText(run):
         """The statistics of a finished forward/backward run as a small table (rich text), empty for an output."""
-        kind = run.request.kind if hasattr(run, "request") else ""
-        rows = jobs.statistics_rows(kind, run.statistics)
+        return IBIXWidget.statisticsTable(run.request.kind, run.statistics)
+
+    @staticmethod
+    def statisticsTable(kind, statistics):
+        rows = jobs.statistics_rows(kind, statistics)
         if not rows:
             return ""
         labels = statisticLabels()
@@ -507,6 +518,63 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         background = slicer.mrmlScene.GetNodeByID(p.resultVolume.GetAttribute("IBIX.background") or "")
         scene.show_overlay(p.resultVolume, background, **self._displayOptions())
+
+    # --- cohort ---------------------------------------------------------------------------------------------
+
+    def onRunCohort(self):
+        if self._job is not None:
+            slicer.util.warningDisplay(_("An IBIX run is in progress: wait for it or press Cancel."),
+                                       windowTitle=_("IBIX"))
+            return
+        try:
+            self.logic._requireModel()
+            run = self.logic.startCohort(self.ui.cohortManifestPathLineEdit.currentPath, self.logic.modelPath,
+                                         self.ui.cohortOutputPathLineEdit.currentPath,
+                                         mapping=self.ui.cohortMappingComboBox.currentText or "forward",
+                                         onProgress=self._onProgress, onDone=self._onCohortDone, poll=False)
+        except Exception as error:  # bad paths: nothing was started
+            self._fail(error)
+            return
+        self._begin(run, _("cohort"))
+
+    def _onCohortDone(self, run):
+        if run.state == jobs.FINISHED:
+            self._setStatus(run.status + " -> " + run.files.get("report", ""))
+            self._fillCohortCases(run.output_dir)
+        elif run.state == jobs.CANCELLED:
+            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
+        else:
+            self._fail(run.error)
+
+    def onCohortOutputChanged(self, path):
+        self._fillCohortCases(path)
+
+    def _fillCohortCases(self, outputDir):
+        """List the finished cases of ``outputDir/cohort.csv`` (none when there is no cohort there yet)."""
+        try:
+            rows = self.logic.cohortCases(outputDir) if outputDir else []
+        except (ValueError, OSError):
+            rows = []
+        self._cohortCases = [row["case"] for row in rows if row.get("status") == "ok"]
+        self.ui.cohortCaseComboBox.clear()
+        for case in self._cohortCases:
+            self.ui.cohortCaseComboBox.addItem(case)
+        self._checkCanRun()
+
+    def onOpenCohortCase(self):
+        case = self.ui.cohortCaseComboBox.currentText
+        try:
+            nodes = self.logic.loadCohortCase(self.ui.cohortOutputPathLineEdit.currentPath, case,
+                                              display=self._displayOptions())
+        except Exception as error:
+            self._fail(error)
+            return
+        shown = nodes[-1]
+        if self._parameterNode is not None:
+            self._parameterNode.resultVolume = shown
+        statistics = json.loads(shown.GetAttribute("IBIX.statistics") or "{}")
+        self.ui.statisticsLabel.text = self.statisticsTable(shown.GetAttribute("IBIX.kind"), statistics)
+        self._setStatus(_("Opened case {case}: {count} volumes").format(case=case, count=len(nodes)))
 
     def onEditMask(self, which):
         p = self._parameterNode

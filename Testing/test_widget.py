@@ -70,6 +70,12 @@ class FakeWidget:
     def currentNode(self):
         return self._node
 
+    def clear(self):
+        self.items = []
+
+    def addItem(self, text):
+        self.items = getattr(self, "items", []) + [text]
+
     def setCurrentSegmentID(self, segment):
         self._segment = segment
 
@@ -597,3 +603,38 @@ def test_cohort_runs_in_the_engine_process_and_a_case_opens_in_the_scene(ibix, s
     # a rerun in the background process skips the finished case
     run = logic.startCohort(str(manifest), str(model), str(out), workers=1, poll=False)
     assert ibix.jobs.wait(run) == "finished" and run.cases["skipped"] == 1
+
+
+def test_cohort_section_runs_a_cohort_and_opens_a_case(ibix, case, tmp_path):
+    """The GUI's Cohort section: Run cohort is busy like a run (progress, Cancel), then lists the finished cases;
+    Open case loads one into the scene and shows its statistics."""
+    pytest.importorskip("distributed")
+    samples = Path(MODULE_DIR).parent / "Resources" / "SampleData"
+    mask = samples / "IBIX-T1-input-mask.nrrd"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case,input,mask,n_jitters\nventricle,{samples / 'IBIX-T1.nrrd'},{mask},1\n"
+                        f"missing,{tmp_path / 'no-such.nrrd'},{mask},1\n")
+    widget = _widget(ibix)
+    assert not widget.ui.runCohortButton.enabled and not widget.ui.openCohortCaseButton.enabled  # no model yet
+    widget = _loaded(ibix, case)
+    assert widget.ui.runCohortButton.enabled
+    ui = widget.ui
+    ui.cohortManifestPathLineEdit.currentPath = str(tmp_path / "none.csv")
+    ui.cohortOutputPathLineEdit.currentPath = str(tmp_path / "out")
+    ui.cohortMappingComboBox.currentText = "forward"
+    ui.runCohortButton.emit("clicked(bool)", True)
+    assert widget._job is None and "manifest not found" in ibix.messages[-1][1]
+    ui.cohortManifestPathLineEdit.currentPath = str(manifest)
+    ui.runCohortButton.emit("clicked(bool)", True)
+    assert widget._job is not None and ui.cancelButton.enabled and not ui.runCohortButton.enabled
+    _drive(widget)
+    assert "cohort done: 2 cases, 1 failed" in ui.statusLabel.text, ui.statusLabel.text
+    assert widget._cohortCases == ["ventricle"] and ui.cohortCaseComboBox.items == ["ventricle"]
+    assert ui.openCohortCaseButton.enabled and ui.runCohortButton.enabled
+    ui.cohortCaseComboBox.currentText = "ventricle"
+    ui.openCohortCaseButton.emit("clicked(bool)", True)
+    assert widget._parameterNode.resultVolume.GetName() == "ventricle forward normalized"
+    assert "reach95" in ui.statisticsLabel.text and "inside the mask" in ui.statisticsLabel.text
+    assert "Opened case ventricle: 3 volumes" in ui.statusLabel.text
+    widget._fillCohortCases(str(tmp_path / "elsewhere"))  # another folder: no cases, nothing to open
+    assert widget._cohortCases == [] and not ui.openCohortCaseButton.enabled
