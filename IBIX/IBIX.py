@@ -615,6 +615,9 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         sid = seg.GetSegmentation().GetNthSegmentID(0)
         fmap = logic.runForward([t1], seg, sid, n_jitters=8)  # waits; Slicer stays responsive
         run = logic.startForward([t1], seg, sid, onDone=lambda run: print(run.state, run.node))  # returns at once
+        print(run.statistics)                                  # once finished: reach95_mm, peak, ...
+        files = logic.runCohort("manifest.csv", "/path/t1_to_t2_cae.onnx", "/out", workers=2)  # waits
+        nodes = logic.loadCohortCase("/out", "case1")          # the case's input and maps, new nodes
 
     Synchronous calls raise exceptions (``IBIXLogic.IBIXError``, a ValueError, or ``IBIXLogic.Cancelled``) with
     the text the GUI shows; a failed or cancelled run leaves the scene unchanged.
