@@ -5,6 +5,7 @@ the run with a timer. The engine package is imported as ``ibx``; it runs in a se
 (``IBIXLib.jobs``), so ONNX Runtime is never imported into Slicer itself. ``IBIXLib.scene`` reads the scene and
 shows results; ``IBIXLib.dependencies`` installs the Python packages, after asking.
 """
+import json
 import logging
 import os
 from typing import Annotated
@@ -51,6 +52,12 @@ def _findResource(*parts):
         if os.path.exists(candidate):
             return os.path.normpath(candidate)
     return None
+
+
+def statisticLabels():
+    """Labels of the map statistics (IBIXLogic.statistics), as the module shows them."""
+    return {"reach95_mm": _("reach95 (95 % of the map within)"), "inside_fraction": _("inside the mask"),
+            "blocks90": _("blocks holding 90 %"), "peak": _("peak value"), "peak_ras_mm": _("peak at RAS")}
 
 
 #
@@ -185,6 +192,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobKind = ""
         self._timer = None
+        self._cohortCases = []   # finished cases of the cohort output folder, as listed in cohortCaseComboBox
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -221,6 +229,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runBackwardButton.connect("clicked(bool)", self.onRunBackward)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.applyDisplayButton.connect("clicked(bool)", self.onApplyDisplay)
+        self.ui.runCohortButton.connect("clicked(bool)", self.onRunCohort)
+        self.ui.openCohortCaseButton.connect("clicked(bool)", self.onOpenCohortCase)
+        self.ui.cohortOutputPathLineEdit.connect("currentPathChanged(QString)", self.onCohortOutputChanged)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -251,8 +262,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
 
     def onSceneStartClose(self, caller, event):
-        # A run reads nodes of this scene: end it now (the next poll reports it; nothing is added).
-        if self._job is not None:
+        # A run reads nodes of this scene: end it now (the next poll reports it; nothing is added). A cohort reads
+        # only files and goes on.
+        if self._job is not None and not isinstance(self._job, jobs.CohortRun):
             self._job.cancel()
         self.setParameterNode(None)
 
@@ -341,6 +353,8 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runForwardButton.enabled = hasModel and not busy and bool(p and p.inputSegmentation)
         self.ui.runBackwardButton.enabled = hasModel and not busy and bool(p and p.outputSegmentation)
         self.ui.cancelButton.enabled = busy
+        self.ui.runCohortButton.enabled = hasModel and not busy
+        self.ui.openCohortCaseButton.enabled = not busy and bool(self._cohortCases)
         if p:
             self.ui.coarseBlocksSpinBox.enabled = p.coarseToFine
             self.ui.refineThresholdSpinBox.enabled = p.coarseToFine
@@ -447,6 +461,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onRunDone(self, run):
         """A run ended (main thread). The scene may have been closed and the panel hidden meanwhile."""
         p = self._parameterNode
+        self.ui.statisticsLabel.text = self.statisticsText(run) if run.state == jobs.FINISHED else ""
         if run.state == jobs.FINISHED:
             if p is not None:
                 if run.request.kind == "output":
@@ -458,6 +473,20 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
         else:
             self._fail(run.error)
+
+    @staticmethod
+    def statisticsText(run):
+        """The statistics of a finished forward/backward run as a small table (rich text), empty for an output."""
+        return IBIXWidget.statisticsTable(run.request.kind, run.statistics)
+
+    @staticmethod
+    def statisticsTable(kind, statistics):
+        rows = jobs.statistics_rows(kind, statistics)
+        if not rows:
+            return ""
+        labels = statisticLabels()
+        cells = "".join(f"<tr><td>{labels.get(key, key)}</td><td>&nbsp;{value}</td></tr>" for key, value in rows)
+        return f"<table>{cells}</table>"
 
     def _displayOptions(self):
         return self.logic.displayOptions(self._parameterNode)
@@ -489,6 +518,63 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         background = slicer.mrmlScene.GetNodeByID(p.resultVolume.GetAttribute("IBIX.background") or "")
         scene.show_overlay(p.resultVolume, background, **self._displayOptions())
+
+    # --- cohort ---------------------------------------------------------------------------------------------
+
+    def onRunCohort(self):
+        if self._job is not None:
+            slicer.util.warningDisplay(_("An IBIX run is in progress: wait for it or press Cancel."),
+                                       windowTitle=_("IBIX"))
+            return
+        try:
+            self.logic._requireModel()
+            run = self.logic.startCohort(self.ui.cohortManifestPathLineEdit.currentPath, self.logic.modelPath,
+                                         self.ui.cohortOutputPathLineEdit.currentPath,
+                                         mapping=self.ui.cohortMappingComboBox.currentText or "forward",
+                                         onProgress=self._onProgress, onDone=self._onCohortDone, poll=False)
+        except Exception as error:  # bad paths: nothing was started
+            self._fail(error)
+            return
+        self._begin(run, _("cohort"))
+
+    def _onCohortDone(self, run):
+        if run.state == jobs.FINISHED:
+            self._setStatus(run.status + " -> " + run.files.get("report", ""))
+            self._fillCohortCases(run.output_dir)
+        elif run.state == jobs.CANCELLED:
+            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
+        else:
+            self._fail(run.error)
+
+    def onCohortOutputChanged(self, path):
+        self._fillCohortCases(path)
+
+    def _fillCohortCases(self, outputDir):
+        """List the finished cases of ``outputDir/cohort.csv`` (none when there is no cohort there yet)."""
+        try:
+            rows = self.logic.cohortCases(outputDir) if outputDir else []
+        except (ValueError, OSError):
+            rows = []
+        self._cohortCases = [row["case"] for row in rows if row.get("status") == "ok"]
+        self.ui.cohortCaseComboBox.clear()
+        for case in self._cohortCases:
+            self.ui.cohortCaseComboBox.addItem(case)
+        self._checkCanRun()
+
+    def onOpenCohortCase(self):
+        case = self.ui.cohortCaseComboBox.currentText
+        try:
+            nodes = self.logic.loadCohortCase(self.ui.cohortOutputPathLineEdit.currentPath, case,
+                                              display=self._displayOptions())
+        except Exception as error:
+            self._fail(error)
+            return
+        shown = nodes[-1]
+        if self._parameterNode is not None:
+            self._parameterNode.resultVolume = shown
+        statistics = json.loads(shown.GetAttribute("IBIX.statistics") or "{}")
+        self.ui.statisticsLabel.text = self.statisticsTable(shown.GetAttribute("IBIX.kind"), statistics)
+        self._setStatus(_("Opened case {case}: {count} volumes").format(case=case, count=len(nodes)))
 
     def onEditMask(self, which):
         p = self._parameterNode
@@ -529,6 +615,9 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         sid = seg.GetSegmentation().GetNthSegmentID(0)
         fmap = logic.runForward([t1], seg, sid, n_jitters=8)  # waits; Slicer stays responsive
         run = logic.startForward([t1], seg, sid, onDone=lambda run: print(run.state, run.node))  # returns at once
+        print(run.statistics)                                  # once finished: reach95_mm, peak, ...
+        files = logic.runCohort("manifest.csv", "/path/t1_to_t2_cae.onnx", "/out", workers=2)  # waits
+        nodes = logic.loadCohortCase("/out", "case1")          # the case's input and maps, new nodes
 
     Synchronous calls raise exceptions (``IBIXLogic.IBIXError``, a ValueError, or ``IBIXLogic.Cancelled``) with
     the text the GUI shows; a failed or cancelled run leaves the scene unchanged.
@@ -698,6 +787,49 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
     def runBackward(self, inputNodes, outputNode, segmentationNode, segmentId, **params):
         """Backward map B of an output segment -> NEW volume node on the input grid. Waits."""
         return _result(self.startBackward(inputNodes, outputNode, segmentationNode, segmentId, poll=False, **params))
+
+
+    # --- cohorts: ibix cohort in the engine process, then open any case's maps ---------------------------------
+
+    def startCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
+                    runtime=None, onProgress=None, onDone=None, poll=True):
+        """Start ``ibix cohort`` on a manifest (CSV) in an engine process; returns the run at once.
+
+        ``onProgress(done, total, stage)`` counts cases; ``onDone(run)`` gets the ended run: ``run.files`` holds
+        ``cohort_csv`` and ``report`` (paths), ``run.cases`` the counts. Results stay in ``outputDir`` (a rerun
+        skips the cases done); open a case with :meth:`loadCohortCase`.
+        """
+        run = jobs.CohortRun(manifestPath, modelPath, outputDir, mapping=mapping, card_path=cardPath,
+                             workers=workers, device=self.device(runtime or self.runtime), on_progress=onProgress,
+                             on_done=onDone, launcher=self.launcher, python=self.python)
+        run.start()
+        if poll:
+            self._pollers.append(_Poller(run, self._pollers))
+        return run
+
+    def runCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
+                  runtime=None, onProgress=None, onDone=None):
+        """Run a cohort (waits; Slicer stays responsive) -> {"cohort_csv": path, "report": path}."""
+        run = self.startCohort(manifestPath, modelPath, outputDir, mapping, cardPath, workers, runtime,
+                               onProgress=onProgress, onDone=onDone, poll=False)
+        jobs.wait(run, idle=_processEvents)
+        if run.state == jobs.FINISHED:
+            return run.files
+        if run.state == jobs.CANCELLED:
+            raise ibx.Cancelled(run.error)
+        raise ibx.IBIXError(run.error)
+
+    @staticmethod
+    def cohortCases(outputDir):
+        """The rows of ``outputDir/cohort.csv`` (case, status, error, evaluations, seconds, statistics)."""
+        return jobs.cohort_cases(outputDir)
+
+    def loadCohortCase(self, outputDir, case, display=None):
+        """Open a finished case of a cohort: its first input and its maps as NEW volume nodes, each map shown over
+        the input. Returns the new nodes (input first); each map node's ``IBIX.statistics`` attribute holds its
+        statistics (JSON)."""
+        summary, maps = jobs.case_maps(outputDir, case)
+        return scene.add_case_maps(case, summary, maps, **(display or {}))
 
 
 class _Poller:

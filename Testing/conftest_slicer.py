@@ -220,6 +220,9 @@ FAKE_CHILD = textwrap.dedent('''
         while not os.path.exists(os.path.join(folder, "job.json")):
             time.sleep(0.01)
         args = json.load(open(os.path.join(folder, "job.json")))
+    STATISTICS = {"forward": {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,
+                              "peak_ras_mm": [-1.0, 2.5, 3.0]},
+                  "backward": {"reach95_mm": 2.0, "blocks90": 3, "peak": 0.5, "peak_ras_mm": [0.0, 1.0, 2.0]}}
     mode_file = os.environ.get("IBIX_FAKE_FILE", "")  # read at job time (a standby started earlier)
     mode = open(mode_file).read() if os.path.exists(mode_file) else os.environ.get("IBIX_FAKE", "ok")
     command = args[0]
@@ -269,7 +272,8 @@ FAKE_CHILD = textwrap.dedent('''
     files["summary"] = os.path.join(out, "summary.json")
     with open(files["summary"], "w") as f:
         json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
-                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u."}}, f)
+                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u.",
+                   "statistics": STATISTICS.get(command, {})}}, f)
     print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
 ''')
 

@@ -341,3 +341,26 @@ def test_progressive_preview_is_shown_then_replaced_or_removed(case, fake_child,
     volumes = [case["app"].scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode").GetName()
                for i in range(case["app"].scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
     assert volumes == ["T1", "T1 forward map (region)"]
+
+
+def test_cohort_run_reports_a_bad_manifest_and_cancels(tmp_path):
+    """A refused manifest becomes the engine's message; Cancel ends a cohort at once; the job folder goes."""
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "t1_to_t2_cae.onnx"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case,input,mask,speed\na,x.nrrd,m.nrrd,1\n")
+    with pytest.raises(ibx.InputError, match="unknown mapping"):
+        jobs.CohortRun(str(bad), str(model), str(tmp_path / "out"), mapping="sideways")
+    run = jobs.CohortRun(str(bad), str(model), str(tmp_path / "out"), python=sys.executable,
+                         launcher=jobs.subprocess_launcher).start()
+    assert jobs.wait(run) == jobs.FAILED and "unknown column(s) ['speed']" in run.error
+    assert not os.path.exists(run.folder)
+    good = tmp_path / "good.csv"
+    good.write_text("case,input,mask\na,x.nrrd,m.nrrd\n")
+    ended = []
+    run = jobs.CohortRun(str(good), str(model), str(tmp_path / "out"), python=sys.executable,
+                         launcher=jobs.subprocess_launcher, on_done=ended.append).start()
+    run.cancel()
+    assert jobs.wait(run) == jobs.CANCELLED and ended == [run] and "cancelled" in run.error
+    assert not os.path.exists(run.folder)

@@ -8,6 +8,7 @@ success, failure, crash, hang) so that each state is reached for sure.
 from __future__ import annotations
 
 import ast
+import json
 import sys
 import time
 import types
@@ -68,6 +69,12 @@ class FakeWidget:
 
     def currentNode(self):
         return self._node
+
+    def clear(self):
+        self.items = []
+
+    def addItem(self, text):
+        self.items = getattr(self, "items", []) + [text]
 
     def setCurrentSegmentID(self, segment):
         self._segment = segment
@@ -341,6 +348,10 @@ def test_run_progress_and_finish(ibix, case, fake_child):
     assert (2, 3) in seen  # the child's progress reached the bar
     assert p.resultVolume is not None and p.resultVolume.GetAttribute("IBIX.kind") == "forward"
     assert "forward done" in widget.ui.statusLabel.text and "7 evaluations" in widget.ui.statusLabel.text
+    table = widget.ui.statisticsLabel.text  # the run's map statistics, from its summary.json
+    for text in ("reach95", "4.5 mm", "inside the mask", "62.5 %", "peak value", "1.75", "(-1.0, 2.5, 3.0) mm"):
+        assert text in table, (text, table)
+    assert json.loads(p.resultVolume.GetAttribute("IBIX.statistics"))["reach95_mm"] == 4.5
     assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
     assert not widget._timer.active
 
@@ -429,10 +440,14 @@ def test_console_synchronous_and_asynchronous_runs(ibix, case, fake_child):
         timer.fire()
         time.sleep(0.01)
     assert ended == [run] and run.state == "finished" and run.node is not None and logic._pollers == []
+    assert run.statistics == {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,
+                              "peak_ras_mm": [-1.0, 2.5, 3.0]}
     fake_child.setenv("IBIX_FAKE", "fail")
     with pytest.raises(ValueError, match="n_jitters must be at least 1"):
         logic.runBackward([case["volume"]], None, case["seg"], case["sid"], n_blocks=4)
     fake_child.setenv("IBIX_FAKE", "ok")
+    bmap = logic.runBackward([case["volume"]], None, case["seg"], case["sid"], n_blocks=4)
+    assert json.loads(bmap.GetAttribute("IBIX.statistics"))["blocks90"] == 3
     output = logic.generateOutput([case["volume"]])
     assert output.GetName() == "output generated from T1"
 
@@ -523,3 +538,103 @@ def test_self_test_runs_the_demo_model_where_onnxruntime_is_installed(ibix, slic
     test.runTest()
     assert shown[-1] == "IBIX test passed", shown
     assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") >= 4  # input, output, F, B
+
+
+def test_statistics_table_of_each_map_kind(ibix):
+    """Forward: reach95, inside fraction, peak and its location; backward: reach95, blocks90, peak and location;
+    an output run or a zero map shows nothing or dashes."""
+    def run(kind, statistics):
+        return types.SimpleNamespace(request=types.SimpleNamespace(kind=kind), statistics=statistics)
+
+    backward = ibix.IBIXWidget.statisticsText(run("backward", {"reach95_mm": 10.62, "blocks90": 21.0, "peak": 0.25,
+                                                                "peak_ras_mm": [-21.04, -40.0, 19.5]}))
+    for text in ("10.6 mm", "blocks holding 90 %", "<td>&nbsp;21</td>", "0.25", "(-21.0, -40.0, 19.5) mm"):
+        assert text in backward, (text, backward)
+    assert "inside the mask" not in backward
+    zero = ibix.IBIXWidget.statisticsText(run("forward", {"reach95_mm": None, "inside_fraction": None, "peak": 0.0,
+                                                          "peak_ras_mm": None}))
+    assert zero.count("&nbsp;-<") == 3
+    assert ibix.IBIXWidget.statisticsText(run("output", {})) == ""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cohorts from the console API (a real engine process running ibix cohort)
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_cohort_runs_in_the_engine_process_and_a_case_opens_in_the_scene(ibix, slicer_app, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("distributed")
+    samples = Path(MODULE_DIR).parent / "Resources" / "SampleData"
+    model = Path(MODULE_DIR).parent / "Resources" / "Models" / "t1_to_t2_cae.onnx"
+    t1 = samples / "IBIX-T1.nrrd"
+    manifest = tmp_path / "manifest.csv"
+    mask = samples / "IBIX-T1-input-mask.nrrd"
+    manifest.write_text(f"case,input,mask,n_jitters\nventricle,{t1},{mask},1\n"
+                        f"missing,{tmp_path / 'no-such.nrrd'},{mask},1\n")
+    logic = ibix.IBIXLogic(python=sys.executable)
+    with pytest.raises(ValueError, match="manifest not found"):
+        logic.startCohort(str(tmp_path / "none.csv"), str(model), str(tmp_path / "out"))
+    seen, ended = [], []
+    out = tmp_path / "out"
+    files = logic.runCohort(str(manifest), str(model), str(out), mapping="forward", workers=1,
+                            onProgress=lambda done, total, stage: seen.append((done, total)), onDone=ended.append)
+    assert files["cohort_csv"] == str(out / "cohort.csv") and Path(files["report"]).is_file()
+    assert (1, 2) in seen or (2, 2) in seen
+    assert ended[0].cases == {"total": 2, "failed": 1, "run": 2, "skipped": 0}
+    assert "2 cases, 1 failed" in ended[0].status
+    rows = {r["case"]: r for r in logic.cohortCases(str(out))}
+    assert rows["ventricle"]["status"] == "ok" and rows["missing"]["status"] == "failed"
+    before = slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes = logic.loadCohortCase(str(out), "ventricle")
+    assert [n.GetName() for n in nodes] == ["ventricle input", "ventricle forward signed",
+                                            "ventricle forward normalized"]
+    assert slicer_app.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before + 3
+    shown = nodes[-1]
+    statistics = json.loads(shown.GetAttribute("IBIX.statistics"))
+    assert statistics["reach95_mm"] == pytest.approx(rows["ventricle"]["reach95_mm"])
+    assert shown.GetDisplayNode().GetColorNode() is not None
+    composite = slicer_app.slice_logic.GetSliceCompositeNode()
+    assert composite.GetForegroundVolumeID() == shown.GetID()
+    assert composite.GetBackgroundVolumeID() == nodes[0].GetID()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes[0]),
+                               ibix.ibx.read_volume(t1)[0])
+    with pytest.raises(ValueError, match="no finished result"):
+        logic.loadCohortCase(str(out), "missing")
+    # a rerun in the background process skips the finished case
+    run = logic.startCohort(str(manifest), str(model), str(out), workers=1, poll=False)
+    assert ibix.jobs.wait(run) == "finished" and run.cases["skipped"] == 1
+
+
+def test_cohort_section_runs_a_cohort_and_opens_a_case(ibix, case, tmp_path):
+    """The GUI's Cohort section: Run cohort is busy like a run (progress, Cancel), then lists the finished cases;
+    Open case loads one into the scene and shows its statistics."""
+    pytest.importorskip("distributed")
+    samples = Path(MODULE_DIR).parent / "Resources" / "SampleData"
+    mask = samples / "IBIX-T1-input-mask.nrrd"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case,input,mask,n_jitters\nventricle,{samples / 'IBIX-T1.nrrd'},{mask},1\n"
+                        f"missing,{tmp_path / 'no-such.nrrd'},{mask},1\n")
+    widget = _widget(ibix)
+    assert not widget.ui.runCohortButton.enabled and not widget.ui.openCohortCaseButton.enabled  # no model yet
+    widget = _loaded(ibix, case)
+    assert widget.ui.runCohortButton.enabled
+    ui = widget.ui
+    ui.cohortManifestPathLineEdit.currentPath = str(tmp_path / "none.csv")
+    ui.cohortOutputPathLineEdit.currentPath = str(tmp_path / "out")
+    ui.cohortMappingComboBox.currentText = "forward"
+    ui.runCohortButton.emit("clicked(bool)", True)
+    assert widget._job is None and "manifest not found" in ibix.messages[-1][1]
+    ui.cohortManifestPathLineEdit.currentPath = str(manifest)
+    ui.runCohortButton.emit("clicked(bool)", True)
+    assert widget._job is not None and ui.cancelButton.enabled and not ui.runCohortButton.enabled
+    _drive(widget)
+    assert "cohort done: 2 cases, 1 failed" in ui.statusLabel.text, ui.statusLabel.text
+    assert widget._cohortCases == ["ventricle"] and ui.cohortCaseComboBox.items == ["ventricle"]
+    assert ui.openCohortCaseButton.enabled and ui.runCohortButton.enabled
+    ui.cohortCaseComboBox.currentText = "ventricle"
+    ui.openCohortCaseButton.emit("clicked(bool)", True)
+    assert widget._parameterNode.resultVolume.GetName() == "ventricle forward normalized"
+    assert "reach95" in ui.statisticsLabel.text and "inside the mask" in ui.statisticsLabel.text
+    assert "Opened case ventricle: 3 volumes" in ui.statusLabel.text
+    widget._fillCohortCases(str(tmp_path / "elsewhere"))  # another folder: no cases, nothing to open
+    assert widget._cohortCases == [] and not ui.openCohortCaseButton.enabled

@@ -577,6 +577,14 @@ class Run:
             self.on_done(self)
 
     @property
+    def statistics(self) -> dict:
+        """The map's statistics from the engine's summary.json (forward: reach95_mm, inside_fraction, peak,
+        peak_ras_mm; backward: reach95_mm, blocks90, peak, peak_ras_mm); empty for an output run or before the end."""
+        if self.request.kind not in ("forward", "backward"):
+            return {}
+        return dict(((self.summary or {}).get(self.request.kind) or {}).get("statistics") or {})
+
+    @property
     def status(self) -> str:
         """One line for a status bar: what ran, evaluations, time, and the device that really ran it."""
         if self.state != FINISHED:
@@ -597,6 +605,167 @@ class Run:
             text += (f"; segment '{self.request.segment_name}' was on a different grid and was resampled onto "
                      f"'{self.request.reference_node.GetName()}'")
         return text
+
+
+#: The statistics of each map kind, in the order they are shown.
+STATISTICS = {"forward": ("reach95_mm", "inside_fraction", "peak", "peak_ras_mm"),
+              "backward": ("reach95_mm", "blocks90", "peak", "peak_ras_mm")}
+
+
+def statistics_rows(kind: str, statistics: dict) -> list[tuple[str, str]]:
+    """(name, value as text) rows of a map's statistics for a small table (empty for an output run)."""
+    rows = []
+    for key in STATISTICS.get(kind, ()):
+        value = (statistics or {}).get(key)
+        if value is None:
+            text = "-"
+        elif key == "reach95_mm":
+            text = f"{value:.3g} mm"
+        elif key == "inside_fraction":
+            text = f"{100 * value:.1f} %"
+        elif key == "peak_ras_mm":
+            text = "(" + ", ".join(f"{v:.1f}" for v in value) + ") mm"
+        elif key == "blocks90":
+            text = str(int(value))
+        else:
+            text = f"{value:.4g}"
+        rows.append((key, text))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A cohort: ibix cohort in the engine process
+# ------------------------------------------------------------------------------------------------------------------
+
+class CohortRun:
+    """``ibix cohort MANIFEST ... --progress-format jsonl`` in a child process; nothing is added to the scene.
+
+    Call :meth:`start`, then :meth:`poll` (a timer, or :func:`wait`) until ``done``; ``on_progress(done, total,
+    stage)`` counts cases. Once finished, ``files`` holds ``cohort_csv`` and ``report`` (paths) and ``cases`` the
+    counts the engine reported (total, failed, run, skipped). The results stay in ``output_dir`` (a rerun skips
+    the cases already done); only the job folder is removed.
+    """
+
+    def __init__(self, manifest: str, model_path: str, output_dir: str, mapping: str = "forward",
+                 card_path: str | None = None, workers: int = 2, device: str = "auto",
+                 on_progress: Callable[[int, int, str], None] | None = None,
+                 on_done: Callable[["CohortRun"], None] | None = None, launcher: Launcher | None = None,
+                 python: str | None = None):
+        if mapping not in ("forward", "backward"):
+            raise ibx.InputError(f"unknown mapping {mapping!r}: use forward or backward")
+        for what, path in (("manifest", manifest), ("model file", model_path)):
+            if not path or not os.path.isfile(str(path)):
+                raise ibx.InputError(f"{what} not found: {path}: choose an existing file")
+        if not output_dir:
+            raise ibx.InputError("no output folder: choose a folder for the cohort's results")
+        self.manifest, self.model_path, self.output_dir = str(manifest), str(model_path), str(output_dir)
+        self.mapping, self.card_path, self.workers, self.device = mapping, card_path, int(workers), device
+        self.on_progress, self.on_done = on_progress, on_done
+        self.launcher, self.python = launcher, python
+        self.folder: str | None = None
+        self.process: Process | None = None
+        self.state = "idle"
+        self.error = ""
+        self.files: dict = {}
+        self.cases: dict = {}
+        self.seconds = 0.0
+        self._started = 0.0
+        self._reported: tuple | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (FINISHED, FAILED, CANCELLED, CRASHED)
+
+    def arguments(self) -> list[str]:
+        args = ["cohort", self.manifest, "--model", self.model_path, "--mapping", self.mapping,
+                "--output", self.output_dir, "--workers", str(self.workers), "--device", self.device,
+                "--quiet", "--progress-format", "jsonl"]
+        if self.card_path:
+            args += ["--card", str(self.card_path)]
+        return args
+
+    def start(self) -> "CohortRun":
+        if self.state != "idle":
+            raise ibx.InputError("this cohort run was already started: make a new one")
+        self._started = time.perf_counter()
+        self.folder = tempfile.mkdtemp(prefix="IBIX-cohort-")
+        try:
+            self.process = Process(child_command(self.folder, self.device, self.arguments(), self.python),
+                                   self.folder, self.launcher)
+        except BaseException:
+            remove_folder(self.folder)
+            raise
+        self.state = RUNNING
+        return self
+
+    def poll(self) -> str:
+        if self.state != RUNNING:
+            return self.state
+        state = self.process.poll()
+        if self.process.progress != self._reported and self.on_progress is not None and not self.process.done:
+            self._reported = self.process.progress
+            self.on_progress(*self.process.progress)
+        if state == FINISHED:
+            record = self.process.record
+            self.files = {k: str(v) for k, v in (record.get("files") or {}).items()}
+            self.cases = dict(record.get("cases") or {})
+            self._end(FINISHED, "")
+        elif self.process.done:
+            self._end(state, self.process.error if state != CANCELLED else "cancelled; finished cases were kept")
+        return self.state
+
+    def cancel(self) -> None:
+        if self.process is not None and self.state == RUNNING:
+            self.process.cancel()
+
+    def _end(self, state: str, error: str) -> None:
+        self.state, self.error = state, error
+        remove_folder(self.folder)
+        self.seconds = time.perf_counter() - self._started
+        if self.on_done is not None:
+            self.on_done(self)
+
+    @property
+    def status(self) -> str:
+        if self.state != FINISHED:
+            return self.error
+        c = self.cases
+        return (f"cohort done: {c.get('total', '?')} cases, {c.get('failed', '?')} failed "
+                f"({c.get('run', '?')} run now, {c.get('skipped', '?')} finished earlier), {self.seconds:.1f} s")
+
+
+def cohort_cases(output_dir: str) -> list[dict]:
+    """The rows of ``output_dir/cohort.csv`` (case, status, error, evaluations, seconds, statistics)."""
+    from IBIXLogic import cohort
+
+    path = os.path.join(str(output_dir), "cohort.csv")
+    if not os.path.isfile(path):
+        raise ibx.InputError(f"no cohort.csv in {output_dir}: run the cohort first")
+    return cohort.read_rows(path)
+
+
+#: Map files a case folder may hold, in the order they are loaded (the last one loaded is the one shown).
+CASE_MAPS = (("forward_signed", "forward"), ("forward_normalized", "forward"), ("backward", "backward"))
+
+
+def case_maps(output_dir: str, case: str) -> tuple[dict, list[tuple[str, str, str]]]:
+    """A finished case's summary and its map files: (summary, [(role, kind, path)])."""
+    folder = os.path.join(str(output_dir), str(case))
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ibx.InputError(f"case {case!r} has no finished result in {output_dir} ({error}); see its row in "
+                             f"cohort.csv") from None
+    maps = []
+    for role, kind in CASE_MAPS:
+        for path in summary.get("files") or []:
+            name = os.path.basename(str(path))
+            if name.startswith(role + ".") and os.path.isfile(path):
+                maps.append((role, kind, str(path)))
+    if not maps:
+        raise ibx.InputError(f"case {case!r} holds no map volume in {folder}")
+    return summary, maps
 
 
 def _write(path: str, array: np.ndarray, geometry) -> str:

@@ -22,6 +22,7 @@ Conventions
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -425,12 +426,42 @@ def _write_attributes(node, request: Request, summary: dict) -> None:
             "evaluations": str(section.get("evaluations", "")),
             "parameters": json.dumps(request.params),
             "display": request.display if request.kind == "forward" else "normalized",
+            "statistics": json.dumps(section.get("statistics") or {}),
         })
         units = section.get("units")
         if units:
             attrs["units"] = str(units)
     for key, value in attrs.items():
         node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
+
+
+def add_case_maps(case: str, summary: dict, maps, scene=None, **display) -> list:
+    """Open a finished cohort case (main thread): its first input as a new volume, then each map file
+    ``maps`` = [(role, kind, path)] as a new volume shown over that input, with the run's attributes (kind,
+    display, statistics, case). Returns the new nodes, the input first."""
+    nodes = []
+    background = None
+    inputs = summary.get("inputs") or []
+    if inputs and os.path.isfile(str(inputs[0])):
+        array, geometry = ibx.read_volume(inputs[0])
+        background = create_volume_node(array, geometry, f"{case} input", scene=scene)
+        background.SetAttribute(ATTRIBUTE_PREFIX + "case", str(case))
+        show_volume(background)
+        nodes.append(background)
+    for role, kind, path in maps:
+        array, geometry = ibx.read_volume(path)
+        node = create_volume_node(np.asarray(array, np.float32), geometry, f"{case} {role.replace('_', ' ')}",
+                                  scene=scene)
+        section = summary.get(kind) or {}
+        attrs = {"kind": kind, "case": str(case), "display": "signed" if role == "forward_signed" else "normalized",
+                 "statistics": json.dumps(section.get("statistics") or {}), "file": path,
+                 "background": background.GetID() if background is not None else "",
+                 "evaluations": str(section.get("evaluations", "")), "units": str(section.get("units") or "")}
+        for key, value in attrs.items():
+            node.SetAttribute(ATTRIBUTE_PREFIX + key, value)
+        show_overlay(node, background, **display)
+        nodes.append(node)
+    return nodes
 
 
 class Preview:
