@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output mask M^f: a label volume on the output (= input) grid, resampled if it "
                             "differs")
     group.add_argument("--out-label", "--label", dest="out_label", type=_int_at_least(0), default=None,
-                       metavar="N", help="use the voxels of this label of the mask file (needed when it holds several labels)")
+                       metavar="N",
+                       help="use the voxels of this label of the mask file (needed when it holds several labels)")
     _block_options(group)
     _mapping_options(group, 4)
     group.add_argument("--atlas", type=Path, default=None, metavar="NPZ",

@@ -388,7 +388,18 @@ def command_arguments(request: scene.Request, model_path: str, folder: str, inpu
     return args
 
 
-class Run:
+class _Job:
+    """What a run and a cohort share at their end: the state, the job folder removed, the time, the callback."""
+
+    def _end(self, state: str, error: str) -> None:
+        self.state, self.error = state, error
+        remove_folder(self.folder)
+        self.seconds = time.perf_counter() - self._started
+        if self.on_done is not None:
+            self.on_done(self)
+
+
+class Run(_Job):
     """One IBIX run of the module, from a scene request to a result node, in a child process.
 
     Call :meth:`start`, then :meth:`poll` from a timer (or :func:`wait`) until ``done``; ``node`` holds the new
@@ -570,11 +581,7 @@ class Run:
 
     def _end(self, state: str, error: str) -> None:
         self.preview.remove()
-        self.state, self.error = state, error
-        remove_folder(self.folder)
-        self.seconds = time.perf_counter() - self._started
-        if self.on_done is not None:
-            self.on_done(self)
+        super()._end(state, error)
 
     @property
     def statistics(self) -> dict:
@@ -637,7 +644,7 @@ def statistics_rows(kind: str, statistics: dict) -> list[tuple[str, str]]:
 # A cohort: ibix cohort in the engine process
 # ------------------------------------------------------------------------------------------------------------------
 
-class CohortRun:
+class CohortRun(_Job):
     """``ibix cohort MANIFEST ... --progress-format jsonl`` in a child process; nothing is added to the scene.
 
     Call :meth:`start`, then :meth:`poll` (a timer, or :func:`wait`) until ``done``; ``on_progress(done, total,
@@ -717,13 +724,6 @@ class CohortRun:
     def cancel(self) -> None:
         if self.process is not None and self.state == RUNNING:
             self.process.cancel()
-
-    def _end(self, state: str, error: str) -> None:
-        self.state, self.error = state, error
-        remove_folder(self.folder)
-        self.seconds = time.perf_counter() - self._started
-        if self.on_done is not None:
-            self.on_done(self)
 
     @property
     def status(self) -> str:
