@@ -812,12 +812,7 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         """Run a cohort (waits; Slicer stays responsive) -> {"cohort_csv": path, "report": path}."""
         run = self.startCohort(manifestPath, modelPath, outputDir, mapping, cardPath, workers, runtime,
                                onProgress=onProgress, onDone=onDone, poll=False)
-        jobs.wait(run, idle=_processEvents)
-        if run.state == jobs.FINISHED:
-            return run.files
-        if run.state == jobs.CANCELLED:
-            raise ibx.Cancelled(run.error)
-        raise ibx.IBIXError(run.error)
+        return _finished(run).files
 
     @staticmethod
     def cohortCases(outputDir):
@@ -856,14 +851,19 @@ def _processEvents():
         app.processEvents()
 
 
-def _result(run):
-    """Wait for a run (the GUI keeps repainting) and return its node, or raise its error."""
+def _finished(run):
+    """Wait for a run or a cohort (the GUI keeps repainting) and return it finished, or raise its error."""
     jobs.wait(run, idle=_processEvents)
     if run.state == jobs.FINISHED:
-        return run.node
+        return run
     if run.state == jobs.CANCELLED:
         raise ibx.Cancelled(run.error)
     raise ibx.IBIXError(run.error)
+
+
+def _result(run):
+    """Wait for a run and return its result node, or raise its error."""
+    return _finished(run).node
 
 
 def _asList(nodes):
