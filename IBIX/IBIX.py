@@ -618,6 +618,9 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         print(run.statistics)                                  # once finished: reach95_mm, peak, ...
         files = logic.runCohort("manifest.csv", "/path/t1_to_t2_cae.onnx", "/out", workers=2)  # waits
         nodes = logic.loadCohortCase("/out", "case1")          # the case's input and maps, new nodes
+        atlas = logic.runAtlas([t1], n_blocks=500)              # response atlas of the input (waits) -> path
+        live = logic.startLive(atlas, t1, outSeg, outSid)      # B follows the output segment as it is painted
+        logic.stopLive()
 
     Synchronous calls raise exceptions (``IBIXLogic.IBIXError``, a ValueError, or ``IBIXLogic.Cancelled``) with
     the text the GUI shows; a failed or cancelled run leaves the scene unchanged.
@@ -633,6 +636,7 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         self.prestart = True         # keep an engine process started for the next run (hides its start-up)
         self._standby = None
         self._pollers = []
+        self._live = None            # the live backward map (IBIXLib.live.LiveBackward) while it is on
 
     def getParameterNode(self):
         return IBIXParameterNode(super().getParameterNode())
@@ -736,7 +740,7 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
 
     # --- runs: start* return at once (the run is polled by a timer), run* wait for the result ----------------
 
-    def _start(self, request, display=None, onProgress=None, onDone=None, poll=True):
+    def _start(self, request, display=None, onProgress=None, onDone=None, poll=True, runClass=None, **runOptions):
         self._requireModel()
 
         def done(run):
@@ -745,8 +749,9 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
                 onDone(run)
 
         standby, self._standby = self._standby, None
-        run = jobs.Run(request, self.modelPath, self.device(self.runtime), display=display, on_progress=onProgress,
-                       on_done=done, launcher=self.launcher, python=self.python)
+        run = (runClass or jobs.Run)(request, self.modelPath, device=self.device(self.runtime), display=display,
+                                     on_progress=onProgress, on_done=done, launcher=self.launcher,
+                                     python=self.python, **runOptions)
         try:
             run.start(standby)
         except Exception:  # refused before it ran (the standby was used up): keep one for the next run
@@ -788,6 +793,35 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         """Backward map B of an output segment -> NEW volume node on the input grid. Waits."""
         return _result(self.startBackward(inputNodes, outputNode, segmentationNode, segmentId, poll=False, **params))
 
+    # --- live backward maps: the response atlas of the input, then B of the output segment as it is painted -----
+
+    def startAtlas(self, inputNodes, outputDir=None, onProgress=None, onDone=None, poll=True, **params):
+        """Start ``ibix atlas`` of the input in the engine process (returns the run at once); once finished,
+        ``run.atlas_path`` is ``outputDir/atlas.npz`` (default: a new temporary folder). Params: n_blocks,
+        compactness, blocks, n_jitters, max_jitter."""
+        request = scene.prepare_request("atlas", self._requireModel()["channels"], _asList(inputNodes), **params)
+        return self._start(request, None, onProgress, onDone, poll, runClass=jobs.AtlasRun, output_dir=outputDir)
+
+    def runAtlas(self, inputNodes, outputDir=None, **params):
+        """The response atlas of the input -> its path (waits; Slicer stays responsive)."""
+        return _finished(self.startAtlas(inputNodes, outputDir, poll=False, **params)).atlas_path
+
+    def startLive(self, atlasPath, inputNode, segmentationNode, segmentId, normalization="fraction", display=None):
+        """Show B of the output segment from the atlas now and again each time the segment is painted (no model
+        evaluation; at most every ~150 ms); returns the :class:`IBIXLib.live.LiveBackward` (``.node`` is B).
+        Ends any live map already on; :meth:`stopLive` ends it."""
+        from IBIXLib import live
+
+        self.stopLive()
+        self._live = live.LiveBackward(atlasPath, inputNode, segmentationNode, segmentId,
+                                       normalization=normalization, display=display).start()
+        return self._live
+
+    def stopLive(self):
+        """Stop updating the live backward map (its node stays)."""
+        live, self._live = getattr(self, "_live", None), None
+        if live is not None:
+            live.stop()
 
     # --- cohorts: ibix cohort in the engine process, then open any case's maps ---------------------------------
 

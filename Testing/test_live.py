@@ -2,6 +2,8 @@
 single-shot timer: the answer written into the node, one node reused, debounce, observers removed."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,8 @@ def case(slicer_app, tmp_path):
     rng = np.random.default_rng(3)
     array = (rng.random(SHAPE) * 100).astype(np.float32)
     volume = slicer.util.addVolumeFromArray(array, np.diag([0.8, 0.9, 2.5, 1.0]), name="T1")
-    model = ibx.load_model(conv_model(tmp_path))
+    model_path = conv_model(tmp_path)
+    model = ibx.load_model(model_path)
     geometry = live.scene.geometry_from_volume_node(volume)
     atlas = ibx.block_response_atlas(model, array, n_blocks=30, compactness=1.0, n_jitters=2, geometry=geometry)
     path = atlas.save(tmp_path / "atlas.npz")
@@ -59,7 +62,7 @@ def case(slicer_app, tmp_path):
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("", "bright spot")
-    return dict(app=slicer_app, volume=volume, atlas=atlas, path=path, segmentation=segmentation,
+    return dict(app=slicer_app, volume=volume, atlas=atlas, path=path, model_path=model_path, segmentation=segmentation,
                 segment_id=segment_id)
 
 
@@ -156,3 +159,23 @@ def test_live_imports_no_onnxruntime():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(here, "..", "IBIX"), os.path.join(here, "..")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_atlas_computed_by_the_engine_process_answers_live(case, tmp_path):
+    """``ibix atlas`` through the runner (the real child), then the live answer from the file it kept."""
+    import sys
+
+    from IBIXLib import jobs, scene
+
+    request = scene.prepare_request("atlas", ["T1"], [case["volume"]], n_blocks=30, compactness=1.0, n_jitters=2)
+    run = jobs.AtlasRun(request, str(case["model_path"]), output_dir=str(tmp_path / "kept"), device="cpu",
+                        python=sys.executable, launcher=jobs.subprocess_launcher).start()
+    assert jobs.wait(run) == jobs.FINISHED, run.error
+    assert run.atlas_path == str(tmp_path / "kept" / "atlas.npz") and not os.path.exists(run.folder)
+    assert "atlas done" in run.status
+    mask = paint(case, 0, slice(8, 12), slice(5, 9))
+    helper = live.LiveBackward(run.atlas_path, case["volume"], case["segmentation"], case["segment_id"],
+                               timer=SingleShotTimer()).start()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(helper.node), case["atlas"].backward(mask).map,
+                               atol=1e-5)
+    helper.stop()

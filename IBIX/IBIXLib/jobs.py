@@ -351,6 +351,8 @@ OPTIONS = {
                  "normalization": "--normalization", "coarse_blocks": "--coarse-blocks",
                  "refine_threshold": "--refine-threshold", "method": "--method",
                  "locality_tolerance": "--locality-tolerance"},
+    "atlas": {"n_jitters": "--n-jitters", "max_jitter": "--max-jitter", "n_blocks": "--n-blocks",
+              "compactness": "--compactness", "blocks": "--blocks"},
 }
 
 #: The preview file a progressive run writes (and removes) in its output folder, per run kind.
@@ -363,7 +365,7 @@ RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": 
 def command_arguments(request: scene.Request, model_path: str, folder: str, inputs: Sequence[str],
                       mask: str | None, device: str) -> list[str]:
     """The ``ibix`` command line of a request whose inputs were written to ``folder``."""
-    command = {"output": "predict", "forward": "forward", "backward": "backward"}[request.kind]
+    command = {"output": "predict", "forward": "forward", "backward": "backward", "atlas": "atlas"}[request.kind]
     args = [command, "--model", str(model_path), "--device", device, "--output", os.path.join(folder, "out"),
             "--quiet", "--progress-format", "jsonl"]
     for path in inputs:
@@ -638,6 +640,43 @@ def statistics_rows(kind: str, statistics: dict) -> list[tuple[str, str]]:
             text = f"{value:.4g}"
         rows.append((key, text))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A response atlas: ibix atlas of a request's input, kept in a folder
+# ------------------------------------------------------------------------------------------------------------------
+
+class AtlasRun(Run):
+    """``ibix atlas`` of a request's input (kind "atlas") in a child process: a :class:`Run` whose result is a file.
+
+    Once finished, ``atlas_path`` is ``output_dir/atlas.npz`` (``output_dir`` default: a new temporary folder,
+    kept), for :class:`IBIXLib.live.LiveBackward`; nothing is added to the scene.
+    """
+
+    def __init__(self, request: scene.Request, model_path: str, output_dir: str | None = None, **kw):
+        if request.kind != "atlas":
+            raise ibx.InputError(f"an atlas run needs an atlas request, not {request.kind!r}")
+        super().__init__(request, model_path, **kw)
+        self.output_dir = output_dir
+        self.atlas_path: str | None = None
+
+    def _read(self) -> None:
+        record = self.process.record
+        files = record.get("files") or {}
+        try:
+            if "atlas" not in files:
+                raise ibx.IBIXError("the IBIX engine finished without an atlas file; this is a bug: please report it")
+            with open(record.get("summary") or files["summary"], encoding="utf-8") as f:
+                self.summary = json.load(f)
+            folder = self.output_dir or tempfile.mkdtemp(prefix="IBIX-atlas-")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, "atlas.npz")
+            shutil.move(files["atlas"], path)  # out of the job folder, which is removed
+        except (ibx.IBIXError, OSError, ValueError, KeyError) as error:
+            self._end(FAILED, f"could not keep the response atlas: {error}")
+            return
+        self.atlas_path = path
+        self._end(FINISHED, "")
 
 
 # ------------------------------------------------------------------------------------------------------------------

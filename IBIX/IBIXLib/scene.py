@@ -271,14 +271,14 @@ def mask_from_segment(segmentation_node, segment_id: str, reference_node, what: 
 # Requests: what a run reads from the scene (nothing is written before add_result)
 # --------------------------------------------------------------------------------------------------------------
 
-KINDS = ("output", "forward", "backward")
+KINDS = ("output", "forward", "backward", "atlas")
 
 
 @dataclass
 class Request:
     """Everything one run needs, read from the scene; holds copies of the voxels, never the live arrays."""
 
-    kind: str                                  # "output", "forward" or "backward"
+    kind: str                                  # "output", "forward", "backward" or "atlas"
     input_nodes: list
     arrays: list                               # one array per channel, k, j, i order
     geometry: ibx.Geometry
@@ -341,8 +341,9 @@ def prepare_request(kind: str, channels: Sequence[str], input_nodes, segmentatio
 
     Parameters
     ----------
-    kind : {"output", "forward", "backward"}
-        Generate the output, forward map F of an input segment, or backward map B of an output segment.
+    kind : {"output", "forward", "backward", "atlas"}
+        Generate the output, forward map F of an input segment, backward map B of an output segment, or the
+        response atlas of the input (B of any output segment later, see :mod:`IBIXLib.live`).
     channels : sequence of str
         The model card's input channels (one input volume each, same grid).
     segmentation_node, segment_id
@@ -364,7 +365,7 @@ def prepare_request(kind: str, channels: Sequence[str], input_nodes, segmentatio
         _require_volume(output_node, "output volume")
     request = Request(kind, input_nodes, arrays, geometry, reference, params=dict(params), display=display,
                       name=name)
-    if kind == "output":
+    if kind in ("output", "atlas"):
         return request
     what = "input mask" if kind == "forward" else "output mask"
     request.mask, request.mask_resampled = mask_from_segment(segmentation_node, segment_id, reference, what)
