@@ -107,6 +107,12 @@ class FakeTimer:
     def connect(self, signal, slot):
         self.slots.append(slot)
 
+    def setSingleShot(self, single):
+        self.single = single
+
+    def isActive(self):
+        return self.active
+
     def start(self):
         self.active = True
 
@@ -115,6 +121,8 @@ class FakeTimer:
 
     def fire(self):
         if self.active:
+            if getattr(self, "single", False):
+                self.active = False
             for slot in self.slots:
                 slot()
 
@@ -450,6 +458,24 @@ def test_console_synchronous_and_asynchronous_runs(ibix, case, fake_child):
     assert json.loads(bmap.GetAttribute("IBIX.statistics"))["blocks90"] == 3
     output = logic.generateOutput([case["volume"]])
     assert output.GetName() == "output generated from T1"
+
+
+def test_console_atlas_in_the_engine_process_then_live_backward(ibix, case, tmp_path):
+    """runAtlas through the module's runner (real child), startLive answers the segment from it, stopLive."""
+    pytest.importorskip("onnxruntime")
+    logic = ibix.IBIXLogic(python=sys.executable)
+    logic.loadModel(str(case["model"]), installDependencies=False)
+    try:
+        path = logic.runAtlas([case["volume"]], str(tmp_path / "atlas"), n_blocks=12, n_jitters=1)
+        assert path == str(tmp_path / "atlas" / "atlas.npz")
+        live = logic.startLive(path, case["volume"], case["seg"], case["sid"])
+        expected = ibix.ibx.ResponseAtlas.load(path).backward(case["mask"]).map
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(live.node), expected, atol=1e-7)
+        assert live.active and live.timer.interval == 150
+        logic.stopLive()
+        assert not live.active and logic._live is None
+    finally:
+        logic.stopStandby()
 
 
 def test_gui_parameters_to_engine_parameters(ibix):
