@@ -193,6 +193,8 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobKind = ""
         self._timer = None
         self._cohortCases = []   # finished cases of the cohort output folder, as listed in cohortCaseComboBox
+        self._atlas = None       # (what it depends on, path) of the last response atlas computed for Live
+        self._pendingAtlasKey = None
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -227,6 +229,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.colormapComboBox.connect("currentTextChanged(QString)", self.onComboChanged)
         self.ui.runForwardButton.connect("clicked(bool)", self.onRunForward)
         self.ui.runBackwardButton.connect("clicked(bool)", self.onRunBackward)
+        self.ui.liveBackwardCheckBox.connect("toggled(bool)", self.onLiveToggled)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.applyDisplayButton.connect("clicked(bool)", self.onApplyDisplay)
         self.ui.runCohortButton.connect("clicked(bool)", self.onRunCohort)
@@ -247,6 +250,7 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         if self.logic is not None:
+            self.logic.stopLive()
             self.logic.stopStandby()
         if self._timer is not None:
             self._timer.stop()
@@ -266,6 +270,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # only files and goes on.
         if self._job is not None and not isinstance(self._job, jobs.CohortRun):
             self._job.cancel()
+        self._atlas = None  # the atlas belongs to this scene's input
+        self.ui.liveBackwardCheckBox.checked = False
+        self.logic.stopLive()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -461,6 +468,9 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onRunDone(self, run):
         """A run ended (main thread). The scene may have been closed and the panel hidden meanwhile."""
         p = self._parameterNode
+        if run.request.kind == "atlas":
+            self._onAtlasDone(run)
+            return
         self.ui.statisticsLabel.text = self.statisticsText(run) if run.state == jobs.FINISHED else ""
         if run.state == jobs.FINISHED:
             if p is not None:
@@ -505,6 +515,64 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startRun(_("backward mapping"), lambda **kw: self.logic.startBackward(
             self._inputNodes(), p.outputVolume, p.outputSegmentation, p.outputSegmentId,
             display=self._displayOptions(), **self.logic.backwardParameters(p), **kw))
+
+    # --- live backward map: the response atlas of the input once, then B follows the output segment -------------
+
+    def _atlasKey(self):
+        """What an atlas depends on: the model, the input volumes (and their voxels) and the block parameters."""
+        p = self._parameterNode
+        params = self.logic.atlasParameters(p)
+        nodes = self._inputNodes()
+        return (self.logic.modelPath, tuple((n.GetID(), n.GetImageData().GetMTime()) for n in nodes if n),
+                tuple(sorted(params.items())))
+
+    def onLiveToggled(self, on):
+        if not on:
+            self.logic.stopLive()
+            return
+        p = self._parameterNode
+        try:
+            key = self._atlasKey()
+        except Exception as error:
+            self.ui.liveBackwardCheckBox.checked = False
+            self._fail(error)
+            return
+        if self._atlas is not None and self._atlas[0] == key:
+            self._startLive(self._atlas[1])
+            return
+        self._pendingAtlasKey = key
+        self._startRun(_("response atlas"), lambda **kw: self.logic.startAtlas(
+            self._inputNodes(), **self.logic.atlasParameters(p), **kw))
+        if self._job is None or getattr(self._job, "request", None) is None or self._job.request.kind != "atlas":
+            self.ui.liveBackwardCheckBox.checked = False  # not started (busy or bad input)
+
+    def _onAtlasDone(self, run):
+        if run.state == jobs.FINISHED:
+            self._atlas = (self._pendingAtlasKey, run.atlas_path)
+            self._setStatus(run.status)
+            if self.ui.liveBackwardCheckBox.checked:
+                self._startLive(run.atlas_path)
+            return
+        self.ui.liveBackwardCheckBox.checked = False
+        if run.state == jobs.CANCELLED:
+            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
+        else:
+            self._fail(run.error)
+
+    def _startLive(self, atlasPath):
+        p = self._parameterNode
+        try:
+            live = self.logic.startLive(atlasPath, self._inputNodes()[0], p.outputSegmentation, p.outputSegmentId,
+                                        normalization=p.normalization, display=self._displayOptions())
+        except Exception as error:
+            self.ui.liveBackwardCheckBox.checked = False
+            self._fail(error)
+            return
+        if live.error:
+            self._setStatus(live.error, error=True)
+        else:
+            p.resultVolume = live.node
+            self._setStatus(_("Live backward map: B follows the output segment as it is painted (no model run)"))
 
     def onCancel(self):
         if self._job is not None:
@@ -729,6 +797,15 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         if p.coarseToFine:
             params["coarse_blocks"] = int(p.coarseBlocks)
             params["refine_threshold"] = float(p.refineThreshold)
+        return params
+
+    @staticmethod
+    def atlasParameters(p):
+        """The block and jitter parameters of the backward section that a response atlas takes."""
+        params = {"n_blocks": int(p.blocks), "compactness": float(p.compactness),
+                  "n_jitters": int(p.backwardJitters)}
+        if p.maxJitter > 0:
+            params["max_jitter"] = float(p.maxJitter)
         return params
 
     @staticmethod

@@ -478,6 +478,36 @@ def test_console_atlas_in_the_engine_process_then_live_backward(ibix, case, tmp_
         logic.stopStandby()
 
 
+def test_live_checkbox_computes_the_atlas_once_then_b_follows_the_output_segment(ibix, case):
+    pytest.importorskip("onnxruntime")
+    widget = _loaded(ibix, case)
+    p = widget._parameterNode
+    p.inputVolume0, p.outputSegmentation, p.outputSegmentId = case["volume"], case["seg"], case["sid"]
+    p.blocks, p.backwardJitters = 12, 1
+    box = widget.ui.liveBackwardCheckBox
+    box.checked = True
+    box.emit("toggled(bool)", True)
+    assert widget._job is not None and widget._job.request.kind == "atlas"  # in the engine process
+    _drive(widget)
+    live = widget.logic._live
+    assert live is not None and live.active and p.resultVolume is live.node, widget.ui.statusLabel.text
+    atlas = ibix.ibx.ResponseAtlas.load(widget._atlas[1])
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(live.node), atlas.backward(case["mask"]).map, atol=1e-7)
+    mask = np.zeros(case["array"].shape, np.uint8)
+    mask[2, 9:13, 2:6] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, case["seg"], case["sid"], case["volume"])
+    live.timer.fire()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(live.node), atlas.backward(mask.astype(bool)).map,
+                               atol=1e-7)
+    box.checked = False
+    box.emit("toggled(bool)", False)
+    assert not live.active and widget.logic._live is None
+    box.checked = True
+    box.emit("toggled(bool)", True)  # the same model, input and blocks: the atlas is reused, nothing runs
+    assert widget._job is None and widget.logic._live.active
+    widget.logic.stopLive()
+
+
 def test_gui_parameters_to_engine_parameters(ibix):
     logic = ibix.IBIXLogic()
     p = types.SimpleNamespace(forwardJitters=8, backwardJitters=4, maxJitter=0.0, blocks=500, compactness=0.1,

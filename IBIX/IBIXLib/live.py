@@ -55,6 +55,10 @@ class LiveBackward:
         if not grid.matches(self.atlas.geometry.with_shape(self.atlas.labels.shape)):
             raise ibx.InputError(f"the response atlas was computed on another grid than '{input_node.GetName()}': "
                                  "compute the atlas of this input volume")
+        if (segmentation_node is None or not segment_id
+                or segmentation_node.GetSegmentation().GetSegment(segment_id) is None):
+            raise ibx.InputError("no output segment selected for the live backward map: pick a segment painted on "
+                                 "the output (or add one in the Segment Editor)")
         self.input_node, self.segmentation_node, self.segment_id = input_node, segmentation_node, segment_id
         self.normalization = normalization
         self.name = name or f"{input_node.GetName()} live backward map"
