@@ -705,6 +705,7 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         self._standby = None
         self._pollers = []
         self._live = None            # the live backward map (IBIXLib.live.LiveBackward) while it is on
+        self._liveNode = None        # its B node, reused when Live is turned on again for the same input
 
     def getParameterNode(self):
         return IBIXParameterNode(super().getParameterNode())
@@ -890,8 +891,11 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
         from IBIXLib import live
 
         self.stopLive()
+        previous = self._liveNode if self._liveNode is not None and self._liveNode.GetAttribute(
+            "IBIX.background") == inputNode.GetID() else None  # B of this input: written again, no new node
         self._live = live.LiveBackward(atlasPath, inputNode, segmentationNode, segmentId,
-                                       normalization=normalization, display=display).start()
+                                       normalization=normalization, display=display, node=previous).start()
+        self._liveNode = self._live.node
         return self._live
 
     def stopLive(self):

@@ -505,6 +505,7 @@ def test_live_checkbox_computes_the_atlas_once_then_b_follows_the_output_segment
     box.checked = True
     box.emit("toggled(bool)", True)  # the same model, input and blocks: the atlas is reused, nothing runs
     assert widget._job is None and widget.logic._live.active
+    assert widget.logic._live.node is live.node  # the same B node again
     widget.logic.stopLive()
 
 

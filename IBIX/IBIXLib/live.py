@@ -44,12 +44,14 @@ class LiveBackward:
         As for the backward mapping.
     display : dict, optional
         Display options of :func:`IBIXLib.scene.show_overlay` (colormap, opacity, threshold, legend).
+    node : vtkMRMLScalarVolumeNode, optional
+        An earlier live B node of this input to write into (default: a new node at the first answer).
     timer : optional
         A Qt-like single-shot timer (default ``qt.QTimer()``); tests pass a stand-in.
     """
 
     def __init__(self, atlas, input_node, segmentation_node, segment_id: str, normalization: str = "fraction",
-                 name: str | None = None, display: dict | None = None, interval_ms: int = INTERVAL_MS, timer=None):
+                 name: str | None = None, display: dict | None = None, interval_ms: int = INTERVAL_MS, node=None, timer=None):
         self.atlas = atlas if isinstance(atlas, ResponseAtlas) else ResponseAtlas.load(atlas)
         grid = scene.geometry_from_volume_node(input_node)
         if not grid.matches(self.atlas.geometry.with_shape(self.atlas.labels.shape)):
@@ -63,7 +65,7 @@ class LiveBackward:
         self.normalization = normalization
         self.name = name or f"{input_node.GetName()} live backward map"
         self.display = dict(display or {})
-        self.node = None
+        self.node = node if node is not None and scene.in_scene(node) else None
         self.result: ibx.BackwardResult | None = None
         self.error = ""
         self.updates = 0
@@ -138,6 +140,7 @@ class LiveBackward:
                                                  self.input_node.GetScene())
             self.node.SetAttribute(scene.ATTRIBUTE_PREFIX + "kind", "backward")
             self.node.SetAttribute(scene.ATTRIBUTE_PREFIX + "live", "1")
+            self.node.SetAttribute(scene.ATTRIBUTE_PREFIX + "background", self.input_node.GetID())
             scene.show_overlay(self.node, self.input_node, **self.display)
         else:
             slicer.util.updateVolumeFromArray(self.node, np.ascontiguousarray(array))
