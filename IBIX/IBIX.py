@@ -790,11 +790,7 @@ class IBIXLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def backwardParameters(p):
-        params = {"n_blocks": int(p.blocks), "compactness": float(p.compactness),
-                  "n_jitters": int(p.backwardJitters), "normalization": p.normalization,
-                  "progressive": bool(p.progressive)}
-        if p.maxJitter > 0:
-            params["max_jitter"] = float(p.maxJitter)
+        params = dict(IBIXLogic.atlasParameters(p), normalization=p.normalization, progressive=bool(p.progressive))
         if p.coarseToFine:
             params["coarse_blocks"] = int(p.coarseBlocks)
             params["refine_threshold"] = float(p.refineThreshold)
