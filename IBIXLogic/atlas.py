@@ -25,7 +25,8 @@ from .checks import BLOCK_KINDS, channel_indices, check_arguments, check_block_l
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import Perturber, jitter_levels, jitter_schedule, resolve_max_jitter, response_radius
+from .perturb import (PROBE_SHARE, Perturber, ProbeBudget, jitter_levels, jitter_schedule, resolve_max_jitter,
+                      response_radius)
 
 #: Default memory budget of an atlas's responses (bytes).
 DEFAULT_ATLAS_BUDGET = 1024 * 2**20
@@ -339,7 +340,11 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     occupied = np.flatnonzero(label_samples.reshape(n_samples, -1).any(axis=1))
-    radius_info = response_radius(perturber, int(occupied[len(occupied) // 2]), 0.0)
+    # probes near the middle sample's centre (in windows of a large sample), within PROBE_SHARE of brute force's work
+    middle = int(occupied[len(occupied) // 2])
+    brute_force = float(len(occupied) + 2 * n_jitters * (n_labels - 1))
+    radius_info = response_radius(perturber, middle, 0.0, near=tuple(n // 2 for n in prepared.sample_shape),
+                                  budget=ProbeBudget(PROBE_SHARE * brute_force, lambda r: brute_force, brute_force))
     radius = radius_info.radius
     low, high = _reach_boxes(labels, n_labels, radius, prepared.slice_axis)
     index_type = np.int32 if labels.size < 2**31 else np.int64

@@ -12,14 +12,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import locality
-from .blocks import CHUNKED_ABOVE, DEFAULT_COMPACTNESS, chunked_supervoxels, grid_blocks, superpixel_blocks
+from .blocks import DEFAULT_COMPACTNESS, chunked_supervoxels, cut_in_chunks, grid_blocks, superpixel_blocks
 from .checks import (BACKWARD_METHODS, BLOCK_KINDS, channel_indices, check_arguments, check_block_labels,
                      check_block_levels, check_choice, check_mask)
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
-                      resolve_max_jitter, response_radius)
+from .perturb import (PROBE_SHARE, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
+                      radius_source, report_progress, resolve_max_jitter, response_radius, work_summary)
 from .pipeline import PreparedInput
 from .statistics import backward_statistics
 
@@ -32,7 +32,10 @@ class BackwardResult:
     ``evaluations`` counts inputs run through the model (whole samples, or tiles of them);
     ``equivalent_evaluations`` counts the voxels run through the model in units of one whole (padded) sample,
     the measure of work that compares with brute force; ``tiling`` says whether tiles were used;
-    ``statistics``: reach95_mm, blocks90, peak and peak_ras_mm of B (:func:`IBIXLogic.statistics.backward_statistics`).
+    ``statistics``: reach95_mm, blocks90, peak and peak_ras_mm of B (:func:`IBIXLogic.statistics.backward_statistics`);
+    ``path`` says how the blocks were perturbed and why (``method``, ``reason``, ``radius_source``: measured,
+    cached, or skipped and why); ``work`` compares the model work with brute force's (each touched sample once,
+    each of its blocks 2N times, whole).
     """
 
     map: np.ndarray
@@ -49,9 +52,12 @@ class BackwardResult:
     tiling: dict | None = None
     equivalent_evaluations: float = 0.0
     statistics: dict = field(default_factory=dict)
+    path: dict = field(default_factory=dict)
+    work: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"mapping": "backward", "parameters": self.parameters, "evaluations": self.evaluations,
+                "path": self.path, "work": self.work,
                 "evaluations_per_level": self.evaluations_per_level, "blocks_per_level": self.blocks_per_level,
                 "equivalent_evaluations": round(self.equivalent_evaluations, 1),
                 "blocks": int(self.labels.max()), "seconds": round(self.seconds, 4), "device": self.device,
@@ -278,13 +284,12 @@ def _block_labels(prepared: PreparedInput, samples: Sequence[int], n_blocks: int
 
     ``n_blocks`` is a density: blocks per whole sample. Inside ``masks`` (the regions to refine) the region gets
     its share, so that its blocks have the size they would have if the whole sample were cut into n_blocks.
-    Supervoxels of a large 3D sample are cut in chunks (:func:`chunked_supervoxels`), only those that meet the
+    Supervoxels of a 3D sample of many chunks are cut in chunks (:func:`chunked_supervoxels`), only those that meet the
     box ``near(sample)`` when given: blocks elsewhere cannot reach the output mask.
     """
     labels = np.zeros((len(prepared.samples),) + prepared.sample_shape, np.int32)
     offset = 0
-    chunked = kind == "slic" and masks is None and len(prepared.sample_shape) == 3 \
-        and int(np.prod(prepared.sample_shape)) > CHUNKED_ABOVE
+    chunked = kind == "slic" and masks is None and cut_in_chunks(prepared.sample_shape, n_blocks)
     for s in samples:
         region = None if masks is None else masks[s]
         if region is not None and not region.any():
@@ -419,6 +424,48 @@ def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple
     return box
 
 
+def _probe_budget(perturber: Perturber, out_samples: np.ndarray, touched: np.ndarray, n_jitters: int,
+                  n_blocks: int) -> ProbeBudget:
+    """What measuring the response radius may cost a backward mapping of ``n_blocks`` blocks: PROBE_SHARE of brute
+    force's work (each touched sample once, each block 2N times, whole), and less than the local path could save
+    at best: were the radius r, only the blocks within r of the mask would be perturbed, at best all in one tile
+    per sample with their context (in whole samples where tiles cannot run)."""
+    perturbed = 2 * n_jitters
+    brute_force = float(len(touched) + perturbed * n_blocks)
+    boxes = [mask_box(out_samples[s]) for s in touched]
+    low, high = np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes])
+    whole = len(touched) * (1.0 + perturbed)
+
+    def best_local(radius: int) -> float:
+        work = perturber.tile_work(low - radius, high + radius, radius)
+        if work is None:
+            return whole
+        return min(whole, perturbed * work + (len(touched) if perturber.small_sample else work))
+
+    return ProbeBudget(PROBE_SHARE * brute_force, lambda r: brute_force - best_local(r), brute_force)
+
+
+def _path(method: str, radius: Any, tiling: dict | None) -> dict:
+    """How a backward mapping perturbed its blocks, and why, for its result."""
+    if method in ("batched", "brute"):
+        how = "every block, in batches" if method == "batched" else "every block, one per model evaluation"
+        return {"method": how, "reason": f"method {method!r}", "radius_source": "not needed"}
+    source = radius_source(None if radius is None else radius.to_dict())
+    if radius is None or radius.radius is None:
+        reason = ("the model's response is global" if radius is not None and radius.is_global
+                  else "the response radius is unknown")
+        return {"method": "every block, in batches", "reason": reason, "radius_source": source}
+    if tiling and tiling.get("tiles"):
+        how, reason = ("the blocks within the response radius of the mask, in tiles",
+                       f"{tiling['items']} tile(s) holding {tiling['blocks']} blocks and their context run fewer voxels "
+                       f"than whole samples")
+    else:
+        how = "the blocks within the response radius of the mask, far-apart blocks together in whole samples"
+        reason = (tiling or {}).get("reason", "")
+    return {"method": how, "reason": f"response radius {radius.radius} voxels" + (f"; {reason}" if reason else ""),
+            "radius_source": source}
+
+
 def _check_blocks(blocks: Any, levels: list[int]) -> None:
     if isinstance(blocks, str):
         check_choice("blocks", blocks, BLOCK_KINDS)
@@ -501,23 +548,38 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel,
                           one_item_per_batch=method == "brute")
+    schedule = jitter_schedule(n_jitters, progressive)
+    refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
+    # the first level's blocks, unless supervoxels are cut in chunks only near the mask, where the radius says
+    first = None
+    if custom or blocks != "slic" or not cut_in_chunks(prepared.sample_shape, levels[0]):
+        first = _level_labels(refinement, prepared, touched, levels[0], compactness, blocks, refine_threshold, given,
+                              None)
     radius_info = radius = None
     if method in ("auto", "local"):
+        budget = None
+        if perturber.small_sample:  # on every path: the probes' windows are then cut from it
+            perturber.base_outputs(touched)
+        if method == "auto":
+            blocks_now = (levels[0] * len(touched) if first is None
+                          else int(np.count_nonzero(_label_counts(first[0], first[2])[1:])))
+            budget = _probe_budget(perturber, out_samples, touched, n_jitters, blocks_now)
         radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
-                                      near=box_centre(out_samples[touched[0]]))
+                                      near=box_centre(out_samples[touched[0]]), budget=budget)
         if radius_info.is_global and method == "local":
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
         radius = radius_info.radius
-    schedule = jitter_schedule(n_jitters, progressive)
     sums = _BlockSums(perturber, out_samples, radius, schedule, progress, tiles=tiles)
-    refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
     evaluations_per_level, blocks_per_level = [], []
-    for k in levels:
+    for level, k in enumerate(levels):
         check_cancel(cancel)
         level_start = model.evaluations
-        current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
-                                                refine_threshold, given, _reach(out_samples, radius))
+        if level == 0 and first is not None:
+            current, new_ids, boxes = first
+        else:
+            current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
+                                                    refine_threshold, given, _reach(out_samples, radius))
         refinement.next_level(current, new_ids, boxes)
         level_sums = sums.compute(current, new_ids, boxes,
                                   refinement.on_jitter_level if len(schedule) > 1 else None)
@@ -538,11 +600,14 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "windows": perturber.patch_summary(model.evaluations - before),
         "model_assumptions": list(model.card.assumptions),
     }
+    equivalent = (model.evaluated_voxels - voxels_before) / float(model.pipeline.sample_voxels(prepared.sample_shape))
+    brute_force = len(touched) + 2 * n_jitters * (len(block_values) - 1)  # the blocks B is painted on
+    path = _path(method, radius_info, sums.tiling)
     return BackwardResult(
-        map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry,
+        map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry, path=path,
+        work=work_summary(model.evaluations - before, equivalent, brute_force),
         statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry),
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
-            model.pipeline.sample_voxels(prepared.sample_shape)))
+        equivalent_evaluations=equivalent)

@@ -96,8 +96,9 @@ def grid_blocks(shape: Sequence[int], n_blocks: int, spacing: Sequence[float] | 
     return labels
 
 
-#: 3D images of more voxels than this get their supervoxels chunk by chunk.
-CHUNKED_ABOVE = 2**21
+#: 3D images that hold at least this many chunks get their supervoxels chunk by chunk (with 3 chunks along each
+#: axis, the chunks near a small region are fewer than all of them).
+CHUNKS_AT_LEAST = 27
 #: Bytes of chunk labels kept for later mappings of the same volume.
 CACHE_BYTES = 256 * 2**20
 _CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
@@ -108,6 +109,16 @@ def chunk_edge(shape: Sequence[int], n_blocks: int) -> int:
     """Edge (voxels) of the chunks :func:`chunked_supervoxels` cuts: two block edges, a multiple of 8, >= 32."""
     block_edge = (float(np.prod(shape)) / max(int(n_blocks), 1)) ** (1.0 / len(shape))
     return int(max(32, round(2 * block_edge / 8) * 8))
+
+
+def cut_in_chunks(shape: Sequence[int], n_blocks: int) -> bool:
+    """Whether a 3D image of ``shape`` gets its ``n_blocks`` supervoxels chunk by chunk (:func:`chunked_supervoxels`):
+    when it holds at least CHUNKS_AT_LEAST chunks. Decided by the image's size and K alone, so that every mapping
+    of an image gets the same blocks whatever its mask."""
+    if len(shape) != 3:
+        return False
+    edge = chunk_edge(shape, n_blocks)
+    return int(np.prod([-(-int(n) // edge) for n in shape])) >= CHUNKS_AT_LEAST
 
 
 def chunked_supervoxels(image: np.ndarray, n_blocks: int, compactness: float = DEFAULT_COMPACTNESS,

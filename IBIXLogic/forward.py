@@ -17,11 +17,12 @@ import numpy as np
 from .checks import channel_indices, check_arguments, check_choice, check_mask
 from .geometry import Geometry
 from .model import Model, ProgressCallback
-from .perturb import (Perturber, box_centre, jitter_levels, jitter_schedule, mask_box, report_progress,
-                      resolve_max_jitter, response_radius)
+from .perturb import (PROBE_SHARE, TILE_SAVING, Perturber, ProbeBudget, box_centre, jitter_levels,
+                      jitter_schedule, mask_box, radius_source, report_progress, resolve_max_jitter, response_radius,
+                      work_summary)
 from .statistics import forward_statistics
 
-METHODS = ("auto", "whole")
+METHODS = ("auto", "local", "whole")
 
 
 @dataclass
@@ -29,7 +30,9 @@ class ForwardResult:
     """A forward mapping F on the output grid.
 
     ``radius`` is the model's measured response radius (None when not measured) and ``tiling`` says whether
-    F was computed in tiles of the samples or on whole samples, and why;
+    F was computed in tiles of the samples or on whole samples, and why; ``path`` says the same in words
+    (``method``, ``reason``, ``radius_source``: measured, cached, or skipped and why); ``work`` compares the model
+    work with brute force's (every touched sample whole, unperturbed once and jittered 2N times);
     ``statistics``: reach95_mm, inside_fraction, peak and peak_ras_mm of F
     (:func:`IBIXLogic.statistics.forward_statistics`).
     """
@@ -46,10 +49,12 @@ class ForwardResult:
     tiling: dict | None = None
     equivalent_evaluations: float = 0.0
     statistics: dict = field(default_factory=dict)
+    path: dict = field(default_factory=dict)
+    work: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
-                "equivalent_evaluations": round(self.equivalent_evaluations, 2),
+                "equivalent_evaluations": round(self.equivalent_evaluations, 2), "path": self.path, "work": self.work,
                 "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
                 "max_abs": float(np.abs(self.signed).max()), "response_radius": self.radius,
                 "tiling": self.tiling, "statistics": self.statistics, "geometry": self.geometry.to_dict()}
@@ -58,10 +63,16 @@ class ForwardResult:
 Item = tuple[int, "tuple[slice, ...] | None"]  # a sample, and the window of it perturbed (None: all of it)
 
 
-def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, method: str
+def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, method: str, perturbed: int
            ) -> tuple[list[Item], dict | None, dict]:
     """What to perturb: a tile of each touched sample holding the mask and its context when the model's response
-    is local and tiles run fewer voxels, else the whole samples; with the radius and the decision."""
+    is local and tiles run fewer voxels, else the whole samples; with the radius and the decision.
+
+    ``perturbed`` jittered inputs per item. With ``method`` "auto" the response radius is measured only where it
+    can pay for itself: the probes may cost at most PROBE_SHARE of brute force's work (every touched sample whole,
+    once unperturbed and ``perturbed`` times jittered), and less than the tiles could save were the radius as small
+    as it can be; "local" measures it whatever it costs.
+    """
     whole = [(int(s), None) for s in touched]
     if method == "whole":
         return whole, None, {"tiles": False, "reason": "method 'whole'"}
@@ -69,17 +80,30 @@ def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, 
         return whole, None, {"tiles": False, "reason": "the model takes a fixed input size"}
     if perturber.patched:
         return whole, None, {"tiles": False, "reason": "sliding windows: only the windows the mask touches run"}
-    near = box_centre(mask_samples[touched[0]])
-    if not perturber.has_probe_window(near):
-        return whole, None, {"tiles": False, "reason": "the sample is not much larger than the model's reach"}
-    radius = response_radius(perturber, int(touched[0]), 0.0, near=near)
-    if radius.is_global:
-        return whole, radius.to_dict(), {"tiles": False, "reason": "the model's response is global"}
     boxes = [mask_box(mask_samples[s]) for s in touched]
-    tiles, tiling = perturber.checked_tiles(int(touched[0]), np.array([b[0] for b in boxes]),
-                                            np.array([b[1] for b in boxes]),
-                                            [np.array([i]) for i in range(len(touched))], radius.radius,
-                                            len(touched))
+    low, high = np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes])
+    if perturber.tile_work(low, high, 0) is None:
+        return whole, None, {"tiles": False, "reason": "no stride the model may have divides the padded sample"}
+    brute_force = len(touched) * (1.0 + perturbed)
+
+    def tile_path(radius: int) -> float:
+        """Model work (whole samples) of the tile path with this radius: the jittered tiles, their unperturbed
+        outputs and the check of the tiles' alignment (2 tiles)."""
+        work = perturber.tile_work(low, high, radius)
+        if work >= TILE_SAVING * len(touched):
+            return brute_force
+        return (perturbed + 1) * work + 2 * work / len(touched)
+
+    budget = (ProbeBudget(PROBE_SHARE * brute_force, lambda r: brute_force - tile_path(r), brute_force)
+              if method == "auto" else None)
+    radius = response_radius(perturber, int(touched[0]), 0.0, near=box_centre(mask_samples[touched[0]]),
+                             budget=budget)
+    if radius.radius is None:
+        reason = ("the model's response is global" if radius.is_global else
+                  "the response radius is unknown: measuring it could not pay for itself")
+        return whole, radius.to_dict(), {"tiles": False, "reason": reason}
+    tiles, tiling = perturber.checked_tiles(int(touched[0]), low, high, [np.array([i]) for i in range(len(touched))],
+                                            radius.radius, len(touched))
     if tiles is None:
         return whole, radius.to_dict(), tiling
     return [(int(touched[t.members[0]]), t.window) for t in tiles], radius.to_dict(), tiling
@@ -109,11 +133,14 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         Input channels the mask jitters (names or indices); default all.
     geometry : Geometry, optional
         Geometry of the input volume; resolves a 2D model's slice axis and is carried by the result.
-    method : {"auto", "whole"}
-        "auto": on samples much larger than the probe window (64 voxels a side), measure the model's response
-        radius R and perturb a tile of each sample holding the mask dilated by 2R (aligned to the model's stride,
-        checked once per run), which gives the whole-sample map exactly; whole samples otherwise (a global
-        response, a fixed input size, tiles no smaller). "whole": always whole samples.
+    method : {"auto", "local", "whole"}
+        "auto": measure the model's response radius R where that can pay for itself (its probes cost at most
+        PROBE_SHARE of brute force's model work and less than tiles could save; a radius measured earlier in the
+        process for the same model, card, channels, jitter and sample shape is reused at no cost), and perturb a
+        tile of each sample holding the mask dilated by 2R (aligned to the model's stride, checked once per run),
+        which gives the whole-sample map exactly; whole samples otherwise (a global response, a fixed input size,
+        tiles no smaller, a radius not worth measuring). The result's ``path`` says which and why. "local": measure
+        R whatever it costs, then as "auto". "whole": always whole samples.
     progressive : bool
         Evaluate nested jitter grids (N = 1, 2, 4, ... up to n_jitters, each reusing every earlier evaluation)
         and call ``preview(normalized_map, N)`` after each level but the last.
@@ -140,10 +167,13 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     mask_samples = prepared.to_samples(mask)
     # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
     touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
-    items, radius, tiling = _items(perturber, mask_samples, touched, method)
+    schedule = jitter_schedule(n_jitters, progressive)
+    items, radius, tiling = _items(perturber, mask_samples, touched, method, 2 * n_jitters)
     sample_shape = prepared.sample_shape
     perturber.base_outputs([s for s, window in items if window is None])
-    perturber.window_bases([(s, window) for s, window in items if window is not None])
+    # a tile's own unperturbed output: run in the tile's shape like its jittered copies, so that F is exactly 0
+    # wherever they agree (not rounding noise)
+    perturber.window_bases([(s, window) for s, window in items if window is not None], own=True)
 
     def on_output_grid(values: list[np.ndarray]) -> np.ndarray:
         """Per-item maps placed on the whole output grid (0 elsewhere)."""
@@ -160,11 +190,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     for i, (s, window) in enumerate(items):  # items of one shape go through the model together
         shapes.setdefault(sample_shape if window is None else tuple(w.stop - w.start for w in window), []).append(i)
     inputs = [prepared.samples[s] if window is None else perturber.window_input(s, window) for s, window in items]
-    bases = [perturber.base[s] if window is None else perturber.window_base(s, window) for s, window in items]
+    bases = [perturber.base[s] if window is None else perturber.window_base(s, window, own=True) for s, window in items]
     directions = [mask_samples[s] if window is None else
                   model.pipeline.padded_window(mask_samples[s][None], window, 0)[0] for s, window in items]
     sums = [np.zeros(d.shape, np.float32) for d in directions]
-    schedule = jitter_schedule(n_jitters, progressive)
     previous, used = None, 0
     for level, (n_level, subset) in enumerate(schedule):
         done = 0
@@ -192,6 +221,14 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     signed = on_output_grid(level_map)
     normalized = on_output_grid([np.abs(v) / peak if peak > 0 else 0 * v for v in level_map])
     units = model.card.output.units
+    equivalent = (model.evaluated_voxels - voxels_before) / float(model.pipeline.sample_voxels(sample_shape))
+    if tiling.get("tiles"):
+        reason = (f"the response stays within {radius['radius']} voxels of the mask: {tiling['items']} tile(s) run "
+                  f"{100 * tiling['voxels_per_sample'] / len(touched):.0f} % of the voxels of the whole samples")
+    else:
+        reason = tiling["reason"]
+    path = {"method": "tiles around the mask" if tiling.get("tiles") else "whole samples", "reason": reason,
+            "radius_source": radius_source(radius)}
     return ForwardResult(
         signed=signed, normalized=normalized, geometry=prepared.geometry,
         statistics=forward_statistics(signed, mask, prepared.geometry),
@@ -203,5 +240,5 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
                     "model_assumptions": list(model.card.assumptions)},
         evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
-        equivalent_evaluations=(model.evaluated_voxels - voxels_before) / float(
-            model.pipeline.sample_voxels(sample_shape)))
+        equivalent_evaluations=equivalent, path=path,
+        work=work_summary(model.evaluations - before, equivalent, len(touched) * (1.0 + 2 * n_jitters)))

@@ -21,7 +21,10 @@ class ResponseRadius:
     ``measured`` is the largest L-infinity distance (voxels) at which a single-voxel perturbation changed the
     output (with ``tolerance`` > 0: the radius holding all but that fraction of the response); ``radius`` adds
     the safety ``margin``; ``is_global`` is True when the response reaches across the sample, in which case
-    locality cannot be used.
+    locality cannot be used. ``source`` says where the answer came from: ``"measured"``, ``"cached"`` (measured
+    earlier in this process for the same model, card, channels, jitter and sample shape), ``"measured, partly
+    cached"``, or ``"skipped"``: not measured (on, or further) because it could not pay for itself, ``reason``
+    says why; the radius is then unknown (at least ``measured``) and locality is not used.
     """
 
     measured: int
@@ -31,15 +34,18 @@ class ResponseRadius:
     probes: int
     evaluations: int
     window: tuple[int, ...] | None = None  # where the probes stood, if not in the whole sample
+    source: str = "measured"
+    reason: str | None = None
 
     @property
     def radius(self) -> int | None:
-        return None if self.is_global else self.measured + self.margin
+        return None if self.is_global or self.source == "skipped" else self.measured + self.margin
 
     def to_dict(self) -> dict:
         return {"measured": self.measured, "margin": self.margin, "radius": self.radius,
                 "is_global": self.is_global, "tolerance": self.tolerance, "probes": self.probes,
-                "evaluations": self.evaluations, "window": None if self.window is None else list(self.window)}
+                "evaluations": self.evaluations, "window": None if self.window is None else list(self.window),
+                "source": self.source, "reason": self.reason}
 
 
 def probe_points(shape: tuple[int, ...], count: int = 5, spacing: int = 0) -> np.ndarray:

@@ -4,7 +4,12 @@ F(M) = 1/(2N) * sum_{k=-N..N, k!=0} (f(x + h_k M) - f(x)) / h_k,  h_k = k H / N 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -36,6 +41,10 @@ LARGEST_ALIGNMENT = 32
 WHOLE_BASE_VOXELS = 2**20
 #: Tiles are used when they run fewer than this share of the voxels of the whole samples they replace.
 TILE_SAVING = 0.8
+#: Model work that measuring the response radius may add to a mapping, as a share of brute force's work for the
+#: same map (every jittered input run whole): with tiles used only where they run fewer voxels, no map then costs
+#: more than 1 + PROBE_SHARE times brute force's work.
+PROBE_SHARE = 0.08
 
 
 def jitter_levels(n_jitters: int, max_jitter: float) -> np.ndarray:
@@ -247,10 +256,11 @@ class Perturber:
         out[self.overlap(window)[1]] = True
         return out
 
-    def window_base(self, sample: int, window: tuple[slice, ...]) -> np.ndarray:
-        """The unperturbed output on ``window``: cut from the whole sample's if that was evaluated, else the
-        window's own output (which equals it wherever the window holds the context of a voxel)."""
-        if sample in self.padded_base:
+    def window_base(self, sample: int, window: tuple[slice, ...], own: bool = False) -> np.ndarray:
+        """The unperturbed output on ``window``: cut from the whole sample's if that was evaluated (unless ``own``),
+        else the window's own output (which equals it wherever the window holds the context of a voxel, and to the
+        last bit where the window's perturbed outputs, run in the same shape, are unchanged)."""
+        if sample in self.padded_base and not own:
             return self.padded_base[sample][window]
         return self._window_output(sample, window)
 
@@ -262,13 +272,13 @@ class Perturber:
                                                     self.prepared, lambda i: f"a tile of sample {sample}")[0]
         return self._window_base[key]
 
-    def window_bases(self, windows: Sequence[tuple[int, tuple[slice, ...]]]) -> None:
-        """Evaluate the unperturbed output of the (sample, window) pairs not known yet, windows of one shape
-        together."""
+    def window_bases(self, windows: Sequence[tuple[int, tuple[slice, ...]]], own: bool = False) -> None:
+        """Evaluate the unperturbed output of the (sample, window) pairs not known yet (see :meth:`window_base`),
+        windows of one shape together."""
         missing: dict[tuple, list] = {}
         for sample, window in windows:
             key = (sample, tuple((w.start, w.stop) for w in window))
-            if sample not in self.padded_base and key not in self._window_base:
+            if (own or sample not in self.padded_base) and key not in self._window_base:
                 missing.setdefault(tuple(w.stop - w.start for w in window), []).append((key, sample, window))
         for shape, entries in missing.items():
             entries = list({key: (key, s, w) for key, s, w in entries}.values())
@@ -318,9 +328,19 @@ class Perturber:
                 return False
         return True
 
-    def has_probe_window(self, near: Sequence[int]) -> bool:
-        """Whether the sample is much larger than the smallest window the response radius is measured in."""
-        return bool(_probe_windows(self, near))
+    def tile_work(self, low: np.ndarray, high: np.ndarray, radius: int) -> float | None:
+        """Model work (whole samples) of one tile per box ``low``..``high`` (rows; inclusive, sample coordinates)
+        holding it and twice ``radius`` of context, at the smallest stride tiles may start at; None where tiles
+        cannot run (a fixed input size, sliding windows, no stride that divides the padded sample)."""
+        card_input, pipeline = self.model.card.input, self.model.pipeline
+        padded = pipeline.padded_shape(self.prepared.sample_shape)
+        alignments = locality.tile_alignments(padded, card_input.multiple_of, LARGEST_ALIGNMENT)
+        if card_input.size or self.patched or not alignments:
+            return None
+        tiles = locality.plan_tiles(low, high, [np.array([i]) for i in range(len(low))], radius, padded,
+                                    tuple(before for before, _ in self.pads), alignments[0])
+        unit = float(pipeline.sample_voxels(self.prepared.sample_shape))
+        return sum(float(np.prod(pipeline.model_shape(t.shape))) for t in tiles) / unit
 
     def checked_tiles(self, sample: int, low: np.ndarray, high: np.ndarray, members: list[np.ndarray],
                       radius: int, whole_items: int) -> tuple[list[locality.Tile] | None, dict]:
@@ -428,6 +448,20 @@ class Perturber:
                 "brute_force_window_evaluations": int(self.brute_force_windows)}
 
 
+def radius_source(radius: dict | None, why_not: str = "not needed") -> str:
+    """Where a result's response radius came from, in words: measured, cached, or skipped and why."""
+    if radius is None:
+        return why_not
+    return radius["source"] + (f" ({radius['reason']})" if radius.get("reason") else "")
+
+
+def work_summary(evaluations: int, equivalent: float, brute_force: float) -> dict:
+    """A result's model work against brute force's (both in whole samples: voxels run / voxels of one sample)."""
+    return {"evaluations": int(evaluations), "equivalent_evaluations": round(float(equivalent), 2),
+            "brute_force_equivalent_evaluations": round(float(brute_force), 2),
+            "vs_brute_force": round(float(equivalent) / brute_force, 4) if brute_force > 0 else None}
+
+
 def measure_response_radius(model: Model, x: Any, max_jitter: float | None = None, channels: Any = None,
                             geometry: Geometry | None = None, sample: int = 0, tolerance: float = 0.0,
                             cancel: Any = None) -> locality.ResponseRadius:
@@ -464,8 +498,9 @@ def _probe_windows(perturber: Perturber, near: Sequence[int]) -> list[tuple[slic
     """Windows of PROBE_WINDOWS voxels a side around ``near`` (sample coordinates), for those at most half the
     size of the sample. Their origins are multiples of the card's stride and of 8 where possible, so that the
     probes meet the pooling phases they would meet in the whole sample. None for a model run in sliding windows
-    (``input.patch``): a part of the sample is not run as the whole sample's windows are."""
-    if perturber.patched:
+    (``input.patch``): a part of the sample is not run as the whole sample's windows are; none for a model of
+    fixed input size, which would see a window padded to its size rather than the sample around it."""
+    if perturber.patched or perturber.model.card.input.size:
         return []
     padded = np.asarray(perturber.model.pipeline.padded_shape(perturber.prepared.sample_shape))
     stride = perturber.model.card.input.multiple_of
@@ -481,58 +516,149 @@ def _probe_windows(perturber: Perturber, near: Sequence[int]) -> list[tuple[slic
     return found
 
 
-def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None,
-           count: int) -> tuple[int, bool, int]:
-    """(measured radius, global?, probes) from probes in ``window`` of the padded sample (None: the sample)."""
+def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[slice, ...] | None, count: int,
+           stages: dict, allow: Callable[[float, int], bool], at_least: int = 0) -> tuple[int, bool, int] | None:
+    """(measured radius, global?, probes) from probes in ``window`` of the padded sample (None: the sample).
+
+    Far-apart probes are perturbed together first where they fit (2 evaluations) and the radius, at least
+    ``at_least`` voxels, cannot make their responses meet. Otherwise, or when their responses may meet, the first
+    probe is perturbed alone (2 evaluations): a response that reaches across the window already says the response
+    is global; only a local one needs the other probes, each on its own. ``stages`` holds what earlier calls
+    measured in this window (stage -> (radius, global?)), is used instead of evaluating again, and receives what
+    this call measures. Before each stage still to evaluate, ``allow(cost, at_least)`` is asked (cost in whole
+    samples of model work; the radius is at least ``at_least`` voxels); None when it refused one.
+    """
+    pipeline, prepared = perturber.model.pipeline, perturber.prepared
+    shape = prepared.sample_shape if window is None else tuple(w.stop - w.start for w in window)
+    unit = pipeline.sample_voxels(prepared.sample_shape)
     if window is None:
-        shape = perturber.prepared.sample_shape
-        perturber.base_outputs([sample])
-        source, base = perturber.prepared.samples[sample], perturber.base[sample]
+        base_known = sample in perturber.base
+        each = 1.0 if not perturber.patched else min(len(perturber.patches), 2 ** len(shape)) * count * int(
+            np.prod(pipeline.model_shape(pipeline.card.input.patch.size))) / unit
     else:
-        shape = tuple(w.stop - w.start for w in window)
-        source, base = perturber.window_input(sample, window), perturber.window_base(sample, window)
-    largest = np.array([0, len(perturber.jitters) - 1])
+        base_known = sample in perturber.padded_base or (sample, tuple((w.start, w.stop) for w in window)) \
+            in perturber._window_base
+        each = int(np.prod(pipeline.model_shape(shape))) / unit
+    inputs: list = []
 
-    def responses_to(directions: list[np.ndarray], what: Callable[[int], str]) -> np.ndarray:
-        out = np.empty((len(directions),) + shape, np.float32)
-        for start, stop, response in perturber.responses(len(directions), lambda i: source, lambda i: directions[i],
-                                                         lambda i: base, what, largest, shape,
-                                                         sample_of=lambda i: sample):
-            out[start:stop] = response
-        return out
-
-    def probes(points: np.ndarray) -> np.ndarray:
-        marked = np.zeros(shape, np.float32)
-        marked[tuple(points.T)] = 1.0
-        return marked
+    def stage(name: str, cost: float, within: int, points: np.ndarray, together: bool) -> tuple[int, bool] | None:
+        """The radius and globality of a stage: known, or measured now if allowed."""
+        if name in stages:
+            return stages[name]
+        if not allow(cost + (0 if base_known or inputs else each), within):
+            return None
+        if not inputs:
+            if window is None:
+                perturber.base_outputs([sample])
+                inputs.extend([prepared.samples[sample], perturber.base[sample]])
+            else:
+                inputs.extend([perturber.window_input(sample, window), perturber.window_base(sample, window)])
+        directions = [np.zeros(shape, np.float32) for _ in range(1 if together else len(points))]
+        for i, point in enumerate(points):
+            directions[0 if together else i][tuple(point)] = 1.0
+        responses = np.empty((len(directions),) + shape, np.float32)
+        what = ((lambda i: f"{len(points)} probe voxels {spacing} apart") if together else
+                (lambda i: f"probe voxel {tuple(int(p) for p in points[i])}"))
+        for start, stop, response in perturber.responses(
+                len(directions), lambda i: inputs[0], lambda i: directions[i], lambda i: inputs[1], what,
+                np.array([0, len(perturber.jitters) - 1]), shape, sample_of=lambda i: sample):
+            responses[start:stop] = response
+        if together:
+            responses = locality.split_by_nearest_probe(responses[0], points)
+        stages[name] = locality.radius_from_responses(responses, points, tolerance)
+        return stages[name]
 
     spacing = locality.probe_spacing(shape, count)
-    measured = None
-    if spacing >= 16:
+    if spacing >= 16 and (2 * (at_least + 1) < spacing or "together" in stages):
         points = locality.probe_points(shape, count, spacing)
-        together = responses_to([probes(points)], lambda i: f"{len(points)} probe voxels {spacing} apart")[0]
-        measured, is_global = locality.radius_from_responses(locality.split_by_nearest_probe(together, points),
-                                                             points, tolerance)
-        if 2 * (measured + 1) >= spacing:  # responses may meet: measure each probe on its own
-            measured = None
-    if measured is None:
-        points = locality.probe_points(shape, count)
-        separate = responses_to([probes(points[i:i + 1]) for i in range(len(points))],
-                                lambda i: f"probe voxel {tuple(int(p) for p in points[i])}")
-        measured, is_global = locality.radius_from_responses(separate, points, tolerance)
+        found = stage("together", 2 * each, at_least, points, True)
+        if found is None:
+            return None
+        if 2 * (found[0] + 1) < spacing:  # no two responses can have met
+            return found[0], found[1], len(points)
+    points = locality.probe_points(shape, count)
+    found = stage("first", 2 * each, at_least, points[:1], False)
+    if found is None:
+        return None
+    measured, is_global = found
+    if not is_global and len(points) > 1:
+        rest = None
+        if spacing >= 8 and (2 * (max(at_least, measured) + 1) < spacing or "rest together" in stages):
+            # the first probe's response is small enough for the others to stand together on a grid
+            rest = stage("rest together", 2 * each, max(at_least, measured),
+                         locality.probe_points(shape, count, spacing)[1:], True)
+            if rest is None:
+                return None
+            rest = rest if 2 * (rest[0] + 1) < spacing else None
+        if rest is None:
+            rest = stage("rest", 2 * (len(points) - 1) * each, max(at_least, measured), points[1:], False)
+            if rest is None:
+                return None
+        measured = max(measured, rest[0])
+        is_global = 2 * measured + 1 >= min(shape)
     return measured, is_global, len(points)
 
 
-def response_radius(perturber: Perturber, sample: int, tolerance: float, near: Sequence[int] | None = None
-                    ) -> locality.ResponseRadius:
+@dataclass
+class ProbeBudget:
+    """What measuring the response radius may cost a mapping, in model work (whole padded samples).
+
+    A probe step (a window, or the whole sample) is taken only when its worst-case cost keeps the probes within
+    ``limit`` and is smaller than ``saving(r)``: the most the mapping could save with a radius of r voxels, r being
+    what the smaller windows showed the radius to be at least (0 before any). ``brute_force`` is the mapping's
+    brute-force work, for the reasons given.
+    """
+
+    limit: float
+    saving: Callable[[int], float]
+    brute_force: float
+
+
+#: Radius measurements made in this process: key (model file, card, channels, jitter, sample shape, tolerance) ->
+#: {window shape or None (the sample): {stage: (measured, global?)}} (see :func:`_probe`). Most recent last.
+_RADII: "OrderedDict[tuple, dict]" = OrderedDict()
+_RADII_LOCK = threading.Lock()
+#: Keys kept in the radius cache.
+RADIUS_CACHE_SIZE = 64
+
+
+def _radius_key(perturber: Perturber, tolerance: float) -> tuple:
+    """What a measured radius belongs to: the model file, its resolved card, the jittered channels, the probe
+    jitter as the model sees it (3 significant digits per channel) and the sample's shape."""
+    model, prepared = perturber.model, perturber.prepared
+    stat = model.path.stat()
+    card = dataclasses.asdict(model.card)
+    for words in ("assumptions", "extra", "description", "name"):
+        card.pop(words, None)
+    jitter = float(np.abs(perturber.jitters).max())
+    seen = tuple(float(f"{jitter * abs(float(s)):.3g}") if m else 0.0
+                 for s, m in zip(prepared.scale, perturber.channel_mask))
+    return (str(model.path.resolve()), stat.st_size, stat.st_mtime_ns, json.dumps(card, sort_keys=True, default=str),
+            model.one_sample_per_call, seen, tuple(prepared.sample_shape), float(tolerance))
+
+
+def forget_radii() -> int:
+    """Empty the cache of measured response radii; return how many entries it held."""
+    with _RADII_LOCK:
+        count = len(_RADII)
+        _RADII.clear()
+    return count
+
+
+def response_radius(perturber: Perturber, sample: int, tolerance: float, near: Sequence[int] | None = None,
+                    budget: ProbeBudget | None = None) -> locality.ResponseRadius:
     """Response radius from single-voxel perturbations by the largest jitters +-H of ``perturber``.
 
     The probes are first perturbed together, far apart on a grid (2 evaluations), each voxel's response credited
     to the nearest probe. That is the single-probe answer unless some response reaches half-way to the next probe,
-    where two responses could meet; then each probe is perturbed on its own (2 evaluations each).
+    where two responses could meet; then each probe is perturbed on its own (2 evaluations each), the first one
+    first, whose response alone can show that the response is global.
     With ``near`` (a voxel of the sample) on a sample much larger than the PROBE_WINDOWS, the probes stand in
     a window around it, so that the whole sample is not evaluated; a response that reaches across a window is
     measured again in the next larger one, and last on the whole sample.
+    Each step measured is kept for the process (see :func:`forget_radii`) and reused, at no cost, by the next
+    mapping of the same model, card, channels, jitter and sample shape. With a ``budget``, a step that is not
+    known yet is taken only when it can pay for itself; otherwise the radius is ``"skipped"`` (unknown) and says why.
     """
     model = perturber.model
     before = model.evaluations
@@ -544,10 +670,50 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
     if perturber.patched:  # sliding windows that start off the stride's grid see the probes at other phases
         every_phase = every_phase and all(w.start % stride == 0 for patch in perturber.patches for w in patch)
     count = max(PROBES, stride) if every_phase else PROBES
+    margin = 0 if every_phase else RADIUS_MARGIN
+    key = _radius_key(perturber, tolerance)
+    with _RADII_LOCK:
+        known = {shape: dict(stages) for shape, stages in _RADII.get(key, {}).items()}
+    unit = model.pipeline.sample_voxels(perturber.prepared.sample_shape)
+    start, at_least, used, refused = model.evaluated_voxels, 0, set(), []
     for window in ([] if near is None else _probe_windows(perturber, near)) + [None]:
-        measured, is_global, probes = _probe(perturber, sample, tolerance, window, count)
+        shape = None if window is None else tuple(w.stop - w.start for w in window)
+
+        def allow(cost: float, within: int) -> bool:
+            """Whether the next probes may run: within the budget, and cheaper than what they could save."""
+            if budget is None:
+                return True
+            lower = max(at_least, within)
+            saving, spent = budget.saving(lower), (model.evaluated_voxels - start) / unit
+            if spent + cost <= budget.limit and cost < saving:
+                return True
+            where = "the whole sample" if shape is None else f"a {'x'.join(map(str, shape))}-voxel window"
+            after = "" if not lower else f" (the radius is at least {lower} voxels)"
+            if cost >= saving:
+                why = f"more than it could save (at most {max(saving, 0.0):.2f})"
+            else:
+                why = (f"above the {budget.limit:.2f} allowed ({100 * PROBE_SHARE:.0f} % of brute force's "
+                       f"{budget.brute_force:.4g}) with the {spent:.2f} spent")
+            refused.append((lower, f"probes in {where}{after} would cost {cost:.2f} samples of model work, {why}"))
+            return False
+
+        stages = known.setdefault(shape, {})
+        evaluated = model.evaluated_voxels
+        probed = _probe(perturber, sample, tolerance, window, count, stages, allow, at_least)
+        used.add("measured" if model.evaluated_voxels > evaluated else "cached")
+        with _RADII_LOCK:
+            _RADII.setdefault(key, {})[shape] = stages
+            _RADII.move_to_end(key)
+            while len(_RADII) > RADIUS_CACHE_SIZE:
+                _RADII.popitem(last=False)
+        if probed is None:
+            lower, why = refused[-1]
+            return locality.ResponseRadius(lower, margin, False, tolerance, 0, model.evaluations - before, shape,
+                                           "skipped", why)
+        measured, is_global, probes = probed
         if not is_global:
             break
-    return locality.ResponseRadius(measured, 0 if every_phase else RADIUS_MARGIN, is_global, tolerance, probes,
-                                   model.evaluations - before,
-                                   None if window is None else tuple(w.stop - w.start for w in window))
+        at_least = max(at_least, measured)
+    source = "measured, partly cached" if len(used) > 1 else used.pop()
+    return locality.ResponseRadius(measured, margin, is_global, tolerance, probes, model.evaluations - before,
+                                   shape, source)

@@ -192,4 +192,5 @@ def test_progressive_backward_previews_then_gives_the_same_blocks(tmp_path, rng)
                                        preview=lambda m, n: previews.append((n, m.shape)))
     assert previews == [(1, x.shape), (2, x.shape)]
     np.testing.assert_allclose(progressive.block_values, plain.block_values, rtol=1e-5, atol=1e-7)
-    assert progressive.evaluations == plain.evaluations
+    assert progressive.radius["source"] == "cached" and progressive.radius["evaluations"] == 0  # measured by plain
+    assert progressive.evaluations == plain.evaluations - plain.radius["evaluations"]

@@ -48,7 +48,7 @@ def test_backward_on_a_large_volume_cuts_blocks_only_near_the_mask_and_is_exact(
     import onnx_models as om
     from IBIXLogic import backward
 
-    monkeypatch.setattr(backward, "CHUNKED_ABOVE", 100_000)  # the test volume counts as large
+    monkeypatch.setattr(blocks, "CHUNKS_AT_LEAST", 2)  # the test volume counts as large
     kernel = rng.normal(size=(3, 3, 3)).astype(np.float32)
     model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
     out_mask = om.box_mask(volume.shape, slice(18, 21), slice(10, 13), slice(40, 43))

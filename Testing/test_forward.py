@@ -100,7 +100,7 @@ def test_progressive_stops_early_when_the_map_settles(tmp_path, rng):
 
 # -- local forward maps: tiles of samples much larger than the model's reach ---------------------------------
 def _local_and_whole(model, x, mask, **kw):
-    local = ibx.forward_mapping(model, x, mask, **kw)
+    local = ibx.forward_mapping(model, x, mask, method="local", **kw)
     whole = ibx.forward_mapping(model, x, mask, method="whole", **kw)
     return local, whole
 
@@ -148,7 +148,7 @@ def test_local_forward_of_a_3d_model_equals_the_kernel(tmp_path, rng):
     model = ibx.load_model(om.save(om.convolution(kernel, layout="NCDHW"), tmp_path, "conv3d"))
     x = rng.normal(size=(72, 96, 100)).astype(np.float32)
     mask = box_mask(x.shape, slice(30, 35), slice(50, 55), slice(70, 75))
-    local = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0)
+    local = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0, method="local")
     assert local.tiling["tiles"] is True and local.radius["window"] == [48, 48, 48]
     np.testing.assert_allclose(local.signed, om.correlate(mask, kernel), atol=1e-5)
     assert local.equivalent_evaluations < 2  # whole samples: 2N = 4
