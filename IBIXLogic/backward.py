@@ -561,8 +561,10 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         if perturber.small_sample:  # on every path: the probes' windows are then cut from it
             perturber.base_outputs(touched)
         if method == "auto":
-            blocks_now = (levels[0] * len(touched) if first is None
-                          else int(np.count_nonzero(_label_counts(first[0], first[2])[1:])))
+            # brute force explains the finest blocks; the first level's are known unless cut near the mask
+            blocks_now = levels[-1] * len(touched)
+            if first is not None and len(levels) == 1:
+                blocks_now = int(np.count_nonzero(_label_counts(first[0], first[2])[1:]))
             budget = _probe_budget(perturber, out_samples, touched, n_jitters, blocks_now)
         radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
                                       near=box_centre(out_samples[touched[0]]), budget=budget)

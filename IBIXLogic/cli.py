@@ -99,8 +99,9 @@ def _common(parser: argparse.ArgumentParser, needs_model: bool = True) -> None:
     run = parser.add_argument_group("running")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where ONNX Runtime runs the model; auto: CUDA when available, else the CPU")
-    run.add_argument("--memory-budget", type=_number(0.0, strict_min=True), default=512.0, metavar="MiB",
-                     help="memory one batch of model inputs and activations may take; sets the batch size")
+    run.add_argument("--memory-budget", type=_number(0.0, strict_min=True), default=None, metavar="MiB",
+                     help="memory one batch of model inputs and activations may take; sets the batch size; none: "
+                          "512 MiB on the CPU, half the GPU's free memory with CUDA")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", type=Path, default=Path(DEFAULT_OUTPUT), metavar="DIR",
                      help="folder for the results (created if missing)")
@@ -335,7 +336,7 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
                           forward=result.to_dict(), figure=run.figure)
     session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
-                                      f"{result.device}; max |F| = {float(np.abs(result.signed).max()):.3g} "
+                                      f"{result.device}; max |F| = {result.peak:.3g} "
                                       f"{result.units}; {describe(result.statistics)}"])
     return 0
 

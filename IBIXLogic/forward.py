@@ -38,7 +38,6 @@ class ForwardResult:
     """
 
     signed: np.ndarray
-    normalized: np.ndarray
     geometry: Geometry
     parameters: dict
     evaluations: int
@@ -51,12 +50,26 @@ class ForwardResult:
     statistics: dict = field(default_factory=dict)
     path: dict = field(default_factory=dict)
     work: dict = field(default_factory=dict)
+    #: the model's unperturbed output of each sample the mapping evaluated whole, on the volume's axes: the volume
+    #: for a 3D model (key 0), a slice along ``slice_axis`` for a 2D model on a volume (key: its index)
+    outputs: dict = field(default_factory=dict, repr=False)
+    #: max |F| (output units per input unit)
+    peak: float = 0.0
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """|F| / max |F| in [0, 1] on the output grid (0 everywhere for a zero map), computed when asked for: a
+        result holds one full-size map, not two."""
+        out = np.abs(self.signed)
+        if self.peak > 0:
+            out /= np.float32(self.peak)
+        return out
 
     def to_dict(self) -> dict:
         return {"mapping": "forward", "parameters": self.parameters, "evaluations": self.evaluations,
                 "equivalent_evaluations": round(self.equivalent_evaluations, 2), "path": self.path, "work": self.work,
                 "seconds": round(self.seconds, 4), "device": self.device, "units": self.units,
-                "max_abs": float(np.abs(self.signed).max()), "response_radius": self.radius,
+                "max_abs": self.peak, "response_radius": self.radius,
                 "tiling": self.tiling, "statistics": self.statistics, "geometry": self.geometry.to_dict()}
 
 
@@ -107,6 +120,32 @@ def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, 
     if tiles is None:
         return whole, radius.to_dict(), tiling
     return [(int(touched[t.members[0]]), t.window) for t in tiles], radius.to_dict(), tiling
+
+
+def _support(prepared: Any, perturber: Perturber, items: list[Item]) -> tuple[slice, ...]:
+    """The box of the volume grid that holds every item (so every voxel where F may be nonzero, and the mask)."""
+    shape = prepared.sample_shape
+    boxes = [perturber.overlap(window)[0] if window is not None else tuple(slice(0, n) for n in shape)
+             for _, window in items]
+    low = [min(b[a].start for b in boxes) for a in range(len(shape))]
+    high = [max(b[a].stop for b in boxes) for a in range(len(shape))]
+    # the sample axes back to the volume's: undo the flips and the transpose of a 2D model's in-plane transform
+    for flipped, axis in ((prepared.flip_cols, -1), (prepared.flip_rows, -2)):
+        if flipped:
+            low[axis], high[axis] = shape[axis] - high[axis], shape[axis] - low[axis]
+    if prepared.transpose:
+        low[-2:], high[-2:] = low[-2:][::-1], high[-2:][::-1]
+    box = [slice(a, b) for a, b in zip(low, high)]
+    if prepared.slice_axis is not None:
+        samples = [s for s, _ in items]
+        box.insert(prepared.slice_axis, slice(min(samples), max(samples) + 1))
+    return tuple(box)
+
+
+def _on_volume_axes(prepared: Any, values: np.ndarray) -> np.ndarray:
+    """One sample's array (sample axes) on the volume's axes: a slice of a 2D model's volume, or the volume."""
+    out = prepared.from_samples(values[None])
+    return out if prepared.slice_axis is None else np.take(out, 0, axis=prepared.slice_axis)
 
 
 def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jitter: float | None = None,
@@ -219,7 +258,6 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
             break
         previous = level_map
     signed = on_output_grid(level_map)
-    normalized = on_output_grid([np.abs(v) / peak if peak > 0 else 0 * v for v in level_map])
     units = model.card.output.units
     equivalent = (model.evaluated_voxels - voxels_before) / float(model.pipeline.sample_voxels(sample_shape))
     if tiling.get("tiles"):
@@ -230,8 +268,9 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     path = {"method": "tiles around the mask" if tiling.get("tiles") else "whole samples", "reason": reason,
             "radius_source": radius_source(radius)}
     return ForwardResult(
-        signed=signed, normalized=normalized, geometry=prepared.geometry,
-        statistics=forward_statistics(signed, mask, prepared.geometry),
+        outputs={s: _on_volume_axes(prepared, perturber.base[s]) for s in perturber.base}, peak=peak,
+        signed=signed, geometry=prepared.geometry,
+        statistics=forward_statistics(signed, mask, prepared.geometry, support=_support(prepared, perturber, items)),
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,
                     "progressive": progressive, "tolerance": tolerance,
                     "channels": [model.card.input.channels[c] for c in channel_list],

@@ -27,8 +27,15 @@ from .windows import blend
 
 log = logging.getLogger("IBIX")
 
-#: Default memory budget for one batch of model inputs and their activations (bytes).
+#: Default memory budget for one batch of model inputs and their activations on the CPU (bytes).
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
+#: Share of the GPU's free memory (when the model is loaded) that one batch may take by default.
+GPU_MEMORY_SHARE = 0.5
+#: On the CPU, voxels per model call from which ONNX Runtime runs at its full speed: measured on this project's
+#: models (2D autoencoder and U-Net, small 3D encoder-decoder) from 16^2 to 256^2 pixels and 8^3 to 48^3 voxels,
+#: the time per voxel stops falling between 4,000 and 16,000 voxels per call and rises again beyond some 64,000,
+#: once the activations leave the processor's caches. Larger CPU batches only take memory.
+CPU_BATCH_VOXELS = 2**14
 #: Activations per input value assumed when sizing batches (a small generator keeps ~16-64 feature maps).
 ACTIVATION_FACTOR = 48
 #: Largest batch IBIX sends at once; larger batches stop paying off on CPUs and small GPUs.
@@ -146,12 +153,16 @@ class Model:
         return max(1, self.capacity(patch.size) // len(self.pipeline.windows(sample_shape)))
 
     def capacity(self, shape: Sequence[int]) -> int:
-        """How many images of ``shape`` go through the model at once (fixed batch, or the memory budget)."""
+        """How many images of ``shape`` go through the model at once: the model's fixed batch; else as many as the
+        memory budget holds, and on the CPU no more than reach full speed (:data:`CPU_BATCH_VOXELS` voxels)."""
         if self.card.fixed_batch:
             return self.card.fixed_batch
         voxels = int(np.prod(self.pipeline.model_shape(shape)))
         per_image = voxels * (self.n_channels + 1) * 4 * ACTIVATION_FACTOR
-        return int(max(1, min(MAX_BATCH, self.memory_budget // max(per_image, 1))))
+        by_memory = int(max(1, min(MAX_BATCH, self.memory_budget // max(per_image, 1))))
+        if self.device == "cpu":
+            return min(by_memory, max(1, -(-CPU_BATCH_VOXELS // max(voxels, 1))))
+        return by_memory
 
     # -- running ------------------------------------------------------------------------------------------
     def _session_run(self, batch: np.ndarray) -> np.ndarray:
@@ -465,8 +476,40 @@ def _session(path: Path, providers: list[str]) -> Any:
     return session
 
 
+def free_device_memory() -> int | None:
+    """Free memory (bytes) of the current CUDA device, or None where it cannot be read: from the CUDA runtime that
+    ONNX Runtime's CUDA provider loaded, else from ``nvidia-smi``."""
+    import ctypes
+    import subprocess
+
+    for name in ("libcudart.so.12", "libcudart.so", "cudart64_12.dll"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if runtime.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+            return int(free.value)
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, text=True, timeout=10)
+        return int(float(done.stdout.split()[0]) * 2**20) if done.returncode == 0 and done.stdout.split() else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def default_memory_budget(device: str, free: Callable[[], int | None] = free_device_memory) -> int:
+    """The batch memory budget when none is given: DEFAULT_MEMORY_BUDGET on the CPU (where batches beyond
+    CPU_BATCH_VOXELS gain nothing anyway); GPU_MEMORY_SHARE of the free device memory with CUDA (at least
+    DEFAULT_MEMORY_BUDGET when it cannot be read)."""
+    if device != "cuda":
+        return DEFAULT_MEMORY_BUDGET
+    available = free()
+    return DEFAULT_MEMORY_BUDGET if not available else max(int(GPU_MEMORY_SHARE * available), 2**20)
+
+
 def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathLike | None = None,
-               device: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Model:
+               device: str = "auto", memory_budget: int | None = None) -> Model:
     """Load an ONNX model and its card.
 
     Parameters
@@ -478,11 +521,14 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
         (what was assumed is logged and kept in ``model.card.assumptions``).
     device : {"auto", "cuda", "cpu"}
         ``auto`` runs on CUDA when ONNX Runtime offers it and falls back to the CPU with a warning.
-    memory_budget : int
-        Bytes one batch of samples (inputs and activations) may take; sets the batch size.
+    memory_budget : int, optional
+        Bytes one batch of samples (inputs and activations) may take; sets the batch size (on the CPU no batch
+        goes beyond the full-speed size, :data:`CPU_BATCH_VOXELS`). Default: 512 MiB on the CPU, half the GPU's
+        free memory with CUDA (:func:`default_memory_budget`).
     """
-    checked = check_arguments(path=path, device=device, memory_budget=memory_budget)
-    path, memory_budget = checked["path"], checked["memory_budget"]
+    checked = check_arguments(path=path, device=device,
+                              **({} if memory_budget is None else {"memory_budget": memory_budget}))
+    path, memory_budget = checked["path"], checked.get("memory_budget")
     if not is_file(path, "model path", ModelError):
         raise ModelError(f"{path}: model file not found")
     if path.stat().st_size == 0:
@@ -518,6 +564,7 @@ def load_model(path: str | os.PathLike, card: Mapping[str, Any] | str | os.PathL
         log.info("%s: assumed %s", path.name, assumption)
     log.info("%s loaded in %.2f s on %s (%s; card: %s)", path.name, time.perf_counter() - started, run_device,
              active, card_source)
-    model = Model(session, resolved, path, run_device, memory_budget)
+    model = Model(session, resolved, path, run_device,
+                  default_memory_budget(run_device) if memory_budget is None else memory_budget)
     model.check_runs()
     return model

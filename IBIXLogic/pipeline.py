@@ -156,6 +156,10 @@ class Pipeline:
             raise InputError(f"the model is 3D but the input is {len(shape)}D {shape}; give a volume")
         if min(shape) < 1:
             raise InputError(f"input has an empty dimension: shape {shape}")
+        if len(arrays) == 1:  # a view, not a copy of a large volume; read-only, so that nothing can change the input
+            view = arrays[0][None]
+            view.flags.writeable = False
+            return view
         return np.stack(arrays)
 
     def prepare(self, x: Any, geometry: Geometry | None = None) -> PreparedInput:

@@ -157,12 +157,13 @@ class Inputs:
         return self.arrays[0] if len(self.arrays) == 1 else self.arrays
 
 
-def load_model(path: Path, card: Path | None, device: str = "auto", memory_budget_mib: float = 512.0) -> Model:
-    """The model and its card from files (the card beside the model, or inferred, when ``card`` is None)."""
+def load_model(path: Path, card: Path | None, device: str = "auto", memory_budget_mib: float | None = None) -> Model:
+    """The model and its card from files (the card beside the model, or inferred, when ``card`` is None); the
+    engine's default batch memory budget when ``memory_budget_mib`` is None."""
     if card is not None and not Path(card).is_file():
         raise InputError(f"{card}: model card not found")
     return engine_load_model(path, card=None if card is None else str(card), device=device,
-                             memory_budget=int(memory_budget_mib * 2**20))
+                             memory_budget=None if memory_budget_mib is None else int(memory_budget_mib * 2**20))
 
 
 def load_inputs(paths: Sequence[Path], model: Model) -> Inputs:
@@ -335,15 +336,32 @@ def figure_axis(model: Model, geometry: Geometry, ndim: int) -> int | None:
     return figures.display_axis(geometry, ndim, preferred)
 
 
-def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The model output on the given slices only (zeros elsewhere) and the evaluations it took."""
+def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Sequence[int],
+                     known: dict | None = None) -> tuple[np.ndarray, int]:
+    """The model output on the given slices only (zeros elsewhere) and the evaluations it took.
+
+    ``known``: unperturbed outputs a mapping already computed (``ForwardResult.outputs``: a 2D model's slices by
+    index along its slice axis, or a 3D model's volume as 0); only what they miss is evaluated.
+    """
+    known = known or {}
     before = model.evaluations
-    prepared = model.prepare(inputs.x, inputs.geometry)
-    if model.card.spatial_dims == 2 and prepared.slice_axis is not None and axis == prepared.slice_axis:
-        samples = np.zeros((len(prepared.samples),) + tuple(prepared.sample_shape), np.float32)
-        samples[list(slices)] = model.predict_samples(prepared, list(slices))
-        return prepared.from_samples(samples), model.evaluations - before
-    return prepared.from_samples(model.predict_samples(prepared)), model.evaluations - before
+    shape = inputs.arrays[0].shape
+    if model.card.spatial_dims == 2 and len(shape) == 3 and axis == figure_axis(model, inputs.geometry, 3):
+        output = np.zeros(shape, np.float32)  # untouched pages stay unallocated: only the slices shown are filled
+        found = dict(known)
+        missing = [s for s in slices if s not in found]
+        if missing:
+            prepared = model.prepare(inputs.x, inputs.geometry)
+            for s, values in zip(missing, model.predict_samples(prepared, missing)):
+                found[s] = np.take(prepared.from_samples(values[None]), 0, axis=prepared.slice_axis)
+        for s in slices:
+            index = [slice(None)] * 3
+            index[axis] = s
+            output[tuple(index)] = found[s]
+        return output, model.evaluations - before
+    if 0 in known and known[0].shape == shape:
+        return known[0], 0
+    return model.predict(inputs.x, inputs.geometry), model.evaluations - before
 
 
 def _fmt(value: float) -> str:
@@ -356,7 +374,7 @@ def forward_png(path: Path, model: Model, inputs: Inputs, output: np.ndarray, re
     p = result.parameters
     subtitle = (f"{model.card.name or model.path.name} · channels {', '.join(p['channels'])} · N = {p['n_jitters']} "
                 f"jitters up to H = {_fmt(p['max_jitter'])} · {result.evaluations} evaluations in "
-                f"{result.seconds:.1f} s on {result.device} · max |F| = {_fmt(float(np.abs(result.signed).max()))}")
+                f"{result.seconds:.1f} s on {result.device} · max |F| = {_fmt(result.peak)}")
     name = model.card.output.channels[0] if model.card.output.channels else "output"
     units = model.card.output.units
     if units == "HU" and "window" not in kw:
@@ -435,7 +453,7 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
     if figure.png:
         t0, evaluations = time.perf_counter(), 0
         if output is None:
-            output, evaluations = output_on_slices(model, inputs, run.axis, run.slices)
+            output, evaluations = output_on_slices(model, inputs, run.axis, run.slices, run.result.outputs)
         outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, run.result, mask,
                                                run.axis, run.slices, crop=figure.crop))
         run.figure = {"slices": run.slices, "axis": run.axis, "evaluations": evaluations,

@@ -120,7 +120,8 @@ def _point(point: np.ndarray | None) -> list[float] | None:
     return None if point is None else [round(float(v), 4) for v in point]
 
 
-def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry) -> dict:
+def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry,
+                       support: tuple[slice, ...] | None = None) -> dict:
     """Statistics of a forward map F(M^x).
 
     Parameters
@@ -131,6 +132,9 @@ def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry)
         The input mask M^x (the output grid is the input grid).
     geometry : Geometry
         The grid of F.
+    support : tuple of slice, optional
+        A box of the grid known to hold every nonzero voxel of F and of the mask (a mapping knows where it
+        computed F): the statistics then read that box only, not the whole grid.
 
     Returns
     -------
@@ -142,19 +146,23 @@ def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry)
     """
     signed = np.asarray(signed)
     _check_grid("the forward map", signed, geometry)
-    mask = _mask(mask, signed.shape, "input mask")
-    responding = signed != 0
+    if np.asarray(mask).shape != signed.shape:
+        _mask(mask, signed.shape, "input mask")  # says what is wrong
+    outer = support or tuple(slice(0, n) for n in signed.shape)
+    mask = _mask(np.asarray(mask)[outer], signed[outer].shape, "input mask")
+    responding = signed[outer] != 0
     if not responding.any():
         return {"reach95_mm": None, "inside_fraction": None, "peak": 0.0, "peak_ras_mm": None}
     # everything below on the box that holds the mask and the response (a few slices of a whole volume)
     box = bounding_box(responding | mask)
     mask, responding = mask[box], responding[box]
-    magnitude = np.abs(signed[box].astype(np.float64))
+    start = [o.start + b.start for o, b in zip(outer, box)]
+    magnitude = np.abs(signed[tuple(slice(a, a + b.stop - b.start) for a, b in zip(start, box))].astype(np.float64))
     peak_index = np.unravel_index(int(np.argmax(magnitude)), magnitude.shape)
     return {"reach95_mm": reach_mm(distances_mm(mask, geometry, responding), magnitude[responding], 0.95),
             "inside_fraction": inside_fraction(magnitude, mask),
             "peak": float(magnitude[peak_index]),
-            "peak_ras_mm": _point(geometry.ras_mm([i + b.start for i, b in zip(peak_index, box)]))}
+            "peak_ras_mm": _point(geometry.ras_mm([i + a for i, a in zip(peak_index, start)]))}
 
 
 def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: np.ndarray,
