@@ -14,14 +14,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy import ndimage
 
 from .backward import BackwardResult, _BlockSums, _block_labels, _label_boxes, _normalize_blocks
 from .blocks import DEFAULT_COMPACTNESS
-from .checks import BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_choice, check_mask
+from .checks import (BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_callback, check_choice,
+                     check_mask)
+from .cost import Estimate, Forecast, advice
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
@@ -298,7 +300,8 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
                          blocks: Any = "slic", n_jitters: int = 4, max_jitter: float | None = None,
                          channels: Any = None, geometry: Geometry | None = None,
                          progress: ProgressCallback | None = None, cancel: Any = None,
-                         memory_budget: int = DEFAULT_ATLAS_BUDGET) -> ResponseAtlas:
+                         memory_budget: int = DEFAULT_ATLAS_BUDGET,
+                         estimate: Callable[[Estimate], None] | None = None) -> ResponseAtlas:
     """Every block's response |F(D_k)|, for backward maps of any output mask without new model evaluations.
 
     Parameters
@@ -312,6 +315,8 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
         Bytes the atlas's responses may take (8 per stored voxel: a float32 value and its index). Checked before
         any block is evaluated against an upper bound (each block's box grown by the response radius; the whole
         sample per block when the response is global).
+    estimate : callable, optional
+        As for :func:`forward_mapping`: ``estimate(Estimate)`` once, before any progress.
 
     Returns
     -------
@@ -339,6 +344,11 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
     n_labels = int(labels.max()) + 1
 
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
+    check_callback("estimate", estimate)
+    if estimate is not None:
+        perturber.forecast = Forecast(model, started, estimate, lambda seconds: advice(
+            "atlas", seconds, model.device, n_jitters, n_blocks), model.pipeline.sample_voxels(prepared.sample_shape))
+        progress = perturber.forecast.gate(progress)
     occupied = np.flatnonzero(label_samples.reshape(n_samples, -1).any(axis=1))
     # probes near the middle sample's centre (in windows of a large sample), within PROBE_SHARE of brute force's work
     middle = int(occupied[len(occupied) // 2])
@@ -362,6 +372,8 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
     sums = _BlockSums(perturber, None, radius, jitter_schedule(n_jitters, False), progress, sink=collector,
                       stage="response atlas")
     sums.compute(label_samples, np.arange(1, n_labels), _label_boxes(label_samples))
+    if perturber.forecast is not None:
+        perturber.forecast.finish()
     starts, index, values = collector.assemble()
     filled = np.flatnonzero(starts[1:] > starts[:-1])
     denominator = np.zeros(n_labels)

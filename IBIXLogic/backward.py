@@ -14,7 +14,8 @@ import numpy as np
 from . import locality
 from .blocks import DEFAULT_COMPACTNESS, chunked_supervoxels, cut_in_chunks, grid_blocks, superpixel_blocks
 from .checks import (BACKWARD_METHODS, BLOCK_KINDS, channel_indices, check_arguments, check_block_labels,
-                     check_block_levels, check_choice, check_mask)
+                     check_block_levels, check_callback, check_choice, check_mask)
+from .cost import Estimate, Forecast, advice
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
@@ -195,6 +196,12 @@ class _BlockSums:
             member[:] = False
             member[item.blocks] = True
             return member[label_samples[item.sample] if item.window is None else tile_labels[index]]
+
+        if perturber.forecast is not None:
+            for _, subset in self.schedule:
+                for shape, indices in shapes.items():
+                    perturber.forecast.plan(*perturber.planned(len(indices), lambda j: direction(indices[j]), subset,
+                                                               shape))
 
         def input_of(item: _Item) -> np.ndarray:
             if item.window is None:
@@ -481,7 +488,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                      method: str = "auto", locality_tolerance: float = 0.0, geometry: Geometry | None = None,
                      tiles: bool = True, progressive: bool = False,
                      preview: Callable[[np.ndarray, int], None] | None = None, tolerance: float | None = None,
-                     progress: ProgressCallback | None = None, cancel: Any = None) -> BackwardResult:
+                     progress: ProgressCallback | None = None, cancel: Any = None,
+                     estimate: Callable[[Estimate], None] | None = None) -> BackwardResult:
     """Backward mapping B(M^f): which input blocks drive the masked output voxels.
 
     Parameters
@@ -517,6 +525,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     progressive, preview, tolerance
         As for :func:`forward_mapping`: nested jitter grids, ``preview(painted_B, N)`` after each but the last,
         and an optional early stop once no block's B changes by more than ``tolerance``.
+    estimate : callable, optional
+        As for :func:`forward_mapping`: ``estimate(Estimate)`` once, before any progress; with coarse-to-fine it
+        covers the first level (its ``note`` says so).
 
     Returns
     -------
@@ -534,6 +545,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     refine_threshold, locality_tolerance, tolerance = (checked[k] for k in ("refine_threshold",
                                                                             "locality_tolerance", "tolerance"))
     check_choice("method", method, BACKWARD_METHODS)
+    check_callback("estimate", estimate)
     levels = check_block_levels(n_blocks, coarse_blocks)
     _check_blocks(blocks, levels)
     before, voxels_before = model.evaluations, model.evaluated_voxels
@@ -550,6 +562,14 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
                           one_item_per_batch=method == "brute")
     schedule = jitter_schedule(n_jitters, progressive)
     refinement = _Refinement(prepared, touched, normalization, n_jitters, preview, tolerance)
+    unit = float(model.pipeline.sample_voxels(prepared.sample_shape))
+    if estimate is not None:
+        perturber.forecast = Forecast(model, started, estimate, lambda seconds: advice(
+            "backward", seconds, model.device, n_jitters, levels[-1], radius is not None, len(levels) > 1), unit,
+            len(touched) + 2.0 * n_jitters * levels[-1] * len(touched))
+        if len(levels) > 1:
+            perturber.forecast.note = f"the first of {len(levels)} coarse-to-fine levels"
+        progress = perturber.forecast.gate(progress)
     # the first level's blocks, unless supervoxels are cut in chunks only near the mask, where the radius says
     first = None
     if custom or blocks != "slic" or not cut_in_chunks(prepared.sample_shape, levels[0]):
@@ -589,6 +609,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         evaluations_per_level.append(model.evaluations - level_start)
         blocks_per_level.append(int(len(new_ids)))
 
+    if perturber.forecast is not None:
+        perturber.forecast.finish()
     labels, block_values, painted = refinement.painted()
     parameters = {
         "n_blocks": n_blocks, "compactness": compactness, "n_jitters": n_jitters,
@@ -602,7 +624,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         "windows": perturber.patch_summary(model.evaluations - before),
         "model_assumptions": list(model.card.assumptions),
     }
-    equivalent = (model.evaluated_voxels - voxels_before) / float(model.pipeline.sample_voxels(prepared.sample_shape))
+    equivalent = (model.evaluated_voxels - voxels_before) / unit
     brute_force = len(touched) + 2 * n_jitters * (len(block_values) - 1)  # the blocks B is painted on
     path = _path(method, radius_info, sums.tiling)
     return BackwardResult(

@@ -87,7 +87,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _common(parser: argparse.ArgumentParser, needs_model: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, needs_model: bool = True, estimate: bool = False) -> None:
     group = parser.add_argument_group("model and inputs")
     group.add_argument("--model", type=Path, required=True, metavar="ONNX",
                        help="the ONNX image-to-image model")
@@ -113,6 +113,11 @@ def _common(parser: argparse.ArgumentParser, needs_model: bool = True) -> None:
                      help="human: a progress bar on stderr; jsonl: one JSON object per line on stdout "
                           "({stage, done, total}), ending with {stage: finished, files, summary} or "
                           "{stage: failed, error}")
+    if estimate:
+        out.add_argument("--estimate", action="store_true", default=False,
+                         help="print the predicted model evaluations and time and what would cut them (with jsonl: "
+                              "{stage: estimate, evaluations, seconds, advice}), then stop: nothing is written. "
+                              "It plans the run (response radius, blocks) and times one batch")
 
 
 def _figure_options(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Forward map F(M^x): how the output reacts to jittering the input "
                                          "voxels of a mask. Writes forward_signed (output units per input unit), "
                                          "forward_normalized (|F| / max |F|), forward.png and summary.json.")
-    _common(forward)
+    _common(forward, estimate=True)
     group = forward.add_argument_group("forward mapping")
     group.add_argument("--mask", type=Path, required=True, metavar="LABELS",
                        help="input mask M^x: a label volume (resampled onto the input's grid if it differs)")
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Backward map B(M^f): which input blocks drive the output voxels of a "
                                           "mask. Writes backward (B on the input grid), backward_blocks (block "
                                           "labels), backward.png and summary.json.")
-    _common(backward)
+    _common(backward, estimate=True)
     group = backward.add_argument_group("backward mapping")
     group.add_argument("--out-mask", "--mask", dest="out_mask", type=Path, required=True, metavar="LABELS",
                        help="output mask M^f: a label volume on the output (= input) grid, resampled if it "
@@ -269,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "so that 'ibix backward --atlas' answers any output mask with no model "
                                        "evaluation. Writes atlas.npz, atlas_blocks (block labels) and "
                                        "summary.json.")
-    _common(atlas)
+    _common(atlas, estimate=True)
     group = atlas.add_argument_group("response atlas")
     _block_options(group)
     _jitter_options(group, 4)
@@ -329,6 +334,9 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
     mask = session.load_mask(args.mask, args.label, inputs.geometry, console, "input mask")
+    if args.estimate:
+        session.estimate_only("forward", model, inputs, console, _mapping_parameters(args, model), mask)
+        return 0
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.mask, args.model, args.card])
     outputs.check(["summary.json"])
     run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model), _figure(args))
@@ -376,9 +384,6 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
-    outputs = Outputs(args.output, args.format,
-                      [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card, args.atlas])
-    outputs.check(["summary.json"])
     if atlas is not None:
         parameters: dict = {"normalization": args.normalization}
     else:
@@ -386,6 +391,12 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
                           blocks=blocks, normalization=args.normalization, coarse_blocks=args.coarse_blocks,
                           refine_threshold=args.refine_threshold, method=args.method,
                           locality_tolerance=args.locality_tolerance, tiles=args.tiles)
+    if args.estimate:
+        session.estimate_only("backward", model, inputs, console, parameters, mask, atlas)
+        return 0
+    outputs = Outputs(args.output, args.format,
+                      [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card, args.atlas])
+    outputs.check(["summary.json"])
     run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args), atlas=atlas)
     result = run.result
     session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
@@ -426,12 +437,15 @@ def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
     model, inputs = _open_case(args)
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
-    outputs = Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card])
-    outputs.check(["summary.json"])
     parameters = {"n_blocks": args.n_blocks, "compactness": args.compactness, "blocks": blocks,
                   "n_jitters": args.n_jitters, "max_jitter": args.max_jitter,
                   "channels": session.channel_arguments(args.channels, model),
                   "memory_budget": int(args.atlas_budget * 2**20)}
+    if args.estimate:
+        session.estimate_only("atlas", model, inputs, console, parameters)
+        return 0
+    outputs = Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card])
+    outputs.check(["summary.json"])
     atlas = session.run_atlas(model, inputs, outputs, console, parameters)
     session.write_summary(outputs, "atlas", model, inputs, started,
                           block_labels=None if args.block_labels is None else str(args.block_labels),

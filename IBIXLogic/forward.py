@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checks import channel_indices, check_arguments, check_choice, check_mask
+from .checks import channel_indices, check_arguments, check_callback, check_choice, check_mask
+from .cost import Estimate, Forecast, advice
 from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import (PROBE_SHARE, TILE_SAVING, Perturber, ProbeBudget, box_centre, jitter_levels,
@@ -152,7 +153,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
                     channels: Any = None, geometry: Geometry | None = None, method: str = "auto",
                     progressive: bool = False, preview: Callable[[np.ndarray, int], None] | None = None,
                     tolerance: float | None = None, progress: ProgressCallback | None = None,
-                    cancel: Any = None) -> ForwardResult:
+                    cancel: Any = None, estimate: Callable[[Estimate], None] | None = None) -> ForwardResult:
     """Forward mapping F(M^x): how the output reacts to jittering the masked input voxels.
 
     Parameters
@@ -185,6 +186,10 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         and call ``preview(normalized_map, N)`` after each level but the last.
     tolerance : float, optional
         With ``progressive``, stop once a level changes F by less than this fraction of max |F|.
+    estimate : callable, optional
+        ``estimate(Estimate)`` is called once, before any progress is reported: the predicted model evaluations
+        and time of the run and what would cut them (:mod:`IBIXLogic.cost`), from its plan and its first
+        timed batch. :func:`IBIXLogic.estimate` stops there.
 
     Returns
     -------
@@ -197,6 +202,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
                               preview=preview, tolerance=tolerance, progress=progress, cancel=cancel)
     n_jitters, tolerance = checked["n_jitters"], checked["tolerance"]
     check_choice("method", method, METHODS)
+    check_callback("estimate", estimate)
     before, voxels_before = model.evaluations, model.evaluated_voxels
     prepared = model.prepare(x, geometry)
     mask = check_mask(mask, prepared.volume_shape, "input mask")
@@ -204,9 +210,16 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     perturber = Perturber(model, prepared, jitter_levels(n_jitters, h_max), channel_list, cancel)
     mask_samples = prepared.to_samples(mask)
+    unit = float(model.pipeline.sample_voxels(prepared.sample_shape))
     # F is 0 on samples the mask does not touch, so it is computed on the touched ones only
     touched = np.flatnonzero(mask_samples.reshape(len(mask_samples), -1).any(axis=1))
     schedule = jitter_schedule(n_jitters, progressive)
+    brute_force = len(touched) * (1.0 + 2 * n_jitters)
+    if estimate is not None:
+        perturber.forecast = Forecast(model, started, estimate,
+                                      lambda seconds: advice("forward", seconds, model.device, n_jitters), unit,
+                                      brute_force)
+        progress = perturber.forecast.gate(progress)
     items, radius, tiling = _items(perturber, mask_samples, touched, method, 2 * n_jitters)
     sample_shape = prepared.sample_shape
     perturber.base_outputs([s for s, window in items if window is None])
@@ -233,6 +246,11 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
     directions = [mask_samples[s] if window is None else
                   model.pipeline.padded_window(mask_samples[s][None], window, 0)[0] for s, window in items]
     sums = [np.zeros(d.shape, np.float32) for d in directions]
+    if perturber.forecast is not None:
+        for _, subset in schedule:
+            for shape, indices in shapes.items():
+                perturber.forecast.plan(*perturber.planned(len(indices), lambda j: directions[indices[j]], subset,
+                                                           shape))
     previous, used = None, 0
     for level, (n_level, subset) in enumerate(schedule):
         done = 0
@@ -257,9 +275,11 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         if stop_early:
             break
         previous = level_map
+    if perturber.forecast is not None:
+        perturber.forecast.finish()
     signed = on_output_grid(level_map)
     units = model.card.output.units
-    equivalent = (model.evaluated_voxels - voxels_before) / float(model.pipeline.sample_voxels(sample_shape))
+    equivalent = (model.evaluated_voxels - voxels_before) / unit
     if tiling.get("tiles"):
         reason = (f"the response stays within {radius['radius']} voxels of the mask: {tiling['items']} tile(s) run "
                   f"{100 * tiling['voxels_per_sample'] / len(touched):.0f} % of the voxels of the whole samples")
@@ -280,4 +300,4 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
         evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, units=f"{units or 'output units'} per input unit", radius=radius, tiling=tiling,
         equivalent_evaluations=equivalent, path=path,
-        work=work_summary(model.evaluations - before, equivalent, len(touched) * (1.0 + 2 * n_jitters)))
+        work=work_summary(model.evaluations - before, equivalent, brute_force))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -167,6 +168,8 @@ class Perturber:
         self._window_base: dict[tuple, np.ndarray] = {}
         #: small samples (slices) are evaluated whole once, so that their tiles need no output of their own
         self.small_sample = int(np.prod(prepared.sample_shape)) <= WHOLE_BASE_VOXELS
+        #: told of every batch of jittered inputs (:class:`IBIXLogic.cost.Forecast`), if any
+        self.forecast: Any = None
         self.patched = model.card.input.patch is not None
         if self.patched:
             pipeline = model.pipeline
@@ -395,6 +398,7 @@ class Perturber:
         def describe(i: int) -> str:
             return f"{what(i // n_jitters)} with jitter h = {jitters[i % n_jitters]:.6g}"
 
+        clock = _BatchClock(self)
         for start, stop, out in self.model.run_chunked(make_batch, n_items, self.prepared, describe,
                                                        per_item=n_jitters, cancel=self.cancel,
                                                        max_items=1 if self.one_item_per_batch else None,
@@ -403,7 +407,9 @@ class Perturber:
             for j, item in enumerate(range(start, stop)):
                 out[j] -= base_of(item).reshape(1, -1)
             sums = np.einsum("mkp,k->mp", out, weights)
+            clock.tick()
             yield start, stop, sums.reshape((stop - start,) + shape)
+            clock.restart()
 
     def patch_responses(self, n_items: int, sample_of: Callable[[int], int],
                         direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
@@ -420,9 +426,9 @@ class Perturber:
         for i in range(n_items):
             sample = sample_of(i)
             self.base_outputs([sample])
+            clock = _BatchClock(self)
             direction = direction_of(i).astype(np.float32)
-            padded_direction = self.model.pipeline.pad(direction, self.pads, direction=True)
-            touched = windows.touched_windows(self.patches, padded_direction != 0)
+            touched = self.touched_windows(direction)
             pairs = [(float(h), int(t)) for h in jitters for t in touched]
             total = np.zeros(self.patch_weight_sum.shape, np.float64)
             jittered: tuple[float, np.ndarray] | None = None  # the padded input of the current jitter
@@ -438,7 +444,25 @@ class Perturber:
                 for (h, t), window_out in zip(chunk, out):
                     total[self.patches[t]] += self.patch_weights * (window_out - self.patch_base[sample][t]) / h
             self.brute_force_windows += len(jitters) * len(self.patches)
-            yield i, i + 1, (total / self.patch_weight_sum)[self.crop][None].astype(np.float32)
+            response = (total / self.patch_weight_sum)[self.crop][None].astype(np.float32)
+            clock.tick()
+            yield i, i + 1, response
+
+    def touched_windows(self, direction: np.ndarray) -> list[int]:
+        """The sliding windows that hold a voxel of ``direction`` (a sample-grid array) once padded."""
+        padded = self.model.pipeline.pad(direction.astype(np.float32), self.pads, direction=True)
+        return windows.touched_windows(self.patches, padded != 0)
+
+    def planned(self, n_items: int, direction_of: Callable[[int], np.ndarray], subset: np.ndarray | None,
+                shape: tuple[int, ...]) -> tuple[int, float]:
+        """Model evaluations and voxels :meth:`responses` will run for these items (with sliding windows: the
+        windows each item's direction touches)."""
+        jitters = len(self.jitters if subset is None else self.jitters[subset])
+        pipeline = self.model.pipeline
+        if not self.patched:
+            return n_items * jitters, float(n_items * jitters * np.prod(pipeline.model_shape(shape)))
+        count = sum(len(self.touched_windows(direction_of(i))) for i in range(n_items)) * jitters
+        return count, float(count * np.prod(pipeline.model_shape(pipeline.card.input.patch.size)))
 
     def patch_summary(self, evaluations: int) -> dict | None:
         """Window evaluations made (``evaluations``) against a brute-force run; None without sliding windows."""
@@ -446,6 +470,25 @@ class Perturber:
             return None
         return {"windows_per_sample": len(self.patches), "window_evaluations": int(evaluations),
                 "brute_force_window_evaluations": int(self.brute_force_windows)}
+
+
+class _BatchClock:
+    """Times batches of jittered inputs (building them, the model, summing the responses) for the perturber's
+    forecast: :meth:`tick` when a batch is done, :meth:`restart` when the caller hands control back."""
+
+    def __init__(self, perturber: Perturber):
+        self.perturber, self.model = perturber, perturber.model
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+        self.evaluations, self.voxels = self.model.evaluations, self.model.evaluated_voxels
+
+    def tick(self) -> None:
+        if self.perturber.forecast is not None:
+            self.perturber.forecast.timed(self.model.evaluations - self.evaluations,
+                                          self.model.evaluated_voxels - self.voxels,
+                                          time.perf_counter() - self.started)
 
 
 def radius_source(radius: dict | None, why_not: str = "not needed") -> str:

@@ -23,6 +23,7 @@ from . import __version__, figures
 from .atlas import ResponseAtlas, block_response_atlas
 from .backward import BackwardResult, backward_mapping
 from .errors import InputError
+from .cost import ADVICE_FROM_SECONDS, Estimate, estimate as estimate_of
 from .forward import ForwardResult, forward_mapping
 from .geometry import Geometry, slice_array_axis
 from .io import read_mask, read_volume, write_volume
@@ -130,6 +131,17 @@ class Console:
     def progress(self, unit: str = "step") -> Progress:
         """The engine's progress callback: JSON lines, or a bar counting ``unit`` (nothing when quiet)."""
         return JsonLinesProgress() if self.jsonl else Progress(enabled=not self.quiet, unit=unit)
+
+    def estimate(self, found: Estimate, always: bool = False) -> None:
+        """A run's estimate (:mod:`IBIXLogic.cost`): the ``estimate`` record with JSON lines; otherwise a line on
+        stderr when the run is predicted to be long (from ADVICE_FROM_SECONDS), or ``always`` on stdout (the
+        answer of ``--estimate``)."""
+        if self.jsonl:
+            write_record(found.record())
+        elif always:
+            self.out(found.describe())
+        elif found.seconds >= ADVICE_FROM_SECONDS:
+            self.note(found.describe())
 
     def finished(self, files: dict[str, Path], summary: Path | None, **extra: Any) -> None:
         """The last record of a successful run (JSON lines only; absolute paths; ``extra`` keys added)."""
@@ -433,7 +445,7 @@ def _run_mapping(mapping: Any, model: Model, inputs: Inputs, mask: np.ndarray, o
     with console.progress() as progress, \
             Preview(outputs, preview_stem, inputs.geometry, console, progress) as preview:
         result = mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress, preview=preview,
-                         **parameters)
+                         estimate=console.estimate, **parameters)
     for stem, attribute in volumes.items():
         outputs.write_volume(stem, getattr(result, attribute), result.geometry)
     return MappingRun(result, axis, slices)
@@ -463,8 +475,10 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
 
 def _answer_from(atlas: ResponseAtlas):
     """A backward mapping that answers from ``atlas``: no model evaluation, nothing to preview or report."""
-    def answer(model: Model, x: Any, mask: np.ndarray, normalization: str = "fraction", **run: Any
-               ) -> BackwardResult:
+    def answer(model: Model, x: Any, mask: np.ndarray, normalization: str = "fraction", estimate: Any = None,
+               **run: Any) -> BackwardResult:
+        if estimate is not None:
+            estimate(Estimate(0, 0.0, note="answered from the response atlas", device=model.device))
         return atlas.backward(mask, normalization)
     return answer
 
@@ -496,10 +510,29 @@ def run_atlas(model: Model, inputs: Inputs, outputs: Outputs, console: Console, 
     ``atlas_blocks``; ``parameters`` go to :func:`IBIXLogic.block_response_atlas`."""
     outputs.check_volumes(["atlas_blocks"], ["atlas.npz"])
     with console.progress() as progress:
-        atlas = block_response_atlas(model, inputs.x, geometry=inputs.geometry, progress=progress, **parameters)
+        atlas = block_response_atlas(model, inputs.x, geometry=inputs.geometry, progress=progress,
+                                     estimate=console.estimate, **parameters)
     outputs.add("atlas", atlas.save(outputs.path("atlas.npz")))
     outputs.write_volume("atlas_blocks", atlas.labels, atlas.geometry)
     return atlas
+
+
+def estimate_only(mapping: str, model: Model, inputs: Inputs, console: Console, parameters: dict,
+                  mask: np.ndarray | None = None, atlas: ResponseAtlas | None = None) -> Estimate:
+    """``ibix forward|backward|atlas --estimate``: the run's estimate printed (or its record), nothing written.
+
+    The mapping runs as far as its first timed batch of jittered inputs (see :func:`IBIXLogic.estimate`).
+    """
+    if atlas is not None:
+        found = Estimate(0, 0.0, note="answered from the response atlas", device=model.device)
+    elif mapping == "atlas":
+        found = estimate_of(block_response_atlas, model, inputs.x, geometry=inputs.geometry, **parameters)
+    else:
+        function = forward_mapping if mapping == "forward" else backward_mapping
+        found = estimate_of(function, model, inputs.x, mask, geometry=inputs.geometry, **parameters)
+    console.estimate(found, always=True)
+    console.finished({}, None)
+    return found
 
 
 def model_summary(model: Model) -> dict:

@@ -13,7 +13,11 @@ only writes the inputs, polls, and loads the results.
 * :class:`Run` - one module run: writes the inputs of a :class:`IBIXLib.scene.Request` (NRRD files with their
   geometry) to a temporary folder, starts ``ibix predict|forward|backward`` there, reports progress, and on
   success adds the result node; on failure, crash or cancel the scene is left as it was. The folder is removed
-  in every case.
+  in every case. Before its first progress record a forward, backward or atlas run sends its estimate
+  (``{"stage": "estimate", "evaluations", "seconds", "advice", ...}``: predicted model evaluations and time, and
+  what would cut them); ``run.estimate`` holds it (None until it arrives). ``Run(..., estimate_only=True)`` asks
+  for the estimate alone (``ibix ... --estimate``): the run then finishes with ``run.estimate`` and no node, and
+  nothing is written.
 * :func:`probe_model` - loads a model in a child (the provider that really runs it, without creating an ONNX
   Runtime session or calling ``nvidia-smi`` on the main thread).
 * :class:`Standby` - an engine process started ahead of time (Python started, engine and ONNX Runtime imported)
@@ -62,6 +66,8 @@ USAGE_ERROR = 2
 
 #: States of a process or a run; the last four are final.
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
+#: The stage of the JSON-lines record that carries a run's estimate.
+ESTIMATE = "estimate"
 
 
 def engine_path() -> str:
@@ -138,6 +144,7 @@ class Process:
         self.state = RUNNING
         self.progress: tuple[int, int, str] = (0, 1, "starting")
         self.record: dict | None = None          # the final "finished" or "failed" record
+        self.estimate: dict | None = None        # the "estimate" record, once it arrived
         self.returncode: int | None = None
         self.tail: list[str] = []                # the child's other output (human messages, tracebacks)
         self._lines: queue.Queue = queue.Queue()
@@ -197,6 +204,8 @@ class Process:
         stage = str(record["stage"])
         if stage in (FINISHED, FAILED):
             self.record = record
+        elif stage == ESTIMATE:
+            self.estimate = record
         else:
             self.progress = (int(record.get("done", 0)), max(1, int(record.get("total", 1))), stage)
 
@@ -424,12 +433,26 @@ class Run(_Job):
         ``on_done(run)`` on the main thread once the run ended (any final state).
     launcher, python
         How the child is started and with which Python (defaults: Slicer's way inside Slicer).
+    estimate_only : bool
+        Ask for the run's estimate alone (forward, backward and atlas runs: ``ibix ... --estimate``): the engine
+        plans the run and times one batch, then stops; the run finishes with ``estimate`` set, no node and no
+        file. Every forward, backward or atlas run sets ``estimate`` before its first progress anyway.
+
+    Attributes
+    ----------
+    estimate : dict or None
+        The engine's estimate, once it arrived: ``evaluations`` (model evaluations of the whole run), ``seconds``
+        (predicted time), ``advice`` (what would cut it, in words), ``note`` (what it leaves out, or None),
+        ``device``, ``work`` and ``brute_force`` (model work in whole samples).
     """
 
     def __init__(self, request: scene.Request, model_path: str, device: str = "auto", display: dict | None = None,
                  on_progress: Callable[[int, int, str], None] | None = None,
                  on_done: Callable[["Run"], None] | None = None, launcher: Launcher | None = None,
-                 python: str | None = None):
+                 python: str | None = None, estimate_only: bool = False):
+        if estimate_only and request.kind not in ("forward", "backward", "atlas"):
+            raise ibx.InputError(f"an estimate is made for forward, backward and atlas runs, not {request.kind!r}")
+        self.estimate_only = bool(estimate_only)
         self.request = request
         self.model_path = str(model_path)
         self.device = device
@@ -455,6 +478,11 @@ class Run(_Job):
     def done(self) -> bool:
         return self.state in (FINISHED, FAILED, CANCELLED, CRASHED)
 
+    @property
+    def estimate(self) -> dict | None:
+        """The engine's estimate of this run (see the class docstring), or None until it arrived."""
+        return None if self.process is None else self.process.estimate
+
     def start(self, standby: Standby | None = None) -> "Run":
         """Write the inputs and start the child, or hand the job to ``standby`` (main thread; returns at once)."""
         if self.state != "idle":
@@ -474,6 +502,8 @@ class Run(_Job):
                 mask = _write(os.path.join(self.folder, "mask.nrrd"), self.request.mask.astype(np.uint8),
                               self.request.geometry)
             arguments = command_arguments(self.request, self.model_path, self.folder, inputs, mask, self.device)
+            if self.estimate_only:
+                arguments.append("--estimate")
             if standby is not None:
                 job = os.path.join(self.folder, "job.json")
                 with open(job + ".partial", "w", encoding="utf-8") as f:
@@ -510,7 +540,9 @@ class Run(_Job):
             self.on_progress(*self.process.progress)
         if state == RUNNING:
             self._show_preview()
-        if state == FINISHED:
+        if state == FINISHED and self.estimate_only:
+            self._end(FINISHED, "")  # the estimate is all there is
+        elif state == FINISHED:
             started = time.perf_counter()
             self._read()
             if self._result is not None and time.perf_counter() - started < SPLIT_AFTER:
@@ -598,6 +630,12 @@ class Run(_Job):
         """One line for a status bar: what ran, evaluations, time, and the device that really ran it."""
         if self.state != FINISHED:
             return self.error
+        if self.estimate_only:
+            from IBIXLogic.cost import duration
+
+            found = self.estimate or {}
+            return (f"{self.request.kind} estimate: {found.get('evaluations', '?')} evaluations, about "
+                    f"{duration(float(found.get('seconds', 0.0)))} on {found.get('device', '?')}")
         summary = self.summary or {}
         model = summary.get("model") or {}
         section = summary.get(self.request.kind if self.request.kind != "output" else "predict") or {}

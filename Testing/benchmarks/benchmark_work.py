@@ -1,8 +1,8 @@
 """Model work of IBIX against brute force on common generator architectures (counts, not times).
 
-For each generator of :mod:`generators` (random weights; built with onnx.helper into a temporary folder) on a
-256x256 image (the demo T1 slice resampled; three channels for pix2pix's U-Net-256), runs IBIX's forward map of a
-5x5 input mask (N = 4 and N = 8) and backward map of a 5x5 output mask (K = 100 and K = 64 blocks, N = 1), each
+For each generator of ``Testing/onnx_models.py`` (``GENERATORS``: random weights; built with onnx.helper into a
+temporary folder) on a 256x256 image (the demo T1 slice resampled; three channels for pix2pix's U-Net-256), runs
+IBIX's forward map of a 5x5 input mask (N = 4 and N = 8) and backward map of a 5x5 output mask (K = 100 and K = 64 blocks, N = 1), each
 twice in one process: the first run measures the response radius where that can pay for itself, the second may
 reuse it. Prints the model work (voxels run through the model, in whole images) as a multiple of brute force's
 (forward: 1 + 2N whole images per slice; backward: 1 + 2N per block), the path taken and why, and the largest
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import generators  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import onnx_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 T1 = ROOT / "Resources" / "SampleData" / "IBIX-T1.nrrd"
@@ -55,7 +55,7 @@ def describe(result) -> str:
 
 def run(name: str, folder: Path) -> list[dict]:
     import IBIXLogic as ibx
-    model = ibx.load_model(generators.save(name, folder))
+    model = ibx.load_model(onnx_models.save_generator(name, folder))
     channels = len(model.card.input.channels)
     images = image_256(channels)
     x = images[0] if channels == 1 else images
@@ -94,7 +94,7 @@ def run(name: str, folder: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results to this file")
-    parser.add_argument("--models", nargs="+", default=list(generators.GENERATORS), help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=list(onnx_models.GENERATORS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     results = []
     print("| generator | mapping | run | evaluations | model work (whole images) | brute force | work / brute force "
@@ -105,7 +105,7 @@ def main() -> None:
             for row in run(name, Path(folder)):
                 results.append(row)
                 diff = f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
-                print(f"| {generators.GENERATORS[name][2]} | {row['mapping']} | {row['run']} | {row['evaluations']} | "
+                print(f"| {onnx_models.GENERATORS[name][2]} | {row['mapping']} | {row['run']} | {row['evaluations']} | "
                       f"{row['work']:.2f} | {row['brute_force']} | **{row['ratio']:.2f}** | {row['path']} | {diff} |",
                       flush=True)
     worst = max(r["ratio"] for r in results)
