@@ -353,6 +353,8 @@ def block_response_atlas(model: Model, x: Any, n_blocks: int = 500, compactness:
     # probes near the middle sample's centre (in windows of a large sample), within PROBE_SHARE of brute force's work
     middle = int(occupied[len(occupied) // 2])
     brute_force = float(len(occupied) + 2 * n_jitters * (n_labels - 1))
+    if perturber.forecast is not None:
+        perturber.forecast.brute_force = brute_force
     radius_info = response_radius(perturber, middle, 0.0, near=tuple(n // 2 for n in prepared.sample_shape),
                                   budget=ProbeBudget(PROBE_SHARE * brute_force, lambda r: brute_force, brute_force))
     radius = radius_info.radius

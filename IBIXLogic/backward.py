@@ -565,8 +565,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     unit = float(model.pipeline.sample_voxels(prepared.sample_shape))
     if estimate is not None:
         perturber.forecast = Forecast(model, started, estimate, lambda seconds: advice(
-            "backward", seconds, model.device, n_jitters, levels[-1], radius is not None, len(levels) > 1), unit,
-            len(touched) + 2.0 * n_jitters * levels[-1] * len(touched))
+            "backward", seconds, model.device, n_jitters, levels[-1], radius is not None, len(levels) > 1), unit)
         if len(levels) > 1:
             perturber.forecast.note = f"the first of {len(levels)} coarse-to-fine levels"
         progress = perturber.forecast.gate(progress)
@@ -603,6 +602,9 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
                                                     refine_threshold, given, _reach(out_samples, radius))
         refinement.next_level(current, new_ids, boxes)
+        if level == 0 and perturber.forecast is not None:  # brute force explains the blocks of the finest level
+            perturber.forecast.brute_force = len(touched) + 2.0 * n_jitters * (
+                len(new_ids) if len(levels) == 1 else levels[-1] * len(touched))
         level_sums = sums.compute(current, new_ids, boxes,
                                   refinement.on_jitter_level if len(schedule) > 1 else None)
         refinement.finish_level(*level_sums)

@@ -113,6 +113,7 @@ class Forecast:
         self.planned_evaluations, self.planned_voxels = 0, 0.0
         self.armed = self.sent = False
         self.batches: list[tuple[int, float, float]] = []
+        self.held: tuple | None = None  # a progress report held back until the estimate is sent
         self.note: str | None = None
 
     def plan(self, evaluations: int, voxels: float) -> None:
@@ -136,10 +137,17 @@ class Forecast:
             self._send(evaluations, voxels, rate * voxels)
 
     def gate(self, progress: Callable[[int, int, str], None] | None) -> Callable[[int, int, str], None] | None:
-        """``progress`` that stays silent until the estimate is sent, so that the estimate comes first."""
+        """``progress`` held back until the estimate is sent (the last report held is given right after it), so
+        that the estimate comes first."""
         if progress is None:
             return None
-        return lambda done, total, message: progress(done, total, message) if self.sent else None
+
+        def gated(done: int, total: int, message: str) -> None:
+            if self.sent:
+                progress(done, total, message)
+            else:
+                self.held = (progress, (done, total, message))
+        return gated
 
     def finish(self) -> None:
         """Send the estimate if it was not sent yet (nothing, or a single batch, to evaluate)."""
@@ -157,6 +165,10 @@ class Forecast:
         work = (model.evaluated_voxels - self.voxels + remaining) / self.unit
         self.report(Estimate(int(total), float(predicted), self.advise(predicted), self.note, model.device, work,
                              self.brute_force))
+        if self.held is not None:
+            progress, arguments = self.held
+            self.held = None
+            progress(*arguments)
 
 
 def estimate(mapping: Callable[..., Any], *args: Any, **parameters: Any) -> Estimate:

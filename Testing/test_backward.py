@@ -194,3 +194,19 @@ def test_progressive_backward_previews_then_gives_the_same_blocks(tmp_path, rng)
     np.testing.assert_allclose(progressive.block_values, plain.block_values, rtol=1e-5, atol=1e-7)
     assert progressive.radius["source"] == "cached" and progressive.radius["evaluations"] == 0  # measured by plain
     assert progressive.evaluations == plain.evaluations - plain.radius["evaluations"]
+
+
+@pytest.mark.parametrize("name", ["in_unet", "pix2pix_unet256", "resnet_in"])
+def test_backward_on_global_generators_costs_at_most_brute_force(tmp_path, rng, name):
+    """A global response: every block is evaluated, and the probes that found it global stay within the budget."""
+    from scipy import ndimage
+    model = ibx.load_model(om.save_generator(name, tmp_path))
+    channels = len(model.card.input.channels)
+    images = [ndimage.gaussian_filter(rng.normal(size=(256, 256)), 4).astype(np.float32) for _ in range(channels)]
+    x = images[0] if channels == 1 else images
+    out_mask = box_mask((256, 256), slice(116, 121), slice(138, 143))
+    result = ibx.backward_mapping(model, x, out_mask, blocks=ibx.grid_blocks((256, 256), 36), n_jitters=1)
+    assert result.work["brute_force_equivalent_evaluations"] == 1 + 2 * 36
+    assert result.work["vs_brute_force"] <= 1.1, result.path
+    assert result.path["method"] == "every block, in batches"
+    assert result.path["reason"] in ("the model's response is global", "the response radius is unknown")

@@ -62,3 +62,11 @@ def test_backward_on_a_large_volume_cuts_blocks_only_near_the_mask_and_is_exact(
         expected[k] = response[out_mask].sum() / response.sum()
     np.testing.assert_allclose(result.block_values, expected, rtol=1e-5, atol=1e-7)
     assert np.count_nonzero(expected) > 1
+
+
+@pytest.mark.parametrize("shape, n_blocks, chunked", [
+    ((128, 128, 128), 2000, True), ((160, 192, 192), 2000, True), ((64, 64, 64), 500, False),
+    ((28, 128, 128), 40, False), ((96, 96, 96), 2000, True), ((233, 197), 500, False)])
+def test_supervoxels_are_cut_in_chunks_by_the_image_size_and_k_alone(shape, n_blocks, chunked):
+    """Chunks from 27 of them on: a mid-size volume (128^3) cuts only the chunks near its mask, as large ones do."""
+    assert blocks.cut_in_chunks(shape, n_blocks) is chunked

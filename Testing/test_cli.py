@@ -355,6 +355,10 @@ def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(ca
         arguments += ["--n-blocks", "20", "--n-jitters", "1"]
     code, records, _ = run_jsonl(arguments)
     assert code == 0
+    if command != "predict":  # a mapping's estimate comes first
+        estimate, records = records[0], records[1:]
+        assert estimate["stage"] == "estimate" and isinstance(estimate["seconds"], float)
+        assert isinstance(estimate["advice"], list) and estimate["evaluations"] > 0
     progress, last = records[:-1], records[-1]
     assert progress and all(set(r) == {"stage", "done", "total"} and 0 <= r["done"] <= r["total"] for r in progress)
     assert last["stage"] == "finished"
@@ -363,6 +367,51 @@ def test_jsonl_progress_parses_line_by_line_and_ends_with_the_finished_record(ca
                 "backward": {"backward", "backward_blocks", "backward_png"},
                 "atlas": {"atlas", "atlas_blocks"}}[command] | {"summary"}
     assert set(last["files"]) == expected and all(Path(p).is_file() for p in last["files"].values())
+    if command != "predict":
+        assert json.loads(Path(last["summary"]).read_text())[command]["evaluations"] == estimate["evaluations"]
+
+
+@pytest.mark.parametrize("command", ["forward", "backward", "atlas"])
+def test_estimate_says_the_cost_and_writes_nothing(case, capsys, command):
+    arguments = [command, "--model", str(case["model"]), "--input", str(case["volume"]), "--output", str(case["out"]),
+                 "--estimate"]
+    arguments += {"forward": ["--mask", str(case["mask_path"]), "--label", "1"],
+                  "backward": ["--out-mask", str(case["out_mask_path"]), "--n-blocks", "20", "--n-jitters", "1"],
+                  "atlas": ["--n-blocks", "20", "--n-jitters", "1"]}[command]
+    assert main(arguments) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("estimate: ") and " model evaluations, about " in line and line.endswith(" on cpu")
+    assert not case["out"].exists()
+    code, records, _ = run_jsonl(arguments)
+    assert code == 0 and not case["out"].exists()
+    assert [r["stage"] for r in records] == ["estimate", "finished"]
+    assert records[1]["files"] == {} and records[1]["summary"] is None
+
+
+def test_estimate_of_an_answer_from_an_atlas_is_free(case, capsys):
+    atlas_dir = case["tmp"] / "atlas"
+    assert main(["atlas", "--model", str(case["model"]), "--input", str(case["volume"]), "--n-blocks", "12",
+                 "--n-jitters", "1", "--output", str(atlas_dir), "-q"]) == 0
+    code, records, _ = run_jsonl(["backward", "--model", str(case["model"]), "--input", str(case["volume"]),
+                                  "--out-mask", str(case["out_mask_path"]), "--atlas", str(atlas_dir / "atlas.npz"),
+                                  "--output", str(case["out"]), "--estimate"])
+    assert code == 0 and records[0]["evaluations"] == 0 and records[0]["note"] == "answered from the response atlas"
+
+
+def test_the_figure_reuses_the_outputs_the_map_computed(tmp_path, rng):
+    """A 3D model in sliding windows: the forward map ran every window unperturbed once; the PNG runs nothing."""
+    card = {"spatial_dims": 3, "input": {"layout": "NCDHW", "patch": {"size": [8, 12, 12], "overlap": 0.25}}}
+    model = om.save(om.convolution(np.ones((3, 3, 3), np.float32) / 27, layout="NCDHW"), tmp_path, "patched", card)
+    volume = write(tmp_path / "x.nrrd", rng.normal(100, 10, (12, 30, 28)).astype(np.float32))
+    mask = np.zeros((12, 30, 28), np.uint8)
+    mask[5:7, 10:13, 3:6] = 1
+    out = tmp_path / "out"
+    assert main(["forward", "--model", str(model), "--input", str(volume), "--mask",
+                 str(write(tmp_path / "m.nrrd", mask)), "--n-jitters", "2", "--output", str(out), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["figure"]["evaluations"] == 0 and (out / "forward.png").stat().st_size > 1000
+    assert summary["forward"]["path"]["method"] == "whole samples"
+    assert summary["forward"]["work"]["vs_brute_force"] < 1
 
 
 def test_jsonl_failure_ends_with_the_failed_record_and_the_exit_code(case):

@@ -163,3 +163,53 @@ def test_global_response_keeps_the_whole_sample_path_and_says_so(tmp_path, rng):
     assert local.radius["is_global"] is True
     np.testing.assert_allclose(local.signed, whole.signed, atol=1e-6)
     assert np.all(local.signed != 0)  # the mean reaches every voxel
+
+
+# -- never more model work than brute force ---------------------------------------------------------------------
+def _smooth_image(rng, channels=1, size=256):
+    from scipy import ndimage
+    images = [ndimage.gaussian_filter(rng.normal(size=(size, size)), 4).astype(np.float32) * 40 + 100
+              for _ in range(channels)]
+    return images[0] if channels == 1 else images
+
+
+@pytest.mark.parametrize("name", ["bn_unet", "in_unet", "gn_unet", "se_unet", "pix2pix_unet256", "resnet_in"])
+def test_forward_on_common_generators_costs_at_most_brute_force_and_says_why(tmp_path, rng, name):
+    """Generators whose reach is near the image size, or global: IBIX measures the radius only while it can pay."""
+    model = ibx.load_model(om.save_generator(name, tmp_path))
+    x = _smooth_image(rng, len(model.card.input.channels))
+    mask = box_mask((256, 256), slice(116, 121), slice(138, 143))
+    for n_jitters in (4, 8):
+        result = ibx.forward_mapping(model, x, mask, n_jitters=n_jitters)
+        work = result.work
+        assert work["brute_force_equivalent_evaluations"] == 1 + 2 * n_jitters
+        assert work["vs_brute_force"] <= 1.1, (name, result.path)
+        assert result.path["method"] == "whole samples" and result.path["reason"]
+    # the radius measured so far is kept: the same map again costs brute force's work exactly
+    assert ibx.forward_mapping(model, x, mask, n_jitters=4).work["vs_brute_force"] == 1.0
+
+
+def test_forward_path_and_work_say_tiles_and_where_the_radius_came_from(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv"))
+    x = rng.normal(size=(160, 150)).astype(np.float32)
+    mask = box_mask(x.shape, slice(70, 75), slice(60, 66))
+    first = ibx.forward_mapping(model, x, mask, n_jitters=8, max_jitter=1.0)
+    assert first.path["method"] == "tiles around the mask" and first.path["radius_source"] == "measured"
+    assert "within 3 voxels of the mask" in first.path["reason"]  # 1, and a 2-voxel margin (stride 1)
+    again = ibx.forward_mapping(model, x, mask, n_jitters=8, max_jitter=1.0)
+    assert again.path["radius_source"] == "cached" and again.evaluations < first.evaluations
+    assert again.work["vs_brute_force"] < 0.1 and again.to_dict()["path"] == again.path
+    np.testing.assert_array_equal(again.signed, first.signed)
+
+
+def test_unperturbed_outputs_of_whole_samples_come_with_the_result(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv", {"spatial_dims": 2}))
+    x = rng.normal(size=(4, 20, 24)).astype(np.float32)
+    mask = np.zeros(x.shape, bool)
+    mask[1, 5:8, 5:8] = mask[3, 10:12, 4:6] = True
+    result = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0, method="whole")
+    assert sorted(result.outputs) == [1, 3]
+    for s in (1, 3):
+        np.testing.assert_allclose(result.outputs[s], om.correlate(x[s], KERNEL), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(result.normalized, np.abs(result.signed) / np.abs(result.signed).max())
+    assert result.peak == float(np.abs(result.signed).max()) == result.to_dict()["max_abs"]

@@ -364,3 +364,30 @@ def test_cohort_run_reports_a_bad_manifest_and_cancels(tmp_path):
     run.cancel()
     assert jobs.wait(run) == jobs.CANCELLED and ended == [run] and "cancelled" in run.error
     assert not os.path.exists(run.folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The estimate through the real engine
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_a_run_brings_its_estimate_and_an_estimate_alone_changes_nothing(case, temp_root):
+    model = conv_model(case["tmp"])
+    run = jobs.Run(_request(case, n_jitters=2), str(model), "cpu", python=sys.executable)
+    assert run.estimate is None
+    jobs.wait(run.start())
+    assert run.state == jobs.FINISHED, run.error
+    assert run.estimate["stage"] == "estimate" and run.estimate["evaluations"] == run.summary["forward"]["evaluations"]
+    before = _snapshot(case)
+    nodes = case["app"].scene.GetNumberOfNodes()
+    alone = jobs.Run(_request(case, "backward", n_blocks=12, n_jitters=2), str(model), "cpu", python=sys.executable,
+                     estimate_only=True)
+    assert "--estimate" not in jobs.command_arguments(alone.request, "m", "f", ["i"], "m", "cpu")
+    jobs.wait(alone.start())
+    assert alone.state == jobs.FINISHED, alone.error
+    assert alone.node is None and alone.summary is None and alone.estimate["evaluations"] > 0
+    assert alone.status.startswith("backward estimate: ") and alone.status.endswith(" on cpu")
+    assert case["app"].scene.GetNumberOfNodes() == nodes
+    assert_scene_unchanged(before, _snapshot(case))
+    assert _folders(temp_root) == []
+    with pytest.raises(ibx.InputError, match="forward, backward and atlas runs"):
+        jobs.Run(scene.prepare_request("output", ["T1"], [case["volume"]]), str(model), estimate_only=True)

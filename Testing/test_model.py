@@ -744,3 +744,22 @@ def test_a_model_too_large_to_check_at_load_time_says_so(tmp_path):
     model = ibx.load_model(om.save(om.identity(spatial=[2048, 2048]), tmp_path, "large"), device="cpu")
     assert any("no load-time check" in a and "assumed independent" in a for a in model.card.assumptions)
     assert not model.one_sample_per_call
+
+
+# -- batch sizes: for speed on the CPU, by free memory on a GPU -----------------------------------------------------
+def test_cpu_batches_hold_what_full_speed_needs_and_no_more(conv_path):
+    from IBIXLogic.model import CPU_BATCH_VOXELS, DEFAULT_MEMORY_BUDGET
+    model = ibx.load_model(conv_path, device="cpu")
+    assert model.memory_budget == DEFAULT_MEMORY_BUDGET
+    assert CPU_BATCH_VOXELS == 2**14
+    assert model.capacity((16, 16)) == 64  # 256 voxels each: the largest batch, 16,384 voxels
+    assert model.capacity((32, 32)) == 16 and model.capacity((64, 64)) == 4
+    assert model.capacity((128, 128)) == model.capacity((232, 200)) == 1  # one slice already runs at full speed
+    assert ibx.load_model(conv_path, device="cpu", memory_budget=1).capacity((16, 16)) == 1  # memory still rules
+
+
+def test_a_gpu_budget_follows_the_free_device_memory():
+    from IBIXLogic.model import DEFAULT_MEMORY_BUDGET, default_memory_budget
+    assert default_memory_budget("cuda", lambda: 10 * 2**30) == 5 * 2**30  # half the free memory
+    assert default_memory_budget("cuda", lambda: None) == DEFAULT_MEMORY_BUDGET  # unknown: the CPU's default
+    assert default_memory_budget("cpu", lambda: 10 * 2**30) == DEFAULT_MEMORY_BUDGET

@@ -119,3 +119,44 @@ def test_nan_for_some_jitters_names_every_failing_jitter_and_stops(tmp_path, uni
     assert "h = -" not in message and "h = 0.125" not in message  # only the failing jitters are named
     if call == "forward":
         assert "with jitter h = 0.375" in message and "(2 of the 8 inputs of this model call)" in message
+
+
+# -- the response radius: only where it pays for itself, and measured once per process ----------------------------
+def test_radius_is_kept_for_the_same_model_card_channels_jitter_and_shape(tmp_path, rng):
+    from IBIXLogic.perturb import forget_radii
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae", {"input": {"multiple_of": 2}}))
+    x = rng.normal(size=(64, 72)).astype(np.float32)
+    first = ibx.measure_response_radius(model, x, 1.0, channels=[0])
+    assert first.source == "measured" and first.evaluations > 0
+    again = ibx.measure_response_radius(model, rng.normal(size=(64, 72)).astype(np.float32), 1.0, channels=[0])
+    assert again.source == "cached" and again.evaluations == 0 and again.measured == first.measured
+    for other in (dict(x=x[:, :64]), dict(max_jitter=2.0)):  # another sample shape, another jitter: measured
+        arguments = dict(x=x, max_jitter=1.0, channels=[0]) | other
+        assert ibx.measure_response_radius(model, **arguments).source == "measured"
+    assert forget_radii() >= 3
+    assert ibx.measure_response_radius(model, x, 1.0, channels=[0]).evaluations == first.evaluations
+
+
+def test_one_probe_tells_a_global_response(tmp_path, rng):
+    model = ibx.load_model(om.save(om.convolution_plus_mean(om.KERNEL, 0.5), tmp_path, "global"))
+    x = rng.normal(size=(64, 64)).astype(np.float32)
+    radius = ibx.measure_response_radius(model, x, 1.0)
+    # the unperturbed image, the probes together (their responses meet), then the first probe alone: global
+    assert radius.is_global and radius.radius is None and radius.evaluations == 1 + 2 + 2
+
+
+def test_probes_that_cannot_pay_for_themselves_are_skipped_and_say_why(tmp_path, rng):
+    from IBIXLogic.perturb import Perturber, ProbeBudget, forget_radii, response_radius
+    model = ibx.load_model(om.save(om.small_autoencoder(), tmp_path, "cae", {"input": {"multiple_of": 2}}))
+    prepared = model.prepare(rng.normal(size=(64, 72)).astype(np.float32))
+
+    def radius(budget):
+        forget_radii()
+        return response_radius(Perturber(model, prepared, np.array([-1.0, 1.0]), [0], None), 0, 0.0, budget=budget)
+
+    over = radius(ProbeBudget(limit=0.5, saving=lambda r: 100.0, brute_force=6.25))
+    assert over.source == "skipped" and over.radius is None and not over.is_global and over.evaluations == 0
+    assert "above the 0.50 allowed (8 % of brute force's 6.25)" in over.reason
+    useless = radius(ProbeBudget(limit=100.0, saving=lambda r: 1.0, brute_force=1250.0))
+    assert useless.source == "skipped" and "more than it could save (at most 1.00)" in useless.reason
+    assert radius(ProbeBudget(limit=100.0, saving=lambda r: 100.0, brute_force=1250.0)).radius is not None

@@ -168,3 +168,28 @@ def test_statistics_reach_summary_json_and_the_console_line(tmp_path, capsys):
     assert stats["reach95_mm"] == pytest.approx(1.3)
     assert stats["inside_fraction"] == pytest.approx(784 / 990, rel=1e-5)
     assert "reach95 1.3 mm, 79 % inside the mask" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("in_plane", [{}, {"transpose": True, "flip_rows": True, "flip_cols": True},
+                                      {"flip_rows": True}])
+def test_forward_statistics_read_only_the_support_and_equal_those_of_the_whole_grid(tmp_path, rng, in_plane):
+    """The mapping hands the statistics the box where it computed F (tiles of sagittal slices here, with the card's
+    in-plane transform): the same numbers as from the whole grid."""
+    from IBIXLogic import forward
+    card = {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": in_plane}
+    model = ibx.load_model(om.save(om.convolution(om.KERNEL), tmp_path, "conv", card))
+    geometry = ibx.Geometry((0.0, 0.0, 0.0), SPACING, np.eye(3), (150, 140, 5))
+    x = rng.normal(size=geometry.shape).astype(np.float32)
+    mask = np.zeros(geometry.shape, bool)
+    mask[30:34, 100:103, 1] = mask[120:125, 10:12, 3] = True
+    supports = []
+    real = forward._support
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(forward, "_support", lambda *a: supports.append(real(*a)) or supports[-1])
+        result = ibx.forward_mapping(model, x, mask, n_jitters=2, max_jitter=1.0, geometry=geometry, method="local")
+    assert result.tiling["tiles"] is True
+    box = supports[0]
+    outside = result.signed.copy()
+    outside[box] = 0
+    assert not outside.any() and mask[box].sum() == mask.sum()
+    assert result.statistics == st.forward_statistics(result.signed, mask, geometry)
