@@ -303,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands -----------------------------------------------------------------------------------------------
 def _open_case(args: argparse.Namespace) -> tuple[Model, Inputs]:
-    """The model and the input volumes a command names."""
+    """The model and the input volumes a command names (``args.loaded``: when the model was loaded)."""
     model = session.load_model(args.model, args.card, args.device, args.memory_budget)
+    args.loaded = time.perf_counter()
     return model, session.load_inputs(args.inputs, model)
 
 
@@ -321,10 +322,12 @@ def _figure(args: argparse.Namespace) -> FigureOptions:
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
+    loaded, read = args.loaded, time.perf_counter()
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.model, args.card])
     outputs.check_volumes(["output"], ["summary.json"])
     _, predict = session.run_predict(model, inputs, outputs, console)
-    session.write_summary(outputs, "predict", model, inputs, started, predict=predict)
+    session.write_summary(outputs, "predict", model, inputs, started, predict=predict,
+                          timings=session.timings(args.start_up, started, loaded, read, seconds=predict["seconds"]))
     session.finish(console, outputs, [f"predict: {predict['evaluations']} evaluations in {predict['seconds']:.2f} s "
                                       f"on {model.device}"])
     return 0
@@ -334,6 +337,7 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
     mask = session.load_mask(args.mask, args.label, inputs.geometry, console, "input mask")
+    read = time.perf_counter()
     if args.estimate:
         session.estimate_only("forward", model, inputs, console, _mapping_parameters(args, model), mask)
         return 0
@@ -342,7 +346,8 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model), _figure(args))
     result = run.result
     session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
-                          forward=result.to_dict(), figure=run.figure)
+                          forward=result.to_dict(), figure=run.figure,
+                          timings=session.timings(args.start_up, started, args.loaded, read, run))
     session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
                                       f"{result.device}; max |F| = {result.peak:.3g} "
                                       f"{result.units}; {describe(result.statistics)}"])
@@ -384,6 +389,7 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
+    read = time.perf_counter()
     if atlas is not None:
         parameters: dict = {"normalization": args.normalization}
     else:
@@ -403,7 +409,8 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
                           label=args.out_label,
                           block_labels=None if args.block_labels is None else str(args.block_labels),
                           atlas=None if args.atlas is None else str(args.atlas),
-                          backward=result.to_dict(), figure=run.figure)
+                          backward=result.to_dict(), figure=run.figure,
+                          timings=session.timings(args.start_up, started, args.loaded, read, run))
     radius = result.radius or {}
     session.finish(console, outputs, [
         f"backward: {result.evaluations} evaluations (per level {result.evaluations_per_level}) in "
@@ -437,6 +444,7 @@ def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
     model, inputs = _open_case(args)
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
+    read = time.perf_counter()
     parameters = {"n_blocks": args.n_blocks, "compactness": args.compactness, "blocks": blocks,
                   "n_jitters": args.n_jitters, "max_jitter": args.max_jitter,
                   "channels": session.channel_arguments(args.channels, model),
@@ -446,10 +454,13 @@ def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
         return 0
     outputs = Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card])
     outputs.check(["summary.json"])
+    before = time.perf_counter()
     atlas = session.run_atlas(model, inputs, outputs, console, parameters)
+    written = time.perf_counter() - before - atlas.seconds
     session.write_summary(outputs, "atlas", model, inputs, started,
                           block_labels=None if args.block_labels is None else str(args.block_labels),
-                          atlas=atlas.to_dict())
+                          atlas=atlas.to_dict(), timings=session.timings(args.start_up, started, args.loaded, read,
+                                                                         seconds=atlas.seconds, write=written))
     session.finish(console, outputs, [
         f"atlas: {atlas.n_blocks} blocks, {atlas.evaluations} evaluations in {atlas.seconds:.2f} s on "
         f"{atlas.device}; {atlas.nbytes / 2**20:.1f} MiB; answer any output mask with "
@@ -476,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ibix: error: choose a command: predict, forward, backward, atlas, cohort or demo (ibix --help)",
               file=sys.stderr)
         return 2
+    args.start_up = session.process_age()  # Python and the imports, before the command's own work
     console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")
     handler = logging.StreamHandler(sys.stderr)

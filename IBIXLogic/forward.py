@@ -8,6 +8,7 @@ within it the tile holds all the context the model sees, so the map equals the w
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,6 +57,9 @@ class ForwardResult:
     outputs: dict = field(default_factory=dict, repr=False)
     #: max |F| (output units per input unit)
     peak: float = 0.0
+    #: how the input was prepared for the model (intensity mapping, slicing), without its voxels: what the model's
+    #: output on other slices needs, without computing the input's percentiles again
+    preparation: Any = field(default=None, repr=False)
 
     @property
     def normalized(self) -> np.ndarray:
@@ -289,6 +293,7 @@ def forward_mapping(model: Model, x: Any, mask: Any, n_jitters: int = 8, max_jit
             "radius_source": radius_source(radius)}
     return ForwardResult(
         outputs={s: _on_volume_axes(prepared, perturber.base[s]) for s in perturber.base}, peak=peak,
+        preparation=dataclasses.replace(prepared, samples=np.empty((0,) + prepared.samples.shape[1:], np.float32)),
         signed=signed, geometry=prepared.geometry,
         statistics=forward_statistics(signed, mask, prepared.geometry, support=_support(prepared, perturber, items)),
         parameters={"n_jitters": n_jitters, "n_jitters_used": used, "max_jitter": h_max, "method": method,

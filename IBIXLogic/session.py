@@ -8,6 +8,7 @@ progress format, stdout carries only machine-readable records (see :class:`JsonL
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from .forward import ForwardResult, forward_mapping
 from .geometry import Geometry, slice_array_axis
 from .io import read_mask, read_volume, write_volume
 from .model import Model, load_model as engine_load_model
+from .pipeline import PreparedInput
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
 PROGRESS_FORMATS = ("human", "jsonl")
@@ -349,23 +351,30 @@ def figure_axis(model: Model, geometry: Geometry, ndim: int) -> int | None:
 
 
 def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Sequence[int],
-                     known: dict | None = None) -> tuple[np.ndarray, int]:
+                     known: dict | None = None, preparation: PreparedInput | None = None) -> tuple[np.ndarray, int]:
     """The model output on the given slices only (zeros elsewhere) and the evaluations it took.
 
     ``known``: unperturbed outputs a mapping already computed (``ForwardResult.outputs``: a 2D model's slices by
-    index along its slice axis, or a 3D model's volume as 0); only what they miss is evaluated.
+    index along its slice axis, or a 3D model's volume as 0); only what they miss is evaluated. ``preparation``:
+    how that mapping prepared the input (``ForwardResult.preparation``), so that its intensity mapping is reused,
+    not computed again.
     """
     known = known or {}
     before = model.evaluations
     shape = inputs.arrays[0].shape
+    volumes = [np.asarray(a, np.float32) for a in inputs.arrays]
     if model.card.spatial_dims == 2 and len(shape) == 3 and axis == figure_axis(model, inputs.geometry, 3):
         output = np.zeros(shape, np.float32)  # untouched pages stay unallocated: only the slices shown are filled
         found = dict(known)
         missing = [s for s in slices if s not in found]
         if missing:
-            prepared = model.prepare(inputs.x, inputs.geometry)
-            for s, values in zip(missing, model.predict_samples(prepared, missing)):
-                found[s] = np.take(prepared.from_samples(values[None]), 0, axis=prepared.slice_axis)
+            prepared = model.prepare(inputs.x, inputs.geometry) if preparation is None else preparation
+            slab = [np.take(v, missing, axis=prepared.slice_axis) for v in volumes]
+            samples = np.stack([prepared.to_samples(c) for c in slab], axis=1).astype(np.float32)
+            part = dataclasses.replace(prepared, samples=samples)
+            values = part.from_samples(model.predict_samples(part))
+            for i, s in enumerate(missing):
+                found[s] = np.take(values, i, axis=prepared.slice_axis)
         for s in slices:
             index = [slice(None)] * 3
             index[axis] = s
@@ -373,6 +382,9 @@ def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Seq
         return output, model.evaluations - before
     if 0 in known and known[0].shape == shape:
         return known[0], 0
+    if preparation is not None and preparation.slice_axis is None:
+        part = dataclasses.replace(preparation, samples=np.stack(volumes)[None])
+        return part.from_samples(model.predict_samples(part)), model.evaluations - before
     return model.predict(inputs.x, inputs.geometry), model.evaluations - before
 
 
@@ -421,6 +433,7 @@ class MappingRun:
     axis: int | None
     slices: list[int]
     figure: dict = field(default_factory=dict)
+    write_seconds: float = 0.0  # writing the result's volumes
 
 
 def run_predict(model: Model, inputs: Inputs, outputs: Outputs, console: Console) -> tuple[np.ndarray, dict]:
@@ -446,9 +459,10 @@ def _run_mapping(mapping: Any, model: Model, inputs: Inputs, mask: np.ndarray, o
             Preview(outputs, preview_stem, inputs.geometry, console, progress) as preview:
         result = mapping(model, inputs.x, mask, geometry=inputs.geometry, progress=progress, preview=preview,
                          estimate=console.estimate, **parameters)
+    started = time.perf_counter()
     for stem, attribute in volumes.items():
         outputs.write_volume(stem, getattr(result, attribute), result.geometry)
-    return MappingRun(result, axis, slices)
+    return MappingRun(result, axis, slices, write_seconds=time.perf_counter() - started)
 
 
 def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs, console: Console,
@@ -465,7 +479,8 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
     if figure.png:
         t0, evaluations = time.perf_counter(), 0
         if output is None:
-            output, evaluations = output_on_slices(model, inputs, run.axis, run.slices, run.result.outputs)
+            output, evaluations = output_on_slices(model, inputs, run.axis, run.slices, run.result.outputs,
+                                                   run.result.preparation)
         outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, run.result, mask,
                                                run.axis, run.slices, crop=figure.crop))
         run.figure = {"slices": run.slices, "axis": run.axis, "evaluations": evaluations,
@@ -533,6 +548,33 @@ def estimate_only(mapping: str, model: Model, inputs: Inputs, console: Console, 
     console.estimate(found, always=True)
     console.finished({}, None)
     return found
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started = float(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return max(0.0, float(uptime.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def timings(start_up: float | None, started: float, loaded: float, read: float, run: MappingRun | None = None,
+            seconds: float | None = None, write: float = 0.0) -> dict:
+    """Where a command's time went (seconds), for its summary: ``start_up`` (Python and the imports, before the
+    command began at ``started``), loading the model (until ``loaded``), reading the inputs (until ``read``), the
+    mapping's own ``seconds`` (or ``run``'s), writing its volumes, the figure, and the rest until now (the summary,
+    listing files); ``outside_mapping`` adds up all but the mapping."""
+    mapping = run.result.seconds if run is not None else (seconds or 0.0)
+    write = run.write_seconds if run is not None else write
+    figure = (run.figure or {}).get("seconds", 0.0) if run is not None else 0.0
+    total = time.perf_counter() - started
+    parts = {"start_up": start_up, "load_model": loaded - started, "read": read - loaded, "mapping": mapping,
+             "write": write, "figure": figure}
+    parts["other"] = max(0.0, total - sum(v for k, v in parts.items() if k != "start_up"))
+    parts["outside_mapping"] = total - mapping + (start_up or 0.0)
+    return {k: None if v is None else round(v, 3) for k, v in parts.items()}
 
 
 def model_summary(model: Model) -> dict:

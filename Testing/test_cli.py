@@ -586,3 +586,25 @@ def test_ctrl_c_early_in_the_console_script_exits_130_quietly(case):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
+
+
+def test_the_figure_output_reuses_the_mapping_s_preparation_and_equals_the_model_s(tmp_path, rng):
+    """Slices a forward map did not evaluate whole are predicted with the intensity mapping the map used
+    (percentiles not computed again): the same output as the model's prediction."""
+    from IBIXLogic import session
+    card = {"spatial_dims": 2, "slice_axis": "sagittal", "in_plane": {"transpose": True},
+            "input": {"intensity": {"percentiles": [1, 99], "to": [0, 1]}}}
+    model = ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv", card))
+    x = rng.normal(100, 10, (20, 18, 6)).astype(np.float32)
+    inputs = session.Inputs([x], ibx.Geometry.identity(x.shape), [tmp_path / "x.nrrd"])
+    mask = np.zeros(x.shape, bool)
+    mask[5:8, 4:7, 2] = True
+    result = ibx.forward_mapping(model, x, mask, n_jitters=1, method="whole", geometry=inputs.geometry)
+    axis = session.figure_axis(model, inputs.geometry, 3)
+    assert axis == 2 and sorted(result.outputs) == [2]
+    output, evaluations = session.output_on_slices(model, inputs, axis, [1, 2, 4], result.outputs, result.preparation)
+    assert evaluations == 2  # slice 2 came with the map
+    expected = model.predict(x, geometry=inputs.geometry)
+    for s in (1, 2, 4):
+        np.testing.assert_allclose(output[:, :, s], expected[:, :, s], rtol=1e-6, atol=1e-5)
+    assert not output[:, :, [0, 3, 5]].any()
