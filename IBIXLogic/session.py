@@ -351,13 +351,17 @@ def figure_axis(model: Model, geometry: Geometry, ndim: int) -> int | None:
 
 
 def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Sequence[int],
-                     known: dict | None = None, preparation: PreparedInput | None = None) -> tuple[np.ndarray, int]:
+                     known: dict | None = None, preparation: PreparedInput | None = None,
+                     reach: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
     """The model output on the given slices only (zeros elsewhere) and the evaluations it took.
 
     ``known``: unperturbed outputs a mapping already computed (``ForwardResult.outputs``: a 2D model's slices by
     index along its slice axis, or a 3D model's volume as 0); only what they miss is evaluated. ``preparation``:
     how that mapping prepared the input (``ForwardResult.preparation``), so that its intensity mapping is reused,
-    not computed again.
+    not computed again. ``reach``: (response radius, tile alignment) of a 3D model whose map ran in tiles: its
+    output on the slices is then that of a slab of whole slices around them, with the radius of context on each
+    side and starting at a multiple of the alignment (what the tiles were checked to reproduce), not of the whole
+    volume.
     """
     known = known or {}
     before = model.evaluations
@@ -382,10 +386,37 @@ def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Seq
         return output, model.evaluations - before
     if 0 in known and known[0].shape == shape:
         return known[0], 0
+    if preparation is not None and preparation.slice_axis is None and reach is not None and axis is not None:
+        return _output_in_slab(model, dataclasses.replace(preparation, samples=np.stack(volumes)[None]), axis,
+                               slices, *reach), model.evaluations - before
     if preparation is not None and preparation.slice_axis is None:
         part = dataclasses.replace(preparation, samples=np.stack(volumes)[None])
         return part.from_samples(model.predict_samples(part)), model.evaluations - before
     return model.predict(inputs.x, inputs.geometry), model.evaluations - before
+
+
+def _output_in_slab(model: Model, prepared: PreparedInput, axis: int, slices: Sequence[int], radius: int,
+                    align: int) -> np.ndarray:
+    """A 3D model's output on ``slices`` (along array ``axis``; zeros elsewhere) from one evaluation of the slab of
+    whole slices that holds them and ``radius`` slices of context on each side, starting at a multiple of
+    ``align`` in the padded volume."""
+    from .perturb import Perturber
+
+    perturber = Perturber(model, prepared, np.ones(1), [0], None)
+    padded = model.pipeline.padded_shape(prepared.sample_shape)
+    before = perturber.pads[axis][0]
+    low = max(0, (min(slices) + before - radius) // align * align)
+    high = min(padded[axis], -(-(max(slices) + before + radius + 1) // align) * align)
+    window = [slice(0, n) for n in padded]
+    window[axis] = slice(low, high)
+    values = model.run(perturber.window_input(0, tuple(window))[None].copy(), prepared,
+                       lambda i: "the unperturbed input (the slab of the figure's slices)")[0]
+    source, target = perturber.overlap(tuple(window))
+    slab = values[target]  # the part of the slab in the volume, from volume index source[axis].start on
+    output = np.zeros(prepared.sample_shape, np.float32)  # untouched pages stay unallocated
+    for s in slices:
+        np.moveaxis(output, axis, 0)[s] = np.moveaxis(slab, axis, 0)[s - source[axis].start]
+    return prepared.from_samples(output[None])
 
 
 def _fmt(value: float) -> str:
@@ -479,8 +510,10 @@ def run_forward(model: Model, inputs: Inputs, mask: np.ndarray, outputs: Outputs
     if figure.png:
         t0, evaluations = time.perf_counter(), 0
         if output is None:
+            tiling = run.result.tiling or {}
+            reach = ((run.result.radius or {}).get("radius"), tiling.get("alignment")) if tiling.get("tiles") else None
             output, evaluations = output_on_slices(model, inputs, run.axis, run.slices, run.result.outputs,
-                                                   run.result.preparation)
+                                                   run.result.preparation, reach)
         outputs.add("forward_png", forward_png(outputs.path("forward.png"), model, inputs, output, run.result, mask,
                                                run.axis, run.slices, crop=figure.crop))
         run.figure = {"slices": run.slices, "axis": run.axis, "evaluations": evaluations,

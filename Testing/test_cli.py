@@ -608,3 +608,22 @@ def test_the_figure_output_reuses_the_mapping_s_preparation_and_equals_the_model
     for s in (1, 2, 4):
         np.testing.assert_allclose(output[:, :, s], expected[:, :, s], rtol=1e-6, atol=1e-5)
     assert not output[:, :, [0, 3, 5]].any()
+
+
+def test_the_figure_of_a_local_3d_map_runs_a_slab_of_slices_not_the_volume(tmp_path, rng):
+    from IBIXLogic import session
+    model = ibx.load_model(om.save(om.small_autoencoder_3d(), tmp_path, "ae3d",
+                                   {"spatial_dims": 3, "input": {"layout": "NCDHW", "multiple_of": 2}}))
+    x = rng.normal(size=(96, 64, 72)).astype(np.float32)
+    inputs = session.Inputs([x], ibx.Geometry.identity(x.shape), [tmp_path / "x.nrrd"])
+    mask = np.zeros(x.shape, bool)
+    mask[50:53, 30:33, 30:33] = True
+    result = ibx.forward_mapping(model, x, mask, n_jitters=1, method="local")
+    assert result.tiling["tiles"] is True and not result.outputs
+    reach = (result.radius["radius"], result.tiling["alignment"])
+    voxels = model.evaluated_voxels
+    output, evaluations = session.output_on_slices(model, inputs, 0, [50, 51, 52], result.outputs,
+                                                   result.preparation, reach)
+    assert evaluations == 1 and model.evaluated_voxels - voxels < 0.5 * x.size  # a slab, not the volume
+    np.testing.assert_allclose(output[50:53], model.predict(x)[50:53], rtol=1e-5, atol=1e-5)
+    assert not output[:50].any() and not output[53:].any()
