@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.ibix-installed
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test benchmark benchmark-gpu clean
 
 $(STAMP): pyproject.toml IBIX/Resources/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
 benchmark: $(STAMP)
+	$(VENV)/bin/python Testing/benchmarks/benchmark_work.py
 	$(VENV)/bin/python Testing/benchmarks/benchmark_mappings.py
 	$(VENV)/bin/python Testing/benchmarks/benchmark_atlas.py
+
+# the README's cases on an NVIDIA GPU (I/O binding on and off); prints "no GPU" without one
+benchmark-gpu: $(STAMP)
+	$(VENV)/bin/python Testing/benchmarks/benchmark_gpu.py
 
 clean:
 	rm -rf $(VENV) ibix-demo-output .pytest_cache

@@ -1,29 +1,30 @@
 """Benchmark of IBIX's forward and backward mappings on the demo T1->T2 model (run: make benchmark).
 
-Each case runs in its own process so that its peak memory (RSS) is its own. For every method the script prints
-model evaluations, wall time, the best time per evaluation measured in the same process (same model, device and
-batch size), the overhead ratio wall / (work x best time per evaluation), where work is the number of
-full-size evaluations that the voxels run through the model add up to (tiles are smaller than the sample), peak
-memory (RSS of the case's own process), and agreement of B
-with brute force (every block, every jitter, one block at a time) on the same blocks and jitters: Pearson r and
-the largest absolute difference. Not part of the test suite; tests never assert timings.
+Each case runs in its own process so that its peak memory is its own. For every method the script prints model
+evaluations, the model work they add up to (voxels run through the model, in whole samples: tiles are smaller than a
+sample) and that work as a multiple of brute force's, wall time, the best time per whole-sample evaluation measured
+in the same process (same model, device and batch size), the overhead ratio wall / (work x time per evaluation),
+the peak resident memory of the mapping (from just before its first run, the inputs already loaded), and agreement of
+B with brute force (every block, every jitter, one block at a time) on the same blocks and jitters: Pearson r and the
+largest absolute difference. Not part of the test suite; tests never assert timings.
 
-Shared CPUs change speed from second to second, so both sides of the overhead ratio are best-of: a method that
-takes under a few seconds runs REPEATS times and its fastest run is reported, and the time per evaluation is
-the fastest of measurements taken before and after those runs. Blocks (SLIC) are computed once, timed on
-their own, and passed to every method, so the figures are those of the mapping.
+Shared CPUs change speed from second to second, so the sides of every ratio are measured interleaved and repeated:
+REPEATS times in turn (twice for the long brute-force and batched runs), the mapping, its batches replayed, one batch
+of whole samples (and for the 3D volumes one whole-volume evaluation), and each is the fastest of its runs. Blocks
+(SLIC) are computed once, timed on their own, and passed to every method, so the figures are those of the mapping.
 
-A second ratio isolates IBIX's own overhead: the inputs a method ran through ONNX Runtime are recorded (shapes and
-batch sizes) and replayed bare, on random data, fastest of a few runs; wall / that replay time is what IBIX adds to
-the model's own time for the very same inputs. The first ratio also counts that ONNX Runtime runs smaller inputs
-(tiles) less efficiently per voxel than whole samples.
+The second ratio isolates IBIX's own overhead: the inputs a method ran through ONNX Runtime are recorded (shapes and
+batch sizes) and replayed bare on random data, one after the other; wall / that replay time is what IBIX adds to the
+model's own time for the very same inputs. The first ratio also counts that ONNX Runtime runs smaller inputs (tiles)
+less efficiently per voxel than whole samples. The load average is printed at the start and the end.
 
-    python Testing/benchmarks/benchmark_mappings.py [--quick] [--json results.json]
+    python Testing/benchmarks/benchmark_mappings.py [--quick] [--cases CASE ...] [--engine CHECKOUT] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -44,42 +45,63 @@ IN_MASK = ROOT / "Resources" / "SampleData" / "IBIX-T1-input-mask.nrrd"
 REPEATS = 5
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory measurement (Linux: the kernel's high-water mark of this process's RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mib() -> float:
+    """Peak resident memory (MiB) since :func:`reset_peak_rss` (Linux), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def best_time_per_evaluation(model, prepared, repeats: int = 5) -> float:
-    """Fastest seconds per sample at the batch size the engine uses, excluding IBIX's own work."""
+def time_per_evaluation(model, prepared) -> float:
+    """Seconds per sample at the batch size the engine uses for whole samples, excluding IBIX's own work."""
     batch = np.repeat(prepared.samples[:1], model.batch_size(prepared.sample_shape), axis=0)
     model_input = model.pipeline.to_model(batch.copy(), prepared)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model._session_run(model_input)
-        best = min(best, (time.perf_counter() - started) / len(batch))
-    return best
+    started = time.perf_counter()
+    model._session_run(model_input)
+    return (time.perf_counter() - started) / len(batch)
 
 
-def fastest(function, repeats: int = REPEATS):
-    """(fastest wall time in seconds, result of the last run) of ``repeats`` runs of ``function()``."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - started)
-    return best, result
+def timed(function) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
 
 
-def measure(model, prepared, function, repeats: int = REPEATS, per_eval: bool = True) -> tuple[object, dict]:
-    """Run ``function()`` ``repeats`` times; (result, figures).
+def measure(model, prepared, function, repeats: int = REPEATS, per_eval: bool = True,
+            whole: bool = False, before_each=None) -> tuple[object, dict]:
+    """Run ``function()`` ``repeats`` times, interleaved with what it is compared with; (result, figures).
 
-    Figures: the fastest wall time; the peak RSS (MiB) after the first run, before anything else runs; the best
-    time per whole-sample evaluation, measured after the first and after the last run; and the bare model time:
-    the batches of the first run replayed (their shapes, on random data) through the model's own ONNX Runtime
-    call (I/O binding included where the model uses it), fastest of 3 (of 1 for a single long run).
-    Without ``per_eval`` no whole sample is evaluated (clinical-size volumes): the overhead is against the bare
-    model time only.
+    The first run records the batches it sends to ONNX Runtime (shapes) and gives the peak RSS (MiB) of the mapping
+    (from just before it starts: the inputs are already in memory). Then, ``repeats`` times in turn: the mapping;
+    the same batches replayed on random data through the model's own ONNX Runtime call (I/O binding included where
+    the model uses it), one after the other as the mapping sent them; with ``per_eval`` one batch of whole samples
+    at the engine's batch size (time per whole sample); with ``whole`` one evaluation of the whole volume
+    (``model.predict``). Each figure is the fastest of its runs: every side saw the same machine, whatever its load.
+    Before every run of the mapping the radii this process measured are forgotten, so that each run does the work
+    of the first (a run in a new process), and ``before_each()`` runs (untimed), e.g. to drop cached supervoxels.
     """
+    from IBIXLogic import perturb
+    forget = getattr(perturb, "forget_radii", lambda: None)  # an engine without a radius cache: nothing to forget
+
+    def fresh():
+        forget()
+        if before_each:
+            before_each()
+
     session_run = model._session_run
     batches = []
 
@@ -88,23 +110,41 @@ def measure(model, prepared, function, repeats: int = REPEATS, per_eval: bool = 
         return session_run(batch)
 
     model._session_run = recording
+    fresh()
+    reset_peak_rss()
     try:
-        wall, result = fastest(function, 1)
+        first, result = timed(function)
     finally:
         model._session_run = session_run
     peak = peak_rss_mib()
-    eval_repeats = 5 if prepared.samples[0].size < 2**20 else 2
-    evaluation = best_time_per_evaluation(model, prepared, eval_repeats) if per_eval else None
-    if repeats > 1:
-        wall = min(wall, fastest(function, repeats - 1)[0])
-        if per_eval:
-            evaluation = min(evaluation, best_time_per_evaluation(model, prepared, eval_repeats))
     rng = np.random.default_rng(0)
-    bare = 0.0
-    for shape, dtype in batches:
-        data = rng.random(shape, dtype=np.float32).astype(dtype)
-        bare += fastest(lambda: session_run(data), 3 if repeats > 1 else 1)[0]
-    return result, {"wall_s": wall, "per_eval_s": evaluation, "bare_model_s": bare, "peak_rss_mib": peak}
+    data = {key: rng.random(key[0], dtype=np.float32).astype(key[1]) for key in set(batches)}
+
+    def replay():
+        for key in batches:
+            session_run(data[key])
+
+    walls, bares, evaluations, wholes = [first], [], [], []
+    for turn in range(repeats):
+        if turn:
+            fresh()
+            walls.append(timed(function)[0])
+        bares.append(timed(replay)[0])
+        if per_eval:
+            evaluations.append(time_per_evaluation(model, prepared))
+        if whole:
+            evaluations_before = model.evaluations
+            wholes.append(timed(lambda: model.predict_samples(prepared))[0])
+            model.evaluations = evaluations_before
+    return result, {"wall_s": min(walls), "per_eval_s": min(evaluations) if evaluations else None,
+                    "bare_model_s": min(bares), "whole_volume_s": min(wholes) if wholes else None,
+                    "peak_rss_mib": peak, "repeats": repeats}
+
+
+def work(result) -> dict:
+    """The result's model work against brute force's (None for an engine without it)."""
+    return {"work_vs_brute_force": (getattr(result, "work", None) or {}).get("vs_brute_force"),
+            "path": getattr(result, "path", None)}
 
 
 def agreement(values: np.ndarray, reference: np.ndarray) -> dict:
@@ -148,15 +188,19 @@ def clinical_volume(shape: tuple[int, ...]) -> np.ndarray:
 
 def clinical_case(name: str) -> dict:
     """Forward (N = 8, 5^3 input mask) or backward (K = 2000, N = 2, 5^3 output mask, supervoxels included) of
-    the small 3D model on 160x192x192 or 300x512x512 (its card maps the T1 range 0..255 to 0..1)."""
+    the small 3D model on 128^3, 160x192x192 or 300x512x512 (its card maps the T1 range 0..255 to 0..1). The
+    backward map runs with its supervoxels cut anew each time, then again with them kept; on the two smaller volumes
+    one whole-volume evaluation is timed between the runs, the unit of the 'no cliff' comparison."""
     import IBIXLogic as ibx
     import skimage.segmentation  # noqa: F401  (imported before the clock starts, as in a running session)
+    from IBIXLogic import blocks, forward
     _, mapping, size = name.split("-")
-    shape = {"160": (160, 192, 192), "300": (300, 512, 512)}[size]
+    shape = {"128": (128, 128, 128), "160": (160, 192, 192), "300": (300, 512, 512)}[size]
     volume = clinical_volume(shape)
     mask = np.zeros(shape, bool)
     c = np.asarray(shape) // 2 + np.array([0, -20, 10]) * np.asarray(shape) // 200  # in the brain, off centre
     mask[tuple(slice(int(v) - 2, int(v) + 3) for v in c)] = True
+    whole = size != "300"
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, str(ROOT / "Testing"))
         import onnx_models
@@ -164,21 +208,33 @@ def clinical_case(name: str) -> dict:
             "spatial_dims": 3, "input": {"layout": "NCDHW", "channels": ["T1"], "multiple_of": 2,
                                          "intensity": {"from": [0, 255], "to": [0, 1]}}}))
         prepared = model.prepare(volume)
+        extra = {}
         if mapping == "forward":
+            statistics = []
+            real = getattr(forward, "forward_statistics")
+
+            def timed_statistics(*args, **kwargs):
+                seconds, out = timed(lambda: real(*args, **kwargs))
+                statistics.append(seconds)
+                return out
+            forward.forward_statistics = timed_statistics
             result, figures = measure(model, prepared, lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8),
-                                      3, per_eval=False)
+                                      3, per_eval=False, whole=whole)
+            forward.forward_statistics = real
             label = f"3D model on {'x'.join(map(str, shape))}: forward, N = 8, 5x5x5 input mask"
-            extra = {}
+            extra = {"statistics_s": min(statistics)}
         else:
-            result, figures = measure(model, prepared, lambda: ibx.backward_mapping(
-                model, volume, mask, n_blocks=2000, n_jitters=2), 1, per_eval=False)
-            again, _ = fastest(lambda: ibx.backward_mapping(model, volume, mask, n_blocks=2000, n_jitters=2), 2)
+            def run():
+                return ibx.backward_mapping(model, volume, mask, n_blocks=2000, n_jitters=2)
+            forget = getattr(blocks, "_CACHE", {}).clear
+            result, figures = measure(model, prepared, run, 3, per_eval=False, whole=whole, before_each=forget)
+            again = min(timed(run)[0] for _ in range(3))
             label = (f"3D model on {'x'.join(map(str, shape))}: backward, K = 2000 supervoxels, N = 2, 5x5x5 output "
                      "mask, supervoxels included")
             extra = {"repeat_s": again, "blocks": int(result.labels.max())}
     return {"case": label, "evaluations": result.evaluations, **figures, "equivalent": result.equivalent_evaluations,
             "voxels_m": result.equivalent_evaluations * np.prod(model.pipeline.padded_shape(shape)) / 1e6,
-            "radius": result.radius, "tiling": result.tiling, **extra}
+            "radius": result.radius, "tiling": result.tiling, **work(result), **extra}
 
 
 def run_case(name: str, quick: bool) -> dict:
@@ -192,7 +248,7 @@ def run_case(name: str, quick: bool) -> dict:
             result, figures = measure(model, prepared,
                                       lambda: ibx.forward_mapping(model, image, masks["5x5"], n_jitters=8))
             return {"case": "forward, N = 8 (5x5 input mask)", "evaluations": result.evaluations, **figures,
-                    "equivalent": result.equivalent_evaluations}
+                    "equivalent": result.equivalent_evaluations, **work(result)}
         _, mask_name, method = name.split("-", 2)
         started = time.perf_counter()
         blocks = ibx.superpixel_blocks(image, n_blocks)
@@ -223,7 +279,7 @@ def run_case(name: str, quick: bool) -> dict:
                 previews.append(marks[0] - started)
             return result
 
-        result, figures = measure(model, prepared, run, 1 if method in ("brute", "batched") else REPEATS)
+        result, figures = measure(model, prepared, run, 2 if method in ("brute", "batched") else REPEATS)
         reference = ibx.backward_mapping(model, image, masks[mask_name], blocks=blocks, n_jitters=4,
                                          method="batched")
         out = {"case": f"backward, K = {n_blocks}, N = 4, {mask_name} output mask ({int(masks[mask_name].sum())} "
@@ -231,7 +287,7 @@ def run_case(name: str, quick: bool) -> dict:
                "brute_force_evaluations": int(reference.labels.max()) * 8 + 1,
                "evaluations_per_level": result.evaluations_per_level, "radius": result.radius,
                "equivalent": result.equivalent_evaluations, "tiling": result.tiling,
-               "blocks": int(result.labels.max())}
+               "blocks": int(result.labels.max()), **work(result)}
         if previews:
             out["first_preview_s"] = min(previews)
         if "blocks" in kwargs:
@@ -257,7 +313,7 @@ def run_case(name: str, quick: bool) -> dict:
             label = f"2D model slice by slice, whole volume {volume.shape}: backward, K = {n_blocks}, N = 4 " \
                     "(blocks included)"
         return {"case": label, "evaluations": result.evaluations, **figures,
-                "equivalent": result.equivalent_evaluations}
+                "equivalent": result.equivalent_evaluations, **work(result)}
     if name.startswith("clinical-"):
         return clinical_case(name)
     if name.startswith("3d-"):
@@ -279,7 +335,8 @@ def run_case(name: str, quick: bool) -> dict:
                 result, figures = measure(model, prepared,
                                           lambda: ibx.forward_mapping(model, volume, mask, n_jitters=8), 1)
                 return {"case": f"3D model on {size}^3: forward, N = 8, 5x5x5 input mask",
-                        "evaluations": result.evaluations, **figures, "equivalent": result.equivalent_evaluations}
+                        "evaluations": result.evaluations, **figures, "equivalent": result.equivalent_evaluations,
+                        **work(result)}
             started = time.perf_counter()
             blocks = ibx.superpixel_blocks(volume, n_blocks)
             blocks_s = time.perf_counter() - started
@@ -288,7 +345,7 @@ def run_case(name: str, quick: bool) -> dict:
         return {"case": f"3D model on {size}^3: backward, K = {n_blocks} supervoxels, N = 4, 5x5x5 output mask",
                 "evaluations": result.evaluations, **figures, "blocks_s": blocks_s,
                 "brute_force_evaluations": int(result.labels.max()) * 8 + 1, "radius": result.radius,
-                "equivalent": result.equivalent_evaluations, "tiling": result.tiling}
+                "equivalent": result.equivalent_evaluations, "tiling": result.tiling, **work(result)}
     raise SystemExit(f"unknown case {name}")
 
 
@@ -296,41 +353,51 @@ CASES = (["2d-forward"]
          + [f"2d-{mask}-{method}" for mask in ("5x5", "ventricle")
             for method in ("brute", "batched", "local-groups", "local", "progressive", "coarse2", "multilevel")]
          + ["volume-forward", "volume-backward", "3d-forward", "3d-backward"]
-         + [f"clinical-{mapping}-{size}" for size in ("160", "300") for mapping in ("forward", "backward")])
+         + [f"clinical-{mapping}-{size}" for size in ("160", "300") for mapping in ("forward", "backward")]
+         + ["clinical-backward-128"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer blocks and a 64^3 3D case (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                        help=f"run only these cases (of {', '.join(CASES)})")
+    parser.add_argument("--engine", type=Path, default=None, metavar="CHECKOUT",
+                        help="import IBIXLogic from this checkout instead (e.g. an older one, for peak memory before "
+                             "and after a change)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine:
+        sys.path.insert(0, str(args.engine.resolve()))
     if args.case:
-        print(json.dumps(run_case(args.case, args.quick)))
+        print(json.dumps(run_case(args.case, args.quick), default=str))
         return
     import onnxruntime
     results = []
     print(f"IBIX benchmark: ONNX Runtime {onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}")
     import IBIXLogic as ibx
     model = ibx.load_model(MODEL)
-    print(f"model runs on {model.device} ({model.provider}), I/O binding {'on' if model.io_binding else 'off'}")
-    print("| case | evaluations (full-size equivalent) | wall (s) | best s/eval | overhead | IBIX overhead | "
-          "peak RSS (MiB) | vs brute force |")
-    print("|---|---|---|---|---|---|---|---|")
-    for case in CASES:
+    print(f"engine {Path(ibx.__file__).parent}; model runs on {model.device} ({model.provider}), I/O binding "
+          f"{'on' if model.io_binding else 'off'}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| case | evaluations (work in whole samples) | work / brute force | wall (s) | best s/eval | overhead | "
+          "IBIX overhead | peak RSS (MiB) | notes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases or CASES:
         command = [sys.executable, __file__, "--case", case] + (["--quick"] if args.quick else [])
+        command += ["--engine", str(args.engine)] if args.engine else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
-            print(f"| {case} | failed: {done.stderr.strip().splitlines()[-1]} ||||||")
+            print(f"| {case} | failed: {done.stderr.strip().splitlines()[-1]} ||||||||")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(r)
-        work = r.get("equivalent") or r["evaluations"]  # voxels run, in whole-sample units
+        work_done = r.get("equivalent") or r["evaluations"]  # voxels run, in whole-sample units
         notes = []
         if "pearson_r" in r:
             notes.append(f"r = {r['pearson_r']:.6f}, max |dB| = {r['max_abs_diff']:.1e}")
         if "brute_force_evaluations" in r:
-            notes.append(f"{r['brute_force_evaluations'] / work:.1f}x less model work")
+            notes.append(f"{r['brute_force_evaluations'] / work_done:.1f}x less model work")
         if "first_preview_s" in r:
             notes.append(f"first preview {r['first_preview_s']:.2f} s")
         if "blocks_s" in r:
@@ -339,14 +406,21 @@ def main() -> None:
             notes.append(f"{r['voxels_m']:.2f} M voxels through the model")
         if "repeat_s" in r:
             notes.append(f"again with the supervoxels kept: {r['repeat_s']:.2f} s")
+        if r.get("whole_volume_s"):
+            notes.append(f"one whole-volume evaluation {r['whole_volume_s']:.2f} s: wall = "
+                         f"{r['wall_s'] / r['whole_volume_s']:.2f} of them")
+        if "statistics_s" in r:
+            notes.append(f"statistics {r['statistics_s']:.3f} s ({100 * r['statistics_s'] / r['wall_s']:.1f} %)")
         evaluations = (f"{r['evaluations']} ({r['equivalent']:.2g})" if r.get("equivalent") is not None
                        else f"{r['evaluations']}")
         per_eval = "" if r["per_eval_s"] is None else f"{r['per_eval_s'] * 1000:.2f} ms"
-        overhead = "" if r["per_eval_s"] is None else f"{r['wall_s'] / (work * r['per_eval_s']):.2f}"
-        print(f"| {r['case']} | {evaluations} | {r['wall_s']:.2f} | {per_eval} | {overhead} | "
+        overhead = "" if r["per_eval_s"] is None else f"{r['wall_s'] / (work_done * r['per_eval_s']):.2f}"
+        versus = "" if r.get("work_vs_brute_force") is None else f"{r['work_vs_brute_force']:.3g}"
+        print(f"| {r['case']} | {evaluations} | {versus} | {r['wall_s']:.2f} | {per_eval} | {overhead} | "
               f"{r['wall_s'] / r['bare_model_s']:.2f} | {r['peak_rss_mib']:.0f} | {'; '.join(notes)} |", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
