@@ -20,7 +20,7 @@ from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
 from .perturb import (PROBE_SHARE, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
-                      radius_source, report_progress, resolve_max_jitter, response_radius, work_summary)
+                      radius_source, report_progress, resolve_max_jitter, response_radius, volume_box, work_summary)
 from .pipeline import PreparedInput
 from .statistics import backward_statistics
 
@@ -391,13 +391,15 @@ def _label_counts(labels: np.ndarray, boxes: dict[int, tuple[slice, ...]], size:
     return total
 
 
+def _box_of(region: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty region, as slices."""
+    low, high = mask_box(region)
+    return tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))
+
+
 def _label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """For each sample that holds blocks, the bounding box of its blocks."""
-    boxes = {}
-    for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
-        low, high = mask_box(labels[s] != 0)
-        boxes[int(s)] = tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))
-    return boxes
+    return {int(s): _box_of(labels[s] != 0) for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))}
 
 
 def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.ndarray, n_blocks: int,
@@ -632,7 +634,8 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     return BackwardResult(
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry, path=path,
         work=work_summary(model.evaluations - before, equivalent, brute_force),
-        statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry),
+        statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry, support=volume_box(
+            prepared, list(refinement.boxes.items()) + [(int(s), _box_of(out_samples[s])) for s in touched])),
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,

@@ -21,7 +21,7 @@ from .geometry import Geometry
 from .model import Model, ProgressCallback
 from .perturb import (PROBE_SHARE, TILE_SAVING, Perturber, ProbeBudget, box_centre, jitter_levels,
                       jitter_schedule, mask_box, radius_source, report_progress, resolve_max_jitter, response_radius,
-                      work_summary)
+                      volume_box, work_summary)
 from .statistics import forward_statistics
 
 METHODS = ("auto", "local", "whole")
@@ -129,22 +129,9 @@ def _items(perturber: Perturber, mask_samples: np.ndarray, touched: np.ndarray, 
 
 def _support(prepared: Any, perturber: Perturber, items: list[Item]) -> tuple[slice, ...]:
     """The box of the volume grid that holds every item (so every voxel where F may be nonzero, and the mask)."""
-    shape = prepared.sample_shape
-    boxes = [perturber.overlap(window)[0] if window is not None else tuple(slice(0, n) for n in shape)
-             for _, window in items]
-    low = [min(b[a].start for b in boxes) for a in range(len(shape))]
-    high = [max(b[a].stop for b in boxes) for a in range(len(shape))]
-    # the sample axes back to the volume's: undo the flips and the transpose of a 2D model's in-plane transform
-    for flipped, axis in ((prepared.flip_cols, -1), (prepared.flip_rows, -2)):
-        if flipped:
-            low[axis], high[axis] = shape[axis] - high[axis], shape[axis] - low[axis]
-    if prepared.transpose:
-        low[-2:], high[-2:] = low[-2:][::-1], high[-2:][::-1]
-    box = [slice(a, b) for a, b in zip(low, high)]
-    if prepared.slice_axis is not None:
-        samples = [s for s, _ in items]
-        box.insert(prepared.slice_axis, slice(min(samples), max(samples) + 1))
-    return tuple(box)
+    whole = tuple(slice(0, n) for n in prepared.sample_shape)
+    return volume_box(prepared, [(s, whole if window is None else perturber.overlap(window)[0])
+                                 for s, window in items])
 
 
 def _on_volume_axes(prepared: Any, values: np.ndarray) -> np.ndarray:

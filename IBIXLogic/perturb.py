@@ -491,6 +491,24 @@ class _BatchClock:
                                           time.perf_counter() - self.started)
 
 
+def volume_box(prepared: PreparedInput, boxes: Sequence[tuple[int, tuple[slice, ...]]]) -> tuple[slice, ...]:
+    """The box of the volume grid that holds the given boxes of samples ((sample, box in sample coordinates) pairs):
+    the sample axes back on the volume's, the flips and transpose of a 2D model's in-plane transform undone."""
+    shape = prepared.sample_shape
+    low = [min(b[a].start for _, b in boxes) for a in range(len(shape))]
+    high = [max(b[a].stop for _, b in boxes) for a in range(len(shape))]
+    for flipped, axis in ((prepared.flip_cols, -1), (prepared.flip_rows, -2)):
+        if flipped:
+            low[axis], high[axis] = shape[axis] - high[axis], shape[axis] - low[axis]
+    if prepared.transpose:
+        low[-2:], high[-2:] = low[-2:][::-1], high[-2:][::-1]
+    box = [slice(a, b) for a, b in zip(low, high)]
+    if prepared.slice_axis is not None:
+        samples = [s for s, _ in boxes]
+        box.insert(prepared.slice_axis, slice(min(samples), max(samples) + 1))
+    return tuple(box)
+
+
 def radius_source(radius: dict | None, why_not: str = "not needed") -> str:
     """Where a result's response radius came from, in words: measured, cached, or skipped and why."""
     if radius is None:

@@ -166,7 +166,7 @@ def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry,
 
 
 def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: np.ndarray,
-                        geometry: Geometry) -> dict:
+                        geometry: Geometry, support: tuple[slice, ...] | None = None) -> dict:
     """Statistics of a backward map B(M^f).
 
     The mass of block k is B_k times its volume (mm^3), spread evenly over its voxels: the painted map B times
@@ -182,6 +182,8 @@ def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: 
         The output mask M^f (the input grid is the output grid).
     geometry : Geometry
         The grid of the labels.
+    support : tuple of slice, optional
+        A box of the grid known to hold every block and the output mask: the statistics then read that box only.
 
     Returns
     -------
@@ -194,7 +196,11 @@ def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: 
     """
     labels = np.asarray(labels)
     _check_grid("the block labels", labels, geometry)
-    out_mask = _mask(out_mask, labels.shape, "output mask")
+    if np.asarray(out_mask).shape != labels.shape:
+        _mask(out_mask, labels.shape, "output mask")  # says what is wrong
+    outer = support or tuple(slice(0, n) for n in labels.shape)
+    labels = labels[outer]
+    out_mask = _mask(np.asarray(out_mask)[outer], labels.shape, "output mask")
     values = np.asarray(block_values, np.float64).copy()
     if labels.size and (labels.min() < 0 or labels.max() >= len(values)):
         raise InputError(f"block labels run from {labels.min()} to {labels.max()} but there are {len(values)} block "
@@ -211,7 +217,7 @@ def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: 
     carrying = painted > 0
     voxels = np.bincount(labels.ravel(), minlength=len(values))
     top = int(np.argmax(values))
-    centroid = np.argwhere(labels == top).mean(axis=0) + [b.start for b in box]
+    centroid = np.argwhere(labels == top).mean(axis=0) + [o.start + b.start for o, b in zip(outer, box)]
     return {"reach95_mm": reach_mm(distances_mm(out_mask, geometry, carrying), painted[carrying], 0.95),
             "blocks90": fewest_holding(values * voxels, 0.90),
             "peak": float(values[top]),

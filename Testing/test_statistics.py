@@ -193,3 +193,16 @@ def test_forward_statistics_read_only_the_support_and_equal_those_of_the_whole_g
     outside[box] = 0
     assert not outside.any() and mask[box].sum() == mask.sum()
     assert result.statistics == st.forward_statistics(result.signed, mask, geometry)
+
+
+@pytest.mark.parametrize("in_plane", [{}, {"transpose": True, "flip_cols": True}])
+def test_backward_statistics_read_only_the_blocks_box_and_equal_those_of_the_whole_grid(tmp_path, rng, in_plane):
+    card = {"spatial_dims": 2, "slice_axis": "coronal", "in_plane": in_plane}
+    model = ibx.load_model(om.save(om.convolution(om.KERNEL), tmp_path, "conv", card))
+    geometry = ibx.Geometry((0.0, 0.0, 0.0), SPACING, np.eye(3), (40, 6, 36))
+    x = rng.normal(size=geometry.shape).astype(np.float32)
+    out_mask = np.zeros(geometry.shape, bool)
+    out_mask[10:13, 2, 20:24] = out_mask[30:32, 4, 3:5] = True
+    result = ibx.backward_mapping(model, x, out_mask, n_blocks=30, n_jitters=1, max_jitter=1.0, geometry=geometry)
+    assert result.statistics["reach95_mm"] is not None
+    assert result.statistics == st.backward_statistics(result.labels, result.block_values, out_mask, geometry)
