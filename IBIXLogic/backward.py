@@ -175,6 +175,7 @@ class _BlockSums:
             if self.radius is not None:
                 self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
         perturber.base_outputs(sorted({i.sample for i in items if i.window is None}))
+        perturber.window_bases([(i.sample, i.window) for i in items if i.window is not None])  # tiles of one shape
         sample_shape = perturber.prepared.sample_shape
         shapes: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):  # items of one shape go through the model together

@@ -124,17 +124,17 @@ class Forecast:
 
     def timed(self, evaluations: int, voxels: float, seconds: float) -> None:
         """A batch of planned inputs ran (``evaluations`` of ``voxels`` voxels in ``seconds``, building the batch
-        and summing its responses included). The estimate goes at the second batch, at the faster time per voxel of
-        the two (the first one of a shape also pays ONNX Runtime's allocations), or at the first one when it took
-        more than TIMED_ENOUGH seconds."""
+        and summing its responses included, and what the mapping did with the batch before). The estimate goes
+        at the second batch, at its time per voxel (the first one also pays ONNX Runtime's first allocations), or
+        at the first one when it took more than TIMED_ENOUGH seconds."""
         if not self.armed or self.sent:
             return
         self.batches.append((evaluations, voxels, seconds))
         if len(self.batches) >= 2 or seconds > TIMED_ENOUGH:
-            evaluations = sum(b[0] for b in self.batches)
+            last = self.batches[-1]
+            rate = last[2] / last[1] if last[1] else 0.0
             voxels = sum(b[1] for b in self.batches)
-            rate = min(b[2] / b[1] for b in self.batches if b[1] > 0) if voxels else 0.0
-            self._send(evaluations, voxels, rate * voxels)
+            self._send(sum(b[0] for b in self.batches), voxels, rate * voxels)
 
     def gate(self, progress: Callable[[int, int, str], None] | None) -> Callable[[int, int, str], None] | None:
         """``progress`` held back until the estimate is sent (the last report held is given right after it), so

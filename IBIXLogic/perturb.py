@@ -409,7 +409,6 @@ class Perturber:
             sums = np.einsum("mkp,k->mp", out, weights)
             clock.tick()
             yield start, stop, sums.reshape((stop - start,) + shape)
-            clock.restart()
 
     def patch_responses(self, n_items: int, sample_of: Callable[[int], int],
                         direction_of: Callable[[int], np.ndarray], what: Callable[[int], str],
@@ -423,10 +422,10 @@ class Perturber:
         """
         jitters = self.jitters if subset is None else self.jitters[subset]
         step = self.model.capacity(self.patch_weights.shape)
+        clock = _BatchClock(self)
         for i in range(n_items):
             sample = sample_of(i)
             self.base_outputs([sample])
-            clock = _BatchClock(self)
             direction = direction_of(i).astype(np.float32)
             touched = self.touched_windows(direction)
             pairs = [(float(h), int(t)) for h in jitters for t in touched]
@@ -473,14 +472,15 @@ class Perturber:
 
 
 class _BatchClock:
-    """Times batches of jittered inputs (building them, the model, summing the responses) for the perturber's
-    forecast: :meth:`tick` when a batch is done, :meth:`restart` when the caller hands control back."""
+    """Times batches of jittered inputs for the perturber's forecast: :meth:`tick` when a batch is done reports
+    the time since the previous tick (building the batch, the model, summing its responses, and what the caller did
+    with the previous batch)."""
 
     def __init__(self, perturber: Perturber):
         self.perturber, self.model = perturber, perturber.model
-        self.restart()
+        self._mark()
 
-    def restart(self) -> None:
+    def _mark(self) -> None:
         self.started = time.perf_counter()
         self.evaluations, self.voxels = self.model.evaluations, self.model.evaluated_voxels
 
@@ -489,6 +489,7 @@ class _BatchClock:
             self.perturber.forecast.timed(self.model.evaluations - self.evaluations,
                                           self.model.evaluated_voxels - self.voxels,
                                           time.perf_counter() - self.started)
+        self._mark()
 
 
 def volume_box(prepared: PreparedInput, boxes: Sequence[tuple[int, tuple[slice, ...]]]) -> tuple[slice, ...]:

@@ -101,3 +101,14 @@ def test_an_estimate_line_describes_the_cost_and_what_cuts_it():
 def test_a_callback_that_is_not_a_function_is_refused(conv_model, image, mask):
     with pytest.raises(ibx.InputError, match="estimate must be a function"):
         ibx.forward_mapping(conv_model, image, mask, estimate="yes")
+
+
+def test_the_estimate_counts_tiles_of_a_large_volume_with_their_own_unperturbed_outputs(tmp_path, rng):
+    """A sample above 2^20 voxels is never evaluated whole: each tile's unperturbed output is planned too."""
+    model = ibx.load_model(om.save(om.convolution(rng.normal(size=(3, 3, 3)).astype(np.float32), layout="NCDHW"),
+                                   tmp_path, "conv3d"))
+    x = rng.normal(size=(104, 104, 104)).astype(np.float32)
+    mask = box_mask(x.shape, slice(50, 53), slice(50, 53), slice(50, 53))
+    result, estimates, _ = _watch(lambda **kw: ibx.backward_mapping(
+        model, x, mask, blocks=ibx.grid_blocks(x.shape, 512), n_jitters=1, method="local", **kw))
+    assert result.tiling["tiles"] is True and estimates[0].evaluations == result.evaluations
