@@ -29,7 +29,7 @@ def cases(folder: Path):
     """(name, mapping, arguments, parameters) of each case."""
     import IBIXLogic as ibx
     import onnx_models
-    from benchmark_mappings import MODEL, OUT_MASK, clinical_volume, t1_slice
+    from benchmark_mappings import MODEL, OUT_MASK, clinical_mask, clinical_volume, t1_slice
     from IBIXLogic.demo import DEMOS
 
     volume, geometry, _, image, masks, _ = t1_slice()
@@ -57,9 +57,7 @@ def cases(folder: Path):
                                      "intensity": {"from": [0, 255], "to": [0, 1]}}}))
     shape = (160, 192, 192)
     clinical = clinical_volume(shape)
-    mask = np.zeros(shape, bool)
-    c = np.asarray(shape) // 2 + np.array([0, -20, 10]) * np.asarray(shape) // 200
-    mask[tuple(slice(int(v) - 2, int(v) + 3) for v in c)] = True
+    mask = clinical_mask(shape)
     yield ("3D model on 160x192x192: backward, K = 2000, N = 2", ibx.backward_mapping, (small, clinical, mask),
            dict(n_blocks=2000, n_jitters=2))
 

@@ -38,7 +38,7 @@ def cases(folder: Path):
     """(name, model, run(model) -> result) of the README's cases."""
     import IBIXLogic as ibx
     import onnx_models
-    from benchmark_mappings import MODEL, clinical_volume, t1_slice
+    from benchmark_mappings import MODEL, clinical_mask, clinical_volume, t1_slice
 
     volume, geometry, _, image, masks, in_mask = t1_slice()
     blocks = ibx.superpixel_blocks(image, 500)
@@ -54,9 +54,7 @@ def cases(folder: Path):
                                      "intensity": {"from": [0, 255], "to": [0, 1]}}}), device="cuda")
     shape = (160, 192, 192)
     clinical = clinical_volume(shape)
-    mask = np.zeros(shape, bool)
-    c = np.asarray(shape) // 2 + np.array([0, -20, 10]) * np.asarray(shape) // 200
-    mask[tuple(slice(int(v) - 2, int(v) + 3) for v in c)] = True
+    mask = clinical_mask(shape)
     yield "3D model on 160x192x192: forward, N = 8, 5x5x5 mask", small, lambda m: ibx.forward_mapping(
         m, clinical, mask, n_jitters=8)
     yield "3D model on 160x192x192: backward, K = 2000, N = 2, 5x5x5 mask", small, lambda m: ibx.backward_mapping(

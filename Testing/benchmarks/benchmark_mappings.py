@@ -186,6 +186,14 @@ def clinical_volume(shape: tuple[int, ...]) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.Resample(image, reference))
 
 
+def clinical_mask(shape: tuple[int, ...]) -> np.ndarray:
+    """A 5x5x5-voxel mask in the brain of :func:`clinical_volume`, off centre."""
+    mask = np.zeros(shape, bool)
+    c = np.asarray(shape) // 2 + np.array([0, -20, 10]) * np.asarray(shape) // 200
+    mask[tuple(slice(int(v) - 2, int(v) + 3) for v in c)] = True
+    return mask
+
+
 def clinical_case(name: str) -> dict:
     """Forward (N = 8, 5^3 input mask) or backward (K = 2000, N = 2, 5^3 output mask, supervoxels included) of
     the small 3D model on 128^3, 160x192x192 or 300x512x512 (its card maps the T1 range 0..255 to 0..1). The
@@ -196,10 +204,7 @@ def clinical_case(name: str) -> dict:
     from IBIXLogic import blocks, forward
     _, mapping, size = name.split("-")
     shape = {"128": (128, 128, 128), "160": (160, 192, 192), "300": (300, 512, 512)}[size]
-    volume = clinical_volume(shape)
-    mask = np.zeros(shape, bool)
-    c = np.asarray(shape) // 2 + np.array([0, -20, 10]) * np.asarray(shape) // 200  # in the brain, off centre
-    mask[tuple(slice(int(v) - 2, int(v) + 3) for v in c)] = True
+    volume, mask = clinical_volume(shape), clinical_mask(shape)
     whole = size != "300"
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, str(ROOT / "Testing"))
