@@ -665,10 +665,10 @@ def _probe(perturber: Perturber, sample: int, tolerance: float, window: tuple[sl
 class ProbeBudget:
     """What measuring the response radius may cost a mapping, in model work (whole padded samples).
 
-    A probe step (a window, or the whole sample) is taken only when its worst-case cost keeps the probes within
-    ``limit`` and is smaller than ``saving(r)``: the most the mapping could save with a radius of r voxels, r being
-    what the smaller windows showed the radius to be at least (0 before any). ``brute_force`` is the mapping's
-    brute-force work, for the reasons given.
+    A stage of probes (see :func:`_probe`) runs only when its cost keeps the probes within ``limit`` and is smaller
+    than ``saving(r)``: the most the mapping could save with a radius of r voxels, r being what the probes so far
+    showed the radius to be at least (0 before any). ``brute_force`` is the mapping's brute-force work, for the
+    reasons given.
     """
 
     limit: float
@@ -684,11 +684,15 @@ _RADII_LOCK = threading.Lock()
 RADIUS_CACHE_SIZE = 64
 
 
-def _radius_key(perturber: Perturber, tolerance: float) -> tuple:
+def _radius_key(perturber: Perturber, tolerance: float) -> tuple | None:
     """What a measured radius belongs to: the model file, its resolved card, the jittered channels, the probe
-    jitter as the model sees it (3 significant digits per channel) and the sample's shape."""
+    jitter as the model sees it (3 significant digits per channel) and the sample's shape; None when the model file
+    cannot be read any more (nothing is then kept)."""
     model, prepared = perturber.model, perturber.prepared
-    stat = model.path.stat()
+    try:
+        stat = model.path.stat()
+    except OSError:
+        return None
     card = dataclasses.asdict(model.card)
     for words in ("assumptions", "extra", "description", "name"):
         card.pop(words, None)
@@ -735,7 +739,7 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
     margin = 0 if every_phase else RADIUS_MARGIN
     key = _radius_key(perturber, tolerance)
     with _RADII_LOCK:
-        known = {shape: dict(stages) for shape, stages in _RADII.get(key, {}).items()}
+        known = {shape: dict(stages) for shape, stages in _RADII.get(key, {}).items()} if key else {}
     unit = model.pipeline.sample_voxels(perturber.prepared.sample_shape)
     start, at_least, used, refused = model.evaluated_voxels, 0, set(), []
     for window in ([] if near is None else _probe_windows(perturber, near)) + [None]:
@@ -763,11 +767,12 @@ def response_radius(perturber: Perturber, sample: int, tolerance: float, near: S
         evaluated = model.evaluated_voxels
         probed = _probe(perturber, sample, tolerance, window, count, stages, allow, at_least)
         used.add("measured" if model.evaluated_voxels > evaluated else "cached")
-        with _RADII_LOCK:
-            _RADII.setdefault(key, {})[shape] = stages
-            _RADII.move_to_end(key)
-            while len(_RADII) > RADIUS_CACHE_SIZE:
-                _RADII.popitem(last=False)
+        if key is not None:
+            with _RADII_LOCK:
+                _RADII.setdefault(key, {})[shape] = stages
+                _RADII.move_to_end(key)
+                while len(_RADII) > RADIUS_CACHE_SIZE:
+                    _RADII.popitem(last=False)
         if probed is None:
             lower, why = refused[-1]
             return locality.ResponseRadius(lower, margin, False, tolerance, 0, model.evaluations - before, shape,
