@@ -623,6 +623,33 @@ def test_an_older_slicer_gets_a_clear_message_at_start_up(monkeypatch):
     assert shown == []
 
 
+def test_the_install_question_and_run_status_lines_are_translated(monkeypatch, installed):
+    """Every user-visible string of the install, the run status lines and the module's testing-mode error go
+    through Slicer's translation function (here one that marks what it translated)."""
+    import import_module
+    from IBIXLib import jobs
+
+    def mark(text):
+        return "\u00bb" + text
+
+    monkeypatch.setattr(dependencies, "_", mark)
+    monkeypatch.setattr(jobs, "_", mark)
+    installed["onnxruntime"] = "1.25.0"
+    question = dependencies.plan("gpu").describe(dependencies.Preview({"onnxruntime-gpu": "1.25.0", "x": "1"}),
+                                                 {"numpy": "2.0.2"})
+    paragraphs = question.split("\n\n")
+    assert len(paragraphs) == 6 and all(p.startswith("\u00bb") for p in paragraphs), question
+    assert dependencies.runtime_unavailable("gpu", "darwin", "arm64").startswith("\u00bb")
+    cohort = object.__new__(jobs.CohortRun)
+    cohort.state, cohort.cases, cohort.seconds = jobs.FINISHED, {"total": 2, "failed": 0}, 1.0
+    assert cohort.status.startswith("\u00bbcohort done: 2 cases")
+    ibix = import_module.import_ibix(monkeypatch)
+    monkeypatch.setattr(ibix, "_", mark)
+    monkeypatch.setattr(ibix.dependencies, "ensure", lambda runtime, prompt=True: "skipped")
+    with pytest.raises(RuntimeError, match="^\u00bbONNX Runtime is not installed"):
+        ibix.IBIXLogic().loadModel("model.onnx")
+
+
 def test_declared_versions_agree():
     """The minimum Slicer in the module, CMakeLists.txt and README; the runtime requirements in pyproject's extras;
     every engine requirement has a tested lower bound (make test-lower-bounds)."""
@@ -632,7 +659,9 @@ def test_declared_versions_agree():
 
     minimum = "{}.{}".format(*dependencies.MINIMUM_SLICER)
     assert minimum == "5.10"
-    assert f"find_package(Slicer {minimum} REQUIRED)" in (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert f"find_package(Slicer {minimum} REQUIRED)" in cmake  # a build against an older Slicer stops there
+    assert "cmake_minimum_required(VERSION 3.20.6...3.28.0 FATAL_ERROR)" in cmake  # Slicer 5.10's CMake; 5.12's policies
     assert f"3D Slicer {minimum} or later" in (ROOT / "README.md").read_text()
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["cpu"] == [dependencies.RUNTIMES["cpu"]] and extras["gpu"] == [dependencies.RUNTIMES["gpu"]]
