@@ -177,6 +177,8 @@ class Controller:
         self.cohortCases = []       # finished cases of the cohort output folder
         self.live = False           # the live backward map is on (or its atlas is being computed)
         self.atlas = None           # (what it depends on, path) of the last response atlas computed for Live
+        self.result = None          # the last finished run that made a map or the output (its node and summary)
+        self.views = {}             # run kind -> the slice views (layout names) it is shown in; default all
         self._pendingAtlasKey = None
         self._started = 0.0
         self._confirmed = False     # the user already said yes to this run's estimate
@@ -217,8 +219,12 @@ class Controller:
         n = len(self.logic.modelInfo["channels"]) if self.logic.modelInfo else 1
         return [getattr(self.parameters, f"inputVolume{i}") for i in range(min(n, MAX_CHANNELS))]
 
-    def displayOptions(self):
-        return displayOptions(self.parameters)
+    def displayOptions(self, kind):
+        """Display options of a map of ``kind`` ("output", "forward", "backward"): the settings', and the views."""
+        options = displayOptions(self.parameters)
+        if kind in self.views:
+            options["views"] = list(self.views[kind])
+        return options
 
     def setParameters(self, parameters):
         self.parameters = parameters
@@ -381,6 +387,7 @@ class Controller:
             return
         self.statistics = (run.request.kind, run.statistics) if run.state == jobs.FINISHED else ("", {})
         if run.state == jobs.FINISHED:
+            self.result = run
             if p is not None:
                 if run.request.kind == "output":
                     p.outputVolume = run.node
@@ -409,7 +416,7 @@ class Controller:
 
     def generateOutput(self):
         return self._startRun(_("generate output"), lambda **kw: self.logic.startGenerateOutput(
-            self.inputNodes(), **kw))
+            self.inputNodes(), display=self.displayOptions("output"), **kw))
 
     def runForward(self, confirmed=False, estimateOnly=False):
         """Forward map F of the input segment, over the output volume (or only its estimate)."""
@@ -417,7 +424,7 @@ class Controller:
         return self._startRun(_("estimate") if estimateOnly else _("forward mapping"),
                               lambda **kw: self.logic.startForward(
                                   self.inputNodes(), p.inputSegmentation, p.inputSegmentId, outputNode=p.outputVolume,
-                                  display=self.displayOptions(), estimateOnly=estimateOnly, **forwardParameters(p),
+                                  display=self.displayOptions("forward"), estimateOnly=estimateOnly, **forwardParameters(p),
                                   **kw),
                               None if estimateOnly else self.runForward, confirmed)
 
@@ -427,7 +434,8 @@ class Controller:
         return self._startRun(_("estimate") if estimateOnly else _("backward mapping"),
                               lambda **kw: self.logic.startBackward(
                                   self.inputNodes(), p.outputVolume, p.outputSegmentation, p.outputSegmentId,
-                                  display=self.displayOptions(), estimateOnly=estimateOnly, **backwardParameters(p),
+                                  display=self.displayOptions("backward"), estimateOnly=estimateOnly,
+                                  **backwardParameters(p),
                                   **kw),
                               None if estimateOnly else self.runBackward, confirmed)
 
@@ -443,7 +451,7 @@ class Controller:
             self._fail(ValueError(_("no result map selected: run a forward or backward mapping first")))
             return
         background = p.resultVolume.GetScene().GetNodeByID(p.resultVolume.GetAttribute("IBIX.background") or "")
-        scene.show_overlay(p.resultVolume, background, **self.displayOptions())
+        scene.show_overlay(p.resultVolume, background, **self.displayOptions(p.resultVolume.GetAttribute("IBIX.kind")))
 
     def newMask(self, which, volume):
         """A new segmentation with one empty segment for the input (``which="input"``) or output mask, on
@@ -516,7 +524,7 @@ class Controller:
         p = self.parameters
         try:
             live = self.logic.startLive(atlasPath, self.inputNodes()[0], p.outputSegmentation, p.outputSegmentId,
-                                        normalization=p.normalization, display=self.displayOptions())
+                                        normalization=p.normalization, display=self.displayOptions("backward"))
         except Exception as error:
             self.live = False
             self._fail(error)
@@ -566,7 +574,7 @@ class Controller:
         import json
 
         try:
-            nodes = self.logic.loadCohortCase(outputDir, case, display=self.displayOptions())
+            nodes = self.logic.loadCohortCase(outputDir, case, display=self.displayOptions("case"))
         except Exception as error:
             self._fail(error)
             return

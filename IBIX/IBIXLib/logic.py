@@ -158,10 +158,11 @@ class Logic:
     def _poll(self, run):
         self._pollers.append(_Poller(run, self._pollers, self.timerFactory()))
 
-    def startGenerateOutput(self, inputNodes, name=None, **kw):
-        """Start generating the output (returns the run at once); ``onDone(run)`` gets the new volume as run.node."""
+    def startGenerateOutput(self, inputNodes, name=None, display=None, **kw):
+        """Start generating the output (returns the run at once); ``onDone(run)`` gets the new volume as run.node
+        (``display={"views": [...]}``: shown in those slice views only)."""
         request = scene.prepare_request("output", self._requireModel()["channels"], _asList(inputNodes), name=name)
-        return self._start(request, **kw)
+        return self._start(request, display, **kw)
 
     def startForward(self, inputNodes, segmentationNode, segmentId, outputNode=None, signed=False, name=None,
                      display=None, onProgress=None, onDone=None, poll=True, estimateOnly=False, **params):
@@ -229,7 +230,8 @@ class Logic:
         previous = self._liveNode if self._liveNode is not None and self._liveNode.GetAttribute(
             "IBIX.background") == inputNode.GetID() else None  # B of this input: written again, no new node
         self._live = live.LiveBackward(atlasPath, inputNode, segmentationNode, segmentId,
-                                       normalization=normalization, display=display, node=previous).start()
+                                       normalization=normalization, display=display, node=previous,
+                                       timer=self.timerFactory()).start()
         self._liveNode = self._live.node
         return self._live
 
