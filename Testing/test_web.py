@@ -215,3 +215,37 @@ def test_paint_run_forward_and_backward_in_the_browser(web, tmp_path):
                     shutil.copy(tmp_path / name, Path(shots) / name)
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Files: reads under --data only, writes under the output folder only
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_the_page_reads_only_under_its_data_folder(tmp_path):
+    import IBIXLogic as ibx
+    from IBIXWeb.files import DataFolder
+
+    data, outside = tmp_path / "data", tmp_path / "secret"
+    (data / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (data / "sub" / "t1.nrrd").write_bytes(b"x")
+    (outside / "other.nrrd").write_bytes(b"private")
+    (data / "link.nrrd").symlink_to(outside / "other.nrrd")
+    (data / "linkdir").symlink_to(outside)
+    folder = DataFolder(data, data / "ibix-web-output", upload_limit=10)
+    assert folder.resolve("sub/t1.nrrd") == (data / "sub" / "t1.nrrd").resolve()
+    for name in ("../secret/other.nrrd", "sub/../../secret/other.nrrd", str(outside / "other.nrrd"), "/etc/passwd",
+                 "link.nrrd", "linkdir/other.nrrd", "", "C:/x.nrrd"):
+        with pytest.raises(ibx.InputError):
+            folder.resolve(name)
+    assert folder.listing((".nrrd",)) == ["sub/t1.nrrd"]  # links leading outside are not listed
+    with pytest.raises(ibx.InputError, match="upload limit"):
+        folder.save_upload("big.nrrd", b"x" * 11)
+    for name in ("../evil.nrrd", "..", "a/../../b.nrrd"):
+        path = None
+        try:
+            path = folder.save_upload(name, b"1")
+        except ibx.InputError:
+            pass
+        assert path is None or path.parent == (data / "ibix-web-output" / "uploads").resolve()
+    assert sorted(p.name for p in outside.iterdir()) == ["other.nrrd"]
