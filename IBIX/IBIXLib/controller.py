@@ -408,11 +408,9 @@ class Controller:
             self.estimate = estimateText(run.estimate)
             self._setStatus(self.estimate)
             self._changed()
-        elif run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
-            self._changed()
         else:
-            self._fail(run.error or _("the engine sent no estimate"))
+            run.error = run.error or _("the engine sent no estimate")
+            self._unfinished(run)
 
     def generateOutput(self):
         return self._startRun(_("generate output"), lambda **kw: self.logic.startGenerateOutput(
@@ -514,11 +512,8 @@ class Controller:
         if self.question:
             self._setStatus(self.estimate)
             self._changed()
-        elif run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
-            self._changed()
         else:
-            self._fail(run.error)
+            self._unfinished(run)
 
     def _startLive(self, atlasPath):
         p = self.parameters
@@ -555,7 +550,12 @@ class Controller:
         if run.state == jobs.FINISHED:
             self._setStatus(run.status + " -> " + run.files.get("report", ""))
             self.fillCohortCases(run.output_dir)
-        elif run.state == jobs.CANCELLED:
+        else:
+            self._unfinished(run)
+
+    def _unfinished(self, run):
+        """A job that did not finish: cancelled (the status line says so) or failed (an error)."""
+        if run.state == jobs.CANCELLED:
             self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
             self._changed()
         else:
