@@ -11,7 +11,7 @@ LOWER_STAMP := $(LOWER)/.ibix-installed
 $(STAMP): pyproject.toml IBIX/Resources/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test,web]"
 	touch $(STAMP)
 
 demo: $(STAMP)

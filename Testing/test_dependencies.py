@@ -626,7 +626,6 @@ def test_an_older_slicer_gets_a_clear_message_at_start_up(monkeypatch):
 def test_the_install_question_and_run_status_lines_are_translated(monkeypatch, installed):
     """Every user-visible string of the install, the run status lines and the module's testing-mode error go
     through Slicer's translation function (here one that marks what it translated)."""
-    import import_module
     from IBIXLib import jobs
 
     def mark(text):
@@ -643,11 +642,12 @@ def test_the_install_question_and_run_status_lines_are_translated(monkeypatch, i
     cohort = object.__new__(jobs.CohortRun)
     cohort.state, cohort.cases, cohort.seconds = jobs.FINISHED, {"total": 2, "failed": 0}, 1.0
     assert cohort.status.startswith("\u00bbcohort done: 2 cases")
-    ibix = import_module.import_ibix(monkeypatch)
-    monkeypatch.setattr(ibix, "_", mark)
-    monkeypatch.setattr(ibix.dependencies, "ensure", lambda runtime, prompt=True: "skipped")
+    from IBIXLib import logic
+
+    monkeypatch.setattr(logic, "_", mark)
+    monkeypatch.setattr(dependencies, "ensure", lambda runtime, prompt=True: "skipped")
     with pytest.raises(RuntimeError, match="^\u00bbONNX Runtime is not installed"):
-        ibix.IBIXLogic().loadModel("model.onnx")
+        logic.Logic().loadModel("model.onnx")
 
 
 def test_declared_versions_agree():
