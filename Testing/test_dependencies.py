@@ -464,7 +464,8 @@ def runtime_venv(tmp_path_factory):
     import onnx
 
     folder = tmp_path_factory.mktemp("runtime")
-    python = _venv(folder / "venv", f"onnxruntime=={ort.__version__}", f"packaging=={metadata.version('packaging')}")
+    python = _venv(folder / "venv", f"pip=={SLICER_510['pip']}", f"onnxruntime=={ort.__version__}",
+                   f"packaging=={metadata.version('packaging')}")
     wheels = folder / "wheels"
     result = subprocess.run([str(python), "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                              "-d", str(wheels), f"onnxruntime=={ort.__version__}"], capture_output=True, text=True)
