@@ -87,11 +87,12 @@ class WrittenSeries:
 def write_series(folder: Path, array: np.ndarray, geometry, description: str = "T1 axial", modality: str = "MR",
                  slope: float | Sequence[float] = 1.0, intercept: float = 0.0, study: str | None = None,
                  frame: str | None = None, number: int = 3, shear: Sequence[float] | None = None,
-                 seed: int = 0) -> WrittenSeries:
+                 positions: Sequence[float] | None = None, seed: int = 0) -> WrittenSeries:
     """One single-frame MR file per slice of ``array`` (numpy order, on ``geometry``), stored as unsigned 16-bit
     integers with RescaleSlope/Intercept so that stored · slope + intercept equals the array; files are named at
     random so that their names do not give the slice order. ``slope`` may vary per slice; ``shear`` (mm per slice,
-    LPS) moves each slice in its plane, as a gantry tilt does."""
+    LPS) moves each slice in its plane, as a gantry tilt does; ``positions`` puts slice k at that (fractional) slice
+    index instead of k."""
     rng = np.random.default_rng(seed)
     written = WrittenSeries(Path(folder), study or generate_uid(), generate_uid(), frame or generate_uid(),
                             description=description)
@@ -101,7 +102,8 @@ def write_series(folder: Path, array: np.ndarray, geometry, description: str = "
     for k in range(array.shape[0]):
         ds = _dataset(MR_IMAGE, modality, written.study, written.uid, written.frame_of_reference, description, number)
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(v) for v in _position(geometry, k, shear)]
+        ds.ImagePositionPatient = [_ds(v) for v in _position(geometry, k if positions is None else positions[k],
+                                                              shear)]
         ds.ImageOrientationPatient = _orientation(geometry)
         ds.PixelSpacing = [_ds(geometry.spacing[1]), _ds(geometry.spacing[0])]
         ds.SliceThickness = _ds(geometry.spacing[2])
@@ -313,3 +315,31 @@ def write_seg_nrrd(path: Path, segments: dict[str, np.ndarray], geometry, crop: 
                                                                                    "name": name})
     slicerio.write_segmentation(str(path), segmentation)
     return Path(path)
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    """Cut a file to a fraction of its length, as an interrupted copy leaves it."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+    return Path(path)
+
+
+def reorient(path: Path) -> Path:
+    """Make one image of a series sagittal (as a localizer stored in the series would be)."""
+    ds = pydicom.dcmread(str(path))
+    ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    return _save(ds, Path(path))
+
+
+def crop(array: np.ndarray, geometry, box: Sequence[slice]):
+    """A box of a volume and the geometry of that box (same lattice, origin moved)."""
+    start = np.asarray([b.start for b in box][::-1], float)
+    origin = np.asarray(geometry.origin) + geometry.direction @ (np.asarray(geometry.spacing) * start)
+    cropped = np.ascontiguousarray(array[tuple(box)])
+    return cropped, type(geometry)(origin, geometry.spacing, geometry.direction, cropped.shape)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a folder with its size and modification time (ns): equal snapshots, untouched folder."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*"))}
