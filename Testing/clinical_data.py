@@ -50,7 +50,9 @@ def _dataset(sop_class: str, modality: str, study: str, series: str, frame: str,
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.StudyID = "IBIX^Demo", "IBIX-0001", "1"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "IBIX^Demo", "IBIX-0001", "", "O"
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = \
+        "1", "20240101", "120000", "", ""
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
     ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, description, number
     return ds
@@ -270,11 +272,33 @@ def write_seg(path: Path, series: WrittenSeries, segments: dict[str, np.ndarray]
             group, position, identification = Dataset(), Dataset(), Dataset()
             position.ImagePositionPatient = [_ds(v) for v in _position(geometry, int(k))]
             identification.ReferencedSegmentNumber = number
+            source, derivation = Dataset(), Dataset()
+            source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = MR_IMAGE, series.instances[k]
+            source.PurposeOfReferenceCodeSequence = DicomSequence([_code(
+                "121322", "DCM", "Source image for image processing operation")])
+            derivation.SourceImageSequence = DicomSequence([source])
+            derivation.DerivationCodeSequence = DicomSequence([_code("113076", "DCM", "Segmentation")])
+            group.DerivationImageSequence = DicomSequence([derivation])
+            content = Dataset()
+            content.DimensionIndexValues = [number, int(k) + 1]
+            group.FrameContentSequence = DicomSequence([content])
             group.PlanePositionSequence = DicomSequence([position])
             group.SegmentIdentificationSequence = DicomSequence([identification])
             groups.append(group)
     order = np.random.default_rng(seed).permutation(len(frames))
     ds.SegmentSequence = DicomSequence(descriptions)
+    organisation = Dataset()
+    organisation.DimensionOrganizationUID = generate_uid()
+    ds.DimensionOrganizationSequence = DicomSequence([organisation])
+    dimensions = []
+    for pointer, group_pointer, label in ((0x0062000B, 0x0062000A, "ReferencedSegmentNumber"),
+                                          (0x00200032, 0x00209113, "ImagePositionPatient")):
+        dimension = Dataset()
+        dimension.DimensionOrganizationUID = organisation.DimensionOrganizationUID
+        dimension.DimensionIndexPointer, dimension.FunctionalGroupPointer = pointer, group_pointer
+        dimension.DimensionDescriptionLabel = label
+        dimensions.append(dimension)
+    ds.DimensionIndexSequence = DicomSequence(dimensions)
     shared, orientation, measures = Dataset(), Dataset(), Dataset()
     orientation.ImageOrientationPatient = _orientation(geometry)
     measures.PixelSpacing = [_ds(geometry.spacing[1]), _ds(geometry.spacing[0])]
