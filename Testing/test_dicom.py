@@ -98,6 +98,14 @@ def test_enhanced_multiframe_mr_is_read_frame_by_frame(t1_dicom, tmp_path):
     assert series.shape == (156, 233, 197) and len(series.instances) == 1
 
 
+def test_a_one_slice_series_is_one_slice_at_its_position(t1_dicom, tmp_path):
+    x, geometry = cd.crop(t1_dicom.x, t1_dicom.geometry, (slice(93, 94), slice(0, 233), slice(0, 197)))
+    cd.write_series(tmp_path / "slice", x, geometry)
+    array, read, _ = dicom.read_series(tmp_path / "slice")
+    assert np.array_equal(array, x)
+    assert_same_grid(read, geometry)  # the slice's own position; its thickness (1 mm) as the third spacing
+
+
 # -- hostile folders -------------------------------------------------------------------------------------------
 def _missing_slice(folder, x, geometry):
     written = cd.write_series(folder, x, geometry)
@@ -131,6 +139,15 @@ def _echoes(folder, x, geometry):
     cd.write_enhanced(folder / "MR.dcm", x, geometry, repeats=2)
 
 
+def _legacy_multiframe(folder, x, geometry):
+    import pydicom
+
+    path = cd.write_enhanced(folder / "MR.dcm", x, geometry).files[0]
+    ds = pydicom.dcmread(str(path))
+    del ds.PerFrameFunctionalGroupsSequence, ds.SharedFunctionalGroupsSequence
+    ds.save_as(str(path))
+
+
 def _two_series(folder, x, geometry):
     cd.write_series(folder, x, geometry, description="T1 axial")
     cd.write_series(folder, x[:6], geometry, description="T1 post-contrast", number=7, seed=1)
@@ -149,6 +166,7 @@ HOSTILE = {
     "truncated file": (_truncated, "truncated DICOM file"),
     "truncated last slice": (_truncated_last, "truncated DICOM file"),  # GDCM would drop it without a gap
     "several echoes in one file": (_echoes, "share a slice position"),
+    "legacy multi-frame file": (_legacy_multiframe, "a multi-frame image without per-frame functional groups"),
     "two series": (_two_series, "2 image series in one folder; choose one by its UID"),
     "only a structure set": (_only_structures, "no DICOM image series in this folder: it holds only RT structure "
                                                "set"),
