@@ -97,9 +97,11 @@ def is_structure_source(path: str | os.PathLike, label: int | None = None, segme
     if segment is not None:
         return True
     found = structure_format(path)
-    if found in (RTSTRUCT, DICOM_SEG, FOLDER) and label is not None:
-        raise InputError(f"{short_path(Path(path))}: a {FORMAT_NAMES[found]} holds named structures: select one by "
-                         "its name (--segment NAME, segment= in Python), not by a label value")
+    layered = found == SEG_NRRD and any(s.get("layer", 0) for s in _seg_nrrd_header(Path(path))["segments"])
+    if (found in (RTSTRUCT, DICOM_SEG, FOLDER) or layered) and label is not None:
+        raise InputError(f"{short_path(Path(path))}: a {FORMAT_NAMES[found]} holds named structures"
+                         + (" (overlapping, in layers)" if layered else "") + ": select one by its name (--segment "
+                         "NAME, segment= in Python), not by a label value")
     return found is not None and not (found == SEG_NRRD and label is not None)
 
 

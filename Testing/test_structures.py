@@ -173,6 +173,10 @@ def test_names_are_matched_and_unknown_names_list_the_file(t1_dicom, series, tmp
         ibx.read_mask(t1_dicom.rtstruct, reference=geometry, series=series)
     with pytest.raises(ibx.InputError, match="select one by its name .* not by a label value"):
         ibx.read_mask(t1_dicom.rtstruct, label=1, reference=geometry)
+    with pytest.raises(ibx.InputError, match="holds named structures \\(overlapping, in layers\\)"):
+        ibx.read_mask(t1_dicom.seg_nrrd, label=1)
+    single = cd.write_seg_nrrd(tmp_path / "one-layer.seg.nrrd", {"a": t1_dicom.masks["Left ventricle"]}, geometry)
+    assert np.array_equal(ibx.read_mask(single, label=1, reference=geometry), t1_dicom.masks["Left ventricle"])
     with pytest.raises(ibx.InputError, match="not both"):
         ibx.read_mask(t1_dicom.seg_nrrd, label=1, segment="Ventricles")
     with pytest.raises(ibx.InputError, match="a label volume has no structure names; select its voxels by value"):
