@@ -203,14 +203,15 @@ def stack_geometry(planes: Sequence[Plane], source: str, thickness: float | None
         else:
             groups.append([p])
     if len(groups) > 1:
-        parts = [f"{_count([p.label for p in g])} oriented {np.round(np.concatenate([g[0].row, g[0].column]), 3).tolist()}"
-                 for g in groups]
+        parts = [f"{_count([p.label for p in g])} oriented "
+                 f"{np.round(np.concatenate([g[0].row, g[0].column]), 3).tolist()}" for g in groups]
         raise InputError(f"{source}: mixed orientations in one series: {'; '.join(parts)}; IBIX reads one stack of "
                          "parallel slices (remove localizer or reformatted images, or select another series)")
     spacings = np.asarray([p.spacing for p in planes])
     if not np.allclose(spacings, spacings[0], rtol=ORIENTATION_TOLERANCE, atol=0):
-        raise InputError(f"{source}: pixel spacings differ between images ({sorted({tuple(s) for s in spacings.tolist()})} "
-                         "mm); select the images of one volume")
+        found = sorted({tuple(s) for s in spacings.tolist()})
+        raise InputError(f"{source}: pixel spacings differ between images ({found} mm); select the images of one "
+                         "volume")
     normal = first.normal
     heights = np.asarray([float(p.position @ normal) for p in planes])
     order = [int(i) for i in np.argsort(heights, kind="stable")]
@@ -433,6 +434,9 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[n
     rescales = {(_number(getattr(ds, "RescaleSlope", 1), 1), _number(getattr(ds, "RescaleIntercept", 0), 0))
                 for ds in headers}
     array, geometry = _read_pixels(files, len(rescales) > 1, source)
+    if len(files) == 1:  # one slice: its thickness is GDCM's choice among the header's fields
+        expected = Geometry(expected.origin, expected.spacing[:2] + geometry.spacing[2:], expected.direction,
+                            expected.shape)
     if not geometry.matches(expected, tolerance=1e-3):
         raise InputError(f"{source}: GDCM reads a grid (origin {geometry.origin}, spacing {geometry.spacing}) "
                          f"other than the files' headers give (origin {expected.origin}, spacing {expected.spacing}); "

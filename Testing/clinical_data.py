@@ -264,7 +264,8 @@ def write_seg(path: Path, series: WrittenSeries, segments: dict[str, np.ndarray]
     for number, (name, values) in enumerate(planes.items(), start=1):
         segment = Dataset()
         segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType = number, name, "MANUAL"
-        segment.SegmentedPropertyCategoryCodeSequence = DicomSequence([_code("123037004", "SCT", "Anatomical Structure")])
+        segment.SegmentedPropertyCategoryCodeSequence = DicomSequence([_code("123037004", "SCT",
+                                                                             "Anatomical Structure")])
         segment.SegmentedPropertyTypeCodeSequence = DicomSequence([_code("35764002", "SCT", "Brain ventricle")])
         descriptions.append(segment)
         for k in np.flatnonzero(np.asarray(values).any(axis=(1, 2))):

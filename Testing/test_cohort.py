@@ -189,7 +189,8 @@ def test_manifest_series_and_segment_columns(tmp_path):
     a, b = cohort.read_manifest(manifest, "forward")
     assert a.segment == "Bladder wall" and a.series == ("1.2.3", "1.2.4") and a.mask == tmp_path / "p1" / "RS.dcm"
     assert b.segment is None and b.series == ()
-    bad = write_manifest(tmp_path / "bad.csv", [["case", "input", "mask", "label", "segment"], ["a", "x", "m", "1", "B"]])
+    bad = write_manifest(tmp_path / "bad.csv", [["case", "input", "mask", "label", "segment"],
+                                                ["a", "x", "m", "1", "B"]])
     with pytest.raises(ibx.InputError, match="line 2: case 'a' has a label and a segment"):
         cohort.read_manifest(bad, "forward")
 
