@@ -69,6 +69,19 @@ def _seg_nrrd_header(path: Path) -> dict | None:
     return segmentation if segmentation.get("segments") else None
 
 
+def _has_segments(path: Path) -> bool:
+    """Whether a NRRD file's header has Slicer's segment fields (read by SimpleITK, without the voxels)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:  # not a readable NRRD: the volume reader names the problem
+        return False
+    return "Segment0_ID" in reader.GetMetaDataKeys() or "Segment0_Name" in reader.GetMetaDataKeys()
+
+
 def structure_format(path: str | os.PathLike) -> str | None:
     """What holds structures by name at ``path``: "seg.nrrd", "rtstruct", "dicom-seg" or "folder" (a DICOM folder);
     None for anything else (a label volume, or not a file)."""
@@ -82,7 +95,7 @@ def structure_format(path: str | os.PathLike) -> str | None:
         return None
     name = path.name.lower()
     if name.endswith((".nrrd", ".nhdr")):
-        return SEG_NRRD if _seg_nrrd_header(path) is not None else None
+        return SEG_NRRD if _has_segments(path) else None
     if name.endswith((".nii", ".nii.gz", ".mha", ".mhd")) or not dicom.is_dicom_file(path):
         return None
     return _DICOM_KINDS.get(dicom.kind_of(dicom.read_header(path)))
