@@ -38,10 +38,14 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> tuple[np.
         Origin, spacing and direction of the file (LPS).
     """
     path = check_path("path", path)
-    if series is not None or is_folder(path):
-        from .dicom import read_series
+    from . import dicom
 
-        return read_series(path, series)[:2]
+    if series is not None or is_folder(path):
+        return dicom.read_series(path, series)[:2]
+    if dicom.is_dicom_file(path):  # one file of a series: GDCM would read it alone, without the series' checks
+        raise InputError(f"{path}: a DICOM file; IBIX reads a DICOM series from its folder: give the folder "
+                         f"{path.parent} (with --series {dicom.read_header(path).get('SeriesInstanceUID', 'UID')} "
+                         "if it holds several series)")
     if not is_file(path, "volume", InputError):
         raise InputError(f"{path}: no such file")
     try:

@@ -76,6 +76,12 @@ def test_output_inside_the_dicom_folder_is_refused(t1_dicom, tmp_path, capsys):
     assert cd.snapshot(t1_dicom.folder) == before
 
 
+def test_a_dicom_file_as_a_volume_points_to_its_folder(t1_dicom):
+    with pytest.raises(ibx.InputError, match=f"a DICOM file; IBIX reads a DICOM series from its folder: give the "
+                                             f"folder {t1_dicom.folder} \\(with --series {t1_dicom.series.uid}"):
+        ibx.read_volume(t1_dicom.series.files[0])
+
+
 def test_rescale_slope_and_intercept_per_slice(small, tmp_path):
     """RescaleSlope varies from slice to slice (as in PET or some CT): every slice keeps its own values."""
     x, geometry = small
