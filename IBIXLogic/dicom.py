@@ -382,6 +382,16 @@ def choose_series(folder: str | os.PathLike, uid: str | None = None) -> Series:
                      f"Python):\n{_listing(images)}")
 
 
+def _checked_header(path: Path) -> Any:
+    """A file's dataset after checking that its pixel data is complete. The pixels are kept only for a multi-frame
+    file, which pydicom decodes; GDCM reads single-frame files again, so a long series is never held twice."""
+    ds = read_header(path, pixels=True)
+    check_pixel_length(ds, path)
+    if int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1) == 1:
+        del ds.PixelData
+    return ds
+
+
 def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry, Series]:
     """Read one DICOM image series of a folder as a volume.
 
@@ -411,9 +421,7 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[n
     """
     chosen = choose_series(folder, series)
     source = f"{short_path(chosen.folder)} (series {chosen.uid})"
-    headers = [read_header(f, pixels=True) for f in chosen.files]
-    for path, ds in zip(chosen.files, headers):
-        check_pixel_length(ds, path)
+    headers = [_checked_header(f) for f in chosen.files]
     for path in chosen.unreadable:  # GDCM left them out silently: the volume would miss their slices
         check_pixel_length(read_header(path, pixels=True), path)
         raise InputError(f"{short_path(path)}: a file of series {chosen.uid} that GDCM cannot read (a damaged "
