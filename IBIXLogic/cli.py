@@ -317,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=tuple(FORMATS), default="nrrd", help="file format of the volumes")
     demo.add_argument("--quiet", "-q", action="store_true", default=False, help="print nothing but errors")
     demo.set_defaults(handler=cmd_demo)
+
+    web = sub.add_parser("web", formatter_class=_Formatter, help="the IBIX page in a browser (pip install ibix[web])",
+                         description="Serve the IBIX page (trame-slicer: Slicer's slice views and segment editor in "
+                                     "a browser). It binds 127.0.0.1 unless told otherwise and prints its URL with a "
+                                     "random access token; reach a server's page through an SSH tunnel.")
+    try:
+        from IBIXWeb import server as web_server
+    except ImportError:  # the web extra is not installed: the command says so when run
+        web_server = None
+    if web_server is not None:
+        web_server.add_arguments(web)
+    web.set_defaults(handler=cmd_web, web_server=web_server)
     return parser
 
 
@@ -501,6 +513,12 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace, console: Console) -> int:
+    if args.web_server is None:
+        raise InputError("the web page needs the web extra: pip install \"ibix[web]\" (trame-slicer)")
+    return args.web_server.main(args)
+
+
 # -- entry point --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ibix`` command line; returns the exit code (the console script passes it to sys.exit)."""
@@ -511,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ibix: error: choose a command: predict, forward, backward, atlas, cohort, masks or demo "
+        print("ibix: error: choose a command: predict, forward, backward, atlas, cohort, masks, demo or web "
               "(ibix --help)", file=sys.stderr)
         return 2
     console = Console(quiet=getattr(args, "quiet", False), progress_format=getattr(args, "progress_format", "human"))
