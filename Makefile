@@ -31,7 +31,7 @@ $(LOWER_STAMP): pyproject.toml IBIX/Resources/requirements.txt Testing/lower_bou
 	touch $(LOWER_STAMP)
 
 test-lower-bounds: $(LOWER_STAMP)
-	$(LOWER)/bin/python -m pip list --format=freeze | grep -i -E "^(numpy|scipy|scikit-image|simpleitk|jsonschema|tqdm|matplotlib|dask|onnxruntime)=="
+	$(LOWER)/bin/python -m pip list --format=freeze | grep -i -E "^($$(cut -d= -f1 $(LOWER)/constraints.txt | paste -sd'|'))=="
 	$(LOWER)/bin/python -m pytest -m "not pypi"
 
 benchmark: $(STAMP)
