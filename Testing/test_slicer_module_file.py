@@ -42,7 +42,8 @@ def test_every_ui_widget_the_module_uses_exists():
                 and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             used.add(node.attr)
     source = MODULE.read_text()
-    max_channels = int(re.search(r"^MAX_CHANNELS = (\d+)", source, re.M).group(1))
+    controller = (ROOT / "IBIX" / "IBIXLib" / "controller.py").read_text()
+    max_channels = int(re.search(r"^MAX_CHANNELS = (\d+)", controller, re.M).group(1))
     for pattern in re.findall(r'getattr\(self\.ui, f"(\w+)\{i\}"\)', source):
         used.update(f"{pattern}{i}" for i in range(max_channels))
     assert used, "found no self.ui.X uses"
@@ -51,11 +52,12 @@ def test_every_ui_widget_the_module_uses_exists():
     assert max_channels == 4
 
 
-def test_ui_parameter_names_are_parameter_node_fields():
-    fields = set()
-    for node in ast.walk(module_tree()):
-        if isinstance(node, ast.ClassDef) and node.name == "IBIXParameterNode":
-            fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+def test_ui_parameter_names_are_parameter_node_fields(slicer_app):
+    """The parameter node's fields (declared once in IBIXLib.controller, for the module and the web page)."""
+    sys.path.insert(0, str(ROOT / "IBIX"))
+    from IBIXLib import controller
+
+    fields = set(controller.settingsClass().__annotations__)
     assert {"modelPath", "forwardJitters", "backwardJitters", "maxJitter", "blocks", "compactness", "progressive",
             "coarseToFine",
             "coarseBlocks", "refineThreshold", "normalization", "signedDisplay", "colormap", "opacity", "threshold",
@@ -111,7 +113,7 @@ def test_extension_cmake_metadata():
     assert f'set(EXTENSION_HOMEPAGE "{HOMEPAGE}")' in text
     assert 'set(EXTENSION_CATEGORY "Image Synthesis")' in text
     assert 'set(EXTENSION_DEPENDS "NA")' in text
-    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(IBIX)",
+    for line in ("find_package(Slicer 5.10 REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(IBIX)",
                  "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
     icon = re.search(r'EXTENSION_ICONURL "([^"]+)"', text).group(1)
@@ -170,4 +172,4 @@ def test_requirements_file_is_the_one_dependency_list():
     assert not any(n.startswith("onnxruntime") for n in names)
     assert {"numpy", "scipy", "simpleitk", "scikit-image", "jsonschema"} <= set(names)
     extras = project["project"]["optional-dependencies"]
-    assert extras["cpu"] == ["onnxruntime>=1.17"] and extras["gpu"] == ["onnxruntime-gpu[cuda,cudnn]>=1.21"]
+    assert extras["cpu"] == ["onnxruntime>=1.24.1"] and extras["gpu"] == ["onnxruntime-gpu[cuda,cudnn]>=1.24.1"]

@@ -398,7 +398,7 @@ def add_result(request: Request, array: np.ndarray, geometry: ibx.Geometry, summ
     _write_attributes(node, request, summary)
     if show:
         if request.kind == "output":
-            show_volume(node)
+            show_volume(node, display.get("views"))
         else:
             show_overlay(node, request.background_node, **display)
     return node
@@ -571,6 +571,14 @@ def _table_node(name: str, rgba: np.ndarray, scene):
     return node
 
 
+def _nodes_by_class_and_name(scene, class_name: str, name: str) -> list:
+    """The scene's nodes of a class with a name. ``GetNodesByClassByName`` returns a new collection that the
+    caller owns (as Slicer's own Python does, it is released here, else every call would leak one)."""
+    collection = scene.GetNodesByClassByName(class_name, name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
 def color_node(name: str, scene=None):
     """Slicer's colour node of this name (e.g. Inferno, Viridis, DivergingBlueRed, or any node ID/name).
 
@@ -584,9 +592,9 @@ def color_node(name: str, scene=None):
         if node is not None and node.IsA("vtkMRMLColorNode"):
             return node
     for candidate in (name, f"IBIX {name}"):
-        nodes = scene.GetNodesByClassByName("vtkMRMLColorNode", candidate)
-        if nodes.GetNumberOfItems():
-            return nodes.GetItemAsObject(0)
+        nodes = _nodes_by_class_and_name(scene, "vtkMRMLColorNode", candidate)
+        if nodes:
+            return nodes[0]
     lut = _colormap_lut(name)
     return _table_node(f"IBIX {name}", np.hstack([lut, np.ones((len(lut), 1))]), scene)
 
@@ -609,29 +617,33 @@ def signed_color_node(name: str, threshold: float, scene=None):
     """
     scene = scene or _scene()
     label = f"IBIX {name} |F|>={threshold:g}"
-    nodes = scene.GetNodesByClassByName("vtkMRMLColorTableNode", label)
-    if nodes.GetNumberOfItems():
-        return nodes.GetItemAsObject(0)
+    nodes = _nodes_by_class_and_name(scene, "vtkMRMLColorTableNode", label)
+    if nodes:
+        return nodes[0]
     rgba = _rgba_table(color_node(name, scene))
     position = np.linspace(-1.0, 1.0, len(rgba))  # table entry -> value / half-width of the window
     rgba[:, 3] = np.where(np.abs(position) < threshold, 0.0, rgba[:, 3])
     return _table_node(label, rgba, scene)
 
 
-def _slice_composite_nodes(scene):
-    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+def _slice_composite_nodes(scene, views: Sequence[str] | None = None):
+    """The slice views' composite nodes (those of the views named in ``views`` only, when given)."""
+    nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    return [n for n in nodes if views is None or n.GetLayoutName() in views]
 
 
-def show_volume(node) -> None:
-    """Show a volume as background in every slice view."""
-    for composite in _slice_composite_nodes(_scene(node)):
+def show_volume(node, views: Sequence[str] | None = None) -> None:
+    """Show a volume as background in every slice view (or in the views named in ``views``)."""
+    for composite in _slice_composite_nodes(_scene(node), views):
         composite.SetBackgroundVolumeID(node.GetID())
 
 
 def show_overlay(map_node, background_node=None, colormap: str | None = None, opacity: float = 0.6,
-                 threshold: float | None = None, legend: bool = True, window: tuple[float, float] | None = None):
-    """Display a map as a coloured foreground over ``background_node`` in every slice view.
+                 threshold: float | None = None, legend: bool = True, window: tuple[float, float] | None = None,
+                 views: Sequence[str] | None = None):
+    """Display a map as a coloured foreground over ``background_node`` in every slice view (or in the views whose
+    layout names are in ``views``, e.g. the web page's "Input" and "Output").
 
     colormap: a Slicer colour node name; default Inferno (forward), Viridis (backward), DivergingBlueRed (signed).
     window: display range, default 0..1 for normalised maps and -m..m (m = max |F|) for signed maps.
@@ -677,7 +689,7 @@ def show_overlay(map_node, background_node=None, colormap: str | None = None, op
     else:
         set_legend_visibility(map_node, False)
 
-    for composite in _slice_composite_nodes(scene):
+    for composite in _slice_composite_nodes(scene, views):
         if background_node is not None:
             composite.SetBackgroundVolumeID(background_node.GetID())
         composite.SetForegroundVolumeID(map_node.GetID())
