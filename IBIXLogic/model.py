@@ -31,11 +31,12 @@ log = logging.getLogger("IBIX")
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 #: Share of the GPU's free memory (when the model is loaded) that one batch may take by default.
 GPU_MEMORY_SHARE = 0.5
-#: On the CPU, voxels per model call from which ONNX Runtime runs at its full speed: measured on this project's
-#: models (2D autoencoder and U-Net, small 3D encoder-decoder) from 16^2 to 256^2 pixels and 8^3 to 48^3 voxels,
-#: the time per voxel stops falling between 4,000 and 16,000 voxels per call and rises again beyond some 64,000,
-#: once the activations leave the processor's caches. Larger CPU batches only take memory.
-CPU_BATCH_VOXELS = 2**14
+#: On the CPU, voxels per model call from which ONNX Runtime runs at its full speed (Testing/benchmarks/
+#: benchmark_batches.py): on this project's models (2D autoencoder and U-Net, small 3D encoder-decoder), from 16^2 to
+#: 256^2 pixels and 8^3 to 48^3 voxels, the time per voxel comes within 10 % of its best between 2,000 and 32,000
+#: voxels per call and gains nothing beyond (it can rise once activations leave the processor's caches). Larger CPU
+#: batches only take memory.
+CPU_BATCH_VOXELS = 2**15
 #: Activations per input value assumed when sizing batches (a small generator keeps ~16-64 feature maps).
 ACTIVATION_FACTOR = 48
 #: Largest batch IBIX sends at once; larger batches stop paying off on CPUs and small GPUs.

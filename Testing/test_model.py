@@ -751,10 +751,10 @@ def test_cpu_batches_hold_what_full_speed_needs_and_no_more(conv_path):
     from IBIXLogic.model import CPU_BATCH_VOXELS, DEFAULT_MEMORY_BUDGET
     model = ibx.load_model(conv_path, device="cpu")
     assert model.memory_budget == DEFAULT_MEMORY_BUDGET
-    assert CPU_BATCH_VOXELS == 2**14
-    assert model.capacity((16, 16)) == 64  # 256 voxels each: the largest batch, 16,384 voxels
-    assert model.capacity((32, 32)) == 16 and model.capacity((64, 64)) == 4
-    assert model.capacity((128, 128)) == model.capacity((232, 200)) == 1  # one slice already runs at full speed
+    assert CPU_BATCH_VOXELS == 2**15
+    assert model.capacity((16, 16)) == 64  # 256 voxels each: the largest batch (MAX_BATCH), 16,384 voxels
+    assert model.capacity((32, 32)) == 32 and model.capacity((64, 64)) == 8 and model.capacity((128, 128)) == 2
+    assert model.capacity((232, 200)) == model.capacity((256, 256)) == 1  # one slice already runs at full speed
     assert ibx.load_model(conv_path, device="cpu", memory_budget=1).capacity((16, 16)) == 1  # memory still rules
 
 
