@@ -19,7 +19,7 @@ from .cost import Estimate, Forecast, advice
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (PROBE_SHARE, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
+from .perturb import (PROBE_SHARE, WHOLE_BASE_LARGEST, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
                       radius_source, report_progress, resolve_max_jitter, response_radius, volume_box, work_summary)
 from .pipeline import PreparedInput
 from .statistics import backward_statistics
@@ -174,7 +174,16 @@ class _BlockSums:
             items = groups
             if self.radius is not None:
                 self.tiling = dict(self.tiling or {"tiles": False}, groups=len(groups))
-        perturber.base_outputs(sorted({i.sample for i in items if i.window is None}))
+        # a large sample's tiles run their own unperturbed output, unless together they run more voxels than the
+        # whole sample (an atlas's tiles overlap): then the sample's, where a whole sample may be run at once
+        pipeline = perturber.model.pipeline
+        tiled: dict[int, float] = {}
+        for item in items:
+            if item.window is not None:
+                tiled[item.sample] = tiled.get(item.sample, 0.0) + np.prod(pipeline.model_shape(item.shape(())))
+        whole = pipeline.sample_voxels(perturber.prepared.sample_shape)
+        perturber.base_outputs(sorted({i.sample for i in items if i.window is None} |
+                                      {s for s, v in tiled.items() if v > whole and whole <= WHOLE_BASE_LARGEST}))
         perturber.window_bases([(i.sample, i.window) for i in items if i.window is not None])  # tiles of one shape
         sample_shape = perturber.prepared.sample_shape
         shapes: dict[tuple[int, ...], list[int]] = {}

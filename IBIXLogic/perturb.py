@@ -40,6 +40,8 @@ PROBE_WINDOWS = (48, 96)
 LARGEST_ALIGNMENT = 32
 #: Samples of at most this many voxels are evaluated whole for the unperturbed output of their tiles.
 WHOLE_BASE_VOXELS = 2**20
+#: Larger samples, up to this many voxels, are evaluated whole for it when their tiles add up to more voxels.
+WHOLE_BASE_LARGEST = 2**23
 #: Tiles are used when they run fewer than this share of the voxels of the whole samples they replace.
 TILE_SAVING = 0.8
 #: Model work that measuring the response radius may add to a mapping, as a share of brute force's work for the

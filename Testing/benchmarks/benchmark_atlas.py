@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_mappings import MODEL, OUT_MASK, T1, fastest, peak_rss_mib, small_3d_model, t1_slice  # noqa: E402
+from IBIXLogic.perturb import forget_radii  # noqa: E402
 
 #: the whole-volume atlas holds every slice's responses (about 1.1 GiB for the demo volume at K = 500)
 VOLUME_BUDGET = 3 * 2**30
@@ -81,11 +82,13 @@ def run_case(name: str, quick: bool) -> dict:
         label = f"3D model on {shape[0]}x{shape[1]}x{shape[2]}"
         blocks = ibx.superpixel_blocks(x, n_blocks)
 
-    def build():
+    def build():  # each run measures the response radius, as in a new process
+        forget_radii()
         return ibx.block_response_atlas(model, x, blocks=blocks, n_blocks=n_blocks, n_jitters=4, geometry=geometry,
                                         memory_budget=budget)
 
     def backward_mapping():
+        forget_radii()
         return ibx.backward_mapping(model, x, masks[reference_mask], blocks=atlas.labels, n_jitters=4,
                                     geometry=geometry)
 

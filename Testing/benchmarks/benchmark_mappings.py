@@ -75,6 +75,15 @@ def time_per_evaluation(model, prepared) -> float:
     return (time.perf_counter() - started) / len(batch)
 
 
+def fastest(function, repeats: int = REPEATS):
+    """(fastest wall time in seconds, result of the last run) of ``repeats`` runs of ``function()``."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        seconds, result = timed(function)
+        best = min(best, seconds)
+    return best, result
+
+
 def timed(function) -> tuple[float, object]:
     started = time.perf_counter()
     result = function()
