@@ -229,3 +229,15 @@ def test_the_same_grid_written_another_way_matches(conv_model, image):
     atlas = ibx.block_response_atlas(conv_model, image, n_blocks=9, blocks="grid", n_jitters=1, geometry=geometry)
     nearly = ibx.Geometry((10.0 + 1e-9, -5.0), (0.7 * (1 + 1e-12), 0.7), np.eye(2) + 1e-13, image.shape)
     atlas.check(conv_model, image, nearly)
+
+
+def test_an_atlas_whose_tiles_overlap_runs_its_large_sample_once_unperturbed(tmp_path, rng):
+    """Above 2^20 voxels a tile runs its own unperturbed output, unless the tiles add up to more than the sample."""
+    model = ibx.load_model(om.save(om.convolution(rng.normal(size=(3, 3, 3)).astype(np.float32), layout="NCDHW"),
+                                   tmp_path, "conv3d"))
+    x = rng.normal(size=(104, 104, 104)).astype(np.float32)
+    atlas = ibx.block_response_atlas(model, x, blocks=ibx.grid_blocks(x.shape, 125), n_jitters=1)
+    tiling = atlas.tiling
+    assert tiling["tiles"] is True and tiling["voxels_per_sample"] > 1
+    # the probes, the tiles' check (a tile and a wider one), the whole sample once, every tile jittered twice
+    assert atlas.evaluations == atlas.radius["evaluations"] + 2 + 1 + 2 * tiling["items"]
