@@ -45,8 +45,10 @@ def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:
 
 
 def _initializer(value) -> np.ndarray:
-    """float32, except integer arrays (indices, axes), which keep int64."""
+    """float32, except integer arrays (indices, axes), which keep int64, and booleans."""
     value = np.asarray(value)
+    if value.dtype.kind == "b":
+        return value
     return value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float32)
 
 
@@ -199,3 +201,46 @@ def batch_mixing(reduce: str = "ReduceMean", weight: float = 1.0, layout: str = 
              helper.make_node("Mul", ["m", "g"], ["gm"]),
              helper.make_node("Add", ["core_in", "gm"], ["core_out"])]
     return build(nodes, {"g": np.float32(weight)}, layout, **kw)
+
+
+#: Kinds of :func:`noisy` models; those in NOISY_DETERMINISTIC are deterministic after all.
+NOISY_KINDS = ("dropout", "dropout-eval", "dropout-no-flag", "normal", "normal-seeded", "uniform", "bernoulli",
+               "scalar", "conv-then-dropout")
+NOISY_DETERMINISTIC = ("dropout-eval", "dropout-no-flag")
+
+
+def noisy(kind: str, scale: float = 1.0, **kw) -> onnx.ModelProto:
+    """y = x with randomness as exports leave it: Dropout in training mode (``dropout``; ``dropout-eval``: training
+    mode off, ``dropout-no-flag``: no training input, both the identity), x + scale * RandomNormalLike(x)
+    (``normal``; ``normal-seeded`` with a fixed seed), x + scale * (RandomUniformLike(x) - 0.5) (``uniform``),
+    x * Bernoulli(sigmoid(x)) (``bernoulli``), x + scale * RandomNormal([1]) (``scalar``: one number per model
+    call), a convolution then Dropout (``conv-then-dropout``)."""
+    node = helper.make_node
+    constants: dict = {"scale": np.float32(scale), "half": np.float32(0.5), "ratio": np.float32(0.5)}
+    if kind.startswith("dropout") or kind == "conv-then-dropout":
+        source = "core_in"
+        nodes = []
+        if kind == "conv-then-dropout":
+            nodes.append(node("Conv", ["core_in", "w"], ["c"], pads=[1, 1, 1, 1]))
+            constants["w"] = POSITIVE_KERNEL[None, None]
+            source = "c"
+        flag = [] if kind == "dropout-no-flag" else ["training"]
+        nodes.append(node("Dropout", [source, "ratio"] + flag, ["core_out"]))
+        constants["training"] = np.array(kind != "dropout-eval")
+    elif kind in ("normal", "normal-seeded"):
+        seed = {"seed": 7.0} if kind == "normal-seeded" else {}
+        nodes = [node("RandomNormalLike", ["core_in"], ["r"], **seed), node("Mul", ["r", "scale"], ["n"]),
+                 node("Add", ["core_in", "n"], ["core_out"])]
+    elif kind == "uniform":
+        nodes = [node("RandomUniformLike", ["core_in"], ["r"]), node("Sub", ["r", "half"], ["c"]),
+                 node("Mul", ["c", "scale"], ["n"]), node("Add", ["core_in", "n"], ["core_out"])]
+    elif kind == "bernoulli":
+        nodes = [node("Sigmoid", ["core_in"], ["p"]), node("Bernoulli", ["p"], ["b"]),
+                 node("Mul", ["core_in", "b"], ["core_out"])]
+    elif kind == "scalar":
+        nodes = [node("RandomNormal", [], ["r"], shape=[1]), node("Mul", ["r", "scale"], ["n"]),
+                 node("Add", ["core_in", "n"], ["core_out"])]
+    else:
+        raise ValueError(f"unknown noisy model {kind!r}")
+    used = {name for n in nodes for name in n.input}
+    return build(nodes, {k: v for k, v in constants.items() if k in used}, **kw)

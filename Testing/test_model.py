@@ -650,8 +650,8 @@ def test_huge_declared_input_shapes_are_refused_at_load_time(tmp_path, shape):
 def test_a_model_that_returns_fewer_outputs_than_inputs_is_named(tmp_path):
     """A reduction over the batch axis: one output image for a batch of several (refused at load time)."""
     model = om.build([helper.make_node("ReduceMean", ["core_in"], ["core_out"], axes=[0], keepdims=1)], {})
-    with pytest.raises(ibx.ModelError, match=r"runs on one sample but not on a batch of two .*returned 1 output "
-                                             r"image\(s\) .* for a batch of 2 input\(s\)"):
+    with pytest.raises(ibx.ModelError, match=r"runs on one sample but not on a batch of three .*returned 1 output "
+                                             r"image\(s\) .* for a batch of 3 input\(s\)"):
         ibx.load_model(om.save(model, tmp_path, "batch_of_one"), device="cpu")
 
 
@@ -736,5 +736,6 @@ def test_a_model_undefined_on_the_check_input_is_refused_naming_the_input(tmp_pa
 
 def test_a_model_too_large_to_check_at_load_time_says_so(tmp_path):
     model = ibx.load_model(om.save(om.identity(spatial=[2048, 2048]), tmp_path, "large"), device="cpu")
-    assert any("no load-time check" in a and "assumed independent" in a for a in model.card.assumptions)
+    assert any("no load-time check" in a and "deterministic and the samples of a batch independent" in a
+               for a in model.card.assumptions)
     assert not model.one_sample_per_call
