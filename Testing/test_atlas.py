@@ -164,7 +164,7 @@ def test_save_and_load_round_trip(tmp_path, rng):
     assert loaded.geometry.matches(atlas.geometry) and loaded.nbytes == atlas.nbytes
     assert loaded.to_dict()["memory_mib"] == atlas.to_dict()["memory_mib"]
     (tmp_path / "not_an_atlas.npz").write_bytes(b"nonsense")
-    with pytest.raises(ibx.InputError, match="not an IBIX response atlas"):
+    with pytest.raises(ibx.InputError, match="not_an_atlas.npz: damaged response atlas: it is not a readable .npz"):
         ibx.ResponseAtlas.load(tmp_path / "not_an_atlas.npz")
     with pytest.raises(ibx.InputError, match="not found"):
         ibx.ResponseAtlas.load(tmp_path / "missing.npz")
