@@ -244,3 +244,69 @@ def noisy(kind: str, scale: float = 1.0, **kw) -> onnx.ModelProto:
         raise ValueError(f"unknown noisy model {kind!r}")
     used = {name for n in nodes for name in n.input}
     return build(nodes, {k: v for k, v in constants.items() if k in used}, **kw)
+
+
+# -- result folders ----------------------------------------------------------------------------------------------
+def file_problem(path: Path) -> str | None:
+    """Why a result file is not complete (None when it reads whole): volumes, PNGs, atlases, JSON, CSV, HTML."""
+    import IBIXLogic as ibx
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".nrrd", ".nii.gz", ".nii", ".mha")):
+            ibx.read_volume(path)
+        elif name.endswith(".png"):
+            from PIL import Image
+            with Image.open(path) as image:
+                image.load()
+        elif name.endswith(".npz"):
+            ibx.ResponseAtlas.load(path)
+        elif name.endswith(".json"):
+            json.loads(path.read_text())
+        elif name.endswith(".html"):
+            if not path.read_text().rstrip().endswith("</html>"):
+                return f"{path.name} is cut short"
+        elif name.endswith(".csv"):
+            import csv
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            if not rows or any(len(r) != len(rows[0]) for r in rows):
+                return f"{path.name} is cut short"
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the problem reported
+        return f"{path.name} does not read: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def folder_problems(folder: Path, rerun: bool = False) -> list[str]:
+    """Why a result folder does not describe itself: its summary.json must list exactly the (visible) files beside
+    it, every one complete; with no summary there may be no visible file; subfolders (cohort cases) are checked the
+    same way. Hidden bookkeeping (the lock, staging folders, temporary files) may remain after a kill, but not after
+    a ``rerun``."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    problems = []
+    entries = sorted(folder.iterdir())
+    hidden = [p.name for p in entries if p.name.startswith(".")]
+    if rerun and hidden:
+        problems.append(f"{folder.name}: temporary entries left: {hidden}")
+    files = {p.name for p in entries if p.is_file() and not p.name.startswith(".")}
+    summary = folder / "summary.json"
+    if summary.is_file():
+        try:
+            listed = {Path(p).name for p in json.loads(summary.read_text())["files"]}
+        except Exception as exc:  # noqa: BLE001
+            return problems + [f"{folder.name}/summary.json does not read: {exc}"]
+        if listed != files:
+            problems.append(f"{folder.name}: summary.json lists {sorted(listed - files)} that are missing and not "
+                            f"{sorted(files - listed)} that are there")
+    elif files:
+        problems.append(f"{folder.name}: files without a summary.json: {sorted(files)}")
+    for name in sorted(files):
+        problem = file_problem(folder / name)
+        if problem:
+            problems.append(f"{folder.name}/{problem}")
+    for sub in entries:
+        if sub.is_dir() and not sub.name.startswith("."):
+            problems += [f"{folder.name}/{p}" for p in folder_problems(sub, rerun)]
+    return problems
