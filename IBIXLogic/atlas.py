@@ -420,16 +420,16 @@ def _check_arrays(arrays: dict, geometry: Geometry) -> None:
     if labels.size == 0 or labels.min() < 0:
         raise _Damaged("its block labels are empty or negative")
     n_labels = int(labels.max()) + 1
-    kinds = {"starts": ("iu", (n_labels + 1,)), "index": ("iu", None), "values": ("f", None),
-             "denominator": ("f", (n_labels,)), "low": ("iu", (n_labels, labels.ndim)),
-             "high": ("iu", (n_labels, labels.ndim))}
-    for name, (kind, shape) in kinds.items():
+    kinds = {"starts": (("int64",), (n_labels + 1,)), "index": (("int32", "int64"), None),
+             "values": (("float32",), None), "denominator": (("float64",), (n_labels,)),
+             "low": (("int64",), (n_labels, labels.ndim)), "high": (("int64",), (n_labels, labels.ndim))}
+    for name, (types, shape) in kinds.items():  # the types and shapes save() writes
         array = arrays[name]
-        if array.dtype.kind not in kind or (shape is not None and array.shape != shape) or \
+        if array.dtype.name not in types or (shape is not None and array.shape != shape) or \
                 (shape is None and array.ndim != 1):
             raise _Damaged(f"its array {name} is {array.dtype} of shape {array.shape}, expected "
-                           f"{'integers' if kind == 'iu' else 'floats'} of shape "
-                           f"{shape if shape is not None else '(entries,)'} for {n_labels - 1} blocks")
+                           f"{' or '.join(types)} of shape {shape if shape is not None else '(entries,)'} for "
+                           f"{n_labels - 1} blocks")
     if arrays["index"].shape != arrays["values"].shape:
         raise _Damaged(f"its {len(arrays['index'])} indices do not match its {len(arrays['values'])} responses")
 

@@ -62,7 +62,11 @@ def process_alive(pid: int) -> bool:
         return False
     except OSError:
         return True
-    return True
+    try:  # a killed process whose parent has not reaped it yet (a zombie) is gone too
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _try_lock(fd: int) -> bool:
@@ -122,15 +126,25 @@ class FolderLock:
             previous = _read_record(self.path)
             record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.ftruncate(fd, 0)
-            os.write(fd, record)
             self._fd = fd
+            try:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, record)
+            except OSError as exc:  # a full disk: the lock is held, but the folder cannot take the run
+                self.release()
+                raise InputError(f"{short_path(self.folder)}: cannot write into the output folder "
+                                 f"({exc.strerror or exc}); free some space or choose another folder") from None
             return previous or None
 
     def release(self) -> None:
+        """Remove the lock file and release the lock (an interrupt meanwhile waits until both are done)."""
         if self._fd is None:
             return
+        with signals_deferred():
+            self._release()
+
+    def _release(self) -> None:
         fd, self._fd = self._fd, None
         if os.name == "nt":  # an open file cannot be removed there
             os.close(fd)
@@ -188,17 +202,29 @@ def listed_files(folder: Path, summary: Path | None = None) -> list[str]:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold back SIGINT, SIGTERM and SIGHUP (main thread, POSIX) until the block ends: an interrupt then comes
-    after a folder is published, never halfway."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold back SIGINT, SIGTERM and SIGHUP until the block ends (main thread; elsewhere nothing changes): each one
+    that comes meanwhile is recorded and raised again once the block is done, so that an interrupt comes after a
+    folder is published, never halfway. (Blocking the signal in this thread would not do: another thread of the
+    process, ONNX Runtime's say, would take it, and Python would raise the interrupt here all the same.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            try:
+                previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
+            except (ValueError, OSError):
+                pass
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):  # each once, as it would have come
+            signal.raise_signal(number)
 
 
 def publish(folder: Path, staging: Path) -> None:

@@ -4,9 +4,9 @@ NIfTI) the header fields that fix the geometry.
 SimpleITK reads the voxels; this module only finds out, from the header, how many bytes of voxel data the file must
 hold and how many it does hold, so that :func:`IBIXLogic.io.read_volume` can refuse a short file instead of reading
 zeros in place of the missing voxels (ITK's NIfTI reader does that), and compares the NIfTI geometry fields with
-what ITK made of them. NIfTI-1 and NIfTI-2 (single ``.nii``/``.nii.gz`` files and ``.hdr``/``.img`` pairs), NRRD
+what ITK made of them. NIfTI-1 (single ``.nii``/``.nii.gz`` files and ``.hdr``/``.img`` pairs), NRRD
 (attached or detached data; raw, gzip or bzip2 encoding) and MetaImage (``.mha``/``.mhd``; raw or compressed) are
-understood; other encodings and formats are left to ITK's own checks.
+understood (ITK reads no NIfTI-2); other encodings and formats are left to ITK's own checks.
 """
 from __future__ import annotations
 
@@ -91,9 +91,8 @@ def stored_bytes(data: VoxelData, needed: int) -> tuple[int, str | None]:
 # -- NIfTI --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NiftiHeader:
-    """The NIfTI header fields that fix the size and the geometry (NIfTI-1 or NIfTI-2)."""
+    """The NIfTI-1 header fields that fix the size and the geometry."""
 
-    version: int
     dim: tuple[int, ...]          # dim[0] = number of dimensions, dim[1..7] sizes
     bitpix: int
     pixdim: tuple[float, ...]     # pixdim[0] = qfac, pixdim[1..7] voxel sizes
@@ -151,29 +150,29 @@ def _head(path: Path, size: int) -> bytes:
         return head[:size]
 
 
+def nifti_version(path: Path) -> int | None:
+    """1 or 2 for a NIfTI-1 or NIfTI-2 file (by its header size, either byte order), else None."""
+    raw = _head(path, 4)
+    if len(raw) < 4:
+        return None
+    sizes = {struct.unpack("<i", raw)[0], struct.unpack(">i", raw)[0]}
+    return 1 if 348 in sizes else 2 if 540 in sizes else None
+
+
 def read_nifti_header(path: Path) -> NiftiHeader:
-    """The NIfTI-1 or NIfTI-2 header of ``path`` (gzip-compressed or not)."""
-    raw = _head(path, 540)
+    """The NIfTI-1 header of ``path`` (gzip-compressed or not)."""
+    raw = _head(path, 348)
     if len(raw) < 348:
-        raise HeaderError(f"the NIfTI header is cut short ({len(raw)} of at least 348 bytes)")
-    for endian in "<>":
-        size = struct.unpack_from(endian + "i", raw, 0)[0]
-        if size in (348, 540):
-            break
-    else:
-        raise HeaderError("not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
-    if size == 540 and len(raw) < 540:
-        raise HeaderError(f"the NIfTI-2 header is cut short ({len(raw)} of 540 bytes)")
+        raise HeaderError(f"the NIfTI header is cut short ({len(raw)} of 348 bytes)")
+    endian = "<" if struct.unpack_from("<i", raw, 0)[0] == 348 else ">"
+    if struct.unpack_from(endian + "i", raw, 0)[0] != 348:
+        raise HeaderError("not a NIfTI-1 header (sizeof_hdr is not 348)")
 
     def get(fmt: str, offset: int) -> tuple:
         return struct.unpack_from(endian + fmt, raw, offset)
 
-    if size == 348:
-        return NiftiHeader(1, get("8h", 40), get("h", 72)[0], get("8f", 76), get("f", 108)[0], get("h", 252)[0],
-                           get("h", 254)[0], get("3f", 256), get("3f", 268),
-                           np.array(get("12f", 280), float).reshape(3, 4))
-    return NiftiHeader(2, get("8q", 16), get("h", 14)[0], get("8d", 104), float(get("q", 168)[0]), get("i", 344)[0],
-                       get("i", 348)[0], get("3d", 352), get("3d", 376), np.array(get("12d", 400)).reshape(3, 4))
+    return NiftiHeader(get("8h", 40), get("h", 72)[0], get("8f", 76), get("f", 108)[0], get("h", 252)[0],
+                       get("h", 254)[0], get("3f", 256), get("3f", 268), np.array(get("12f", 280), float).reshape(3, 4))
 
 
 def nifti_data(path: Path, header: NiftiHeader) -> VoxelData:

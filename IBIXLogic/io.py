@@ -276,8 +276,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): "
-                         f"{str(exc).strip().splitlines()[-1]}") from None
+        raise _unreadable(path, exc) from None
     nifti = _check_stored_data(path, reader)
     if nifti is not None:
         _check_nifti_geometry(path, nifti, reader)
@@ -287,9 +286,28 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): "
-                         f"{str(exc).strip().splitlines()[-1]}") from None
+        raise _unreadable(path, exc) from None
     return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> InputError:
+    """The error for a file ITK cannot read, with what IBIX can tell about why."""
+    detail = (str(exc).strip().splitlines() or [""])[-1].strip()
+    try:
+        size = path.stat().st_size
+        version = headers.nifti_version(path) if size else None
+    except OSError:
+        size, version = None, None
+    if size == 0:
+        why = "the file is empty"
+    elif version == 2:
+        why = ("it is a NIfTI-2 file, which ITK (the reader of IBIX and 3D Slicer) does not read: convert it to "
+               "NIfTI-1 (e.g. nibabel.Nifti1Image(img.dataobj, img.affine, img.header))")
+    elif "Unable to determine ImageIO" in detail:
+        why = "its format is not recognised: it is not a NIfTI, NRRD or MHA volume, or its header is damaged"
+    else:
+        why = f"its header is damaged or cut short (ITK: {detail.removeprefix('Reason: ')})"
+    return InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): {why}")
 
 
 def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
@@ -322,9 +340,23 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry)
         else:
             with atomic_write(path, suffix) as temporary:
                 sitk.WriteImage(image, str(temporary), True)
+                _check_written(temporary)
     except (RuntimeError, OSError) as exc:
-        raise InputError(f"{path}: cannot write ({exc}); check the folder is writable and has space") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise InputError(f"{path}: cannot write ({reason}); check the folder is writable and has space") from None
     return path
+
+
+def _check_written(path: Path) -> None:
+    """Raise OSError unless a file just written holds all its voxel data (ITK's NIfTI writer reports a full disk on
+    stderr only, and leaves a short file)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        _check_stored_data(path, reader)
+    except (RuntimeError, InputError) as exc:
+        raise OSError(f"the file written is incomplete, is the disk full? ({exc})") from None
 
 
 def _write_detached(image: "sitk.Image", path: Path) -> None:
@@ -336,6 +368,7 @@ def _write_detached(image: "sitk.Image", path: Path) -> None:
     folder.mkdir()
     try:
         sitk.WriteImage(image, str(folder / path.name), True)
+        _check_written(folder / path.name)
         for written in sorted(folder.iterdir(), key=lambda p: p.name == path.name):  # the header last
             os.replace(written, path.with_name(written.name))
     finally:

@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__, figures, folders
 from .atlas import ResponseAtlas, block_response_atlas
 from .backward import BackwardResult, backward_mapping
-from .errors import InputError, short_path
+from .errors import IBIXError, InputError, short_path
 from .forward import ForwardResult, forward_mapping
 from .geometry import Geometry, slice_array_axis
 from .io import read_mask, read_volume, write_volume
@@ -269,7 +269,10 @@ class Outputs:
     def __enter__(self) -> "Outputs":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, trace) -> None:
+        if isinstance(error, IBIXError) and self._staging is not None:  # name files where the user will look
+            error.args = tuple(a.replace(str(self._staging), str(self.folder)) if isinstance(a, str) else a
+                               for a in error.args)
         self.close()
 
     # -- planning ---------------------------------------------------------------------------------------------
@@ -373,13 +376,15 @@ class Outputs:
         return self.written["summary"]
 
     def close(self) -> None:
-        """Remove the staging folder of a run that did not commit, and release the folder's lock."""
-        staging, self._staging = self._staging, None
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        """Remove the staging folder of a run that did not commit, and release the folder's lock (an interrupt
+        meanwhile waits until both are done)."""
+        with folders.signals_deferred():
+            staging, self._staging = self._staging, None
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 def _resolved(path: Path) -> Path:

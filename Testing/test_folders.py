@@ -189,3 +189,20 @@ def test_an_output_folder_through_a_link_loop_is_a_clear_error(case, capsys):
 def test_process_alive():
     assert folders.process_alive(os.getpid()) and folders.process_alive(os.getppid())
     assert not folders.process_alive(dead_pid()) and not folders.process_alive(0)
+
+
+def test_an_interrupt_while_publishing_comes_after_it(case):
+    """Ctrl-C reaches a process with several threads (ONNX Runtime's): publishing finishes first, then the
+    interrupt is raised."""
+    import signal
+    import threading
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with folders.signals_deferred():
+            sender = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            sender.start()
+            sender.join()
+            steps.append("published")
+    assert steps == ["published"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
