@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ibix-installed
 $(STAMP): pyproject.toml IBIX/Resources/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[cpu,test,web]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,37 +1,26 @@
 """IBIX: Instance-Based Inference eXplainers for image-to-image ONNX generators, as a 3D Slicer module.
 
-The widget is thin: it reads the GUI, asks the console logic (``IBIXLogic`` class below) to start a run, and polls
-the run with a timer. The engine package is imported as ``ibx``; it runs in a separate Python process
-(``IBIXLib.jobs``), so ONNX Runtime is never imported into Slicer itself. ``IBIXLib.scene`` reads the scene and
-shows results; ``IBIXLib.dependencies`` installs the Python packages, after asking.
+The widget is thin: it binds the Qt widgets to ``IBIXLib.controller.Controller``, the state machine that the web
+page (``IBIXWeb``) drives too; the controller starts runs through the console logic (``IBIXLogic`` class below,
+``IBIXLib.logic``) and polls them with a timer. The engine package is imported as ``ibx``; it runs in a separate
+Python process (``IBIXLib.jobs``), so ONNX Runtime is never imported into Slicer itself. ``IBIXLib.scene`` reads the
+scene and shows results; ``IBIXLib.dependencies`` installs the Python packages, after asking.
 """
-import json
 import logging
 import os
-from typing import Annotated
 
 import qt
 import vtk
 
-import IBIXLogic as ibx
 import slicer
-from IBIXLib import dependencies, jobs, scene
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from IBIXLib import controller, dependencies, logic, scene
+from IBIXLib.logic import RUNTIMES
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
-
-#: Largest number of input channels the GUI offers selectors for.
-MAX_CHANNELS = 4
-
-#: Milliseconds between two polls of a running engine process (a poll costs well under a millisecond).
-POLL_INTERVAL_MS = 50
-
-#: Runtime choices of the GUI (runtimeComboBox order) -> dependencies runtime and engine device.
-RUNTIMES = (("cpu", "cpu"), ("gpu", "cuda"))
 
 HOMEPAGE = "https://github.com/ibix-project/SlicerIBIX"
 
@@ -52,12 +41,6 @@ def _findResource(*parts):
         if os.path.exists(candidate):
             return os.path.normpath(candidate)
     return None
-
-
-def statisticLabels():
-    """Labels of the map statistics (IBIXLogic.statistics), as the module shows them."""
-    return {"reach95_mm": _("reach95 (95 % of the map within)"), "inside_fraction": _("inside the mask"),
-            "blocks90": _("blocks holding 90 %"), "peak": _("peak value"), "peak_ras_mm": _("peak at RAS")}
 
 
 #
@@ -136,40 +119,10 @@ def registerSampleData():
 
 
 #
-# Parameter node
+# Parameter node: every setting of IBIX, declared once in IBIXLib.controller (the web page uses the same list)
 #
 
-@parameterNodeWrapper
-class IBIXParameterNode:
-    """Every setting of the IBIX module (saved with the scene)."""
-
-    modelPath: str = ""
-    runtime: str = "cpu"
-    inputVolume0: vtkMRMLScalarVolumeNode
-    inputVolume1: vtkMRMLScalarVolumeNode
-    inputVolume2: vtkMRMLScalarVolumeNode
-    inputVolume3: vtkMRMLScalarVolumeNode
-    outputVolume: vtkMRMLScalarVolumeNode
-    inputSegmentation: vtkMRMLSegmentationNode
-    inputSegmentId: str = ""
-    outputSegmentation: vtkMRMLSegmentationNode
-    outputSegmentId: str = ""
-    forwardJitters: Annotated[int, WithinRange(1, 256)] = 8
-    backwardJitters: Annotated[int, WithinRange(1, 256)] = 4
-    maxJitter: Annotated[float, WithinRange(0.0, 10000.0)] = 0.0  # 0: automatic
-    blocks: Annotated[int, WithinRange(2, 100000)] = 500
-    compactness: Annotated[float, WithinRange(0.0001, 1000.0)] = 0.5  # IBIXLogic.blocks.DEFAULT_COMPACTNESS
-    progressive: bool = True
-    coarseToFine: bool = False
-    coarseBlocks: Annotated[int, WithinRange(2, 100000)] = 50
-    refineThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.25
-    normalization: str = "fraction"
-    signedDisplay: bool = False
-    colormap: str = "Auto"
-    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
-    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.05
-    showLegend: bool = True
-    resultVolume: vtkMRMLScalarVolumeNode
+IBIXParameterNode = parameterNodeWrapper(controller.settingsClass("IBIXParameterNode", WithinRange))
 
 
 #
@@ -177,24 +130,17 @@ class IBIXParameterNode:
 #
 
 class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Module panel. Thin: reads the GUI, starts runs through IBIXLogic, polls them, shows results and errors.
-
-    State: ``self._job`` is the engine process in flight (a model check or a run), or None. While it is set, the
-    run buttons are disabled, Cancel is enabled, and a timer polls it every 50 ms; it never blocks.
-    """
+    """Module panel. Thin: binds the Qt widgets to an :class:`IBIXLib.controller.Controller` (which starts, polls,
+    cancels and finishes runs) and to the parameter node; it copies the controller's state into the widgets."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._jobKind = ""
-        self._timer = None
-        self._cohortCases = []   # finished cases of the cohort output folder, as listed in cohortCaseComboBox
-        self._atlas = None       # (what it depends on, path) of the last response atlas computed for Live
-        self._pendingAtlasKey = None
+        self._shownCases = None  # the cohort cases listed in cohortCaseComboBox
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -209,51 +155,50 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setupWidgets(self):
         """Connections and initial state of the widgets in ``self.ui`` (separate from loading the .ui file)."""
         self.logic = self.logic or IBIXLogic()
-        self.inputSelectors = [getattr(self.ui, f"inputVolumeSelector{i}") for i in range(MAX_CHANNELS)]
-        self.inputLabels = [getattr(self.ui, f"inputVolumeLabel{i}") for i in range(MAX_CHANNELS)]
+        self.controller = controller.Controller(self.logic, qt.QTimer(), changed=self.updateGUI, error=self._error,
+                                                warning=self._warning, ask=self._ask)
+        self.inputSelectors = [getattr(self.ui, f"inputVolumeSelector{i}") for i in range(controller.MAX_CHANNELS)]
+        self.inputLabels = [getattr(self.ui, f"inputVolumeLabel{i}") for i in range(controller.MAX_CHANNELS)]
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onRuntimeChanged)
-        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
-        self.ui.generateOutputButton.connect("clicked(bool)", self.onGenerateOutput)
-        self.ui.inputMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskSelectionChanged)
-        self.ui.inputMaskSelector.connect("currentSegmentChanged(QString)", self.onMaskSelectionChanged)
-        self.ui.outputMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskSelectionChanged)
-        self.ui.outputMaskSelector.connect("currentSegmentChanged(QString)", self.onMaskSelectionChanged)
-        self.ui.editInputMaskButton.connect("clicked(bool)", lambda: self.onEditMask("input"))
-        self.ui.editOutputMaskButton.connect("clicked(bool)", lambda: self.onEditMask("output"))
-        self.ui.normalizationComboBox.connect("currentTextChanged(QString)", self.onComboChanged)
-        self.ui.colormapComboBox.connect("currentTextChanged(QString)", self.onComboChanged)
-        self.ui.runForwardButton.connect("clicked(bool)", self.onRunForward)
-        self.ui.runBackwardButton.connect("clicked(bool)", self.onRunBackward)
-        self.ui.liveBackwardCheckBox.connect("toggled(bool)", self.onLiveToggled)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.applyDisplayButton.connect("clicked(bool)", self.onApplyDisplay)
-        self.ui.runCohortButton.connect("clicked(bool)", self.onRunCohort)
-        self.ui.openCohortCaseButton.connect("clicked(bool)", self.onOpenCohortCase)
-        self.ui.cohortOutputPathLineEdit.connect("currentPathChanged(QString)", self.onCohortOutputChanged)
-
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPoll)
-
-        self.ui.cancelButton.enabled = False
-        self.ui.progressBar.setMaximum(1)
-        self.ui.progressBar.setValue(0)
-        self.showChannels([])
+        c, ui = self.controller, self.ui
+        ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onRuntimeChanged)
+        ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
+        ui.generateOutputButton.connect("clicked(bool)", lambda: c.generateOutput())
+        for selector in (ui.inputMaskSelector, ui.outputMaskSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskSelectionChanged)
+            selector.connect("currentSegmentChanged(QString)", self.onMaskSelectionChanged)
+        ui.editInputMaskButton.connect("clicked(bool)", lambda: self.onEditMask("input"))
+        ui.editOutputMaskButton.connect("clicked(bool)", lambda: self.onEditMask("output"))
+        ui.normalizationComboBox.connect("currentTextChanged(QString)", self.onComboChanged)
+        ui.colormapComboBox.connect("currentTextChanged(QString)", self.onComboChanged)
+        ui.runForwardButton.connect("clicked(bool)", lambda: c.runForward())
+        ui.runBackwardButton.connect("clicked(bool)", lambda: c.runBackward())
+        ui.estimateForwardButton.connect("clicked(bool)", lambda: c.estimateForward())
+        ui.estimateBackwardButton.connect("clicked(bool)", lambda: c.estimateBackward())
+        ui.liveBackwardCheckBox.connect("toggled(bool)", lambda on: c.setLive(on))
+        ui.cancelButton.connect("clicked(bool)", lambda: c.cancel())
+        ui.applyDisplayButton.connect("clicked(bool)", lambda: c.applyDisplay())
+        ui.runCohortButton.connect("clicked(bool)", lambda: c.runCohort(
+            ui.cohortManifestPathLineEdit.currentPath, ui.cohortOutputPathLineEdit.currentPath,
+            ui.cohortMappingComboBox.currentText))
+        ui.openCohortCaseButton.connect("clicked(bool)", lambda: c.openCohortCase(
+            ui.cohortOutputPathLineEdit.currentPath, ui.cohortCaseComboBox.currentText))
+        ui.cohortOutputPathLineEdit.connect("currentPathChanged(QString)", c.fillCohortCases)
         self.initializeParameterNode()
 
     def cleanup(self):
-        if self._job is not None:
-            self._job.cancel()
+        if self.controller is not None:
+            if self.controller.job is not None:
+                self.controller.job.cancel()
+            self.controller.timer.stop()
         if self.logic is not None:
             self.logic.stopLive()
             self.logic.stopStandby()
-        if self._timer is not None:
-            self._timer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -263,19 +208,18 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        # A run reads nodes of this scene: end it now (the next poll reports it; nothing is added). A cohort reads
-        # only files and goes on.
-        if self._job is not None and not isinstance(self._job, jobs.CohortRun):
-            self._job.cancel()
-        self._atlas = None  # the atlas belongs to this scene's input
-        self.ui.liveBackwardCheckBox.checked = False
-        self.logic.stopLive()
+        self.controller.sceneClosing()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        """A scene was loaded: its IBIX parameter node (if any) holds the settings; every widget shows them."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -289,35 +233,89 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun):
-                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanRun)
-            self._updateManualWidgets()
-        self._checkCanRun()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.controller.setParameters(self._parameterNode)
 
-    # --- widgets the parameter node wrapper does not connect -------------------------------------------------
+    def onParameterNodeModified(self, caller=None, event=None):
+        self.updateGUI()
 
-    def _updateManualWidgets(self):
+    # --- the controller's state -> widgets -------------------------------------------------------------------
+
+    def updateGUI(self):
+        """Copy the controller's state and the settings the parameter node wrapper does not connect into the
+        widgets (signals blocked: nothing here is a user's edit)."""
+        c, ui = self.controller, self.ui
+        for name, on in c.enabled().items():
+            for widget in {"coarse": (ui.coarseBlocksSpinBox, ui.refineThresholdSpinBox),
+                           "live": (ui.liveBackwardCheckBox,), "loadModel": (ui.loadModelButton,),
+                           "runtime": (ui.runtimeComboBox,),
+                           "runForward": (ui.runForwardButton, ui.estimateForwardButton),
+                           "runBackward": (ui.runBackwardButton, ui.estimateBackwardButton),
+                           }.get(name, (getattr(ui, name + "Button"),)):
+                widget.enabled = on
+        ui.progressBar.setMaximum(c.progress[1])
+        ui.progressBar.setValue(c.progress[0])
+        ui.statusLabel.text = c.status
+        ui.statusLabel.setStyleSheet("color: #c0392b;" if c.statusError else "")
+        ui.cardSummaryLabel.text = c.cardSummary
+        ui.deviceLabel.text = c.deviceSummary
+        ui.estimateLabel.text = c.estimate
+        ui.statisticsLabel.text = self.statisticsTable(c.statisticsRows())
+        for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
+            label.visible = selector.visible = i < max(1, len(c.channels))
+            label.text = _("{channel} volume:").format(channel=c.channels[i]) if i < len(c.channels) \
+                else _("Input volume:")
         p = self._parameterNode
-        widgets = (self.ui.modelPathLineEdit, self.ui.inputMaskSelector, self.ui.outputMaskSelector,
-                   self.ui.normalizationComboBox, self.ui.colormapComboBox, self.ui.runtimeComboBox)
-        wasBlocked = [w.blockSignals(True) for w in widgets]
-        self.ui.modelPathLineEdit.currentPath = p.modelPath
-        self.ui.inputMaskSelector.setCurrentNode(p.inputSegmentation)
-        if p.inputSegmentId:
-            self.ui.inputMaskSelector.setCurrentSegmentID(p.inputSegmentId)
-        self.ui.outputMaskSelector.setCurrentNode(p.outputSegmentation)
-        if p.outputSegmentId:
-            self.ui.outputMaskSelector.setCurrentSegmentID(p.outputSegmentId)
-        self.ui.normalizationComboBox.currentText = p.normalization
-        self.ui.colormapComboBox.currentText = p.colormap
-        self.ui.runtimeComboBox.currentIndex = [r for r, _device in RUNTIMES].index(p.runtime) \
-            if p.runtime in [r for r, _device in RUNTIMES] else 0
-        for w, b in zip(widgets, wasBlocked):
+        manual = (ui.liveBackwardCheckBox, ui.cohortCaseComboBox, ui.modelPathLineEdit, ui.inputMaskSelector,
+                  ui.outputMaskSelector, ui.normalizationComboBox, ui.colormapComboBox, ui.runtimeComboBox)
+        wasBlocked = [w.blockSignals(True) for w in manual]
+        ui.liveBackwardCheckBox.checked = c.live
+        if c.cohortCases != self._shownCases:
+            self._shownCases = list(c.cohortCases)
+            ui.cohortCaseComboBox.clear()
+            for case in c.cohortCases:
+                ui.cohortCaseComboBox.addItem(case)
+        if p:
+            ui.modelPathLineEdit.currentPath = p.modelPath
+            for selector, node, segment in ((ui.inputMaskSelector, p.inputSegmentation, p.inputSegmentId),
+                                            (ui.outputMaskSelector, p.outputSegmentation, p.outputSegmentId)):
+                selector.setCurrentNode(node)
+                if segment:
+                    selector.setCurrentSegmentID(segment)
+            ui.normalizationComboBox.currentText = p.normalization
+            ui.colormapComboBox.currentText = p.colormap
+            runtimes = [r for r, _device in RUNTIMES]
+            ui.runtimeComboBox.currentIndex = runtimes.index(p.runtime) if p.runtime in runtimes else 0
+        for w, b in zip(manual, wasBlocked):
             w.blockSignals(b)
+
+    @staticmethod
+    def statisticsTable(rows):
+        """The map statistics as a small table (rich text), empty when there are none."""
+        cells = "".join(f"<tr><td>{label}</td><td>&nbsp;{value}</td></tr>" for label, value in rows)
+        return f"<table>{cells}</table>" if rows else ""
+
+    @staticmethod
+    def statisticsText(run):
+        """The statistics of a finished forward/backward run as a small table, empty for an output."""
+        return IBIXWidget.statisticsTable(controller.statisticsRows(run.request.kind, run.statistics))
+
+    def _error(self, message):
+        logging.error("IBIX: " + message)
+        slicer.util.errorDisplay(message, windowTitle=_("IBIX"))
+
+    def _warning(self, message):
+        slicer.util.warningDisplay(message, windowTitle=_("IBIX"))
+
+    def _ask(self, question):
+        self.controller.answer(slicer.util.confirmOkCancelDisplay(question, windowTitle=_("IBIX")))
+
+    # --- widgets -> settings (those the parameter node wrapper does not connect) -----------------------------
 
     def onModelPathChanged(self, path):
         if self._parameterNode:
@@ -341,324 +339,20 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.normalization = self.ui.normalizationComboBox.currentText
             self._parameterNode.colormap = self.ui.colormapComboBox.currentText
 
-    def showChannels(self, channels):
-        """Show one input selector per card channel (at least one)."""
-        for i, (label, selector) in enumerate(zip(self.inputLabels, self.inputSelectors)):
-            visible = i < max(1, len(channels))
-            label.visible = visible
-            selector.visible = visible
-            label.text = _("{channel} volume:").format(channel=channels[i]) if i < len(channels) \
-                else _("Input volume:")
-
-    def _checkCanRun(self, caller=None, event=None):
-        busy = self._job is not None
-        p = self._parameterNode
-        hasModel = self.logic.modelInfo is not None
-        self.ui.loadModelButton.enabled = not busy
-        self.ui.runtimeComboBox.enabled = not busy
-        self.ui.generateOutputButton.enabled = hasModel and not busy and bool(p)
-        self.ui.runForwardButton.enabled = hasModel and not busy and bool(p and p.inputSegmentation)
-        self.ui.runBackwardButton.enabled = hasModel and not busy and bool(p and p.outputSegmentation)
-        self.ui.cancelButton.enabled = busy
-        self.ui.runCohortButton.enabled = hasModel and not busy
-        self.ui.openCohortCaseButton.enabled = not busy and bool(self._cohortCases)
-        if p:
-            self.ui.coarseBlocksSpinBox.enabled = p.coarseToFine
-            self.ui.refineThresholdSpinBox.enabled = p.coarseToFine
-
-    # --- actions -------------------------------------------------------------------------------------------
-
-    def _setStatus(self, text, error=False):
-        self.ui.statusLabel.text = text
-        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else "")
-
-    def _fail(self, error):
-        """Show an error: status line + dialog, with the same text the console API raises."""
-        message = str(error)
-        self._setStatus(message, error=True)
-        logging.error("IBIX: " + message)
-        slicer.util.errorDisplay(message, windowTitle=_("IBIX"))
-
-    def _begin(self, job, kind):
-        """Poll ``job`` (a started model check or run) until it ends; the GUI shows it is busy meanwhile."""
-        self._job, self._jobKind = job, kind
-        self.ui.progressBar.setMaximum(0 if kind == "model" else 1)  # 0: busy indicator
-        self.ui.progressBar.setValue(0)
-        self._setStatus(_("Checking the model...") if kind == "model" else _("Running {kind}...").format(kind=kind))
-        self._checkCanRun()
-        self._timer.start()
-
-    def onPoll(self):
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        job.poll()  # a run's progress and end arrive through its callbacks (_onProgress, _onRunDone)
-        if job.done and self._job is job:
-            self._end()
-            if self._jobKind == "model":
-                self._onModelChecked(job)
-
-    def _end(self):
-        self._timer.stop()
-        self._job = None
-        self.ui.progressBar.setMaximum(1)
-        self._checkCanRun()
-
     def onLoadModel(self):
-        if self._job is not None:
-            return
         p = self._parameterNode
-        path = self.ui.modelPathLineEdit.currentPath
-        runtime = p.runtime if p else "cpu"
-        try:
-            if self.logic.ensureDependencies(runtime) == "skipped":
-                raise RuntimeError(_("ONNX Runtime is not installed and installs are skipped in testing mode"))
-            probe = self.logic.startModelCheck(path, runtime)
-        except Exception as error:
-            self.ui.cardSummaryLabel.text = str(error)
-            self.ui.deviceLabel.text = ""
-            self.showChannels([])
-            self._fail(error)
-            self._checkCanRun()
-            return
-        self.ui.cardSummaryLabel.text = _("Checking {name}...").format(name=os.path.basename(path))
-        self.ui.deviceLabel.text = ""
-        self._begin(probe, "model")
-
-    def _onModelChecked(self, probe):
-        if probe.state != jobs.FINISHED:
-            self.ui.cardSummaryLabel.text = probe.error
-            self.showChannels([])
-            if probe.state != jobs.CANCELLED:
-                self._fail(probe.error)
-            else:
-                self._setStatus(_("Model check cancelled."))
-            self._checkCanRun()
-            return
-        self.logic.acceptModel(probe)
-        self.ui.cardSummaryLabel.text = self.logic.cardSummary()
-        self.ui.deviceLabel.text = self.logic.deviceSummary()
-        self.showChannels(self.logic.modelInfo["channels"])
-        self._setStatus(_("Model loaded: {name}").format(name=self.logic.modelInfo.get("name") or
-                                                          os.path.basename(self.logic.modelPath)))
-        self._checkCanRun()
-
-    def _inputNodes(self):
-        n = len(self.logic.modelInfo["channels"]) if self.logic.modelInfo else 1
-        return [getattr(self._parameterNode, f"inputVolume{i}") for i in range(min(n, MAX_CHANNELS))]
-
-    def _startRun(self, kind, start):
-        if self._job is not None:
-            slicer.util.warningDisplay(_("An IBIX run is in progress: wait for it or press Cancel."),
-                                       windowTitle=_("IBIX"))
-            return
-        try:
-            run = start(onProgress=self._onProgress, onDone=self._onRunDone, poll=False)
-        except Exception as error:  # bad input: nothing was started, the scene is unchanged
-            self._fail(error)
-            return
-        self._begin(run, kind)
-
-    def _onProgress(self, done, total, stage):
-        self.ui.progressBar.setMaximum(max(1, int(total)))
-        self.ui.progressBar.setValue(min(int(done), max(1, int(total))))
-        self._setStatus(f"{stage} ({done}/{total})")
-
-    def _onRunDone(self, run):
-        """A run ended (main thread). The scene may have been closed and the panel hidden meanwhile."""
-        p = self._parameterNode
-        if run.request.kind == "atlas":
-            self._onAtlasDone(run)
-            return
-        self.ui.statisticsLabel.text = self.statisticsText(run) if run.state == jobs.FINISHED else ""
-        if run.state == jobs.FINISHED:
-            if p is not None:
-                if run.request.kind == "output":
-                    p.outputVolume = run.node
-                else:
-                    p.resultVolume = run.node
-            self._setStatus(run.status + " -> '" + run.node.GetName() + "'")
-        elif run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
-        else:
-            self._fail(run.error)
-
-    @staticmethod
-    def statisticsText(run):
-        """The statistics of a finished forward/backward run as a small table (rich text), empty for an output."""
-        return IBIXWidget.statisticsTable(run.request.kind, run.statistics)
-
-    @staticmethod
-    def statisticsTable(kind, statistics):
-        rows = jobs.statistics_rows(kind, statistics)
-        if not rows:
-            return ""
-        labels = statisticLabels()
-        cells = "".join(f"<tr><td>{labels.get(key, key)}</td><td>&nbsp;{value}</td></tr>" for key, value in rows)
-        return f"<table>{cells}</table>"
-
-    def _displayOptions(self):
-        return self.logic.displayOptions(self._parameterNode)
-
-    def onGenerateOutput(self):
-        self._startRun(_("generate output"), lambda **kw: self.logic.startGenerateOutput(self._inputNodes(), **kw))
-
-    def onRunForward(self):
-        p = self._parameterNode
-        self._startRun(_("forward mapping"), lambda **kw: self.logic.startForward(
-            self._inputNodes(), p.inputSegmentation, p.inputSegmentId, outputNode=p.outputVolume,
-            display=self._displayOptions(), **self.logic.forwardParameters(p), **kw))
-
-    def onRunBackward(self):
-        p = self._parameterNode
-        self._startRun(_("backward mapping"), lambda **kw: self.logic.startBackward(
-            self._inputNodes(), p.outputVolume, p.outputSegmentation, p.outputSegmentId,
-            display=self._displayOptions(), **self.logic.backwardParameters(p), **kw))
-
-    # --- live backward map: the response atlas of the input once, then B follows the output segment -------------
-
-    def _atlasKey(self):
-        """What an atlas depends on: the model, the input volumes (and their voxels) and the block parameters."""
-        p = self._parameterNode
-        params = self.logic.atlasParameters(p)
-        nodes = self._inputNodes()
-        return (self.logic.modelPath, tuple((n.GetID(), n.GetImageData().GetMTime()) for n in nodes if n),
-                tuple(sorted(params.items())))
-
-    def onLiveToggled(self, on):
-        if not on:
-            self.logic.stopLive()
-            return
-        p = self._parameterNode
-        try:
-            key = self._atlasKey()
-        except Exception as error:
-            self.ui.liveBackwardCheckBox.checked = False
-            self._fail(error)
-            return
-        if self._atlas is not None and self._atlas[0] == key:
-            self._startLive(self._atlas[1])
-            return
-        self._pendingAtlasKey = key
-        self._startRun(_("response atlas"), lambda **kw: self.logic.startAtlas(
-            self._inputNodes(), **self.logic.atlasParameters(p), **kw))
-        if self._job is None or getattr(self._job, "request", None) is None or self._job.request.kind != "atlas":
-            self.ui.liveBackwardCheckBox.checked = False  # not started (busy or bad input)
-
-    def _onAtlasDone(self, run):
-        if run.state == jobs.FINISHED:
-            self._atlas = (self._pendingAtlasKey, run.atlas_path)
-            self._setStatus(run.status)
-            if self.ui.liveBackwardCheckBox.checked:
-                self._startLive(run.atlas_path)
-            return
-        self.ui.liveBackwardCheckBox.checked = False
-        if run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
-        else:
-            self._fail(run.error)
-
-    def _startLive(self, atlasPath):
-        p = self._parameterNode
-        try:
-            live = self.logic.startLive(atlasPath, self._inputNodes()[0], p.outputSegmentation, p.outputSegmentId,
-                                        normalization=p.normalization, display=self._displayOptions())
-        except Exception as error:
-            self.ui.liveBackwardCheckBox.checked = False
-            self._fail(error)
-            return
-        if live.error:
-            self._setStatus(live.error, error=True)
-        else:
-            p.resultVolume = live.node
-            self._setStatus(_("Live backward map: B follows the output segment as it is painted (no model run)"))
-
-    def onCancel(self):
-        if self._job is not None:
-            self._job.cancel()
-            self._setStatus(_("Cancelling..."))
-
-    def onApplyDisplay(self):
-        p = self._parameterNode
-        if not p or not p.resultVolume:
-            self._fail(ValueError(_("no result map selected: run a forward or backward mapping first")))
-            return
-        background = slicer.mrmlScene.GetNodeByID(p.resultVolume.GetAttribute("IBIX.background") or "")
-        scene.show_overlay(p.resultVolume, background, **self._displayOptions())
-
-    # --- cohort ---------------------------------------------------------------------------------------------
-
-    def onRunCohort(self):
-        if self._job is not None:
-            slicer.util.warningDisplay(_("An IBIX run is in progress: wait for it or press Cancel."),
-                                       windowTitle=_("IBIX"))
-            return
-        try:
-            self.logic._requireModel()
-            run = self.logic.startCohort(self.ui.cohortManifestPathLineEdit.currentPath, self.logic.modelPath,
-                                         self.ui.cohortOutputPathLineEdit.currentPath,
-                                         mapping=self.ui.cohortMappingComboBox.currentText or "forward",
-                                         onProgress=self._onProgress, onDone=self._onCohortDone, poll=False)
-        except Exception as error:  # bad paths: nothing was started
-            self._fail(error)
-            return
-        self._begin(run, _("cohort"))
-
-    def _onCohortDone(self, run):
-        if run.state == jobs.FINISHED:
-            self._setStatus(run.status + " -> " + run.files.get("report", ""))
-            self._fillCohortCases(run.output_dir)
-        elif run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
-        else:
-            self._fail(run.error)
-
-    def onCohortOutputChanged(self, path):
-        self._fillCohortCases(path)
-
-    def _fillCohortCases(self, outputDir):
-        """List the finished cases of ``outputDir/cohort.csv`` (none when there is no cohort there yet)."""
-        try:
-            rows = self.logic.cohortCases(outputDir) if outputDir else []
-        except (ValueError, OSError):
-            rows = []
-        self._cohortCases = [row["case"] for row in rows if row.get("status") == "ok"]
-        self.ui.cohortCaseComboBox.clear()
-        for case in self._cohortCases:
-            self.ui.cohortCaseComboBox.addItem(case)
-        self._checkCanRun()
-
-    def onOpenCohortCase(self):
-        case = self.ui.cohortCaseComboBox.currentText
-        try:
-            nodes = self.logic.loadCohortCase(self.ui.cohortOutputPathLineEdit.currentPath, case,
-                                              display=self._displayOptions())
-        except Exception as error:
-            self._fail(error)
-            return
-        shown = nodes[-1]
-        if self._parameterNode is not None:
-            self._parameterNode.resultVolume = shown
-        statistics = json.loads(shown.GetAttribute("IBIX.statistics") or "{}")
-        self.ui.statisticsLabel.text = self.statisticsTable(shown.GetAttribute("IBIX.kind"), statistics)
-        self._setStatus(_("Opened case {case}: {count} volumes").format(case=case, count=len(nodes)))
+        self.controller.loadModel(self.ui.modelPathLineEdit.currentPath, p.runtime if p else "cpu")
 
     def onEditMask(self, which):
         p = self._parameterNode
         volume = p.inputVolume0 if which == "input" else (p.outputVolume or p.inputVolume0)
         segmentation = p.inputSegmentation if which == "input" else p.outputSegmentation
         if volume is None:
-            self._fail(ValueError(_("no volume selected to paint on: select an input volume or generate the output")))
+            self.controller._fail(ValueError(_("no volume selected to paint on: select an input volume or generate "
+                                               "the output")))
             return
         if segmentation is None:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"IBIX {which} mask")
-            segmentation.CreateDefaultDisplayNodes()
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-            segmentId = segmentation.GetSegmentation().AddEmptySegment("", f"{which} region")
-            selector = self.ui.inputMaskSelector if which == "input" else self.ui.outputMaskSelector
-            selector.setCurrentNode(segmentation)
-            selector.setCurrentSegmentID(segmentId)
+            segmentation, _segmentId = self.controller.newMask(which, volume)
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segmentation)
@@ -672,315 +366,20 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # IBIXLogic (console API; no GUI needed)
 #
 
-class IBIXLogic(ScriptedLoadableModuleLogic):
-    """Console API. Every run computes in a separate Python process (the same runner as the GUI). Example::
-
-        import IBIX
-        logic = IBIX.IBIXLogic()
-        logic.loadModel("/path/t1_to_t2_cae.onnx")            # runtime="gpu" for an NVIDIA GPU
-        t1 = slicer.util.getNode("IBIX-T1")
-        seg = slicer.util.getNode("IBIX-T1 input mask")
-        sid = seg.GetSegmentation().GetNthSegmentID(0)
-        fmap = logic.runForward([t1], seg, sid, n_jitters=8)  # waits; Slicer stays responsive
-        run = logic.startForward([t1], seg, sid, onDone=lambda run: print(run.state, run.node))  # returns at once
-        print(run.statistics)                                  # once finished: reach95_mm, peak, ...
-        files = logic.runCohort("manifest.csv", "/path/t1_to_t2_cae.onnx", "/out", workers=2)  # waits
-        nodes = logic.loadCohortCase("/out", "case1")          # the case's input and maps, new nodes
-        atlas = logic.runAtlas([t1], n_blocks=500)              # response atlas of the input (waits) -> path
-        live = logic.startLive(atlas, t1, outSeg, outSid)      # B follows the output segment as it is painted
-        logic.stopLive()
-
-    Synchronous calls raise exceptions (``IBIXLogic.IBIXError``, a ValueError, or ``IBIXLogic.Cancelled``) with
-    the text the GUI shows; a failed or cancelled run leaves the scene unchanged.
-    """
+class IBIXLogic(ScriptedLoadableModuleLogic, logic.Logic):
+    __doc__ = logic.Logic.__doc__
 
     def __init__(self, launcher=None, python=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.modelPath = None
-        self.modelInfo = None        # card, device and provider reported by the engine process
-        self.runtime = "cpu"
-        self.launcher = launcher     # how engine processes start (default: slicer.util.launchConsoleProcess)
-        self.python = python         # and with which Python (default: PythonSlicer)
-        self.prestart = True         # keep an engine process started for the next run (hides its start-up)
-        self._standby = None
-        self._pollers = []
-        self._live = None            # the live backward map (IBIXLib.live.LiveBackward) while it is on
-        self._liveNode = None        # its B node, reused when Live is turned on again for the same input
+        logic.Logic.__init__(self, launcher, python, timerFactory=qt.QTimer)
 
     def getParameterNode(self):
         return IBIXParameterNode(super().getParameterNode())
 
-    # --- dependencies and model ------------------------------------------------------------------------------
-
-    @staticmethod
-    def ensureDependencies(runtime="cpu", prompt=True):
-        """Install what ``runtime`` ("cpu" or "gpu") needs, after asking; "ready", "installed" or "skipped"."""
-        return dependencies.ensure(runtime, prompt=prompt)
-
-    @staticmethod
-    def device(runtime):
-        return dict(RUNTIMES).get(runtime, "cpu")
-
-    def startModelCheck(self, path, runtime="cpu"):
-        """Start loading the model in an engine process (returns at once); pass the ended probe to acceptModel."""
-        return jobs.probe_model(path, self.device(runtime), launcher=self.launcher, python=self.python)
-
-    def acceptModel(self, probe):
-        if probe.state != jobs.FINISHED:
-            raise ibx.ModelError(probe.error)
-        self.modelPath = probe.process.args[probe.process.args.index("--model") + 1]
-        self.modelInfo = probe.info
-        self.runtime = "gpu" if probe.info.get("requested") == "cuda" else "cpu"
-        self._prestart()
-        return self.modelInfo
-
-    def _prestart(self):
-        """Start the engine process of the next run now (Python and the engine's imports take ~0.5 s)."""
-        if self.prestart and self._standby is None and self.modelInfo is not None:
-            self._standby = jobs.Standby(self.device(self.runtime), self.launcher, self.python)
-
-    def stopStandby(self):
-        """End the engine process kept for the next run (the module does it on exit)."""
-        if self._standby is not None:
-            self._standby.stop()
-            self._standby = None
-
-    def loadModel(self, path, runtime="cpu", installDependencies=True):
-        """Check an ONNX model and its card (``<model>.json``) in an engine process; returns what it reported.
-
-        runtime: "cpu" or "gpu" (NVIDIA, CUDA). With ``installDependencies``, missing Python packages are
-        installed first, after asking.
-        """
-        if installDependencies and self.ensureDependencies(runtime) == "skipped":
-            raise RuntimeError("ONNX Runtime is not installed and installs are skipped in testing mode")
-        probe = self.startModelCheck(path, runtime)
-        jobs.wait(probe, idle=_processEvents)
-        return self.acceptModel(probe)
-
-    def _requireModel(self):
-        if self.modelInfo is None:
-            raise ibx.InputError("no model loaded: call loadModel(path) (GUI: choose the ONNX file, Load model)")
-        return self.modelInfo
-
-    def cardSummary(self):
-        info = self._requireModel()
-        channels = ", ".join(info["channels"])
-        dims = f"{info['spatial_dims']}D" + (f" ({info['slice_axis']} slices)" if info["spatial_dims"] == 2 else "")
-        name = info.get("name") or os.path.basename(self.modelPath or "")
-        return _("{name}: {n} channel(s) [{channels}], {dims}, output units {units}").format(
-            name=name, n=len(info["channels"]), channels=channels, dims=dims, units=info.get("units") or "?")
-
-    def deviceSummary(self):
-        """The device and ONNX Runtime provider that really run the model, and whether that is what was asked."""
-        info = self._requireModel()
-        text = f"{info['device']} ({info['provider']})"
-        if info.get("requested") == "cuda" and info["device"] != "cuda":
-            text += " - " + _("the NVIDIA GPU was asked for but the CPU runs the model (CUDA could not start)")
-        return text
-
-    # --- parameters ----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def forwardParameters(p):
-        params = {"n_jitters": int(p.forwardJitters), "signed": bool(p.signedDisplay),
-                  "progressive": bool(p.progressive)}
-        if p.maxJitter > 0:
-            params["max_jitter"] = float(p.maxJitter)
-        return params
-
-    @staticmethod
-    def backwardParameters(p):
-        params = dict(IBIXLogic.atlasParameters(p), normalization=p.normalization, progressive=bool(p.progressive))
-        if p.coarseToFine:
-            params["coarse_blocks"] = int(p.coarseBlocks)
-            params["refine_threshold"] = float(p.refineThreshold)
-        return params
-
-    @staticmethod
-    def atlasParameters(p):
-        """The block and jitter parameters of the backward section that a response atlas takes."""
-        params = {"n_blocks": int(p.blocks), "compactness": float(p.compactness),
-                  "n_jitters": int(p.backwardJitters)}
-        if p.maxJitter > 0:
-            params["max_jitter"] = float(p.maxJitter)
-        return params
-
-    @staticmethod
-    def displayOptions(p):
-        if p is None:
-            return {}
-        return {"opacity": p.opacity, "threshold": p.threshold, "legend": p.showLegend,
-                "colormap": None if p.colormap == "Auto" else p.colormap}
-
-    # --- runs: start* return at once (the run is polled by a timer), run* wait for the result ----------------
-
-    def _start(self, request, display=None, onProgress=None, onDone=None, poll=True, runClass=None, **runOptions):
-        self._requireModel()
-
-        def done(run):
-            self._prestart()
-            if onDone is not None:
-                onDone(run)
-
-        standby, self._standby = self._standby, None
-        run = (runClass or jobs.Run)(request, self.modelPath, device=self.device(self.runtime), display=display,
-                                     on_progress=onProgress, on_done=done, launcher=self.launcher,
-                                     python=self.python, **runOptions)
-        try:
-            run.start(standby)
-        except Exception:  # refused before it ran (the standby was used up): keep one for the next run
-            self._prestart()
-            raise
-        if poll:
-            self._pollers.append(_Poller(run, self._pollers))
-        return run
-
-    def startGenerateOutput(self, inputNodes, name=None, **kw):
-        """Start generating the output (returns the run at once); ``onDone(run)`` gets the new volume as run.node."""
-        request = scene.prepare_request("output", self._requireModel()["channels"], _asList(inputNodes), name=name)
-        return self._start(request, **kw)
-
-    def startForward(self, inputNodes, segmentationNode, segmentId, outputNode=None, signed=False, name=None,
-                     display=None, onProgress=None, onDone=None, poll=True, **params):
-        """Start a forward map F of an input segment (returns the run at once); shown over ``outputNode``."""
-        request = scene.prepare_request("forward", self._requireModel()["channels"], _asList(inputNodes),
-                                        segmentationNode, segmentId, output_node=outputNode,
-                                        display="signed" if signed else "normalized", name=name, **params)
-        return self._start(request, display, onProgress, onDone, poll)
-
-    def startBackward(self, inputNodes, outputNode, segmentationNode, segmentId, name=None, display=None,
-                      onProgress=None, onDone=None, poll=True, **params):
-        """Start a backward map B of an output segment (returns the run at once); shown over the input."""
-        request = scene.prepare_request("backward", self._requireModel()["channels"], _asList(inputNodes),
-                                        segmentationNode, segmentId, output_node=outputNode, name=name, **params)
-        return self._start(request, display, onProgress, onDone, poll)
-
-    def generateOutput(self, inputNodes, name=None):
-        """Run the model -> NEW volume node with the generated output (waits; Slicer stays responsive)."""
-        return _result(self.startGenerateOutput(inputNodes, name=name, poll=False))
-
-    def runForward(self, inputNodes, segmentationNode, segmentId, outputNode=None, **params):
-        """Forward map F of an input segment -> NEW volume node (``signed=True`` for signed F). Waits."""
-        return _result(self.startForward(inputNodes, segmentationNode, segmentId, outputNode, poll=False, **params))
-
-    def runBackward(self, inputNodes, outputNode, segmentationNode, segmentId, **params):
-        """Backward map B of an output segment -> NEW volume node on the input grid. Waits."""
-        return _result(self.startBackward(inputNodes, outputNode, segmentationNode, segmentId, poll=False, **params))
-
-    # --- live backward maps: the response atlas of the input, then B of the output segment as it is painted -----
-
-    def startAtlas(self, inputNodes, outputDir=None, onProgress=None, onDone=None, poll=True, **params):
-        """Start ``ibix atlas`` of the input in the engine process (returns the run at once); once finished,
-        ``run.atlas_path`` is ``outputDir/atlas.npz`` (default: a new temporary folder). Params: n_blocks,
-        compactness, blocks, n_jitters, max_jitter."""
-        request = scene.prepare_request("atlas", self._requireModel()["channels"], _asList(inputNodes), **params)
-        return self._start(request, None, onProgress, onDone, poll, runClass=jobs.AtlasRun, output_dir=outputDir)
-
-    def runAtlas(self, inputNodes, outputDir=None, **params):
-        """The response atlas of the input -> its path (waits; Slicer stays responsive)."""
-        return _finished(self.startAtlas(inputNodes, outputDir, poll=False, **params)).atlas_path
-
-    def startLive(self, atlasPath, inputNode, segmentationNode, segmentId, normalization="fraction", display=None):
-        """Show B of the output segment from the atlas now and again each time the segment is painted (no model
-        evaluation; at most every ~150 ms); returns the :class:`IBIXLib.live.LiveBackward` (``.node`` is B).
-        Ends any live map already on; :meth:`stopLive` ends it."""
-        from IBIXLib import live
-
-        self.stopLive()
-        previous = self._liveNode if self._liveNode is not None and self._liveNode.GetAttribute(
-            "IBIX.background") == inputNode.GetID() else None  # B of this input: written again, no new node
-        self._live = live.LiveBackward(atlasPath, inputNode, segmentationNode, segmentId,
-                                       normalization=normalization, display=display, node=previous).start()
-        self._liveNode = self._live.node
-        return self._live
-
-    def stopLive(self):
-        """Stop updating the live backward map (its node stays)."""
-        live, self._live = getattr(self, "_live", None), None
-        if live is not None:
-            live.stop()
-
-    # --- cohorts: ibix cohort in the engine process, then open any case's maps ---------------------------------
-
-    def startCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
-                    runtime=None, onProgress=None, onDone=None, poll=True):
-        """Start ``ibix cohort`` on a manifest (CSV) in an engine process; returns the run at once.
-
-        ``onProgress(done, total, stage)`` counts cases; ``onDone(run)`` gets the ended run: ``run.files`` holds
-        ``cohort_csv`` and ``report`` (paths), ``run.cases`` the counts. Results stay in ``outputDir`` (a rerun
-        skips the cases done); open a case with :meth:`loadCohortCase`.
-        """
-        run = jobs.CohortRun(manifestPath, modelPath, outputDir, mapping=mapping, card_path=cardPath,
-                             workers=workers, device=self.device(runtime or self.runtime), on_progress=onProgress,
-                             on_done=onDone, launcher=self.launcher, python=self.python)
-        run.start()
-        if poll:
-            self._pollers.append(_Poller(run, self._pollers))
-        return run
-
-    def runCohort(self, manifestPath, modelPath, outputDir, mapping="forward", cardPath=None, workers=2,
-                  runtime=None, onProgress=None, onDone=None):
-        """Run a cohort (waits; Slicer stays responsive) -> {"cohort_csv": path, "report": path}."""
-        run = self.startCohort(manifestPath, modelPath, outputDir, mapping, cardPath, workers, runtime,
-                               onProgress=onProgress, onDone=onDone, poll=False)
-        return _finished(run).files
-
-    @staticmethod
-    def cohortCases(outputDir):
-        """The rows of ``outputDir/cohort.csv`` (case, status, error, evaluations, seconds, statistics)."""
-        return jobs.cohort_cases(outputDir)
-
-    def loadCohortCase(self, outputDir, case, display=None):
-        """Open a finished case of a cohort: its first input and its maps as NEW volume nodes, each map shown over
-        the input. Returns the new nodes (input first); each map node's ``IBIX.statistics`` attribute holds its
-        statistics (JSON)."""
-        summary, maps = jobs.case_maps(outputDir, case)
-        return scene.add_case_maps(case, summary, maps, **(display or {}))
-
-
-class _Poller:
-    """Polls one run with a Qt timer until it ends (asynchronous console runs)."""
-
-    def __init__(self, run, registry):
-        self.run, self.registry = run, registry
-        self.timer = qt.QTimer()
-        self.timer.setInterval(POLL_INTERVAL_MS)
-        self.timer.connect("timeout()", self.poll)
-        self.timer.start()
-
-    def poll(self):
-        self.run.poll()
-        if self.run.done:
-            self.timer.stop()
-            if self in self.registry:
-                self.registry.remove(self)
-
-
-def _processEvents():
-    app = getattr(slicer, "app", None)
-    if app is not None:
-        app.processEvents()
-
-
-def _finished(run):
-    """Wait for a run or a cohort (the GUI keeps repainting) and return it finished, or raise its error."""
-    jobs.wait(run, idle=_processEvents)
-    if run.state == jobs.FINISHED:
-        return run
-    if run.state == jobs.CANCELLED:
-        raise ibx.Cancelled(run.error)
-    raise ibx.IBIXError(run.error)
-
-
-def _result(run):
-    """Wait for a run and return its result node, or raise its error."""
-    return _finished(run).node
-
-
-def _asList(nodes):
-    if nodes is None:
-        return []
-    return list(nodes) if isinstance(nodes, (list, tuple)) else [nodes]
+    forwardParameters = staticmethod(controller.forwardParameters)
+    backwardParameters = staticmethod(controller.backwardParameters)
+    atlasParameters = staticmethod(controller.atlasParameters)
+    displayOptions = staticmethod(controller.displayOptions)
 
 
 #

@@ -9,6 +9,7 @@ JSON lines only, ending with a ``finished`` or ``failed`` record.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__, cohort, session
+from . import __version__, cohort, session, structures
 from .atlas import ResponseAtlas
 from .blocks import DEFAULT_COMPACTNESS
 from .checks import channel_indices
@@ -96,8 +97,11 @@ def _common(parser: argparse.ArgumentParser, needs_model: bool = True) -> None:
     group.add_argument("--card", type=Path, default=None, metavar="JSON",
                        help="the model card; none: <model>.json beside the model, or inferred from the ONNX model")
     group.add_argument("--input", "-i", dest="inputs", type=Path, action="append", required=True, metavar="VOLUME",
-                       help="input volume (NIfTI, NRRD or MHA); repeat once per channel of a multi-channel model, "
-                            "in the card's channel order")
+                       help="input volume (NIfTI, NRRD or MHA) or a folder of DICOM files; repeat once per channel "
+                            "of a multi-channel model, in the card's channel order")
+    group.add_argument("--series", action="append", default=None, metavar="UID",
+                       help="SeriesInstanceUID of the series to read from a DICOM folder that holds several; one per "
+                            "DICOM folder --input, in the same order")
     run = parser.add_argument_group("running")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where ONNX Runtime runs the model; auto: CUDA when available, else the CPU")
@@ -224,9 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(forward)
     group = forward.add_argument_group("forward mapping")
     group.add_argument("--mask", type=Path, required=True, metavar="LABELS",
-                       help="input mask M^x: a label volume (resampled onto the input's grid if it differs)")
-    group.add_argument("--label", type=_int_at_least(0), default=None, metavar="N",
-                       help="use the voxels of this label of the mask file (needed when it holds several labels)")
+                       help="input mask M^x: a label volume (resampled onto the input's grid if it differs), or a "
+                            "file of named structures: Slicer .seg.nrrd, DICOM RT structure set or SEG (or a DICOM "
+                            "folder holding one)")
+    selection = group.add_mutually_exclusive_group()
+    selection.add_argument("--label", type=_int_at_least(0), default=None, metavar="N",
+                           help="use the voxels of this label of the mask file (needed when it holds several labels)")
+    selection.add_argument("--segment", default=None, metavar="NAME",
+                           help="use the structure of this name (segment or ROI) of the mask file ('ibix masks FILE' "
+                                "lists them)")
     _mapping_options(group, 8)
     _figure_options(forward)
     forward.set_defaults(handler=cmd_forward)
@@ -239,10 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = backward.add_argument_group("backward mapping")
     group.add_argument("--out-mask", "--mask", dest="out_mask", type=Path, required=True, metavar="LABELS",
                        help="output mask M^f: a label volume on the output (= input) grid, resampled if it "
-                            "differs")
-    group.add_argument("--out-label", "--label", dest="out_label", type=_int_at_least(0), default=None,
-                       metavar="N",
-                       help="use the voxels of this label of the mask file (needed when it holds several labels)")
+                            "differs, or a file of named structures (Slicer .seg.nrrd, DICOM RT structure set or "
+                            "SEG, or a DICOM folder holding one)")
+    selection = group.add_mutually_exclusive_group()
+    selection.add_argument("--out-label", "--label", dest="out_label", type=_int_at_least(0), default=None,
+                           metavar="N",
+                           help="use the voxels of this label of the mask file (needed when it holds several labels)")
+    selection.add_argument("--out-segment", "--segment", dest="out_segment", default=None, metavar="NAME",
+                           help="use the structure of this name (segment or ROI) of the mask file ('ibix masks "
+                                "FILE' lists them)")
     _block_options(group)
     _mapping_options(group, 4)
     group.add_argument("--atlas", type=Path, default=None, metavar="NPZ",
@@ -283,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _cohort_parser(sub)
 
+    masks = sub.add_parser("masks", formatter_class=_Formatter, help="list the structures of a mask file",
+                           description="List the structures a mask file holds, by the names --segment and "
+                                       "--out-segment take: the segments of a Slicer .seg.nrrd or a DICOM SEG, the "
+                                       "ROIs of a DICOM RT structure set, those of every structure file of a DICOM "
+                                       "folder, or the values of a label volume.")
+    masks.add_argument("path", type=Path, metavar="FILE", help="a mask file or a DICOM folder")
+    masks.add_argument("--json", action="store_true", default=False,
+                       help="print one JSON object per structure instead of a table")
+    masks.set_defaults(handler=cmd_masks)
+
     demo = sub.add_parser("demo", formatter_class=_Formatter, help="run both shipped demos end to end",
                           description="Run the shipped demos (T1 to T2, MRI to pseudo-CT) end to end: prediction, "
                                       "one forward and one backward map each, with PNG figures and summaries.")
@@ -297,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=tuple(FORMATS), default="nrrd", help="file format of the volumes")
     demo.add_argument("--quiet", "-q", action="store_true", default=False, help="print nothing but errors")
     demo.set_defaults(handler=cmd_demo)
+
+    web = sub.add_parser("web", formatter_class=_Formatter, help="the IBIX page in a browser (pip install ibix[web])",
+                         description="Serve the IBIX page (trame-slicer: Slicer's slice views and segment editor in "
+                                     "a browser). It binds 127.0.0.1 unless told otherwise and prints its URL with a "
+                                     "random access token; reach a server's page through an SSH tunnel.")
+    try:
+        from IBIXWeb import server as web_server
+    except ImportError:  # the web extra is not installed: the command says so when run
+        web_server = None
+    if web_server is not None:
+        web_server.add_arguments(web)
+    web.set_defaults(handler=cmd_web, web_server=web_server)
     return parser
 
 
@@ -304,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_case(args: argparse.Namespace) -> tuple[Model, Inputs]:
     """The model and the input volumes a command names."""
     model = session.load_model(args.model, args.card, args.device, args.memory_budget)
-    return model, session.load_inputs(args.inputs, model)
+    return model, session.load_inputs(args.inputs, model, args.series)
 
 
 def _mapping_parameters(args: argparse.Namespace, model: Model) -> dict:
@@ -332,14 +369,15 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
-    mask = session.load_mask(args.mask, args.label, inputs.geometry, console, "input mask")
+    mask, structure = session.load_structure(args.mask, args.label, inputs.geometry, console, "input mask",
+                                             args.segment, inputs.dicom_series)
     with Outputs(args.output, args.format, [*inputs.paths, args.mask, args.model, args.card], "forward") as outputs:
         outputs.check(["summary.json"])
         run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model),
                                   _figure(args))
         result = run.result
         session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
-                              forward=result.to_dict(), figure=run.figure)
+                              structure=structure, forward=result.to_dict(), figure=run.figure)
     session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
                                       f"{result.device}; max |F| = {float(np.abs(result.signed).max()):.3g} "
                                       f"{result.units}; {describe(result.statistics)}"])
@@ -378,7 +416,8 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     if args.atlas is not None:
         atlas = ResponseAtlas.load(args.atlas, model, inputs.x, inputs.geometry)
         _atlas_conflicts(args, model, atlas)
-    mask = session.load_mask(args.out_mask, args.out_label, inputs.geometry, console, "output mask")
+    mask, structure = session.load_structure(args.out_mask, args.out_label, inputs.geometry, console, "output mask",
+                                             args.out_segment, inputs.dicom_series)
     blocks: Any = (args.blocks if args.block_labels is None
                    else session.load_block_labels(args.block_labels, inputs.geometry))
     if atlas is not None:
@@ -394,7 +433,7 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
         run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args), atlas=atlas)
         result = run.result
         session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
-                              label=args.out_label,
+                              label=args.out_label, structure=structure,
                               block_labels=None if args.block_labels is None else str(args.block_labels),
                               atlas=None if args.atlas is None else str(args.atlas),
                               backward=result.to_dict(), figure=run.figure)
@@ -455,10 +494,42 @@ def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_masks(args: argparse.Namespace, console: Console) -> int:
+    found = structures.list_structures(args.path)
+    if args.json:
+        for structure in found:
+            print(json.dumps(structure.to_dict() | {"details": structure.details}))
+        return 0
+    if not found:
+        print(f"{args.path}: no structure")
+        return 0
+    files = list(dict.fromkeys(s.file for s in found))
+    for file in files:
+        rows = [s for s in found if s.file == file]
+        first = rows[0]
+        where = ("" if not first.referenced_series else
+                 f"; refers to series {', '.join(first.referenced_series)}")
+        noun = "value" if first.format == structures.LABELS else "structure"
+        print(f"{file}: {structures.FORMAT_NAMES[first.format]}, {len(rows)} {noun}{'s' if len(rows) != 1 else ''}"
+              f"{where}")
+        width = max(len(str(s.name)) for s in rows) if rows[0].name is not None else 0
+        for s in rows:
+            number = "" if s.number is None else str(s.number)
+            name = "" if s.name is None else s.name
+            print(f"  {number:>5}  {name:<{width}}  {s.details}".rstrip())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     run_demo(args.output, quick=args.quick, figures_dir=args.figures, device=args.device, fmt=args.format,
              console=console)
     return 0
+
+
+def cmd_web(args: argparse.Namespace, console: Console) -> int:
+    if args.web_server is None:
+        raise InputError("the web page needs the web extra: pip install \"ibix[web]\" (trame-slicer)")
+    return args.web_server.main(args)
 
 
 # -- entry point --------------------------------------------------------------------------------------------
@@ -471,16 +542,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("ibix: error: choose a command: predict, forward, backward, atlas, cohort or demo (ibix --help)",
-              file=sys.stderr)
+        print("ibix: error: choose a command: predict, forward, backward, atlas, cohort, masks, demo or web "
+              "(ibix --help)", file=sys.stderr)
         return 2
-    console = Console(quiet=args.quiet, progress_format=getattr(args, "progress_format", "human"))
+    console = Console(quiet=getattr(args, "quiet", False), progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("ibix: %(message)s"))
     engine_log.addHandler(handler)
     previous_level = engine_log.level
-    engine_log.setLevel(logging.ERROR if args.quiet else logging.WARNING)
+    engine_log.setLevel(logging.ERROR if console.quiet else logging.WARNING)
     try:
         return args.handler(args, console)
     except IBIXError as exc:

@@ -1,8 +1,10 @@
 """Explain a cohort: one forward or backward map per case of a manifest, cases run in parallel on Dask.
 
-The manifest is a CSV file with the columns ``case`` (a folder name), ``input`` (the input volume; several channel
-files separated by ``;``, in the card's channel order), ``mask`` (the input mask for forward maps, the output mask
-for backward maps), an optional ``label`` (the mask file's label) and optional per-case parameter columns named as
+The manifest is a CSV file with the columns ``case`` (a folder name), ``input`` (the input volume or DICOM folder;
+several channels separated by ``;``, in the card's channel order), ``mask`` (the input mask for forward maps, the
+output mask for backward maps: a label volume, a .seg.nrrd, a DICOM RT structure set or SEG, or a DICOM folder holding
+one), optional ``label`` (the mask file's label), ``segment`` (the structure's name) and ``series`` (the
+SeriesInstanceUID of each DICOM folder input, ``;``-separated) and optional per-case parameter columns named as
 the parameters of :func:`IBIXLogic.forward_mapping` / :func:`IBIXLogic.backward_mapping` (``n_jitters``,
 ``max_jitter``, ``n_blocks``, ...; ``block_labels`` for a block label file). Relative paths are relative to the
 manifest's folder; an empty cell keeps the default.
@@ -42,10 +44,15 @@ from .statistics import BACKWARD_STATISTICS, FORWARD_STATISTICS, flatten
 
 MAPPINGS = ("forward", "backward")
 REQUIRED_COLUMNS = ("case", "input", "mask")
+#: Optional columns that say what to read from the case's files.
+SELECTION_COLUMNS = ("label", "segment", "series")
 #: Engine arguments that the cohort sets itself, so they cannot be manifest columns.
 _NOT_PARAMETERS = {"model", "x", "mask", "out_mask", "geometry", "preview", "progress", "cancel"}
 #: Columns of cohort.csv before the statistics.
 ROW_COLUMNS = ("case", "status", "error", "evaluations", "seconds")
+#: Columns of cohort.csv that say what a case read: the input series' UIDs (';'-separated), the structure's name
+#: (or "label N") and its file.
+PROVENANCE_COLUMNS = ("series_uid", "structure", "structure_file")
 #: How long joining a Dask scheduler may take before the cohort gives up.
 SCHEDULER_TIMEOUT_S = 10
 log = logging.getLogger("IBIX")
@@ -76,6 +83,8 @@ class Case:
     mask: Path
     label: int | None = None
     parameters: dict = field(default_factory=dict)
+    segment: str | None = None
+    series: tuple[str, ...] = ()
 
 
 def _value(text: str) -> Any:
@@ -127,13 +136,13 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
         raise InputError(f"{path}: the manifest is empty; it needs a header row {','.join(REQUIRED_COLUMNS)}")
     header = [cell.strip() for cell in rows[0][1]]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    unknown = [c for c in header if c not in REQUIRED_COLUMNS + ("label",) + allowed]
+    unknown = [c for c in header if c not in REQUIRED_COLUMNS + SELECTION_COLUMNS + allowed]
     if missing or unknown or len(set(header)) != len(header):
         raise InputError(f"{path}: the header {header} " + (f"lacks the column(s) {missing}; " if missing else "")
                          + (f"has unknown column(s) {unknown}; " if unknown else "")
                          + ("repeats a column; " if len(set(header)) != len(header) else "")
-                         + f"the columns are {list(REQUIRED_COLUMNS)}, optional 'label' and the {mapping} "
-                           f"parameters {list(allowed)}")
+                         + f"the columns are {list(REQUIRED_COLUMNS)}, optional {list(SELECTION_COLUMNS)} and the "
+                           f"{mapping} parameters {list(allowed)}")
 
     def absolute(text: str) -> Path:
         return folder / Path(text).expanduser()
@@ -156,6 +165,8 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
         label = cells.get("label", "")
         if label and not label.isdigit():
             raise InputError(f"{path}, line {number}: label {label!r} must be a whole number >= 0")
+        if label and cells.get("segment"):
+            raise InputError(f"{path}, line {number}: case {name!r} has a label and a segment; give one of them")
         for column in ("input", "mask"):
             if not cells[column]:
                 raise InputError(f"{path}, line {number}: case {name!r} has no {column}")
@@ -163,7 +174,9 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
         if "block_labels" in parameters:
             parameters["block_labels"] = absolute(str(parameters["block_labels"]))
         cases.append(Case(name, tuple(absolute(p.strip()) for p in cells["input"].split(";") if p.strip()),
-                          absolute(cells["mask"]), int(label) if label else None, parameters))
+                          absolute(cells["mask"]), int(label) if label else None, parameters,
+                          cells.get("segment") or None,
+                          tuple(uid.strip() for uid in cells.get("series", "").split(";") if uid.strip())))
     if not cases:
         raise InputError(f"{path}: the manifest has a header but no case")
     return cases
@@ -195,7 +208,19 @@ def case_row(case: str, status: str, error: str = "", summary: dict | None = Non
     if seconds is None and summary is not None:
         seconds = summary.get("seconds_total")
     return {"case": case, "status": status, "error": error, "evaluations": result.get("evaluations"),
-            "seconds": None if seconds is None else round(float(seconds), 3), **statistics}
+            "seconds": None if seconds is None else round(float(seconds), 3), **provenance(summary), **statistics}
+
+
+def provenance(summary: dict | None) -> dict:
+    """What a case read, from its summary: the input series' UIDs, the structure's name (or label) and file."""
+    summary = summary or {}
+    series = [s["series_uid"] if s else "" for s in summary.get("series") or []]
+    structure = summary.get("structure") or {}
+    name = structure.get("name")
+    if name is None and structure.get("number") is not None:
+        name = f"label {structure['number']}"
+    return {"series_uid": ";".join(series) if any(series) else None, "structure": name,
+            "structure_file": structure.get("file")}
 
 
 def _explain(case: Case, settings: Settings, folder: Path, final: Path) -> dict:
@@ -208,9 +233,10 @@ def _explain(case: Case, settings: Settings, folder: Path, final: Path) -> dict:
     console = session.Console(quiet=True)
     forward = settings.mapping == "forward"
     model = session.load_model(settings.model, settings.card, settings.device)
-    inputs = session.load_inputs(list(case.inputs), model)
-    mask = session.load_mask(case.mask, case.label, inputs.geometry, console, "input mask" if forward else
-                             "output mask")
+    inputs = session.load_inputs(list(case.inputs), model, case.series)
+    mask, structure = session.load_structure(case.mask, case.label, inputs.geometry, console,
+                                             "input mask" if forward else "output mask", case.segment,
+                                             inputs.dicom_series)
     parameters = dict(case.parameters)
     block_labels = parameters.pop("block_labels", None)
     if block_labels is not None:
@@ -222,7 +248,7 @@ def _explain(case: Case, settings: Settings, folder: Path, final: Path) -> dict:
                                                                          parameters)
         extra = {} if forward else {"block_labels": None if block_labels is None else str(block_labels)}
         session.write_summary(outputs, settings.mapping, model, inputs, started, case=case.name,
-                              mask=str(case.mask), label=case.label, **extra,
+                              mask=str(case.mask), label=case.label, structure=structure, **extra,
                               **{settings.mapping: run.result.to_dict()}, figure=run.figure)
     return json.loads((folder / "summary.json").read_text())
 
@@ -249,7 +275,15 @@ def run_case(case: Case, settings: Settings) -> dict:
         message = f"{type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    return case_row(case.name, "failed", message, mapping=settings.mapping, seconds=time.perf_counter() - started)
+    return failed_row(case, message, settings.mapping, time.perf_counter() - started)
+
+
+def failed_row(case: Case, message: str, mapping: str, seconds: float | None = None) -> dict:
+    """The cohort.csv row of a failed case, with what it was asked to read (series, structure and its file)."""
+    row = case_row(case.name, "failed", message, mapping=mapping, seconds=seconds)
+    row.update(series_uid=";".join(case.series) or None, structure_file=str(case.mask),
+               structure=case.segment or (None if case.label is None else f"label {case.label}"))
+    return row
 
 
 @dataclass
@@ -286,7 +320,7 @@ def _done_row(case: Case, settings: Settings) -> dict | None:
 
 def write_rows(path: Path, rows: Sequence[dict], mapping: str) -> Path:
     """Write cohort.csv (under a temporary name, renamed when complete); empty cells for missing values."""
-    columns = list(ROW_COLUMNS) + list(statistic_columns(mapping))
+    columns = list(ROW_COLUMNS) + list(PROVENANCE_COLUMNS) + list(statistic_columns(mapping))
     try:
         with atomic_write(Path(path)) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -304,7 +338,7 @@ def read_rows(path: Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         for key, value in row.items():
-            if key in ("case", "status", "error"):
+            if key in ("case", "status", "error") + PROVENANCE_COLUMNS:
                 continue
             row[key] = None if value == "" else float(value)
     return rows
@@ -420,8 +454,8 @@ def _run_cases(pending: Sequence[Case], settings: Settings, rows: dict, workers:
             try:
                 rows[case.name] = future.result()
             except Exception as exc:  # the worker died (e.g. killed for memory): this case fails
-                rows[case.name] = case_row(case.name, "failed", f"the worker running it was lost "
-                                           f"({type(exc).__name__}: {exc})", mapping=settings.mapping)
+                rows[case.name] = failed_row(case, f"the worker running it was lost ({type(exc).__name__}: "
+                                             f"{exc})", settings.mapping)
             report("cases")
     finally:
         with _interrupts_ignored():  # a second Ctrl-C while the cluster shuts down does not cut that short

@@ -37,3 +37,11 @@ def is_file(path: Path, what: str, error: type[IBIXError], hint: str = "") -> bo
         return path.is_file()
     except OSError as exc:
         raise error(f"{what} {short_path(path)} cannot be opened ({exc.strerror or exc}){hint}") from None
+
+
+def is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (False for a path the file system cannot look up: the reader names it)."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False

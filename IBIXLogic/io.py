@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from . import headers
 from .checks import check_arguments, check_array, check_geometry, check_path
-from .errors import InputError, is_file
+from .errors import InputError, is_file, is_folder
 from .geometry import Geometry
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -255,11 +255,18 @@ def _check_nifti_geometry(path: Path, header: headers.NiftiHeader, reader: "sitk
                          "img.set_sform(img.affine); with fslorient) and read it again")
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+def read_volume(path: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a scalar volume.
 
     The header is checked before any voxel is read (:func:`check_voxel_data`: sizes, memory, and that the file
     holds all the voxel data it declares), and a NIfTI file's geometry fields against each other.
+
+    Parameters
+    ----------
+    path : path-like
+        A NIfTI, NRRD or MHA file, or a folder of DICOM files (see :func:`IBIXLogic.dicom.read_series`).
+    series : str, optional
+        For a DICOM folder holding several image series: the SeriesInstanceUID of the one to read.
 
     Returns
     -------
@@ -269,6 +276,14 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         Origin, spacing and direction of the file (LPS).
     """
     path = check_path("path", path)
+    from . import dicom
+
+    if series is not None or is_folder(path):
+        return dicom.read_series(path, series)[:2]
+    if dicom.is_dicom_file(path):  # one file of a series: GDCM would read it alone, without the series' checks
+        raise InputError(f"{path}: a DICOM file; IBIX reads a DICOM series from its folder: give the folder "
+                         f"{path.parent} (with --series {dicom.read_header(path).get('SeriesInstanceUID', 'UID')} "
+                         "if it holds several series)")
     if not is_file(path, "volume", InputError):
         raise InputError(f"{path}: no such file")
     reader = sitk.ImageFileReader()
@@ -393,23 +408,35 @@ def resample_mask(mask: np.ndarray, geometry: Geometry, reference: Geometry) -> 
     return sitk.GetArrayFromImage(resampled).astype(bool)
 
 
-def read_mask(path: str | os.PathLike, label: int | None = None,
-              reference: Geometry | None = None) -> np.ndarray:
-    """Read a label volume as a boolean mask.
+def read_mask(path: str | os.PathLike, label: int | None = None, reference: Geometry | None = None,
+              segment: str | None = None, series=None) -> np.ndarray:
+    """Read a label volume, or a structure by name, as a boolean mask.
 
     Parameters
     ----------
     path : path-like
-        Label volume (NIfTI, NRRD or MHA).
+        Label volume (NIfTI, NRRD or MHA), or a file of named structures: a Slicer .seg.nrrd, a DICOM RT
+        structure set or DICOM SEG (or a DICOM folder holding one); see :mod:`IBIXLogic.structures`.
     label : int, optional
         Voxels equal to this label form the mask. By default the file must hold one nonzero value (a binary
         mask, whatever that value is); a file with several (an image, or a map of several labels) is refused
         rather than read as the union of everything nonzero.
     reference : Geometry, optional
         Grid the mask must lie on. A mask on another grid is resampled onto it (nearest neighbour).
+    segment : str, optional
+        The name of the structure (segment or ROI) to read; needed when the file holds several.
+    series : Series or sequence of Series, optional
+        The input's DICOM series, which a DICOM structure must refer to.
     """
+    path = check_path("path", path)
     label = check_arguments(label=label)["label"]
     reference = check_geometry("reference", reference)
+    if segment is not None and not isinstance(segment, str):
+        raise InputError(f"segment must be a structure name (text), got {segment!r}")
+    from . import structures
+
+    if structures.is_structure_source(path, label, segment):
+        return structures.read_structure(path, segment, reference, series)[0]
     array, geometry = read_volume(path)
     if label is None:
         mask = array != 0

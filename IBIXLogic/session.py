@@ -25,7 +25,10 @@ from .backward import BackwardResult, backward_mapping
 from .errors import IBIXError, InputError, short_path
 from .forward import ForwardResult, forward_mapping
 from .geometry import Geometry, slice_array_axis
+from .dicom import read_series
+from .errors import is_folder
 from .io import read_mask, read_volume, write_volume
+from .structures import LABELS, is_structure_source, read_structure
 from .model import Model, load_model as engine_load_model
 
 FORMATS = {"nrrd": ".nrrd", "nifti": ".nii.gz"}
@@ -146,15 +149,21 @@ class Console:
 # -- loading ------------------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
-    """Input volumes (one per channel) on one grid."""
+    """Input volumes (one per channel) on one grid, and the DICOM series each was read from (None for a file)."""
 
     arrays: list[np.ndarray]
     geometry: Geometry
     paths: list[Path]
+    series: list[Any] = field(default_factory=list)
 
     @property
     def x(self) -> Any:
         return self.arrays[0] if len(self.arrays) == 1 else self.arrays
+
+    @property
+    def dicom_series(self) -> list[Any]:
+        """The :class:`IBIXLogic.dicom.Series` of the inputs read from DICOM folders."""
+        return [s for s in self.series if s is not None]
 
 
 def load_model(path: Path, card: Path | None, device: str = "auto", memory_budget_mib: float = 512.0) -> Model:
@@ -165,16 +174,34 @@ def load_model(path: Path, card: Path | None, device: str = "auto", memory_budge
                              memory_budget=int(memory_budget_mib * 2**20))
 
 
-def load_inputs(paths: Sequence[Path], model: Model) -> Inputs:
-    """Read one volume per card channel and check they share one grid."""
+def series_per_input(paths: Sequence[Path], series: Sequence[str] | None) -> list[str | None]:
+    """The SeriesInstanceUID to read from each input: ``series`` holds one per DICOM folder among ``paths``, in
+    their order (or is empty: each folder then holds one image series)."""
+    folders = [p for p in paths if is_folder(p)]
+    series = [str(s).strip() for s in series or []]
+    if series and len(series) != len(folders):
+        raise InputError(f"{len(series)} series UID(s) given for {len(folders)} DICOM folder input(s)"
+                         + (f" ({', '.join(str(p) for p in folders)})" if folders else "")
+                         + "; give one --series per DICOM folder --input, in the same order, or none")
+    chosen = iter(series)
+    return [next(chosen, None) if is_folder(p) else None for p in paths]
+
+
+def load_inputs(paths: Sequence[Path], model: Model, series: Sequence[str] | None = None) -> Inputs:
+    """Read one volume per card channel (a file, or a DICOM folder: ``series`` as in :func:`series_per_input`) and
+    check they share one grid."""
     names = list(model.card.input.channels)
     if len(paths) != len(names):
         raise InputError(f"the model {model.path.name} takes {len(names)} input channel(s) {names} but "
                          f"{len(paths)} --input volume(s) were given ({', '.join(str(p) for p in paths)}); "
                          "pass one --input per channel, in that order")
-    arrays, geometries = [], []
-    for path in paths:
-        array, geometry = read_volume(path)
+    arrays, geometries, found = [], [], []
+    for path, uid in zip(paths, series_per_input(paths, series)):
+        if is_folder(path):
+            array, geometry, info = read_series(path, uid)
+        else:
+            (array, geometry), info = read_volume(path), None
+        found.append(info)
         if array.ndim not in (2, 3):
             raise InputError(f"{path}: a {array.ndim}D image; IBIX reads 2D images and 3D volumes")
         arrays.append(array)
@@ -185,18 +212,35 @@ def load_inputs(paths: Sequence[Path], model: Model) -> Inputs:
                              f"{geometry.origin}) differs from {paths[0]}'s (shape {geometries[0].shape}, spacing "
                              f"{geometries[0].spacing}, origin {geometries[0].origin}); resample the channels "
                              "onto one grid")
-    return Inputs(arrays, geometries[0], list(paths))
+    return Inputs(arrays, geometries[0], list(paths), found)
 
 
-def load_mask(path: Path, label: int | None, reference: Geometry, console: Console, what: str) -> np.ndarray:
-    """A mask on the input grid; one on another grid is resampled (nearest neighbour) if it overlaps."""
+def load_structure(path: Path, label: int | None, reference: Geometry, console: Console, what: str,
+                   segment: str | None = None, series: Sequence[Any] = ()) -> tuple[np.ndarray, dict]:
+    """A mask on the input grid and what ``summary.json`` records about it (file, format, name or label).
+
+    A label volume on another grid is resampled (nearest neighbour) if it overlaps; a structure by name (a
+    .seg.nrrd, DICOM RT structure set or SEG) is placed on the input's grid, a DICOM one after checking that it
+    refers to the input ``series``.
+    """
+    if is_structure_source(path, label, segment):
+        mask, structure, notes = read_structure(path, segment, reference, series)
+        for note in notes:
+            console.note(f"{path}: {note}")
+        return mask, structure.to_dict()
     _, geometry = read_volume(path)
     mask = read_mask(path, label=label, reference=reference)  # refuses a mask that cannot be resampled
     if not geometry.matches(reference):
         console.note(f"{path}: the {what}'s grid (shape {geometry.shape}, spacing {geometry.spacing}) differs from "
                      f"the input's (shape {reference.shape}, spacing {reference.spacing}); resampled onto the "
                      "input's grid (nearest neighbour)")
-    return mask
+    return mask, {"file": str(path), "format": LABELS, "name": None, "number": label}
+
+
+def load_mask(path: Path, label: int | None, reference: Geometry, console: Console, what: str,
+              segment: str | None = None, series: Sequence[Any] = ()) -> np.ndarray:
+    """The mask of :func:`load_structure`."""
+    return load_structure(path, label, reference, console, what, segment, series)[0]
 
 
 def load_block_labels(path: Path, reference: Geometry) -> np.ndarray:
@@ -297,13 +341,19 @@ class Outputs:
         return self.folder / f".{stem}_preview{self.suffix}"
 
     def check(self, names: Sequence[str] = ()) -> None:
-        """Refuse names that are inputs; create the folder, take its lock, recover it, open the staging folder."""
+        """Refuse names that are inputs and a folder inside an input folder (a DICOM series' folder is never written
+        into); create the folder, take its lock, recover it, open the staging folder."""
         for name in names:
             if _resolved(self.folder / name) in self.protected:
                 raise InputError(f"{self.folder / name}: writing it would overwrite an input file; choose another "
                                  "--output folder")
         if self._staging is not None:
             return
+        folder = _resolved(self.folder)
+        for protected in self.protected:
+            if (folder == protected or protected in folder.parents) and protected.is_dir():
+                raise InputError(f"{self.folder}: the output folder is inside the input folder {protected}; IBIX "
+                                 "never writes into an input's folder: choose another --output folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except (OSError, RuntimeError) as exc:
@@ -597,7 +647,9 @@ def write_summary(outputs: Outputs, command: str, model: Model, inputs: Inputs, 
     """``summary.json``: the command, model, inputs and geometry, ``content``, timing and the files written; the
     run's files are committed with it (:meth:`Outputs.commit`)."""
     summary = {"ibix": __version__, "command": command, "model": model_summary(model),
-               "inputs": [str(p) for p in inputs.paths], "geometry": inputs.geometry.to_dict()}
+               "inputs": [str(p) for p in inputs.paths],
+               "series": [None if s is None else s.to_dict() for s in inputs.series] or None,
+               "geometry": inputs.geometry.to_dict()}
     summary.update(content)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return outputs.commit(summary)

@@ -13,6 +13,7 @@ scene snapshots (``scene_snapshot``, ``assert_scene_unchanged``) and carded anal
 """
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 import types
@@ -204,6 +205,60 @@ def conv_model(directory: Path, kernel: np.ndarray | None = None) -> Path:
 
 
 
+@pytest.fixture
+def case(slicer_app, tmp_path):
+    """A T1 volume (4x16x12, anisotropic), a segmentation with one painted segment, and a carded 3x3 model."""
+    array = np.random.default_rng(5).uniform(1, 2, (4, 16, 12)).astype(np.float32)
+    volume = slicer_app.slicer.util.addVolumeFromArray(array, np.diag([0.9, 1.2, 3.0, 1.0]), name="T1")
+    seg = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    sid = seg.GetSegmentation().AddEmptySegment("", "Left ventricle")
+    mask = np.zeros(array.shape, np.uint8)
+    mask[1, 5:8, 4:7] = 1
+    slicer_app.slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, sid, volume)
+    model = conv_model(tmp_path)
+    return dict(app=slicer_app, array=array, volume=volume, seg=seg, sid=sid, mask=mask.astype(bool), model=model)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A stand-in for qt.QTimer (the event loop's part is the test's)
+# ------------------------------------------------------------------------------------------------------------------
+
+class FakeTimer:
+    """qt.QTimer: the test fires it (the event loop's part)."""
+
+    instances: list = []
+
+    def __init__(self):
+        self.active, self.interval, self.slots = False, 0, []
+        FakeTimer.instances.append(self)
+
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def connect(self, signal, slot):
+        self.slots.append(slot)
+
+    def setSingleShot(self, single):
+        self.single = single
+
+    def isActive(self):
+        return self.active
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def fire(self):
+        if self.active:
+            if getattr(self, "single", False):
+                self.active = False
+            for slot in self.slots:
+                slot()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # A stand-in engine process (exact, fast protocol cases for the runner and the widget)
 # ------------------------------------------------------------------------------------------------------------------
@@ -234,6 +289,15 @@ FAKE_CHILD = textwrap.dedent('''
         sys.exit(0)
     out = args[args.index("--output") + 1]
     print("a human message on stderr", file=sys.stderr, flush=True)
+    if command in ("forward", "backward", "atlas"):  # the engine's estimate, before any progress
+        slow = mode == "slow"
+        print(json.dumps({"stage": "estimate", "evaluations": 23000 if slow else 35, "seconds": 1380.0 if slow else 2.5,
+                          "advice": ["an NVIDIA GPU", "fewer blocks"] if slow else []}), flush=True)
+        if "--estimate" in args:
+            print(json.dumps({"stage": "finished", "files": {}}), flush=True)
+            sys.exit(0)
+        if slow:  # long enough for the module to cancel it when it sees the estimate
+            time.sleep(2)
     for done in range(3):
         print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
     if mode == "fail":
@@ -298,12 +362,56 @@ class FakeMode:
 
 @pytest.fixture
 def fake_child(tmp_path, monkeypatch):
-    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, or preview: a progressive run
-    waits after its preview until the test writes ``go-on`` in the job folder)."""
+    """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, slow: estimated at 23 minutes,
+    or preview: a progressive run waits after its preview until the test writes ``go-on`` in the job folder)."""
     from IBIXLib import jobs
 
     path = tmp_path / "fake_child.py"
     path.write_text(FAKE_CHILD)
     monkeypatch.setattr(jobs, "CHILD_SCRIPT", str(path))
     monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
+    _estimate_interface(monkeypatch)
     return FakeMode(monkeypatch, tmp_path / "fake_mode")
+
+
+def _estimate_interface(monkeypatch):
+    """``jobs.Run(..., estimate_only=True)`` and ``run.estimate`` (the engine's ``{"stage": "estimate"}`` record) as
+    the engine runner provides them: the real ones where jobs.py has them, else this minimal stand-in of that
+    interface (``--estimate`` added to the command line; an estimate-only run reads no map file)."""
+    import inspect
+
+    from IBIXLib import jobs
+
+    if "estimate_only" in inspect.signature(jobs.Run.__init__).parameters:
+        return
+    take = jobs.Process._take
+
+    def _take(process, line):
+        if line.startswith('{"stage": "estimate"'):
+            process.estimate = json.loads(line)
+        else:
+            take(process, line)
+
+    arguments = jobs.command_arguments
+
+    def command_arguments(request, *args):
+        return arguments(request, *args) + (["--estimate"] if getattr(request, "estimate_only", False) else [])
+
+    class Run(jobs.Run):
+        def __init__(self, request, model_path, estimate_only=False, **kw):
+            super().__init__(request, model_path, **kw)
+            self.estimate_only = request.estimate_only = estimate_only
+
+        @property
+        def estimate(self):
+            return getattr(self.process, "estimate", None)
+
+        def _read(self):
+            if self.estimate_only:
+                self._end(jobs.FINISHED, "")
+            else:
+                super()._read()
+
+    monkeypatch.setattr(jobs.Process, "_take", _take)
+    monkeypatch.setattr(jobs, "command_arguments", command_arguments)
+    monkeypatch.setattr(jobs, "Run", Run)

@@ -184,3 +184,95 @@ def test_folders_of_another_run_are_reported_not_overwritten(tmp_path, capsys):
     bad = write_manifest(tmp_path / "bad.csv", [["case", "input", "mask", "speed"], ["a", "x", "m", "1"]])
     assert cli.main(["cohort", str(bad), "--model", str(T1_MODEL), "--mapping", "forward", "-o", str(out)]) == 2
     assert "unknown column(s) ['speed']" in capsys.readouterr().err
+
+
+# -- a cohort of DICOM folders with structures by name ---------------------------------------------------------
+def test_manifest_series_and_segment_columns(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", [
+        ["case", "input", "mask", "segment", "series"],
+        ["a", "p1/MR;p1/MR", "p1/RS.dcm", "Bladder wall", "1.2.3; 1.2.4"],
+        ["b", "p2/t1.nrrd", "p2/labels.nrrd", "", ""]])
+    a, b = cohort.read_manifest(manifest, "forward")
+    assert a.segment == "Bladder wall" and a.series == ("1.2.3", "1.2.4") and a.mask == tmp_path / "p1" / "RS.dcm"
+    assert b.segment is None and b.series == ()
+    bad = write_manifest(tmp_path / "bad.csv", [["case", "input", "mask", "label", "segment"],
+                                                ["a", "x", "m", "1", "B"]])
+    with pytest.raises(ibx.InputError, match="line 2: case 'a' has a label and a segment"):
+        cohort.read_manifest(bad, "forward")
+
+
+def test_cohort_of_dicom_folders_records_what_it_read_and_fails_hostile_cases_alone(t1_dicom, tmp_path):
+    import clinical_data as cd
+    from pydicom.uid import generate_uid
+
+    x, geometry = cd.crop(t1_dicom.x, t1_dicom.geometry, (slice(88, 98), slice(96, 144), slice(66, 106)))
+    box = np.zeros(x.shape, bool)
+    box[4:7, 20:30, 15:25] = True
+    data = tmp_path / "data"
+
+    def series(name, **kw):
+        return cd.write_series(data / name, x, geometry, **kw)
+
+    export = series("export")  # a PACS export: the series and its structure set in one folder
+    cd.write_rtstruct(data / "export" / "RS.dcm", export, {"PTV": box}, geometry)
+    two = series("two-series", description="T1 axial")
+    cd.write_series(data / "two-series", x[:4], geometry, description="T1 post", number=9, seed=1)
+    cd.write_rtstruct(data / "two-series-RS.dcm", two, {"PTV": box}, geometry)
+    gap = series("missing-slice")
+    gap.files[3].unlink()
+    cd.write_rtstruct(data / "missing-slice-RS.dcm", gap, {"PTV": box}, geometry)
+    tilted = series("tilted", shear=geometry.direction[:, 1] * 0.2)
+    cd.write_rtstruct(data / "tilted-RS.dcm", tilted, {"PTV": box}, geometry)
+    stray = series("stray-files")
+    (data / "stray-files" / "notes.txt").write_text("not DICOM\n")
+    cd.write_rtstruct(data / "stray-files-RS.dcm", stray, {"PTV": box}, geometry)
+    cut = series("truncated")
+    cd.truncate(cut.files[2])
+    cd.write_rtstruct(data / "truncated-RS.dcm", cut, {"PTV": box}, geometry)
+    other = series("other")
+    cd.write_rtstruct(data / "other-RS.dcm", other, {"PTV": box}, geometry, referenced_series=generate_uid())
+    before = cd.snapshot(data), cd.snapshot(t1_dicom.root)
+
+    t1 = str(t1_dicom.folder)
+    manifest = write_manifest(tmp_path / "manifest.csv", [
+        ["case", "input", "mask", "segment", "series", "n_jitters"],
+        ["rtstruct", t1, str(t1_dicom.rtstruct), "Left ventricle", "", "1"],
+        ["seg", t1, str(t1_dicom.seg), "ventricles", "", "1"],
+        ["seg-nrrd", t1, str(t1_dicom.seg_nrrd), "Ventricle (output)", "", "1"],
+        ["export", "data/export", "data/export", "PTV", "", "1"],
+        ["two-series-chosen", "data/two-series", "data/two-series-RS.dcm", "PTV", two.uid, "1"],
+        ["stray-files", "data/stray-files", "data/stray-files-RS.dcm", "PTV", "", "1"],
+        ["two-series", "data/two-series", "data/two-series-RS.dcm", "PTV", "", "1"],
+        ["missing-slice", "data/missing-slice", "data/missing-slice-RS.dcm", "PTV", "", "1"],
+        ["tilted", "data/tilted", "data/tilted-RS.dcm", "PTV", "", "1"],
+        ["truncated", "data/truncated", "data/truncated-RS.dcm", "PTV", "", "1"],
+        ["other-series", "data/other", "data/other-RS.dcm", "PTV", "", "1"],
+        ["unknown-name", "data/export", "data/export", "Bladder", "", "1"]])
+    out = tmp_path / "cohort"
+    result = cohort.run_cohort(manifest, T1_MODEL, "forward", out, workers=2)
+    rows = {r["case"]: r for r in cohort.read_rows(result.csv)}
+    ok = ["rtstruct", "seg", "seg-nrrd", "export", "two-series-chosen", "stray-files"]
+    assert [c for c, r in rows.items() if r["status"] == "ok"] == ok
+    errors = {
+        "two-series": "2 image series in one folder; choose one by its UID",
+        "missing-slice": "a slice is missing",
+        "tilted": "gantry tilt of about",
+        "truncated": f"{cut.files[2].name}: truncated DICOM file",
+        "other-series": "'PTV' refers to series",
+        "unknown-name": "no structure called 'Bladder' in this folder's structure files (RS.dcm: 'PTV')"}
+    files = {case: tmp_path / f"data/{case}-RS.dcm" for case in errors}
+    files.update({"other-series": data / "other-RS.dcm", "unknown-name": data / "export"})
+    for case, message in errors.items():
+        assert rows[case]["status"] == "failed" and message in rows[case]["error"], (case, rows[case]["error"])
+        assert (rows[case]["structure"], rows[case]["structure_file"]) == (
+            "Bladder" if case == "unknown-name" else "PTV", str(files[case]))
+    # what each case read: the series, the structure's name as its file spells it, and the file
+    assert rows["rtstruct"]["series_uid"] == t1_dicom.series.uid
+    assert (rows["seg"]["structure"], rows["seg"]["structure_file"]) == ("Ventricles", str(t1_dicom.seg))
+    assert rows["seg-nrrd"]["structure"] == "Ventricle (output)"
+    assert (rows["export"]["structure"], rows["export"]["structure_file"]) == ("PTV", str(data / "export" / "RS.dcm"))
+    assert rows["two-series-chosen"]["series_uid"] == two.uid
+    summary = json.loads((out / "rtstruct" / "summary.json").read_text())
+    assert summary["structure"]["name"] == "Left ventricle" and summary["series"][0]["files"] == 156
+    assert rows["rtstruct"]["evaluations"] == summary["forward"]["evaluations"] > 0
+    assert (cd.snapshot(data), cd.snapshot(t1_dicom.root)) == before  # nothing written into any input folder

@@ -42,7 +42,8 @@ def test_every_ui_widget_the_module_uses_exists():
                 and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
             used.add(node.attr)
     source = MODULE.read_text()
-    max_channels = int(re.search(r"^MAX_CHANNELS = (\d+)", source, re.M).group(1))
+    controller = (ROOT / "IBIX" / "IBIXLib" / "controller.py").read_text()
+    max_channels = int(re.search(r"^MAX_CHANNELS = (\d+)", controller, re.M).group(1))
     for pattern in re.findall(r'getattr\(self\.ui, f"(\w+)\{i\}"\)', source):
         used.update(f"{pattern}{i}" for i in range(max_channels))
     assert used, "found no self.ui.X uses"
@@ -51,11 +52,12 @@ def test_every_ui_widget_the_module_uses_exists():
     assert max_channels == 4
 
 
-def test_ui_parameter_names_are_parameter_node_fields():
-    fields = set()
-    for node in ast.walk(module_tree()):
-        if isinstance(node, ast.ClassDef) and node.name == "IBIXParameterNode":
-            fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+def test_ui_parameter_names_are_parameter_node_fields(slicer_app):
+    """The parameter node's fields (declared once in IBIXLib.controller, for the module and the web page)."""
+    sys.path.insert(0, str(ROOT / "IBIX"))
+    from IBIXLib import controller
+
+    fields = set(controller.settingsClass().__annotations__)
     assert {"modelPath", "forwardJitters", "backwardJitters", "maxJitter", "blocks", "compactness", "progressive",
             "coarseToFine",
             "coarseBlocks", "refineThreshold", "normalization", "signedDisplay", "colormap", "opacity", "threshold",

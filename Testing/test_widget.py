@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest_slicer import (MODULE_DIR, assert_scene_unchanged, conv_model, fake_child,  # noqa: F401
-                             import_slicer_core, scene_snapshot, slicer_app)
+from conftest_slicer import (MODULE_DIR, FakeTimer, assert_scene_unchanged, case,  # noqa: F401
+                             fake_child, import_slicer_core, scene_snapshot, slicer_app)
 
 slicer = import_slicer_core()
+
+import IBIXLogic as ibx  # noqa: E402
+from IBIXLib import controller, jobs  # noqa: E402
 
 MODULE = MODULE_DIR / "IBIX.py"
 
@@ -90,41 +93,6 @@ class FakeUI:
         widget = FakeWidget(name)
         setattr(self, name, widget)
         return widget
-
-
-class FakeTimer:
-    """qt.QTimer: the test fires it (the event loop's part)."""
-
-    instances: list = []
-
-    def __init__(self):
-        self.active, self.interval, self.slots = False, 0, []
-        FakeTimer.instances.append(self)
-
-    def setInterval(self, ms):
-        self.interval = ms
-
-    def connect(self, signal, slot):
-        self.slots.append(slot)
-
-    def setSingleShot(self, single):
-        self.single = single
-
-    def isActive(self):
-        return self.active
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-    def fire(self):
-        if self.active:
-            if getattr(self, "single", False):
-                self.active = False
-            for slot in self.slots:
-                slot()
 
 
 def standin_parameter_node_wrapper(cls):
@@ -198,40 +166,30 @@ def ibix(monkeypatch, slicer_app):
     messages = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: messages.append(("error", text)))
     monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kw: messages.append(("warning", text)))
+    answers = []  # what the user answers to confirmOkCancelDisplay (False when the test gave none)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, **kw: messages.append(("question", text)) or (answers.pop(0) if answers else False))
     monkeypatch.delitem(sys.modules, "IBIX", raising=False)
     import IBIX
 
     monkeypatch.setattr(IBIX.dependencies, "ensure", lambda runtime, prompt=True: "ready")
     IBIX.messages = messages
+    IBIX.answers = answers
     IBIX.widgets = []
     standbys = []
-    real_standby = IBIX.jobs.Standby
+    real_standby = jobs.Standby
 
     def recorded(*args, **kwargs):
         standbys.append(real_standby(*args, **kwargs))
         return standbys[-1]
 
-    monkeypatch.setattr(IBIX.jobs, "Standby", recorded)
+    monkeypatch.setattr(jobs, "Standby", recorded)
     yield IBIX
     for widget in IBIX.widgets:
         widget.cleanup()
     for standby in standbys:  # engine processes kept for a next run end with the test
         standby.stop()
     sys.modules.pop("IBIX", None)
-
-
-@pytest.fixture
-def case(slicer_app, tmp_path):
-    array = np.random.default_rng(5).uniform(1, 2, (4, 16, 12)).astype(np.float32)
-    volume = slicer.util.addVolumeFromArray(array, np.diag([0.9, 1.2, 3.0, 1.0]), name="T1")
-    seg = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    sid = seg.GetSegmentation().AddEmptySegment("", "Left ventricle")
-    mask = np.zeros(array.shape, np.uint8)
-    mask[1, 5:8, 4:7] = 1
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, sid, volume)
-    model = conv_model(tmp_path)
-    return dict(app=slicer_app, array=array, volume=volume, seg=seg, sid=sid, mask=mask.astype(bool), model=model)
 
 
 def _widget(ibix):
@@ -244,19 +202,19 @@ def _widget(ibix):
 
 
 def _drive(widget, deadline=120.0):
-    """The event loop: fire the widget's timer until its job has ended."""
+    """The event loop: fire the controller's timer until its job has ended."""
     end = time.perf_counter() + deadline
-    while widget._job is not None and time.perf_counter() < end:
-        widget._timer.fire()
+    while widget.controller.job is not None and time.perf_counter() < end:
+        widget.controller.timer.fire()
         time.sleep(0.01)
-    assert widget._job is None, "the job did not end"
+    assert widget.controller.job is None, "the job did not end"
 
 
 def _loaded(ibix, case):
     widget = _widget(ibix)
     widget.ui.modelPathLineEdit.currentPath = str(case["model"])
     widget.onLoadModel()
-    assert widget._job is not None and not widget.ui.loadModelButton.enabled  # busy while the child checks
+    assert widget.controller.job is not None and not widget.ui.loadModelButton.enabled  # busy while the child checks
     assert widget.ui.progressBar.maximum == 0
     _drive(widget)
     return widget
@@ -273,26 +231,35 @@ def _buttons(widget):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_module_imports_the_engine_under_an_alias_without_importlib():
-    """Issue 11 (8): the engine is ``import IBIXLogic as ibx``; no importlib indirection; helpers in IBIXLib."""
+    """Issue 11 (8): the engine is ``import IBIXLogic as ibx``; no importlib indirection; helpers in IBIXLib;
+    the widget binds to the controller, which no Qt or trame reaches."""
     source = MODULE.read_text()
-    tree = ast.parse(source)
-    imports = [(a.name, a.asname) for n in tree.body if isinstance(n, ast.Import) for a in n.names]
-    assert ("IBIXLogic", "ibx") in imports
     assert "importlib" not in source
     assert not (Path(MODULE_DIR).parent / "IBIXLogic" / "mrml.py").exists()
-    froms = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+    froms = {n.module for n in ast.parse(source).body if isinstance(n, ast.ImportFrom)}
     assert "IBIXLib" in froms and "slicer.i18n" in froms
+    for name in ("logic.py", "controller.py"):
+        tree = ast.parse((MODULE_DIR / "IBIXLib" / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"qt", "ctk", "trame", "trame_slicer", "importlib"}, (name, imported)
+    logic_imports = [(a.name, a.asname) for n in ast.parse((MODULE_DIR / "IBIXLib" / "logic.py").read_text()).body
+                     if isinstance(n, ast.Import) for a in n.names]
+    assert ("IBIXLogic", "ibx") in logic_imports
 
 
 def test_user_visible_strings_are_translatable():
-    """Status texts, titles and messages go through _() as in Slicer's module template."""
-    tree = ast.parse(MODULE.read_text())
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-             and n.func.id == "_"]
-    assert len(calls) >= 20
-    for node in ast.walk(tree):  # every _setStatus / errorDisplay with a literal text wraps it in _()
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_setStatus":
-            assert not isinstance(node.args[0], ast.Constant), ast.unparse(node)
+    """Status texts, titles and messages go through _() as in Slicer's module template (the module, its logic and
+    the controller that both faces show)."""
+    calls = 0
+    for path in (MODULE, MODULE_DIR / "IBIXLib" / "logic.py", MODULE_DIR / "IBIXLib" / "controller.py"):
+        tree = ast.parse(path.read_text())
+        calls += sum(1 for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                     and n.func.id == "_")
+        for node in ast.walk(tree):  # every _setStatus with a literal text wraps it in _()
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_setStatus":
+                assert not isinstance(node.args[0], ast.Constant), ast.unparse(node)
+    assert calls >= 40
 
 
 def test_engine_has_no_slicer_import():
@@ -349,8 +316,8 @@ def test_run_progress_and_finish(ibix, case, fake_child):
     assert busy == {"loadModelButton": False, "generateOutputButton": False, "runForwardButton": False,
                     "runBackwardButton": False, "cancelButton": True}
     seen = []
-    while widget._job is not None:
-        widget._timer.fire()
+    while widget.controller.job is not None:
+        widget.controller.timer.fire()
         seen.append((widget.ui.progressBar.value, widget.ui.progressBar.maximum))
         time.sleep(0.01)
     assert (2, 3) in seen  # the child's progress reached the bar
@@ -361,7 +328,7 @@ def test_run_progress_and_finish(ibix, case, fake_child):
         assert text in table, (text, table)
     assert json.loads(p.resultVolume.GetAttribute("IBIX.statistics"))["reach95_mm"] == 4.5
     assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
-    assert not widget._timer.active
+    assert not widget.controller.timer.active
 
 
 @pytest.mark.parametrize("mode, text", [("fail", "n_jitters must be at least 1"), ("crash", "stopped unexpectedly")])
@@ -371,7 +338,7 @@ def test_failure_and_crash_are_messages_and_the_scene_is_unchanged(ibix, case, f
     p = widget._parameterNode
     p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
     before = scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]])
-    widget.onRunForward()
+    widget.ui.runForwardButton.emit("clicked(bool)", True)
     _drive(widget)
     assert ibix.messages[-1][0] == "error" and text in ibix.messages[-1][1]
     assert text in widget.ui.statusLabel.text
@@ -385,8 +352,8 @@ def test_cancel_ends_the_run_and_leaves_the_scene_unchanged(ibix, case, fake_chi
     p = widget._parameterNode
     p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
     before = scene_snapshot(case["app"], case["volume"], case["seg"], [case["sid"]])
-    widget.onRunForward()
-    widget._timer.fire()
+    widget.ui.runForwardButton.emit("clicked(bool)", True)
+    widget.controller.timer.fire()
     widget.ui.cancelButton.emit("clicked(bool)", True)
     assert widget.ui.statusLabel.text == "Cancelling..."
     _drive(widget)
@@ -396,13 +363,75 @@ def test_cancel_ends_the_run_and_leaves_the_scene_unchanged(ibix, case, fake_chi
     assert _buttons(widget)["runForwardButton"] and not _buttons(widget)["cancelButton"]
 
 
+def test_estimate_button_and_the_question_before_a_long_run(ibix, case, fake_child):
+    widget = _loaded(ibix, case)
+    p = widget._parameterNode
+    p.inputVolume0, p.outputSegmentation, p.outputSegmentId = case["volume"], case["seg"], case["sid"]
+    assert widget.ui.estimateBackwardButton.enabled and not widget.ui.estimateForwardButton.enabled
+    widget.ui.estimateBackwardButton.emit("clicked(bool)", True)
+    _drive(widget)
+    assert widget.ui.estimateLabel.text == "Predicted: 35 model evaluations, about 2.5 s"
+    assert p.resultVolume is None
+    fake_child.setenv("IBIX_FAKE", "slow")
+    widget.ui.runBackwardButton.emit("clicked(bool)", True)
+    _drive(widget)
+    assert ibix.messages[-1][0] == "question" and "about 23 min" in ibix.messages[-1][1]
+    assert widget.ui.statusLabel.text.startswith("Not run.") and p.resultVolume is None
+    assert widget.ui.runBackwardButton.enabled and not widget.ui.cancelButton.enabled
+    ibix.answers.append(True)
+    widget.ui.runBackwardButton.emit("clicked(bool)", True)
+    _drive(widget)
+    assert "backward done" in widget.ui.statusLabel.text and p.resultVolume is not None
+
+
 def test_bad_input_is_refused_before_a_process_starts(ibix, case, fake_child):
     widget = _loaded(ibix, case)
     p = widget._parameterNode
     empty = case["seg"].GetSegmentation().AddEmptySegment("", "empty")
     p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], empty
-    widget.onRunForward()
-    assert widget._job is None and "is empty" in ibix.messages[-1][1]
+    widget.ui.runForwardButton.emit("clicked(bool)", True)
+    assert widget.controller.job is None and "is empty" in ibix.messages[-1][1]
+
+
+def _manual_widgets(widget):
+    """What the widgets synced by hand show (the parameter node wrapper does not connect them)."""
+    ui = widget.ui
+    return dict(model=ui.modelPathLineEdit.currentPath, runtime=ui.runtimeComboBox.currentIndex,
+                normalization=ui.normalizationComboBox.currentText, colormap=ui.colormapComboBox.currentText,
+                inputMask=(ui.inputMaskSelector.currentNode(), ui.inputMaskSelector.currentSegmentID()),
+                outputMask=(ui.outputMaskSelector.currentNode(), ui.outputMaskSelector.currentSegmentID()))
+
+
+def _saved_settings(node, case):
+    node.modelPath, node.runtime, node.normalization, node.colormap = "/models/saved.onnx", "gpu", "magnitude", "Viridis"
+    node.inputSegmentation, node.inputSegmentId = case["seg"], case["sid"]
+    node.outputSegmentation, node.outputSegmentId = case["seg"], case["sid"]
+
+
+SAVED = "/models/saved.onnx", 1, "magnitude", "Viridis"
+
+
+def test_loading_a_scene_refreshes_every_widget(ibix, case):
+    """A loaded scene's IBIX parameter node (a new node, announced by the scene's EndImportEvent) and a parameter
+    node changed in place (Slicer copies an imported singleton into the existing one) both reach every widget,
+    the ones synced by hand included."""
+    widget = _widget(ibix)
+    assert _manual_widgets(widget)["model"] == "" and _manual_widgets(widget)["inputMask"] == (None, "")
+    saved = ibix.IBIXParameterNode(None)
+    _saved_settings(saved, case)
+    widget.logic.getParameterNode = lambda: saved
+    case["app"].scene.InvokeEvent(slicer.vtkMRMLScene.EndImportEvent)
+    assert widget._parameterNode is saved and widget.controller.parameters is saved
+    shown = _manual_widgets(widget)
+    assert (shown["model"], shown["runtime"], shown["normalization"], shown["colormap"]) == SAVED
+    assert shown["inputMask"] == shown["outputMask"] == (case["seg"], case["sid"])
+    assert widget.ui.runBackwardButton.enabled is False  # no model loaded yet: nothing to run
+
+    in_place = _widget(ibix)  # the same node object, its fields replaced one by one (ModifiedEvent each)
+    _saved_settings(in_place._parameterNode, case)
+    shown = _manual_widgets(in_place)
+    assert (shown["model"], shown["runtime"], shown["normalization"], shown["colormap"]) == SAVED
+    assert shown["inputMask"] == (case["seg"], case["sid"])
 
 
 @pytest.mark.parametrize("moment", ["running", "finishing"])
@@ -414,11 +443,11 @@ def test_closing_the_scene_with_another_module_shown_is_safe(ibix, case, fake_ch
         fake_child.setenv("IBIX_FAKE", "hang")
     p = widget._parameterNode
     p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
-    widget.onRunForward()
+    widget.ui.runForwardButton.emit("clicked(bool)", True)
     widget.exit()  # another module is shown
     widget.parent.isEntered = False
     if moment == "finishing":
-        while widget._job.process.poll() == "running":  # the child is done; its result is not loaded yet
+        while widget.controller.job.process.poll() == "running":  # the child is done; its result is not loaded yet
             time.sleep(0.01)
     case["app"].scene.Clear(0)  # File > Close scene: the widget's scene observer runs
     assert widget._parameterNode is None
@@ -469,7 +498,7 @@ def test_console_atlas_in_the_engine_process_then_live_backward(ibix, case, tmp_
         path = logic.runAtlas([case["volume"]], str(tmp_path / "atlas"), n_blocks=12, n_jitters=1)
         assert path == str(tmp_path / "atlas" / "atlas.npz")
         live = logic.startLive(path, case["volume"], case["seg"], case["sid"])
-        expected = ibix.ibx.ResponseAtlas.load(path).backward(case["mask"]).map
+        expected = ibx.ResponseAtlas.load(path).backward(case["mask"]).map
         np.testing.assert_allclose(slicer.util.arrayFromVolume(live.node), expected, atol=1e-7)
         assert live.active and live.timer.interval == 150
         logic.stopLive()
@@ -487,11 +516,11 @@ def test_live_checkbox_computes_the_atlas_once_then_b_follows_the_output_segment
     box = widget.ui.liveBackwardCheckBox
     box.checked = True
     box.emit("toggled(bool)", True)
-    assert widget._job is not None and widget._job.request.kind == "atlas"  # in the engine process
+    assert widget.controller.job is not None and widget.controller.job.request.kind == "atlas"  # in the engine process
     _drive(widget)
     live = widget.logic._live
     assert live is not None and live.active and p.resultVolume is live.node, widget.ui.statusLabel.text
-    atlas = ibix.ibx.ResponseAtlas.load(widget._atlas[1])
+    atlas = ibx.ResponseAtlas.load(widget.controller.atlas[1])
     np.testing.assert_allclose(slicer.util.arrayFromVolume(live.node), atlas.backward(case["mask"]).map, atol=1e-7)
     mask = np.zeros(case["array"].shape, np.uint8)
     mask[2, 9:13, 2:6] = 1
@@ -504,7 +533,7 @@ def test_live_checkbox_computes_the_atlas_once_then_b_follows_the_output_segment
     assert not live.active and widget.logic._live is None
     box.checked = True
     box.emit("toggled(bool)", True)  # the same model, input and blocks: the atlas is reused, nothing runs
-    assert widget._job is None and widget.logic._live.active
+    assert widget.controller.job is None and widget.logic._live.active
     assert widget.logic._live.node is live.node  # the same B node again
     widget.logic.stopLive()
 
@@ -567,8 +596,6 @@ def test_nothing_slow_runs_on_the_gui_thread(ibix, case, fake_child, monkeypatch
     events = []
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: events.append(1),
                                                              testingEnabled=lambda: False), raising=False)
-    from IBIXLib import jobs
-
     logic = ibix.IBIXLogic(launcher=jobs.subprocess_launcher, python=sys.executable)
     logic.loadModel(str(case["model"]), installDependencies=False)
     waited = len(events)
@@ -584,8 +611,8 @@ def test_self_test_runs_the_demo_model_where_onnxruntime_is_installed(ibix, slic
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
         layoutManager=lambda: types.SimpleNamespace(sliceWidget=lambda name: red),
         testingEnabled=lambda: True, processEvents=lambda: None), raising=False)
-    monkeypatch.setattr(ibix.jobs, "default_launcher", lambda: ibix.jobs.subprocess_launcher)
-    monkeypatch.setattr(ibix.jobs, "python_executable", lambda: sys.executable)
+    monkeypatch.setattr(jobs, "default_launcher", lambda: jobs.subprocess_launcher)
+    monkeypatch.setattr(jobs, "python_executable", lambda: sys.executable)
     monkeypatch.setattr(ibix.dependencies, "installed_runtime", lambda: "cpu")
     test = ibix.IBIXTest()
     test.delayDisplay = lambda text, *a: shown.append(text)
@@ -654,12 +681,12 @@ def test_cohort_runs_in_the_engine_process_and_a_case_opens_in_the_scene(ibix, s
     assert composite.GetForegroundVolumeID() == shown.GetID()
     assert composite.GetBackgroundVolumeID() == nodes[0].GetID()
     np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes[0]),
-                               ibix.ibx.read_volume(t1)[0])
+                               ibx.read_volume(t1)[0])
     with pytest.raises(ValueError, match="no finished result"):
         logic.loadCohortCase(str(out), "missing")
     # a rerun in the background process skips the finished case
     run = logic.startCohort(str(manifest), str(model), str(out), workers=1, poll=False)
-    assert ibix.jobs.wait(run) == "finished" and run.cases["skipped"] == 1
+    assert jobs.wait(run) == "finished" and run.cases["skipped"] == 1
 
 
 def test_cohort_section_runs_a_cohort_and_opens_a_case(ibix, case, tmp_path):
@@ -680,18 +707,18 @@ def test_cohort_section_runs_a_cohort_and_opens_a_case(ibix, case, tmp_path):
     ui.cohortOutputPathLineEdit.currentPath = str(tmp_path / "out")
     ui.cohortMappingComboBox.currentText = "forward"
     ui.runCohortButton.emit("clicked(bool)", True)
-    assert widget._job is None and "manifest not found" in ibix.messages[-1][1]
+    assert widget.controller.job is None and "manifest not found" in ibix.messages[-1][1]
     ui.cohortManifestPathLineEdit.currentPath = str(manifest)
     ui.runCohortButton.emit("clicked(bool)", True)
-    assert widget._job is not None and ui.cancelButton.enabled and not ui.runCohortButton.enabled
+    assert widget.controller.job is not None and ui.cancelButton.enabled and not ui.runCohortButton.enabled
     _drive(widget)
     assert "cohort done: 2 cases, 1 failed" in ui.statusLabel.text, ui.statusLabel.text
-    assert widget._cohortCases == ["ventricle"] and ui.cohortCaseComboBox.items == ["ventricle"]
+    assert widget.controller.cohortCases == ["ventricle"] and ui.cohortCaseComboBox.items == ["ventricle"]
     assert ui.openCohortCaseButton.enabled and ui.runCohortButton.enabled
     ui.cohortCaseComboBox.currentText = "ventricle"
     ui.openCohortCaseButton.emit("clicked(bool)", True)
     assert widget._parameterNode.resultVolume.GetName() == "ventricle forward normalized"
     assert "reach95" in ui.statisticsLabel.text and "inside the mask" in ui.statisticsLabel.text
     assert "Opened case ventricle: 3 volumes" in ui.statusLabel.text
-    widget._fillCohortCases(str(tmp_path / "elsewhere"))  # another folder: no cases, nothing to open
-    assert widget._cohortCases == [] and not ui.openCohortCaseButton.enabled
+    widget.controller.fillCohortCases(str(tmp_path / "elsewhere"))  # another folder: no cases, nothing to open
+    assert widget.controller.cohortCases == [] and not ui.openCohortCaseButton.enabled

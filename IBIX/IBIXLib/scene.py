@@ -398,7 +398,7 @@ def add_result(request: Request, array: np.ndarray, geometry: ibx.Geometry, summ
     _write_attributes(node, request, summary)
     if show:
         if request.kind == "output":
-            show_volume(node)
+            show_volume(node, display.get("views"))
         else:
             show_overlay(node, request.background_node, **display)
     return node
@@ -618,20 +618,24 @@ def signed_color_node(name: str, threshold: float, scene=None):
     return _table_node(label, rgba, scene)
 
 
-def _slice_composite_nodes(scene):
-    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+def _slice_composite_nodes(scene, views: Sequence[str] | None = None):
+    """The slice views' composite nodes (those of the views named in ``views`` only, when given)."""
+    nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    return [n for n in nodes if views is None or n.GetLayoutName() in views]
 
 
-def show_volume(node) -> None:
-    """Show a volume as background in every slice view."""
-    for composite in _slice_composite_nodes(_scene(node)):
+def show_volume(node, views: Sequence[str] | None = None) -> None:
+    """Show a volume as background in every slice view (or in the views named in ``views``)."""
+    for composite in _slice_composite_nodes(_scene(node), views):
         composite.SetBackgroundVolumeID(node.GetID())
 
 
 def show_overlay(map_node, background_node=None, colormap: str | None = None, opacity: float = 0.6,
-                 threshold: float | None = None, legend: bool = True, window: tuple[float, float] | None = None):
-    """Display a map as a coloured foreground over ``background_node`` in every slice view.
+                 threshold: float | None = None, legend: bool = True, window: tuple[float, float] | None = None,
+                 views: Sequence[str] | None = None):
+    """Display a map as a coloured foreground over ``background_node`` in every slice view (or in the views whose
+    layout names are in ``views``, e.g. the web page's "Input" and "Output").
 
     colormap: a Slicer colour node name; default Inferno (forward), Viridis (backward), DivergingBlueRed (signed).
     window: display range, default 0..1 for normalised maps and -m..m (m = max |F|) for signed maps.
@@ -677,7 +681,7 @@ def show_overlay(map_node, background_node=None, colormap: str | None = None, op
     else:
         set_legend_visibility(map_node, False)
 
-    for composite in _slice_composite_nodes(scene):
+    for composite in _slice_composite_nodes(scene, views):
         if background_node is not None:
             composite.SetBackgroundVolumeID(background_node.GetID())
         composite.SetForegroundVolumeID(map_node.GetID())
