@@ -115,7 +115,8 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
         steps.append(Step(case.name, "load model and data", 0, time.perf_counter() - t0, []))
 
         output, predict = session.run_predict(model, inputs, outputs, console)
-        steps.append(Step(case.name, "predict", predict["evaluations"], predict["seconds"], [outputs.written["output"]]))
+        steps.append(Step(case.name, "predict", predict["evaluations"], predict["seconds"],
+                          [outputs.written["output"]]))
 
         t0 = time.perf_counter()
         forward = session.run_forward(model, inputs, input_mask, outputs, console, params["forward"], output=output)

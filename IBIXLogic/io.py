@@ -152,8 +152,8 @@ def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_vo
                          "if not, the file is damaged")
     if found is not None and found < expected:
         raise InputError(f"{path}: the file is incomplete: its header declares {shown} voxels, {expected} bytes of "
-                         f"{what}, but it holds {found} bytes ({100 * found / expected:.3g} %); the file was cut short or "
-                         "not completely written: copy or export it again")
+                         f"{what}, but it holds {found} bytes ({100 * found / expected:.3g} %); the file was cut "
+                         "short or not completely written: copy or export it again")
     return expected
 
 
@@ -245,9 +245,9 @@ def _check_nifti_geometry(path: Path, header: headers.NiftiHeader, reader: "sitk
         directions = affine[:3, :axes] / spacing, itk[:3, :axes] / itk_spacing
         if not np.allclose(*directions, atol=NIFTI_TOLERANCE) or not np.allclose(affine[:3, 3], itk[:3, 3],
                                                                                   atol=scale):
-            problem = (f"ITK reads its origin as {mm(itk[:3, 3])} (RAS) with axes {np.round(directions[1].T, 4).tolist()}"
-                       f", but {method} gives {mm(affine[:3, 3])} with axes {np.round(directions[0].T, 4).tolist()} "
-                       "(a sheared or otherwise inconsistent transform)")
+            problem = (f"ITK reads its origin as {mm(itk[:3, 3])} (RAS) with axes "
+                       f"{np.round(directions[1].T, 4).tolist()}, but {method} gives {mm(affine[:3, 3])} with axes "
+                       f"{np.round(directions[0].T, 4).tolist()} (a sheared or otherwise inconsistent transform)")
     if problem:
         raise InputError(f"{path}: inconsistent NIfTI geometry: {problem}. ITK-based tools (3D Slicer, IBIX) and "
                          "nibabel-based tools would place this image differently, so IBIX does not guess: make "

@@ -404,8 +404,8 @@ class Model:
         raise ModelError(f"{self.path.name}: the model is not deterministic: two runs of the same input at load time "
                          f"gave outputs that differ by up to {difference:.3g} (largest output {peak:.3g}; "
                          f"{difference / peak if peak else float('inf'):.2g} of it, above the "
-                         f"{tolerance:g} of float rounding on {self.device}), so its maps would show noise, not the model's "
-                         "response. "
+                         f"{tolerance:g} of float rounding on {self.device}), so its maps would show noise, not the "
+                         "model's response. "
                          f"The usual cause is dropout or random nodes left in the export{found}: export the model in "
                          "evaluation mode (model.eval() before torch.onnx.export) and without random operators")
 

@@ -271,8 +271,8 @@ class Setup:
         if kind == "predict":
             return ["predict", *base, *changes.get("extra", [])]
         if kind.startswith("forward"):
-            return ["forward", *base, "--mask", mask, "--n-jitters", "2", *changes.get("extra", [])] + (
-                ["--no-png"] if kind == "forward-no-png" else ["--progressive"] if kind == "forward-progressive" else [])
+            ending = {"forward-no-png": ["--no-png"], "forward-progressive": ["--progressive"]}.get(kind, [])
+            return ["forward", *base, "--mask", mask, "--n-jitters", "2", *changes.get("extra", []), *ending]
         if kind.startswith("backward"):
             return ["backward", *base, "--out-mask", mask, "--n-blocks", "8", "--n-jitters", "1",
                     *changes.get("extra", [])] + (["--no-png"] if kind == "backward-no-png" else [])
@@ -340,18 +340,16 @@ def write_format(array: np.ndarray, geometry: Any, folder: Path, name: str, fmt:
     return path, data
 
 
-def _text_field(path: Path, pattern: bytes, replace: Callable[[bytes], bytes]) -> bool:
+def _text_field(path: Path, pattern: bytes, replace: Callable[[bytes], bytes]) -> None:
+    """Replace group 1 of ``pattern`` in a text header (NRRD or MetaImage)."""
     raw = path.read_bytes()
     head_end = raw.find(b"\n\n") if path.suffix in (".nrrd", ".nhdr") else raw.find(b"ElementDataFile")
     head_end = len(raw) if head_end < 0 else head_end
     match = re.search(pattern, raw[:head_end])
-    if not match:
-        return False
     path.write_bytes(raw[:match.start(1)] + replace(match.group(1)) + raw[match.end(1):])
-    return True
 
 
-def _scale_last_size(path: Path, factor: int | None = None, sizes: bytes | None = None) -> bool:
+def _scale_last_size(path: Path, factor: int | None = None, sizes: bytes | None = None) -> None:
     """Change the sizes a header declares (the last one times ``factor``, or all to ``sizes``)."""
     if path.suffix in (".nii", ".gz"):
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -360,9 +358,9 @@ def _scale_last_size(path: Path, factor: int | None = None, sizes: bytes | None 
         dims[1:4] = [2000, 2400, 600] if sizes else dims[1:3] + [dims[3] * factor]
         struct.pack_into("<8h", raw, 40, *dims)
         path.write_bytes(gzip.compress(bytes(raw)) if path.suffix == ".gz" else bytes(raw))
-        return True
+        return
     key = rb"sizes: ([0-9 ]+)\n" if path.suffix in (".nrrd", ".nhdr") else rb"DimSize = ([0-9 ]+)\n"
-    return _text_field(path, key, lambda v: sizes if sizes else b" ".join(
+    _text_field(path, key, lambda v: sizes if sizes else b" ".join(
         v.split()[:-1] + [str(int(v.split()[-1]) * factor).encode()]))
 
 
@@ -395,36 +393,34 @@ def _double_bitpix(data: bytearray) -> None:
     struct.pack_into("<h", data, 72, struct.unpack_from("<h", data, 72)[0] * 2)
 
 
-def damages(fmt: tuple, rng: random.Random) -> list[tuple[str, Callable[[Path, Path], Any], bool]]:
-    """(what, damage(file, data file), benign) for a format: ``benign`` damages leave every voxel readable."""
+def damages(fmt: tuple, rng: random.Random) -> list[tuple[str, Callable[[Path, Path], Any]]]:
+    """(what, damage(file, data file)) for a format; appended bytes leave every voxel readable, the others not."""
     label = fmt[0]
     nifti = label.startswith("nii")
     cuts = sorted({round(rng.uniform(0.02, 0.98), 3) for _ in range(3)})
     found: list = []
     for fraction in cuts:
-        found.append((f"data cut at {fraction:.0%}", lambda p, d, f=fraction: _cut(d, f), False))
-    found.append(("empty file", lambda p, d: p.write_bytes(b""), False))
-    found.append(("file cut to its first 40 bytes", lambda p, d: p.write_bytes(p.read_bytes()[:40]), False))
-    found.append(("header declares twice the slices", lambda p, d: _scale_last_size(p, 2), False))
-    found.append(("header declares 2000x2400x600 voxels", lambda p, d: _scale_last_size(p, sizes=b"2000 2400 600"),
-                  False))
-    found.append(("bytes appended after the data", lambda p, d: d.write_bytes(d.read_bytes() + b"\0" * 37), True))
+        found.append((f"data cut at {fraction:.0%}", lambda p, d, f=fraction: _cut(d, f)))
+    found.append(("empty file", lambda p, d: p.write_bytes(b"")))
+    found.append(("file cut to its first 40 bytes", lambda p, d: p.write_bytes(p.read_bytes()[:40])))
+    found.append(("header declares twice the slices", lambda p, d: _scale_last_size(p, 2)))
+    found.append(("header declares 2000x2400x600 voxels", lambda p, d: _scale_last_size(p, sizes=b"2000 2400 600")))
+    found.append(("bytes appended after the data", lambda p, d: d.write_bytes(d.read_bytes() + b"\0" * 37)))
     if label.endswith(("gz", "gzip", "compressed")) or label == "nii.gz":
         part = round(rng.uniform(0.1, 0.9), 2)
         found.append((f"a valid compressed stream of {part:.0%} of the data",
-                      lambda p, d, f=part: _recompressed_part(p, d, f), False))
+                      lambda p, d, f=part: _recompressed_part(p, d, f)))
     if fmt[3]:  # a detached data file
-        found.append(("data file missing", lambda p, d: d.unlink(), False))
-        found.append(("header cut in half", lambda p, d: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]),
-                      False))
+        found.append(("data file missing", lambda p, d: d.unlink()))
+        found.append(("header cut in half", lambda p, d: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])))
     if nifti:
-        found += [("vox_offset past the end", lambda p, d: _nifti_edit(p, _vox_offset_past_end), False),
-                  ("dim[3] = 0", lambda p, d: _nifti_edit(p, _dim_zero), False),
-                  ("pixdim[1] = 0 (sform 0.9 mm)", lambda p, d: _nifti_edit(p, _set_pixdim(0.0)), False),
-                  ("pixdim[1] = 1.0 (sform 0.9 mm)", lambda p, d: _nifti_edit(p, _set_pixdim(1.0)), False),
-                  ("pixdim[1] NaN", lambda p, d: _nifti_edit(p, _set_pixdim(float("nan"))), False),
-                  ("sheared sform", lambda p, d: _nifti_edit(p, _shear), False),
-                  ("bitpix doubled", lambda p, d: _nifti_edit(p, _double_bitpix), False)]
+        found += [("vox_offset past the end", lambda p, d: _nifti_edit(p, _vox_offset_past_end)),
+                  ("dim[3] = 0", lambda p, d: _nifti_edit(p, _dim_zero)),
+                  ("pixdim[1] = 0 (sform 0.9 mm)", lambda p, d: _nifti_edit(p, _set_pixdim(0.0))),
+                  ("pixdim[1] = 1.0 (sform 0.9 mm)", lambda p, d: _nifti_edit(p, _set_pixdim(1.0))),
+                  ("pixdim[1] NaN", lambda p, d: _nifti_edit(p, _set_pixdim(float("nan")))),
+                  ("sheared sform", lambda p, d: _nifti_edit(p, _shear)),
+                  ("bitpix doubled", lambda p, d: _nifti_edit(p, _double_bitpix))]
     return found
 
 
@@ -470,20 +466,19 @@ def file_cases(setup: Setup) -> list[dict]:
     reference = ibx.read_volume(reference_out / "forward_signed.nrrd")[0]
     for use, array in (("volume", setup.array), ("mask", setup.mask_array)):
         for fmt in FORMATS:
-            for what, damage, benign in damages(fmt, setup.rng):
+            for what, damage in damages(fmt, setup.rng):
                 folder = setup.folder("files-")
                 folder.mkdir()
                 path, data = write_format(array, setup.geometry, folder, use, fmt)
                 damage(path, data)
                 kind = f"{use}: {fmt[0]}: {what}"
-                results.append(_judge_read(setup, kind, path, data, use, array, benign))
+                results.append(_judge_read(setup, kind, path, data, use, array))
                 if setup.rng.random() < 0.34:
                     results.append(_judge_command(setup, kind, path, data, use, reference))
     return results
 
 
-def _judge_read(setup: Setup, kind: str, path: Path, data: Path, use: str, array: np.ndarray,
-                benign: bool) -> dict:
+def _judge_read(setup: Setup, kind: str, path: Path, data: Path, use: str, array: np.ndarray) -> dict:
     import IBIXLogic as ibx
 
     def read():
