@@ -56,6 +56,9 @@ sys.path.insert(0, str(HERE))
 
 #: Seconds a case may run before it counts as hung (a guard against hangs, far above any case's time).
 CASE_TIMEOUT = 600.0
+#: Address space of a case's process (bytes): a header that makes a reader allocate gigabytes fails there, not the
+#: machine.
+CHILD_MEMORY = 6 * 2**30
 OUTCOMES = ("clean", "raw", "wrong", "partial")
 MARK = "@faults "
 CATEGORIES = ("files", "models", "atlases", "folders", "interrupts", "disk", "concurrent", "messages")
@@ -135,6 +138,8 @@ class Child:
             payload: dict = {}
             try:
                 os.setsid()
+                import resource
+                resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
                 os.close(read)
                 os.dup2(self._output.fileno(), 1)
                 os.dup2(self._output.fileno(), 2)
