@@ -65,12 +65,31 @@ See the <a href="{homepage}">documentation</a>.
         self.parent.acknowledgementText = _("""
 IBIX was developed by the IBIX contributors. Demo models are trained on synthetic data and are not for clinical use.
 """)
+        tooOld = dependencies.slicer_version_problem()
+        if tooOld:  # said at start-up, rather than as failures later (installs refuse with it too)
+            logging.error(tooOld)
+            self.parent.helpText = f"<p><b>{tooOld}</b></p>" + self.parent.helpText
+            slicer.app.connect("startupCompleted()", lambda: slicer.util.errorDisplay(tooOld, windowTitle=_("IBIX")))
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
 # Sample data (local files shipped with the extension)
 #
+
+#: SHA-256 of each sample file: Sample Data re-copies a cached file whose checksum differs (an updated sample).
+SAMPLE_SHA256 = {
+    "IBIX-T1.nrrd": "11602a74f818c0a3820d4165ae3800b5338d873d427598483802c8b9fb187e3b",
+    "IBIX-T1-input-mask.nrrd": "c01daf7cd218ede51c56438d40f2944d065b570ed1bc49bd5a6c0032d21944bf",
+    "IBIX-T1-output-mask.nrrd": "32e50d814e16ea4f4ac56a865bc662937c237d947fd713d82cd68c4b1425f1b8",
+    "IBIX-Pelvis-water.nrrd": "c14cac2f0fb9c358a273911ec562b325977fdbbad6dffd7e9aeaf865acfd5ddf",
+    "IBIX-Pelvis-fat.nrrd": "c361cdf4702cd3c5f3395c50e88db3b6ad7ebe36e13b76de90639c45e6d7b207",
+    "IBIX-Pelvis-inphase.nrrd": "985aedfbc01c449fed127c29f81edac93aae30e7c368b832fea3a5ac7de28603",
+    "IBIX-Pelvis-ct.nrrd": "3e003aac31854e06381fa2967e7e1585530a9505b1179087603aa6b205f79945",
+    "IBIX-Pelvis-input-mask.nrrd": "07e3b15b7c0bf118096b82fc27d9b9a1d663f3087f31170d858919f440023a5d",
+    "IBIX-Pelvis-output-mask.nrrd": "aaa293013908209ad45479cdb71b4fdcbadf6b04ce40338550196b95ebc988be",
+}
+
 
 def registerSampleData():
     """Register the IBIX sample cases with the Sample Data module (category "IBIX"), from local files."""
@@ -105,17 +124,12 @@ def registerSampleData():
         if not present or 0 not in present:
             continue
         names = [fileNames[i] for i in present]
-        try:
-            # file:// URIs: Sample Data copies them into its cache and loads them like downloads.
-            SampleData.SampleDataLogic.registerCustomSampleDataSource(
-                category="IBIX", sampleName=sampleName, thumbnailFileName=icon,
-                uris=uris(names), fileNames=names, nodeNames=[nodeNames[i] for i in present],
-                loadFileTypes=[fileTypes[i] for i in present])
-        except TypeError:  # Slicer releases whose argument is loadFileType
-            SampleData.SampleDataLogic.registerCustomSampleDataSource(
-                category="IBIX", sampleName=sampleName, thumbnailFileName=icon,
-                uris=uris(names), fileNames=names, nodeNames=[nodeNames[i] for i in present],
-                loadFileType=[fileTypes[i] for i in present])
+        # file:// URIs: Sample Data copies them into its cache and loads them like downloads.
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="IBIX", sampleName=sampleName, thumbnailFileName=icon,
+            uris=uris(names), fileNames=names, nodeNames=[nodeNames[i] for i in present],
+            loadFileTypes=[fileTypes[i] for i in present],
+            checksums=[f"SHA256:{SAMPLE_SHA256[name]}" for name in names])
 
 
 #
@@ -167,6 +181,10 @@ class IBIXWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         c, ui = self.controller, self.ui
         ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         ui.runtimeComboBox.connect("currentIndexChanged(int)", self.onRuntimeChanged)
+        gpuUnavailable = dependencies.runtime_unavailable("gpu")
+        if gpuUnavailable:  # no onnxruntime-gpu wheel for this platform: offer the CPU only, and say why
+            ui.runtimeComboBox.removeItem(len(RUNTIMES) - 1)
+            ui.runtimeComboBox.toolTip = gpuUnavailable
         ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
         ui.generateOutputButton.connect("clicked(bool)", lambda: c.generateOutput())
         for selector in (ui.inputMaskSelector, ui.outputMaskSelector):

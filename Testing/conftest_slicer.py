@@ -271,8 +271,13 @@ FAKE_CHILD = textwrap.dedent('''
     argv = sys.argv[1:]
     folder = argv[argv.index("--job-folder") + 1]
     args = argv[argv.index("--") + 1:]
-    if args == ["wait"]:  # a standby: the job arrives as job.json
+    if args == ["wait"]:  # a standby: the job arrives as job.json; it ends with the test process (as child.py)
+        parent = int(argv[argv.index("--parent-pid") + 1]) if "--parent-pid" in argv else os.getppid()
         while not os.path.exists(os.path.join(folder, "job.json")):
+            try:
+                os.kill(parent, 0) if os.name != "nt" else None  # (signal 0 on Windows would end the parent)
+            except ProcessLookupError:
+                sys.exit(130)
             time.sleep(0.01)
         args = json.load(open(os.path.join(folder, "job.json")))
     STATISTICS = {"forward": {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,

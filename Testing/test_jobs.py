@@ -253,6 +253,69 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _slicer_pipe(args, environment):
+    """A child's pipe exactly as Slicer's launchConsoleProcess opens it: text, strict decoding (UTF-8 here)."""
+    return subprocess.Popen(list(args), env={**os.environ, **environment}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, encoding="utf-8")
+
+
+def test_an_undecodable_byte_costs_one_character_not_the_run(tmp_path):
+    """A child that prints a byte that is not UTF-8, then more than a pipe holds, then its finished record: the
+    run finishes (the reader neither stops, which would leave the child blocked on a full pipe, nor loses the
+    record); the odd line keeps a replacement character."""
+    code = ("import json, sys; out = sys.stdout.buffer; out.write(b'caf\\xe9 au lait\\n'); "
+            "out.write((b'x' * 99 + b'\\n') * 2000 + b'caf\\xe9 noir\\n'); "
+            "out.write(json.dumps({'stage': 'finished', 'files': {}}).encode() + b'\\n')")
+    process = jobs.Process([sys.executable, "-c", code], str(tmp_path), launcher=_slicer_pipe)
+    deadline = time.perf_counter() + 60  # generous: a deadline on a shared machine, not a speed check
+    while not process.done and time.perf_counter() < deadline:
+        process.poll()
+        time.sleep(0.01)
+    if not process.done:
+        process.cancel()
+    assert process.state == jobs.FINISHED, (process.state, process.tail[-3:])
+    assert process.record == {"stage": "finished", "files": {}} and process.returncode == 0
+    assert process.tail[-1] == "caf\ufffd noir" and process.tail[-2] == "x" * 99
+
+
+def test_a_standby_engine_process_ends_when_slicer_does(tmp_path):
+    """3D Slicer (here a Python process holding a Standby behind a PythonSlicer-like launcher) is killed: the
+    standby's real Python ends within seconds, not after its 15 idle minutes, although its own parent (the
+    launcher) lives on until then."""
+    psutil = pytest.importorskip("psutil")
+    code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        sys.path[:0] = [{os.path.dirname(os.path.dirname(jobs.CHILD_SCRIPT))!r}, {jobs.engine_path()!r}]
+        from IBIXLib import jobs
+        LAUNCH = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+        launcher = lambda args, env: jobs.subprocess_launcher([sys.executable, "-c", LAUNCH, *args], env)
+        standby = jobs.Standby("cpu", launcher, sys.executable)
+        print(standby.process._proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    slicer_process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        launcher = psutil.Process(int(slicer_process.stdout.readline()))
+        deadline = time.perf_counter() + 60
+        while not launcher.children() and time.perf_counter() < deadline:  # the real Python behind it
+            time.sleep(0.05)
+        pids = [launcher.pid] + [p.pid for p in launcher.children(recursive=True)]
+        assert len(pids) == 2, pids
+        slicer_process.kill()
+        slicer_process.wait()
+        deadline = time.perf_counter() + 60  # generous: a deadline on a shared machine, not a speed check
+        while any(_alive(pid) for pid in pids) and time.perf_counter() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids), [pid for pid in pids if _alive(pid)]
+    finally:
+        slicer_process.kill()
+        slicer_process.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
 def test_model_probe_reports_card_device_and_provider(tmp_path):
     pytest.importorskip("onnxruntime")
     probe = jobs.probe_model(str(conv_model(tmp_path)), "cpu", python=sys.executable)

@@ -200,7 +200,7 @@ def test_missing_external_data_file_is_named(model_folder):
 
 
 def test_onnxruntime_refusal_also_surfaces_as_a_model_error(model_folder, monkeypatch):
-    """Without IBIX's own scan, ONNX Runtime (>= 1.20) refuses too; the refusal must read as a ModelError."""
+    """Without IBIX's own scan, ONNX Runtime (>= 1.24.1) refuses too; the refusal must read as a ModelError."""
     path = _external(model_folder, "../secret.bin")
     monkeypatch.setattr(ibx_model, "check_external_data", lambda p: None)
     with pytest.raises(ibx.ModelError, match=r"(?i)external data|not a loadable"):

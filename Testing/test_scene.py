@@ -330,6 +330,25 @@ def test_signed_map_threshold_applies_to_the_magnitude_both_signs_show(slicer_ap
     assert abs(int(grey.sum()) - int(grey_without.sum())) <= 0.01 * grey.size
 
 
+def test_colour_lookups_release_the_collections_the_scene_returns(slicer_app):
+    """GetNodesByClassByName returns a new collection its caller owns; every lookup releases it (else each colour
+    lookup of a run leaked one)."""
+    returned = []
+
+    class RecordingScene(slicer.vtkMRMLScene):
+        def GetNodesByClassByName(self, class_name, name):
+            returned.append(super().GetNodesByClassByName(class_name, name))
+            return returned[-1]
+
+    recording = RecordingScene()
+    first = mrml.color_node("Inferno", recording)  # not in this bare scene: made once...
+    assert mrml.color_node("Inferno", recording) is first  # ...then found by name
+    mrml.signed_color_node("DivergingBlueRed", 0.05, recording)
+    mrml.signed_color_node("DivergingBlueRed", 0.05, recording)
+    assert len(returned) >= 4
+    assert [collection.GetReferenceCount() for collection in returned] == [1] * len(returned)  # only ours
+
+
 def test_slice_view_is_radiological_patient_left_on_screen_right(slicer_app):
     """A map hot only on the patient's left (RAS x < 0) appears on the right half of the axial view."""
     shape = (1, 40, 40)

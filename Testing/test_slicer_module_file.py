@@ -113,7 +113,7 @@ def test_extension_cmake_metadata():
     assert f'set(EXTENSION_HOMEPAGE "{HOMEPAGE}")' in text
     assert 'set(EXTENSION_CATEGORY "Image Synthesis")' in text
     assert 'set(EXTENSION_DEPENDS "NA")' in text
-    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(IBIX)",
+    for line in ("find_package(Slicer 5.10 REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(IBIX)",
                  "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text
     icon = re.search(r'EXTENSION_ICONURL "([^"]+)"', text).group(1)
@@ -172,4 +172,4 @@ def test_requirements_file_is_the_one_dependency_list():
     assert not any(n.startswith("onnxruntime") for n in names)
     assert {"numpy", "scipy", "simpleitk", "scikit-image", "jsonschema"} <= set(names)
     extras = project["project"]["optional-dependencies"]
-    assert extras["cpu"] == ["onnxruntime>=1.17"] and extras["gpu"] == ["onnxruntime-gpu[cuda,cudnn]>=1.21"]
+    assert extras["cpu"] == ["onnxruntime>=1.24.1"] and extras["gpu"] == ["onnxruntime-gpu[cuda,cudnn]>=1.24.1"]

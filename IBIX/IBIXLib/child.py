@@ -5,17 +5,20 @@ Usage::
     PythonSlicer child.py --job-folder DIR [--device auto|cpu|cuda] -- <ibix command line arguments>
     PythonSlicer child.py --job-folder DIR [--device ...] -- probe --model MODEL.onnx
     PythonSlicer child.py --job-folder DIR [--device ...] -- wait
+    PythonSlicer child.py --job-folder DIR [--device ...] -- runtime [--path DIR]
 
 It runs the ``ibix`` command line (``IBIXLogic.cli.main``) with the given arguments, or ``probe``: load the model
 and print one JSON line ``{"stage": "finished", "model": {...}}`` with its card, device and the ONNX Runtime
 provider that really runs it, or ``wait``: a standby process that imports the engine and ONNX Runtime at once,
 then waits for ``<job folder>/job.json`` (the ``ibix`` arguments, a JSON list) and runs it, so that a run does not
-wait for Python to start (it ends by itself after ``IDLE_LIMIT`` seconds without a job). Two things are done here
-rather than in the command line:
+wait for Python to start (it ends by itself after ``IDLE_LIMIT`` seconds without a job), or ``runtime``: import
+ONNX Runtime (from ``--path`` first, where an install stages a new build) and print ``{"stage": "finished",
+"runtime": {"version", "file", "providers"}}``. Two things are done here rather than in the command line:
 
-* A watchdog thread ends this process at once when ``<job folder>/cancel`` appears or the job folder is removed.
-  On some platforms ``PythonSlicer`` is a launcher that starts the real Python as its own child, so killing the
-  process the module started would leave this one running; the cancel file reaches it either way.
+* A watchdog thread ends this process at once when ``<job folder>/cancel`` appears, the job folder is removed, or
+  the process given as ``--parent-pid`` (3D Slicer) has ended. On some platforms ``PythonSlicer`` is a launcher
+  that starts the real Python as its own child, so killing the process the module started would leave this one
+  running, and its parent is the launcher, not Slicer; the cancel file and Slicer's process id reach it either way.
 * With the GPU build of ONNX Runtime, ``onnxruntime.preload_dlls()`` loads the CUDA and cuDNN libraries that the
   ``onnxruntime-gpu[cuda,cudnn]`` wheels installed, before any session is created (Slicer ships neither).
 """
@@ -41,13 +44,55 @@ IDLE_LIMIT = 900.0
 JOB_INTERVAL = 0.01
 
 
-def watch(folder: str) -> None:
-    """End the process (exit code 130) as soon as ``folder/cancel`` exists or ``folder`` is gone."""
+def process_gone(pid: int):
+    """A function telling whether process ``pid`` has ended (started while it runs).
+
+    Linux: a pidfd, which names that very process (not a later one given the same id) and is ready once it has
+    ended, reaped or not; Windows: a process handle, likewise; elsewhere: ``kill(pid, 0)``.
+    """
+    if hasattr(os, "pidfd_open"):
+        import select
+
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return lambda: True
+        except OSError:  # an old kernel: fall through
+            pass
+        else:
+            return lambda: bool(select.select([fd], [], [], 0)[0])
+    if os.name == "nt":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32")
+        kernel32.OpenProcess.restype = ctypes.c_void_p
+        kernel32.WaitForSingleObject.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+        handle = kernel32.OpenProcess(0x00100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return lambda: True
+        return lambda: kernel32.WaitForSingleObject(handle, 0) == 0  # WAIT_OBJECT_0: it has ended
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    return gone
+
+
+def watch(folder: str, parent_pid: int | None = None) -> None:
+    """End the process (exit code 130) as soon as ``folder/cancel`` exists, ``folder`` is gone, or the process
+    ``parent_pid`` has ended."""
     cancel = os.path.join(folder, "cancel")
+    parent_gone = process_gone(parent_pid) if parent_pid else (lambda: False)
 
     def loop() -> None:
         while True:
-            if os.path.exists(cancel) or not os.path.isdir(folder):
+            if os.path.exists(cancel) or not os.path.isdir(folder) or parent_gone():
                 os._exit(CANCELLED)
             time.sleep(WATCH_INTERVAL)
 
@@ -88,6 +133,19 @@ def probe(model_path: str, device: str) -> int:
     return 0
 
 
+def runtime_info() -> int:
+    """Import ONNX Runtime; print its version, file and providers as one JSON line (an install's check)."""
+    try:
+        import onnxruntime
+    except Exception as error:  # reported to the module, which keeps the installed build
+        print(json.dumps({"stage": "failed", "error": f"{type(error).__name__}: {error}"}), flush=True)
+        return 1
+    info = {"version": str(getattr(onnxruntime, "__version__", "")), "file": os.path.abspath(onnxruntime.__file__),
+            "providers": list(onnxruntime.get_available_providers())}
+    print(json.dumps({"stage": "finished", "runtime": info}), flush=True)
+    return 0
+
+
 def wait_for_job(folder: str) -> list[str] | None:
     """A standby process's job: the ``ibix`` arguments written to ``folder/job.json``, or None after IDLE_LIMIT."""
     import IBIXLogic.backward  # noqa: F401  (the imports a run needs, done while waiting)
@@ -113,13 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-folder", required=True)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--engine-path", default=None, help="folder that holds the IBIXLogic package")
+    parser.add_argument("--parent-pid", type=int, default=None, help="end when this process (3D Slicer) has ended")
     split = argv.index("--") if "--" in argv else None
     own, rest = (argv[:split], argv[split + 1:]) if split is not None else (argv, [])
     args = parser.parse_args(own)
     if args.engine_path:
         sys.path.insert(0, args.engine_path)
-    watch(args.job_folder)
+    watch(args.job_folder, args.parent_pid)
+    if rest[:1] == ["runtime"]:
+        sub = argparse.ArgumentParser(prog="child.py runtime")
+        sub.add_argument("--path", default=None, help="folder searched first for onnxruntime (a staged build)")
+        path = sub.parse_args(rest[1:]).path
+        if path:
+            sys.path.insert(0, path)  # before anything imports onnxruntime
     preload_cuda(args.device)
+    if rest[:1] == ["runtime"]:
+        return runtime_info()
     if rest[:1] == ["probe"]:
         sub = argparse.ArgumentParser(prog="child.py probe")
         sub.add_argument("--model", required=True)

@@ -30,7 +30,6 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,12 +40,11 @@ import numpy as np
 import IBIXLogic as ibx
 
 from . import scene
+from . import tr as _
+from .dependencies import CHILD_SCRIPT, python_executable  # the child's entry point and its Python
 
 #: ``launcher(args, environment) -> Popen`` with text ``stdout`` (stderr merged into it), ``poll``, ``kill``.
 Launcher = Callable[[Sequence[str], dict], Any]
-
-#: Where this module's child entry point lives (installed beside it).
-CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 
 #: Last lines of the child's other output kept for error messages.
 TAIL_LINES = 20
@@ -71,18 +69,6 @@ def engine_path() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(ibx.__file__)))
 
 
-def python_executable() -> str:
-    """``PythonSlicer`` inside Slicer (its Python with Slicer's environment), else this interpreter."""
-    try:
-        import slicer
-
-        if getattr(slicer, "app", None) is not None:
-            return shutil.which("PythonSlicer") or sys.executable
-    except ImportError:
-        pass
-    return sys.executable
-
-
 def slicer_launcher(args: Sequence[str], environment: dict):
     """Start a child the way Slicer does (hidden console on Windows, Slicer's startup environment)."""
     import slicer
@@ -91,9 +77,10 @@ def slicer_launcher(args: Sequence[str], environment: dict):
 
 
 def subprocess_launcher(args: Sequence[str], environment: dict):
-    """Start a child with :class:`subprocess.Popen` (outside Slicer and in tests): same pipes as Slicer's."""
+    """Start a child with :class:`subprocess.Popen` (outside Slicer and in tests) with the pipes of Slicer's
+    ``launchConsoleProcess``: stderr merged into stdout, text mode in the locale's encoding (strict)."""
     return subprocess.Popen(list(args), env={**os.environ, **environment}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+                            stderr=subprocess.STDOUT, universal_newlines=True)
 
 
 def default_launcher() -> Launcher:
@@ -109,9 +96,10 @@ def default_launcher() -> Launcher:
 
 
 def child_command(folder: str, device: str, arguments: Sequence[str], python: str | None = None) -> list[str]:
-    """The command line of a child that runs ``ibix <arguments>`` (or ``probe ...``) for a job folder."""
+    """The command line of a child that runs ``ibix <arguments>`` (or ``probe ...``) for a job folder; the child
+    ends by itself when this process (3D Slicer) has ended."""
     return [python or python_executable(), CHILD_SCRIPT, "--job-folder", folder, "--device", device,
-            "--engine-path", engine_path(), "--", *arguments]
+            "--engine-path", engine_path(), "--parent-pid", str(os.getpid()), "--", *arguments]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -145,18 +133,28 @@ class Process:
         self._lines: queue.Queue = queue.Queue()
         self._cancelled = False
         self._closed = False                     # the child's output ended (it may not be reaped yet)
-        environment = {"PYTHONUNBUFFERED": "1", **(environment or {})}
+        environment = {"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(environment or {})}
         self._proc = (launcher or default_launcher())(self.args, environment)
         self._reader = threading.Thread(target=self._read, name="IBIX child output", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        """Reader thread: every output line into the queue, then None once the pipe closes."""
-        stream = self._proc.stdout
+        """Reader thread: every output line into the queue, then None once the pipe closes.
+
+        It reads bytes (the text pipe's buffer) and decodes each line on its own, undecodable bytes replaced: a
+        child's stray byte costs one character, never the rest of the output (which would hang the child on a
+        full pipe, or lose its final record).
+        """
+        stream = getattr(self._proc.stdout, "buffer", self._proc.stdout)
         try:
-            for line in iter(stream.readline, ""):
+            while True:
+                line = stream.readline()
+                if not line:
+                    break
+                if isinstance(line, bytes):
+                    line = line.decode("utf-8", errors="replace")
                 self._lines.put(line.rstrip("\r\n"))
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError):  # the pipe was closed under us: the output ends here
             pass
         finally:
             self._lines.put(None)
@@ -232,11 +230,11 @@ class Process:
     def error(self) -> str:
         """What went wrong, in words (empty unless failed or crashed)."""
         if self.state == FAILED:
-            return str(self.record.get("error", "the IBIX engine failed"))
+            return str(self.record.get("error", _("the IBIX engine failed")))
         if self.state == CRASHED:
-            last = "\n".join(self.tail[-5:]) or "(no output)"
-            return (f"the IBIX engine process stopped unexpectedly (exit code {self.returncode}); the scene was not "
-                    f"changed. Its last output:\n{last}")
+            last = "\n".join(self.tail[-5:]) or _("(no output)")
+            return _("the IBIX engine process stopped unexpectedly (exit code {code}); the scene was not changed. "
+                     "Its last output:\n{output}").format(code=self.returncode, output=last)
         return ""
 
 
@@ -549,8 +547,8 @@ class Run(_Job):
 
     def _cancel_reason(self) -> str:
         if not self.request.scene_alive():
-            return "the scene was closed during the run; it was cancelled and nothing was written"
-        return "cancelled; the scene was not changed"
+            return _("the scene was closed during the run; it was cancelled and nothing was written")
+        return _("cancelled; the scene was not changed")
 
     def _read(self) -> None:
         """Step 1 of a finished run: the result file and the summary."""
@@ -604,18 +602,19 @@ class Run(_Job):
         summary = self.summary or {}
         model = summary.get("model") or {}
         section = summary.get(self.request.kind if self.request.kind != "output" else "predict") or {}
-        parts = [f"{self.request.kind} done"]
+        parts = [_("{kind} done").format(kind=self.request.kind)]
         if section.get("evaluations") is not None:
-            parts.append(f"{section['evaluations']} evaluations")
-        parts.append(f"{self.seconds:.1f} s")
+            parts.append(_("{count} evaluations").format(count=section["evaluations"]))
+        parts.append(_("{seconds} s").format(seconds=f"{self.seconds:.1f}"))
         if model.get("device"):
-            parts.append(f"on {model['device']}" + (f" ({model['provider']})" if model.get("provider") else ""))
+            parts.append(_("on {device}").format(device=model["device"])
+                         + (f" ({model['provider']})" if model.get("provider") else ""))
         text = ", ".join(parts)
         if self.device == "cuda" and model.get("device") == "cpu":
-            text += "; CUDA was asked for but the CPU ran the model"
+            text += "; " + _("CUDA was asked for but the CPU ran the model")
         if self.request.mask_resampled:
-            text += (f"; segment '{self.request.segment_name}' was on a different grid and was resampled onto "
-                     f"'{self.request.reference_node.GetName()}'")
+            text += "; " + _("segment '{segment}' was on a different grid and was resampled onto '{volume}'").format(
+                segment=self.request.segment_name, volume=self.request.reference_node.GetName())
         return text
 
 
@@ -760,7 +759,7 @@ class CohortRun(_Job):
             self.cases = dict(record.get("cases") or {})
             self._end(FINISHED, "")
         elif self.process.done:
-            self._end(state, self.process.error if state != CANCELLED else "cancelled; finished cases were kept")
+            self._end(state, self.process.error if state != CANCELLED else _("cancelled; finished cases were kept"))
         return self.state
 
     def cancel(self) -> None:
@@ -772,8 +771,9 @@ class CohortRun(_Job):
         if self.state != FINISHED:
             return self.error
         c = self.cases
-        return (f"cohort done: {c.get('total', '?')} cases, {c.get('failed', '?')} failed "
-                f"({c.get('run', '?')} run now, {c.get('skipped', '?')} finished earlier), {self.seconds:.1f} s")
+        return _("cohort done: {total} cases, {failed} failed ({run} run now, {skipped} finished earlier), "
+                 "{seconds} s").format(total=c.get("total", "?"), failed=c.get("failed", "?"), run=c.get("run", "?"),
+                                       skipped=c.get("skipped", "?"), seconds=f"{self.seconds:.1f}")
 
 
 def cohort_cases(output_dir: str) -> list[dict]:

@@ -11,12 +11,7 @@ import os
 import IBIXLogic as ibx
 
 from . import dependencies, jobs, scene
-
-try:  # Slicer's translation function where the application provides it
-    from slicer.i18n import tr as _
-except ImportError:  # slicer-core (the web page, tests): the text as written
-    def _(text):
-        return text
+from . import tr as _
 
 #: Milliseconds between two polls of a running engine process (a poll costs well under a millisecond).
 POLL_INTERVAL_MS = 50

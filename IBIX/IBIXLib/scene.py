@@ -571,6 +571,14 @@ def _table_node(name: str, rgba: np.ndarray, scene):
     return node
 
 
+def _nodes_by_class_and_name(scene, class_name: str, name: str) -> list:
+    """The scene's nodes of a class with a name. ``GetNodesByClassByName`` returns a new collection that the
+    caller owns (as Slicer's own Python does, it is released here, else every call would leak one)."""
+    collection = scene.GetNodesByClassByName(class_name, name)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
 def color_node(name: str, scene=None):
     """Slicer's colour node of this name (e.g. Inferno, Viridis, DivergingBlueRed, or any node ID/name).
 
@@ -584,9 +592,9 @@ def color_node(name: str, scene=None):
         if node is not None and node.IsA("vtkMRMLColorNode"):
             return node
     for candidate in (name, f"IBIX {name}"):
-        nodes = scene.GetNodesByClassByName("vtkMRMLColorNode", candidate)
-        if nodes.GetNumberOfItems():
-            return nodes.GetItemAsObject(0)
+        nodes = _nodes_by_class_and_name(scene, "vtkMRMLColorNode", candidate)
+        if nodes:
+            return nodes[0]
     lut = _colormap_lut(name)
     return _table_node(f"IBIX {name}", np.hstack([lut, np.ones((len(lut), 1))]), scene)
 
@@ -609,9 +617,9 @@ def signed_color_node(name: str, threshold: float, scene=None):
     """
     scene = scene or _scene()
     label = f"IBIX {name} |F|>={threshold:g}"
-    nodes = scene.GetNodesByClassByName("vtkMRMLColorTableNode", label)
-    if nodes.GetNumberOfItems():
-        return nodes.GetItemAsObject(0)
+    nodes = _nodes_by_class_and_name(scene, "vtkMRMLColorTableNode", label)
+    if nodes:
+        return nodes[0]
     rgba = _rgba_table(color_node(name, scene))
     position = np.linspace(-1.0, 1.0, len(rgba))  # table entry -> value / half-width of the window
     rgba[:, 3] = np.where(np.abs(position) < threshold, 0.0, rgba[:, 3])
