@@ -58,6 +58,8 @@ SPLIT_AFTER = 0.05
 
 #: Exit code of ``ibix`` for bad usage or bad input.
 USAGE_ERROR = 2
+#: Exit codes of ``ibix`` that end with its ``finished`` record: success, and a cohort that ran with failed cases.
+FINISHED_CODES = (0, 3)
 
 #: States of a process or a run; the last four are final.
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
@@ -207,7 +209,7 @@ class Process:
     def _final_state(self) -> str:
         if self._cancelled:
             return CANCELLED
-        if self.record is not None and self.record["stage"] == FINISHED and self.returncode == 0:
+        if self.record is not None and self.record["stage"] == FINISHED and self.returncode in FINISHED_CODES:
             return FINISHED
         if self.record is not None and self.record["stage"] == FAILED:
             return FAILED
@@ -359,8 +361,9 @@ OPTIONS = {
               "compactness": "--compactness", "blocks": "--blocks"},
 }
 
-#: The preview file a progressive run writes (and removes) in its output folder, per run kind.
-PREVIEW_FILE = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}
+#: The preview file a progressive run writes (and removes) in its output folder, per run kind (hidden: the folder's
+#: results are only what its summary.json lists).
+PREVIEW_FILE = {"forward": ".forward_normalized_preview.nrrd", "backward": ".backward_preview.nrrd"}
 
 #: The file role (JSON-lines "files") that holds each result.
 RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": "backward"}
