@@ -8,10 +8,12 @@ sheared sform) is refused with both readings, since ITK-based and nibabel-based 
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import uuid
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -103,7 +105,7 @@ def _gib(size: float) -> str:
         f"{int(size)} bytes"
 
 
-def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_voxel: int,
+def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_voxel: int | Fraction,
                      found: int | None = None, budget: int | None = None, what: str = "voxel data") -> int:
     """The one check of a file's voxel data before it is read, for every reader of volumes.
 
@@ -113,8 +115,9 @@ def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_vo
         The file (or folder, for a series) named in the messages.
     shape : sequence of int
         The sizes its header declares (any order; every one must be at least 1).
-    bytes_per_voxel : int
-        Bytes one voxel takes as stored (all components).
+    bytes_per_voxel : int or Fraction
+        Bytes one voxel takes as stored (all components); a fraction for voxels packed in bits (``Fraction(1, 8)``
+        for DICOM's one-bit segmentations), whose declared bytes are rounded up to whole bytes.
     found : int, optional
         Bytes of voxel data the file holds (after decompression); None checks the sizes and the memory only.
     budget : int, optional
@@ -142,9 +145,10 @@ def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_vo
                          f"along axis {axis + 1} is a degenerate dimension (every size must be at least 1); the "
                          "file is damaged or not a volume: write it again")
     voxels = int(np.prod(sizes, dtype=object))
-    expected = voxels * int(bytes_per_voxel)
+    per_voxel = Fraction(bytes_per_voxel)
+    expected = math.ceil(voxels * per_voxel)
     budget = memory_budget() if budget is None else budget
-    needed = voxels * (int(bytes_per_voxel) + WORKING_BYTES)
+    needed = math.ceil(voxels * (per_voxel + WORKING_BYTES))
     if budget is not None and needed > budget:
         raise InputError(f"{path}: its header declares {shown} voxels ({_gib(expected)} as stored, {_gib(needed)} "
                          f"with IBIX's float32 copy), more than the {_gib(budget)} this machine allows one volume "

@@ -257,7 +257,7 @@ def test_cohort_of_dicom_folders_records_what_it_read_and_fails_hostile_cases_al
         "two-series": "2 image series in one folder; choose one by its UID",
         "missing-slice": "a slice is missing",
         "tilted": "gantry tilt of about",
-        "truncated": f"{cut.files[2].name}: truncated DICOM file",
+        "truncated": f"{cut.files[2].name}: the file is incomplete",
         "other-series": "'PTV' refers to series",
         "unknown-name": "no structure called 'Bladder' in this folder's structure files (RS.dcm: 'PTV')"}
     files = {case: tmp_path / f"data/{case}-RS.dcm" for case in errors}

@@ -2,6 +2,7 @@
 interrupted or failed write leaves no partial file (io.py)."""
 import os
 import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -220,6 +221,10 @@ def test_check_voxel_data_is_the_one_size_check():
     """The check every reader calls (DICOM series too): degenerate sizes, memory before any allocation, short
     data, each message naming the file and the sizes."""
     assert ibx_io.check_voxel_data("f.nii", (4, 5, 6), 2, found=240) == 240
+    assert ibx_io.check_voxel_data("seg.dcm", (3, 5, 7), Fraction(1, 8), found=14) == 14  # 105 bits: 14 bytes
+    with pytest.raises(ibx.InputError, match=r"seg.dcm: the file is incomplete: .* 3×5×7 voxels, 14 bytes of voxel "
+                                             r"data, but it holds 13 bytes"):
+        ibx_io.check_voxel_data("seg.dcm", (3, 5, 7), Fraction(1, 8), found=13)
     with pytest.raises(ibx.InputError, match=r"f.nii: its header declares 16×16×0 voxels: size 0 along axis 3 is a "
                                              "degenerate dimension"):
         ibx_io.check_voxel_data("f.nii", (16, 16, 0), 4)
