@@ -369,13 +369,32 @@ PREVIEW_FILE = {"forward": ".forward_normalized_preview.nrrd", "backward": ".bac
 RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": "backward"}
 
 
+#: Read result and preview maps in a worker thread (the web page sets this). Slicer keeps it off: PythonQt holds the
+#: GIL while Qt's event loop idles, so a worker thread there advances only while a poll runs Python, and a map is
+#: read sooner on the main thread.
+READ_IN_THREAD = False
+
+
 @functools.lru_cache(maxsize=None)
 def _reader():
-    """The one worker thread that reads result and preview maps off the main thread (SimpleITK lets go of the GIL
-    while it reads)."""
+    """The one worker thread that reads result and preview maps off the main thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="IBIX map reader")
+
+
+def _read_map(path: str):
+    """A Future of ``ibx.read_volume(path)``: read by the worker thread with :data:`READ_IN_THREAD`, else here."""
+    if READ_IN_THREAD:
+        return _reader().submit(ibx.read_volume, path)
+    from concurrent.futures import Future
+
+    future = Future()
+    try:
+        future.set_result(ibx.read_volume(path))
+    except Exception as error:  # handed to whoever takes the result, as the worker thread would
+        future.set_exception(error)
+    return future
 
 
 def command_arguments(request: scene.Request, model_path: str, folder: str, inputs: Sequence[str],
@@ -588,7 +607,7 @@ class Run(_Job):
             return
         if stamp != self._preview_stamp:
             self._preview_stamp = stamp
-            self._preview_read = _reader().submit(ibx.read_volume, path)
+            self._preview_read = _read_map(path)
 
     def _cancel_reason(self) -> str:
         if not self.request.scene_alive():
@@ -607,7 +626,7 @@ class Run(_Job):
         ends with success. (None, None) where there is nothing to read."""
         record = self.process.record
         path = (record.get("files") or {}).get(self._result_role()) if record.get("stage") == FINISHED else None
-        return (path, _reader().submit(ibx.read_volume, path)) if path else (None, None)
+        return (path, _read_map(path)) if path else (None, None)
 
     def _read(self) -> None:
         """Step 1 of a finished run: the result file (read ahead by :meth:`_prefetch`) and the summary."""

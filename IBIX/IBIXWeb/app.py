@@ -114,6 +114,7 @@ class Page:
         for name in VIEWS:  # no multisampling, as in Slicer's slice views: 8 samples made each frame ~10x slower
             self.slice_view(name).render_window().SetMultiSamples(0)  # on Mesa's CPU renderer (0.3 s -> 0.03 s)
 
+        jobs.READ_IN_THREAD = True  # no PythonQt here: a worker thread reads each map while the engine exits
         self.logic = logic.Logic(timerFactory=AsyncTimer)
         self.logic.device = lambda runtime: device  # the server's --device, whatever the settings say
         self._held = []  # views whose frames wait until a run's result is shown
