@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from .blocks import DEFAULT_COMPACTNESS
 from .checks import (BLOCK_KINDS, channel_indices, check_arguments, check_block_labels, check_callback, check_choice,
                      check_mask)
 from .cost import Estimate, Forecast, advice
-from .errors import InputError
+from .errors import InputError, is_file
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
 from .perturb import (PROBE_SHARE, Perturber, ProbeBudget, jitter_levels, jitter_schedule, resolve_max_jitter,
@@ -35,8 +36,14 @@ DEFAULT_ATLAS_BUDGET = 1024 * 2**20
 #: What reading one block on its own costs beyond its entries, in entries read at once (about 10 us of numpy calls):
 #: an answer reads the blocks near the mask one by one when that costs less than reading all entries at once.
 ENTRIES_PER_CALL = 4000
-#: What an atlas file says it is, and the version of its layout.
-FILE_KIND, FILE_VERSION = "ibix-response-atlas", 1
+#: What an atlas file says it is, and the version of its layout (2: with a checksum of its arrays).
+FILE_KIND, FILE_VERSION = "ibix-response-atlas", 2
+#: The arrays of an atlas file, besides its ``meta`` (JSON text).
+ARRAYS = ("labels", "starts", "index", "values", "denominator", "low", "high")
+#: Relative difference between a block's stored denominator and the sum of its stored responses beyond float rounding.
+DENOMINATOR_TOLERANCE = 1e-6
+#: Entries checked at once against their block's box when an atlas is loaded.
+_CHECK_CHUNK = 1 << 22
 
 
 def model_fingerprint(model: Model) -> str:
@@ -197,6 +204,10 @@ class ResponseAtlas:
         """
         started = time.perf_counter()
         normalization = check_arguments(normalization=normalization)["normalization"]
+        if isinstance(out_mask, np.ndarray) and out_mask.ndim >= 1 and out_mask.shape != self.labels.shape:
+            raise InputError(f"the response atlas is of a grid of shape {self.labels.shape} but the output mask has "
+                             f"shape {out_mask.shape}: the atlas was computed on another input than the one this mask "
+                             "belongs to; compute an atlas for this input (ibix atlas / block_response_atlas)")
         out_mask = check_mask(out_mask, self.labels.shape, "output mask")
         numerator = self.numerators(out_mask)
         block_values = _normalize_blocks(numerator, self.denominator, normalization).astype(np.float32)
@@ -234,47 +245,238 @@ class ResponseAtlas:
                              "given; compute an atlas for this input (ibix atlas / block_response_atlas)")
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the atlas as one ``.npz`` file (no pickled objects), atomically; returns its path."""
+        """Write the atlas as one ``.npz`` file (no pickled objects, a SHA-256 checksum of its arrays in its
+        metadata), atomically; returns its path."""
+        from .io import atomic_write
+
         path = Path(path)
+        arrays = {name: getattr(self, name) for name in ARRAYS}
         meta = {"kind": FILE_KIND, "version": FILE_VERSION, "geometry": self.geometry.to_dict(),
                 "parameters": self.parameters, "fingerprints": self.fingerprints, "evaluations": self.evaluations,
                 "equivalent_evaluations": self.equivalent_evaluations, "seconds": self.seconds,
-                "device": self.device, "radius": self.radius, "tiling": self.tiling}
-        temporary = path.with_name(f".{path.name}.partial")
+                "device": self.device, "radius": self.radius, "tiling": self.tiling,
+                "checksum": contents_checksum(arrays)}
         try:
-            with open(temporary, "wb") as file:
-                np.savez(file, labels=self.labels, starts=self.starts, index=self.index, values=self.values,
-                         denominator=self.denominator, low=self.low, high=self.high, meta=np.array(json.dumps(meta)))
-            os.replace(temporary, path)
+            with atomic_write(path) as temporary, open(temporary, "wb") as file:
+                np.savez(file, **arrays, meta=np.array(json.dumps(meta)))
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             raise InputError(f"{path}: cannot write the response atlas ({exc.strerror or exc})") from None
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Model | None = None, x: Any = None,
              geometry: Geometry | None = None) -> "ResponseAtlas":
-        """Read an atlas written by :meth:`save`; with ``model`` and ``x``, check that it belongs to them."""
+        """Read an atlas written by :meth:`save`; with ``model`` and ``x``, check that it belongs to them.
+
+        Everything is checked before the atlas is used: the file's arrays (names, types, shapes, declared sizes
+        against the bytes stored), its metadata, the checksum of its arrays, and their values (block offsets,
+        indices within the grid and each block's box, finite non-negative responses that sum to each block's
+        denominator). Any damage raises :class:`InputError` naming the file and what is wrong.
+        """
         path = Path(path)
-        if not path.is_file():
+        if not is_file(path, "response atlas", InputError):
             raise InputError(f"{path}: response atlas file not found")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                if meta.get("kind") != FILE_KIND or meta.get("version") != FILE_VERSION:
-                    raise ValueError(f"kind {meta.get('kind')!r}, version {meta.get('version')!r}")
-                arrays = {k: data[k] for k in ("labels", "starts", "index", "values", "denominator", "low", "high")}
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{path}: not an IBIX response atlas (version {FILE_VERSION}) ({exc}); write one with "
-                             "ibix atlas or ResponseAtlas.save") from None
-        g = meta["geometry"]
-        atlas = cls(**arrays, geometry=Geometry(g["origin"], g["spacing"], g["direction"], g["shape"]),
-                    parameters=meta["parameters"], fingerprints=meta["fingerprints"],
-                    evaluations=meta["evaluations"], equivalent_evaluations=meta["equivalent_evaluations"],
-                    seconds=meta["seconds"], device=meta["device"], radius=meta["radius"], tiling=meta["tiling"])
+            meta, arrays = _read_atlas_file(path)
+            atlas = cls._from_file(meta, arrays)
+        except _Damaged as exc:
+            raise InputError(f"{path}: damaged response atlas: {exc}; compute it again (ibix atlas or "
+                             "block_response_atlas)") from None
         if model is not None and x is not None:
-            atlas.check(model, x, geometry)
+            try:
+                atlas.check(model, x, geometry)
+            except InputError as exc:
+                raise InputError(f"{path}: {exc}") from None
         return atlas
+
+    @classmethod
+    def _from_file(cls, meta: dict, arrays: dict) -> "ResponseAtlas":
+        """An atlas from a file's metadata and arrays, each checked (raises _Damaged)."""
+        if not isinstance(meta, dict):
+            raise _Damaged("its metadata are not a JSON object")
+        if meta.get("kind") != FILE_KIND or meta.get("version") != FILE_VERSION:
+            raise _Damaged(f"it is not an IBIX response atlas of version {FILE_VERSION} (kind "
+                           f"{meta.get('kind')!r}, version {meta.get('version')!r})")
+        missing = [k for k in ("geometry", "parameters", "fingerprints", "evaluations", "equivalent_evaluations",
+                               "seconds", "device", "radius", "tiling", "checksum") if k not in meta]
+        if missing:
+            raise _Damaged(f"its metadata lack {', '.join(missing)}")
+        g = meta["geometry"]
+        try:
+            geometry = Geometry(g["origin"], g["spacing"], g["direction"], g["shape"])
+        except (TypeError, KeyError, InputError) as exc:
+            raise _Damaged(f"its geometry is not valid ({exc})") from None
+        _check_metadata(meta)
+        _check_arrays(arrays, geometry)
+        if contents_checksum(arrays) != meta["checksum"]:
+            raise _Damaged("its arrays do not match the checksum written with them (the file was changed or damaged "
+                           "after it was written)")
+        _check_values(arrays, meta["parameters"].get("slice_axis"))
+        return cls(**arrays, geometry=geometry, parameters=meta["parameters"], fingerprints=meta["fingerprints"],
+                   evaluations=int(meta["evaluations"]), equivalent_evaluations=float(meta["equivalent_evaluations"]),
+                   seconds=float(meta["seconds"]), device=str(meta["device"]), radius=meta["radius"],
+                   tiling=meta["tiling"])
+
+
+# -- atlas files ----------------------------------------------------------------------------------------------
+class _Damaged(Exception):
+    """What is wrong with an atlas file (a phrase for the message)."""
+
+
+def contents_checksum(arrays: dict) -> str:
+    """SHA-256 of an atlas's arrays (names, types, shapes and bytes, in :data:`ARRAYS` order)."""
+    digest = hashlib.sha256()
+    for name in ARRAYS:
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{list(array.shape)};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _read_atlas_file(path: Path) -> tuple[Any, dict]:
+    """The metadata and arrays of an atlas file, each array's declared size checked against the bytes stored before
+    it is read (raises _Damaged)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            missing = [name for name in (*ARRAYS, "meta") if f"{name}.npy" not in members]
+            if missing:
+                raise _Damaged(f"it lacks the array(s) {', '.join(missing)}")
+            arrays = {}
+            for name in (*ARRAYS, "meta"):
+                with archive.open(members[f"{name}.npy"]) as member:
+                    arrays[name] = _read_npy(member, members[f"{name}.npy"].file_size, name)
+    except _Damaged:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error,
+            NotImplementedError) as exc:
+        raise _Damaged(f"it is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    meta = arrays.pop("meta")
+    if meta.ndim != 0 or meta.dtype.kind != "U":
+        raise _Damaged("its metadata are not one text")
+    try:
+        return json.loads(str(meta)), arrays
+    except ValueError as exc:
+        raise _Damaged(f"its metadata are not JSON ({exc})") from None
+
+
+def _read_npy(member: Any, stored: int, name: str) -> np.ndarray:
+    """One ``.npy`` member, its header's shape and type checked against the bytes it holds before reading."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(member)
+    header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran, dtype = header(member)
+    if dtype.hasobject or fortran:
+        raise _Damaged(f"its array {name} is not a plain array ({dtype}{', Fortran order' if fortran else ''})")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = stored - member.tell()
+    if declared != held:
+        raise _Damaged(f"its array {name} declares {declared} bytes ({list(shape)} of {dtype}) but holds {held}")
+    data = member.read(declared)
+    if len(data) != declared:
+        raise _Damaged(f"its array {name} is cut short ({len(data)} of {declared} bytes)")
+    return np.frombuffer(data, dtype).reshape(shape).copy()
+
+
+def _check_metadata(meta: dict) -> None:
+    """The metadata fields an atlas uses: types and ranges (raises _Damaged)."""
+    parameters, fingerprints = meta["parameters"], meta["fingerprints"]
+    if not isinstance(parameters, dict):
+        raise _Damaged("its parameters are not a JSON object")
+    need = {"n_blocks": int, "n_jitters": int, "max_jitter": (int, float), "channels": list, "blocks": str,
+            "compactness": (int, float)}
+    wrong = [k for k, kind in need.items()
+             if not isinstance(parameters.get(k), kind) or isinstance(parameters.get(k), bool)]
+    if wrong:
+        raise _Damaged(f"its parameters {', '.join(wrong)} are missing or of the wrong type")
+    if not (np.isfinite(parameters["max_jitter"]) and parameters["max_jitter"] > 0 and parameters["n_jitters"] >= 1):
+        raise _Damaged(f"its jitters (n_jitters {parameters['n_jitters']}, max_jitter {parameters['max_jitter']}) "
+                       "are not valid")
+    axis = parameters.get("slice_axis")
+    if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis <= 2):
+        raise _Damaged(f"its slice axis {axis!r} is not an array axis")
+    if not isinstance(fingerprints, dict) or not all(
+            isinstance(fingerprints.get(k), str) and len(fingerprints[k]) == 64 for k in ("model", "input")):
+        raise _Damaged("its model and input fingerprints are missing or not SHA-256 digests")
+    for key in ("evaluations", "equivalent_evaluations", "seconds"):
+        value = meta[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 0:
+            raise _Damaged(f"its {key} ({value!r}) is not a number of at least 0")
+    if not isinstance(meta["checksum"], str) or len(meta["checksum"]) != 64:
+        raise _Damaged("its checksum is missing or not a SHA-256 digest")
+    for key in ("radius", "tiling"):
+        if meta[key] is not None and not isinstance(meta[key], dict):
+            raise _Damaged(f"its {key} is not a JSON object")
+
+
+def _check_arrays(arrays: dict, geometry: Geometry) -> None:
+    """Types and shapes of an atlas's arrays, against each other and its geometry (raises _Damaged)."""
+    labels = arrays["labels"]
+    if labels.dtype.kind not in "iu" or labels.ndim not in (2, 3):
+        raise _Damaged(f"its block labels are {labels.ndim}D {labels.dtype}, not a 2D or 3D integer image")
+    if labels.shape != geometry.shape:
+        raise _Damaged(f"its block labels have shape {labels.shape} but its geometry describes a grid of "
+                       f"{geometry.shape}")
+    if labels.size == 0 or labels.min() < 0:
+        raise _Damaged("its block labels are empty or negative")
+    n_labels = int(labels.max()) + 1
+    kinds = {"starts": (("int64",), (n_labels + 1,)), "index": (("int32", "int64"), None),
+             "values": (("float32",), None), "denominator": (("float64",), (n_labels,)),
+             "low": (("int64",), (n_labels, labels.ndim)), "high": (("int64",), (n_labels, labels.ndim))}
+    for name, (types, shape) in kinds.items():  # the types and shapes save() writes
+        array = arrays[name]
+        if array.dtype.name not in types or (shape is not None and array.shape != shape) or \
+                (shape is None and array.ndim != 1):
+            raise _Damaged(f"its array {name} is {array.dtype} of shape {array.shape}, expected "
+                           f"{' or '.join(types)} of shape {shape if shape is not None else '(entries,)'} for "
+                           f"{n_labels - 1} blocks")
+    if arrays["index"].shape != arrays["values"].shape:
+        raise _Damaged(f"its {len(arrays['index'])} indices do not match its {len(arrays['values'])} responses")
+
+
+def _check_values(arrays: dict, slice_axis: int | None) -> None:
+    """The values of an atlas's arrays (raises _Damaged): block offsets, indices within the grid and each block's
+    box, finite non-negative responses that sum to each block's denominator, boxes that hold each block."""
+    labels, starts, index, values = arrays["labels"], arrays["starts"], arrays["index"], arrays["values"]
+    denominator, low, high = arrays["denominator"], arrays["low"], arrays["high"]
+    if starts[0] != 0 or np.any(np.diff(starts) < 0) or starts[-1] != len(values):
+        raise _Damaged(f"its block offsets (starts) are not increasing from 0 to its {len(values)} entries")
+    if len(index) and (index.min() < 0 or index.max() >= labels.size):
+        raise _Damaged(f"its responses lie at indices {int(index.min())}..{int(index.max())}, outside the grid's "
+                       f"{labels.size} voxels")
+    if not np.all(np.isfinite(values)) or (len(values) and values.min() < 0):
+        raise _Damaged(f"its responses hold {int((~np.isfinite(values)).sum())} values that are not finite and "
+                       f"{int((values < 0).sum())} negative ones (responses |F| are finite and at least 0)")
+    filled = np.flatnonzero(starts[1:] > starts[:-1])
+    sums = np.zeros(len(denominator))
+    if len(filled):
+        sums[filled] = np.add.reduceat(values, starts[filled], dtype=np.float64)
+    if not np.all(np.isfinite(denominator)) or not np.allclose(denominator, sums, rtol=DENOMINATOR_TOLERANCE,
+                                                                 atol=0):
+        bad = int(np.flatnonzero(~np.isclose(denominator, sums, rtol=DENOMINATOR_TOLERANCE, atol=0))[0]) \
+            if np.all(np.isfinite(denominator)) else int(np.flatnonzero(~np.isfinite(denominator))[0])
+        raise _Damaged(f"its denominators are not the sums of the responses (block {bad}: {denominator[bad]!r} "
+                       f"stored, {sums[bad]!r} summed)")
+    boxes = ndimage.find_objects(labels)
+    for k in filled:  # every block with responses has a box that holds it, within the grid
+        box = boxes[k - 1] if 0 < k <= len(boxes) else None
+        if box is None or np.any(low[k] < 0) or np.any(high[k] >= labels.shape) or np.any(
+                low[k] > [s.start for s in box]) or np.any(high[k] < [s.stop - 1 for s in box]):
+            raise _Damaged(f"the box of block {k} ({low[k].tolist()}..{high[k].tolist()}) does not hold the block "
+                           "within the grid")
+    if slice_axis is not None and np.any(low[filled, slice_axis] != high[filled, slice_axis]):
+        raise _Damaged("a block's box spans several samples of a 2D model")
+    block = np.repeat(np.arange(len(starts) - 1), np.diff(starts)) if len(values) <= _CHECK_CHUNK else None
+    for first in range(0, len(values), _CHECK_CHUNK):
+        part = slice(first, first + _CHECK_CHUNK)
+        owner = block[part] if block is not None else np.searchsorted(starts, np.arange(
+            first, min(first + _CHECK_CHUNK, len(values))), side="right") - 1
+        where = np.stack(np.unravel_index(index[part], labels.shape), axis=1)
+        if np.any(where < low[owner]) or np.any(where > high[owner]):
+            raise _Damaged("responses lie outside their block's box (the boxes or the block offsets are wrong)")
 
 
 def _reach_boxes(labels: np.ndarray, n_labels: int, radius: int | None, slice_axis: int | None

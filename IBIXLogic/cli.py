@@ -2,9 +2,9 @@
 the demo.
 
 Parsing and exit codes only; loading, running and writing live in :mod:`IBIXLogic.session`.
-Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem), 1 any other
-error, 130 interrupted. With ``--progress-format jsonl`` stdout carries JSON lines only, ending with a
-``finished`` or ``failed`` record.
+Exit codes: 0 success, 2 bad usage or bad input (the message names the file and the problem), 3 a cohort that ran
+but in which some cases failed, 1 any other error, 130 interrupted. With ``--progress-format jsonl`` stdout carries
+JSON lines only, ending with a ``finished`` or ``failed`` record.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from .session import FORMATS, PROGRESS_FORMATS, Console, FigureOptions, Inputs, 
 from .statistics import describe
 
 DEFAULT_OUTPUT = "ibix-output"
+#: Exit codes: bad usage or input; a cohort that ran with some cases failed; interrupted.
+USAGE, CASES_FAILED, INTERRUPTED = 2, 3, 130
 
 
 # -- argument types -----------------------------------------------------------------------------------------
@@ -175,8 +177,10 @@ def _cohort_parser(sub) -> None:
                                        "cases run in parallel on Dask. Writes DIR/<case>/ as the single-case "
                                        "command does, DIR/cohort.csv (status, error, evaluations, seconds, "
                                        "statistics per case) and DIR/report.html. A rerun skips finished cases.",
-                           epilog="Exit codes: 0 the cohort ran (cases that failed are listed, and recorded in "
-                                  "cohort.csv), 2 bad usage or a bad manifest, 1 other errors.")
+                           epilog="Exit codes: 0 every case is ok, 3 the cohort ran but some cases failed (they are "
+                                  "listed, and cohort.csv records why; a rerun retries them), 2 bad usage, a bad "
+                                  "manifest or an output folder in use, 130 interrupted (finished cases are kept), "
+                                  "1 other errors.")
     group.add_argument("manifest", type=Path, metavar="MANIFEST", help="the cohort manifest (CSV)")
     group.add_argument("--model", type=Path, required=True, metavar="ONNX", help="the ONNX image-to-image model")
     group.add_argument("--card", type=Path, default=None, metavar="JSON",
@@ -211,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="IBIX: instance-based inference explainers for ONNX image-to-image generators. "
                     "Forward map F: where the output changes when an input region is jittered. "
                     "Backward map B: which input regions drive an output region.",
-        epilog="Exit codes: 0 success, 2 bad usage or bad input, 1 other errors. "
+        epilog="Exit codes: 0 success, 2 bad usage or bad input, 3 a cohort with failed cases, 1 other errors, "
+               "130 interrupted. "
                "Run 'ibix demo' for an end-to-end example on the shipped models.")
     parser.add_argument("--version", action="version", version=f"ibix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -360,11 +365,12 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     model, inputs = _open_case(args)
     loaded, read = args.loaded, time.perf_counter()
-    outputs = Outputs(args.output, args.format, [*inputs.paths, args.model, args.card])
-    outputs.check_volumes(["output"], ["summary.json"])
-    _, predict = session.run_predict(model, inputs, outputs, console)
-    session.write_summary(outputs, "predict", model, inputs, started, predict=predict,
-                          timings=session.timings(args.start_up, started, loaded, read, seconds=predict["seconds"]))
+    with Outputs(args.output, args.format, [*inputs.paths, args.model, args.card], "predict") as outputs:
+        outputs.check_volumes(["output"], ["summary.json"])
+        _, predict = session.run_predict(model, inputs, outputs, console)
+        session.write_summary(outputs, "predict", model, inputs, started, predict=predict,
+                              timings=session.timings(args.start_up, started, loaded, read,
+                                                      seconds=predict["seconds"]))
     session.finish(console, outputs, [f"predict: {predict['evaluations']} evaluations in {predict['seconds']:.2f} s "
                                       f"on {model.device}"])
     return 0
@@ -379,13 +385,14 @@ def cmd_forward(args: argparse.Namespace, console: Console) -> int:
     if args.estimate:
         session.estimate_only("forward", model, inputs, console, _mapping_parameters(args, model), mask)
         return 0
-    outputs = Outputs(args.output, args.format, [*inputs.paths, args.mask, args.model, args.card])
-    outputs.check(["summary.json"])
-    run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model), _figure(args))
-    result = run.result
-    session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
-                          structure=structure, forward=result.to_dict(), figure=run.figure,
-                          timings=session.timings(args.start_up, started, args.loaded, read, run))
+    with Outputs(args.output, args.format, [*inputs.paths, args.mask, args.model, args.card], "forward") as outputs:
+        outputs.check(["summary.json"])
+        run = session.run_forward(model, inputs, mask, outputs, console, _mapping_parameters(args, model),
+                                  _figure(args))
+        result = run.result
+        session.write_summary(outputs, "forward", model, inputs, started, mask=str(args.mask), label=args.label,
+                              structure=structure, forward=result.to_dict(), figure=run.figure,
+                              timings=session.timings(args.start_up, started, args.loaded, read, run))
     session.finish(console, outputs, [f"forward: {result.evaluations} evaluations in {result.seconds:.2f} s on "
                                       f"{result.device}; max |F| = {result.peak:.3g} "
                                       f"{result.units}; {describe(result.statistics)}"])
@@ -439,17 +446,17 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
     if args.estimate:
         session.estimate_only("backward", model, inputs, console, parameters, mask, atlas)
         return 0
-    outputs = Outputs(args.output, args.format,
-                      [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card, args.atlas])
-    outputs.check(["summary.json"])
-    run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args), atlas=atlas)
-    result = run.result
-    session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
-                          label=args.out_label, structure=structure,
-                          block_labels=None if args.block_labels is None else str(args.block_labels),
-                          atlas=None if args.atlas is None else str(args.atlas),
-                          backward=result.to_dict(), figure=run.figure,
-                          timings=session.timings(args.start_up, started, args.loaded, read, run))
+    with Outputs(args.output, args.format, [*inputs.paths, args.out_mask, args.block_labels, args.model, args.card,
+                                            args.atlas], "backward") as outputs:
+        outputs.check(["summary.json"])
+        run = session.run_backward(model, inputs, mask, outputs, console, parameters, _figure(args), atlas=atlas)
+        result = run.result
+        session.write_summary(outputs, "backward", model, inputs, started, mask=str(args.out_mask),
+                              label=args.out_label, structure=structure,
+                              block_labels=None if args.block_labels is None else str(args.block_labels),
+                              atlas=None if args.atlas is None else str(args.atlas),
+                              backward=result.to_dict(), figure=run.figure,
+                              timings=session.timings(args.start_up, started, args.loaded, read, run))
     radius = result.radius or {}
     session.finish(console, outputs, [
         f"backward: {result.evaluations} evaluations (per level {result.evaluations_per_level}) in "
@@ -461,10 +468,16 @@ def cmd_backward(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_cohort(args: argparse.Namespace, console: Console) -> int:
-    with console.progress(unit="case") as progress:
-        result = cohort.run_cohort(args.manifest, args.model, args.mapping, args.output, card=args.card,
-                                   workers=args.workers, scheduler=args.scheduler, fmt=args.format,
-                                   device=args.device, progress=progress)
+    try:
+        with console.progress(unit="case") as progress:
+            result = cohort.run_cohort(args.manifest, args.model, args.mapping, args.output, card=args.card,
+                                       workers=args.workers, scheduler=args.scheduler, fmt=args.format,
+                                       device=args.device, progress=progress)
+    except KeyboardInterrupt:
+        return _fail(console, "cohort", f"interrupted; the cases finished so far are kept in {args.output} (a rerun "
+                                        "skips them and runs the others), cases in progress were discarded, "
+                                        "cohort.csv and report.html are those of the last complete run",
+                     INTERRUPTED)
     console.out(f"cohort: {len(result.rows)} cases, {len(result.rows) - result.failed} ok, {result.failed} failed "
                 f"({result.ran} run now, {result.skipped} finished earlier)")
     for row in result.rows:
@@ -475,7 +488,7 @@ def cmd_cohort(args: argparse.Namespace, console: Console) -> int:
         console.out(f"  wrote {path}")
     console.finished(files, None, cases={"total": len(result.rows), "failed": result.failed, "run": result.ran,
                                          "skipped": result.skipped})
-    return 0
+    return CASES_FAILED if result.failed else 0
 
 
 def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
@@ -491,15 +504,17 @@ def cmd_atlas(args: argparse.Namespace, console: Console) -> int:
     if args.estimate:
         session.estimate_only("atlas", model, inputs, console, parameters)
         return 0
-    outputs = Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card])
-    outputs.check(["summary.json"])
-    before = time.perf_counter()
-    atlas = session.run_atlas(model, inputs, outputs, console, parameters)
-    written = time.perf_counter() - before - atlas.seconds
-    session.write_summary(outputs, "atlas", model, inputs, started,
-                          block_labels=None if args.block_labels is None else str(args.block_labels),
-                          atlas=atlas.to_dict(), timings=session.timings(args.start_up, started, args.loaded, read,
-                                                                         seconds=atlas.seconds, write=written))
+    with Outputs(args.output, args.format, [*inputs.paths, args.block_labels, args.model, args.card],
+                 "atlas") as outputs:
+        outputs.check(["summary.json"])
+        before = time.perf_counter()
+        atlas = session.run_atlas(model, inputs, outputs, console, parameters)
+        written = time.perf_counter() - before - atlas.seconds
+        session.write_summary(outputs, "atlas", model, inputs, started,
+                              block_labels=None if args.block_labels is None else str(args.block_labels),
+                              atlas=atlas.to_dict(),
+                              timings=session.timings(args.start_up, started, args.loaded, read, seconds=atlas.seconds,
+                                                      write=written))
     session.finish(console, outputs, [
         f"atlas: {atlas.n_blocks} blocks, {atlas.evaluations} evaluations in {atlas.seconds:.2f} s on "
         f"{atlas.device}; {atlas.nbytes / 2**20:.1f} MiB; answer any output mask with "
@@ -569,10 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args, console)
     except IBIXError as exc:
-        return _fail(console, args.command, f"error: {exc}", 2)
+        return _fail(console, args.command, f"error: {exc}", USAGE)
     except KeyboardInterrupt:
-        return _fail(console, args.command, "interrupted; files already written are complete, others were not "
-                                            "written", 130)
+        return _fail(console, args.command, "interrupted; the output folder holds the previous results (or the "
+                                            "new ones, if they were complete), nothing half-written", INTERRUPTED)
     except MemoryError as exc:
         return _fail(console, args.command, f"error: out of memory ({exc}); lower --memory-budget or use a smaller "
                                             "volume", 1)

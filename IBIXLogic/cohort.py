@@ -11,8 +11,10 @@ manifest's folder; an empty cell keeps the default.
 
 Each case writes what the single-case command writes (maps, PNG, ``summary.json``) into ``DIR/<case>/``: first
 into a temporary folder, renamed to ``DIR/<case>`` when complete, so ``DIR/<case>`` exists only for a finished case.
-``DIR/cohort.csv`` gets one row per case; a rerun skips the cases whose folder exists and runs the others again
-(it does not check that the model or the parameters are those of the earlier run: use a new DIR for new ones).
+``DIR/cohort.csv`` gets one row per case; with ``DIR/report.html`` and the cohort's ``DIR/summary.json`` it is
+published as one unit at the end of the run (:class:`IBIXLogic.session.Outputs`), and the cohort holds DIR's lock
+while it runs. A rerun skips the cases whose folder exists and runs the others again (it does not check that the
+model or the parameters are those of the earlier run: use a new DIR for new ones).
 """
 from __future__ import annotations
 
@@ -23,14 +25,18 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import session
+from . import __version__, session
 from .errors import IBIXError, InputError, is_file, short_path
+from .io import atomic_write, temporary_path
 from .backward import backward_mapping
 from .forward import forward_mapping
 from .report import write_report
@@ -49,7 +55,10 @@ ROW_COLUMNS = ("case", "status", "error", "evaluations", "seconds")
 PROVENANCE_COLUMNS = ("series_uid", "structure", "structure_file")
 #: How long joining a Dask scheduler may take before the cohort gives up.
 SCHEDULER_TIMEOUT_S = 10
+log = logging.getLogger("IBIX")
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: The cohort's own files in DIR, which no case folder may take (compared ignoring case, as some file systems do).
+COHORT_FILES = ("cohort.csv", "report.html", "summary.json")
 
 
 def parameter_columns(mapping: str) -> tuple[str, ...]:
@@ -147,6 +156,9 @@ def read_manifest(path: str | os.PathLike, mapping: str) -> list[Case]:
         if not _CASE_NAME.match(name):
             raise InputError(f"{path}, line {number}: case name {name!r} must start with a letter or digit and hold "
                              "only letters, digits, '.', '_' and '-' (it names the case's folder)")
+        if name.lower() in COHORT_FILES:
+            raise InputError(f"{path}, line {number}: case name {name!r} is the name of one of the cohort's own "
+                             f"files ({', '.join(COHORT_FILES)}); rename the case")
         if name in names:
             raise InputError(f"{path}, line {number}: case {name!r} appears twice; case names must be unique")
         names.add(name)
@@ -211,8 +223,9 @@ def provenance(summary: dict | None) -> dict:
             "structure_file": structure.get("file")}
 
 
-def _explain(case: Case, settings: Settings, folder: Path) -> dict:
-    """One case through the single-case command's path (:mod:`IBIXLogic.session`), written into ``folder``.
+def _explain(case: Case, settings: Settings, folder: Path, final: Path) -> dict:
+    """One case through the single-case command's path (:mod:`IBIXLogic.session`), written into ``folder``, which
+    is renamed to ``final`` once complete (the summary names the files there).
 
     Returns its summary (what ``summary.json`` holds).
     """
@@ -228,25 +241,16 @@ def _explain(case: Case, settings: Settings, folder: Path) -> dict:
     block_labels = parameters.pop("block_labels", None)
     if block_labels is not None:
         parameters["blocks"] = session.load_block_labels(block_labels, inputs.geometry)
-    outputs = session.Outputs(folder, settings.fmt, [*inputs.paths, case.mask, block_labels, settings.model,
-                                                     settings.card])
-    outputs.check(["summary.json"])
-    run = (session.run_forward if forward else session.run_backward)(model, inputs, mask, outputs, console,
-                                                                     parameters)
-    extra = {} if forward else {"block_labels": None if block_labels is None else str(block_labels)}
-    path = session.write_summary(outputs, settings.mapping, model, inputs, started, case=case.name,
-                                 mask=str(case.mask), label=case.label, structure=structure, **extra,
-                                 **{settings.mapping: run.result.to_dict()}, figure=run.figure)
-    return json.loads(path.read_text())
-
-
-def _relocate(folder: Path, final: Path) -> None:
-    """Rewrite the paths in ``folder/summary.json`` to where the folder will be once renamed."""
-    summary_path = folder / "summary.json"
-    text = summary_path.read_text().replace(json.dumps(str(folder))[1:-1], json.dumps(str(final))[1:-1])
-    temporary = folder / ".summary.json.partial"
-    temporary.write_text(text)
-    os.replace(temporary, summary_path)
+    with session.Outputs(folder, settings.fmt, [*inputs.paths, case.mask, block_labels, settings.model,
+                                                settings.card], settings.mapping, publish=final) as outputs:
+        outputs.check(["summary.json"])
+        run = (session.run_forward if forward else session.run_backward)(model, inputs, mask, outputs, console,
+                                                                         parameters)
+        extra = {} if forward else {"block_labels": None if block_labels is None else str(block_labels)}
+        session.write_summary(outputs, settings.mapping, model, inputs, started, case=case.name,
+                              mask=str(case.mask), label=case.label, structure=structure, **extra,
+                              **{settings.mapping: run.result.to_dict()}, figure=run.figure)
+    return json.loads((folder / "summary.json").read_text())
 
 
 def run_case(case: Case, settings: Settings) -> dict:
@@ -257,14 +261,13 @@ def run_case(case: Case, settings: Settings) -> dict:
     """
     started = time.perf_counter()
     final = settings.output / case.name
-    temporary = settings.output / f".{case.name}.partial-{uuid.uuid4().hex[:8]}"
+    temporary = temporary_path(final)
     try:
         if final.exists():
             raise InputError(f"{final} exists already; remove it to run case {case.name} again")
         temporary.mkdir(parents=True)
-        summary = _explain(case, settings, temporary)
-        _relocate(temporary, final)
-        os.replace(temporary, final)
+        summary = _explain(case, settings, temporary, final)
+        os.rename(temporary, final)  # never over a folder that appeared meanwhile
         return case_row(case.name, "ok", summary=summary, mapping=settings.mapping)
     except IBIXError as exc:
         message = str(exc)
@@ -318,14 +321,15 @@ def _done_row(case: Case, settings: Settings) -> dict | None:
 def write_rows(path: Path, rows: Sequence[dict], mapping: str) -> Path:
     """Write cohort.csv (under a temporary name, renamed when complete); empty cells for missing values."""
     columns = list(ROW_COLUMNS) + list(PROVENANCE_COLUMNS) + list(statistic_columns(mapping))
-    temporary = path.with_name(f".{path.name}.partial")
-    with open(temporary, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    os.replace(temporary, path)
-    return path
+    try:
+        with atomic_write(Path(path)) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return Path(path)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -390,52 +394,87 @@ def run_cohort(manifest: str | os.PathLike, model: str | os.PathLike, mapping: s
     cases = read_manifest(manifest, mapping)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers must be an integer of at least 1, got {workers!r}")
-    output = Path(output).resolve()
-    model, card = Path(model).resolve(), None if card is None else Path(card).resolve()
+    output = Path(os.path.abspath(output))
+    model, card = Path(os.path.abspath(model)), None if card is None else Path(os.path.abspath(card))
     if not is_file(model, "model", InputError):
         raise InputError(f"{short_path(model)}: no such model file")
     if card is not None and not is_file(card, "model card", InputError):
         raise InputError(f"{short_path(card)}: model card not found")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{output}: cannot create the output folder ({exc.strerror or exc})") from None
     settings = Settings(mapping, model, card, output, fmt, device)
-    rows: dict[str, dict] = {}
-    pending = []
-    for case in cases:
-        done = _done_row(case, settings)
-        if done is not None:
-            rows[case.name] = done
-        else:
-            pending.append(case)
-    skipped = len(cases) - len(pending)
+    with session.Outputs(output, fmt, [Path(manifest), model, card], "cohort") as outputs:
+        outputs.check(list(COHORT_FILES))  # DIR's lock for the whole run; what killed runs left is removed
+        rows: dict[str, dict] = {}
+        pending = []
+        for case in cases:
+            done = _done_row(case, settings)
+            if done is not None:
+                rows[case.name] = done
+            else:
+                pending.append(case)
+        skipped = len(cases) - len(pending)
 
-    def report(message: str) -> None:
-        if progress is not None:
-            progress(len(rows), len(cases), message)
+        def report(message: str) -> None:
+            if progress is not None:
+                progress(len(rows), len(cases), message)
 
-    report("cases")
-    if pending:
-        client, cluster = _client(workers, scheduler)
-        from distributed import as_completed
+        report("cases")
+        if pending:
+            _run_cases(pending, settings, rows, workers, scheduler, report)
+        ordered = [rows[case.name] for case in cases]
+        outputs.add("cohort_csv", write_rows(outputs.path("cohort.csv"), ordered, mapping))
+        outputs.add("report", write_report(output, ordered, mapping, statistic_columns(mapping),
+                                           path=outputs.path("report.html")))
+        failed = [row["case"] for row in ordered if row["status"] != "ok"]
+        outputs.commit({"ibix": __version__, "command": "cohort", "mapping": mapping,
+                        "manifest": str(Path(os.path.abspath(manifest))), "model": str(model),
+                        "card": None if card is None else str(card),
+                        "cases": {"total": len(ordered), "ok": len(ordered) - len(failed), "failed": len(failed),
+                                  "run": len(pending), "skipped": skipped},
+                        "case_folders": [row["case"] for row in ordered if row["status"] == "ok"],
+                        "failed_cases": failed})
+    return CohortResult(ordered, outputs.written["cohort_csv"], outputs.written["report"], ran=len(pending),
+                        skipped=skipped)
 
-        try:
-            futures = {client.submit(run_case, case, settings, key=f"ibix-{case.name}-{uuid.uuid4().hex[:8]}",
-                                     pure=False, retries=0): case for case in pending}
-            for future in as_completed(futures):
-                case = futures[future]
+
+def _run_cases(pending: Sequence[Case], settings: Settings, rows: dict, workers: int, scheduler: str | None,
+               report: Callable[[str], None]) -> None:
+    """Run the pending cases on Dask; each one's row goes into ``rows`` as it finishes.
+
+    An interrupt (Ctrl-C) ends the cluster and propagates; cases in progress leave only temporary folders, which
+    the next run removes.
+    """
+    client, cluster = _client(workers, scheduler)
+    from distributed import as_completed
+
+    try:
+        futures = {client.submit(run_case, case, settings, key=f"ibix-{case.name}-{uuid.uuid4().hex[:8]}",
+                                 pure=False, retries=0): case for case in pending}
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                rows[case.name] = future.result()
+            except Exception as exc:  # the worker died (e.g. killed for memory): this case fails
+                rows[case.name] = failed_row(case, f"the worker running it was lost ({type(exc).__name__}: "
+                                             f"{exc})", settings.mapping)
+            report("cases")
+    finally:
+        with _interrupts_ignored():  # a second Ctrl-C while the cluster shuts down does not cut that short
+            for close in (client.close, getattr(cluster, "close", None)):
                 try:
-                    rows[case.name] = future.result()
-                except Exception as exc:  # the worker died (e.g. killed for memory): this case fails
-                    rows[case.name] = failed_row(case, f"the worker running it was lost ({type(exc).__name__}: "
-                                                 f"{exc})", mapping)
-                report("cases")
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    ordered = [rows[case.name] for case in cases]
-    path = write_rows(output / "cohort.csv", ordered, mapping)
-    report = write_report(output, ordered, mapping, statistic_columns(mapping))
-    return CohortResult(ordered, path, report, ran=len(pending), skipped=skipped)
+                    if close is not None:
+                        close()
+                except Exception as exc:  # a cluster that its own interrupt already took down
+                    log.debug("closing the Dask cluster: %s", exc)
+
+
+@contextmanager
+def _interrupts_ignored():
+    """Ignore SIGINT in the main thread while the block runs (elsewhere: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

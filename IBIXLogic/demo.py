@@ -8,6 +8,7 @@ documentation (``docs/images`` in the repository: ``ibix demo --figures docs/ima
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,16 @@ def resources() -> Path:
     return folder
 
 
+def _writable(folder: Path) -> None:
+    """Create the documentation figures' folder; refuse one that cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the figures folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{folder}: the figures folder is not writable")
+
+
 def _require(path: Path) -> Path:
     if not path.is_file():
         raise InputError(f"{path}: shipped demo file missing; restore it from the repository")
@@ -93,57 +104,56 @@ def run_case(case: DemoCase, folder: Path, quick: bool = False, device: str = "a
     root = resources()
     models, data = root / "Models", root / "SampleData"
     steps: list[Step] = []
-    outputs = Outputs(folder, fmt, [])
-    outputs.check(["summary.json"])
-
-    t0 = time.perf_counter()
-    model = session.load_model(_require(models / case.model), None, device)
-    inputs = session.load_inputs([_require(data / name) for name in case.inputs], model)
-    input_mask = session.load_mask(_require(data / case.input_mask), None, inputs.geometry, console, "input mask")
-    output_mask = session.load_mask(_require(data / case.output_mask), None, inputs.geometry, console,
-                                    "output mask")
-    steps.append(Step(case.name, "load model and data", 0, time.perf_counter() - t0, []))
-
-    output, predict = session.run_predict(model, inputs, outputs, console)
-    steps.append(Step(case.name, "predict", predict["evaluations"], predict["seconds"], [outputs.written["output"]]))
-
-    t0 = time.perf_counter()
-    forward = session.run_forward(model, inputs, input_mask, outputs, console, params["forward"], output=output)
-    files = [outputs.written[role] for role in ("forward_signed", "forward_normalized", "forward_png")]
-    steps.append(Step(case.name, "forward map F", forward.result.evaluations, forward.result.seconds, files))
-    steps.append(Step(case.name, "forward files + PNG", 0,
-                      time.perf_counter() - t0 - forward.result.seconds, []))
-
-    t0 = time.perf_counter()
-    backward = session.run_backward(model, inputs, output_mask, outputs, console, params["backward"],
-                                    background_channel=case.background_channel)
-    files = [outputs.written[role] for role in ("backward", "backward_blocks", "backward_png")]
-    steps.append(Step(case.name, "backward map B", backward.result.evaluations, backward.result.seconds, files))
-    steps.append(Step(case.name, "backward files + PNG", 0,
-                      time.perf_counter() - t0 - backward.result.seconds, []))
-
-    if figures_dir is not None:
+    with Outputs(folder, fmt, [], "demo") as outputs:
+        outputs.check(["summary.json"])
         t0 = time.perf_counter()
-        small = dict(dpi=90, max_colors=256, panel_inches=2.5)
-        docs = [session.forward_png(Path(figures_dir) / f"{case.name}_forward.png", model, inputs, output,
-                                    forward.result, input_mask, forward.axis,
-                                    forward.slices[:: max(1, -(-len(forward.slices) // 3))], **small),
-                session.backward_png(Path(figures_dir) / f"{case.name}_backward.png", model, inputs,
-                                     backward.result, output_mask, backward.axis, backward.slices[:3],
-                                     background_channel=case.background_channel, **small)]
-        steps.append(Step(case.name, "documentation PNGs", 0, time.perf_counter() - t0, docs))
+        model = session.load_model(_require(models / case.model), None, device)
+        inputs = session.load_inputs([_require(data / name) for name in case.inputs], model)
+        input_mask = session.load_mask(_require(data / case.input_mask), None, inputs.geometry, console, "input mask")
+        output_mask = session.load_mask(_require(data / case.output_mask), None, inputs.geometry, console,
+                                        "output mask")
+        steps.append(Step(case.name, "load model and data", 0, time.perf_counter() - t0, []))
 
-    summary = {
-        "demo": case.name, "title": case.title, "quick": quick, "model": session.model_summary(model),
-        "inputs": [str(p) for p in inputs.paths], "input_mask": case.input_mask, "output_mask": case.output_mask,
-        "geometry": inputs.geometry.to_dict(),
-        "predict": {"evaluations": predict["evaluations"], "seconds": predict["seconds"]},
-        "forward": forward.result.to_dict(), "backward": backward.result.to_dict(),
-        "figure_slices": {"forward": forward.slices, "backward": backward.slices, "axis": forward.axis},
-        "steps": [{"step": s.step, "evaluations": s.evaluations, "seconds": round(s.seconds, 4)} for s in steps],
-    }
-    summary["files"] = [str(p) for p in outputs.written.values()] + [str(folder / "summary.json")]
-    path = outputs.write_json("summary.json", summary)
+        output, predict = session.run_predict(model, inputs, outputs, console)
+        steps.append(Step(case.name, "predict", predict["evaluations"], predict["seconds"],
+                          [outputs.written["output"]]))
+
+        t0 = time.perf_counter()
+        forward = session.run_forward(model, inputs, input_mask, outputs, console, params["forward"], output=output)
+        files = [outputs.written[role] for role in ("forward_signed", "forward_normalized", "forward_png")]
+        steps.append(Step(case.name, "forward map F", forward.result.evaluations, forward.result.seconds, files))
+        steps.append(Step(case.name, "forward files + PNG", 0,
+                          time.perf_counter() - t0 - forward.result.seconds, []))
+
+        t0 = time.perf_counter()
+        backward = session.run_backward(model, inputs, output_mask, outputs, console, params["backward"],
+                                        background_channel=case.background_channel)
+        files = [outputs.written[role] for role in ("backward", "backward_blocks", "backward_png")]
+        steps.append(Step(case.name, "backward map B", backward.result.evaluations, backward.result.seconds, files))
+        steps.append(Step(case.name, "backward files + PNG", 0,
+                          time.perf_counter() - t0 - backward.result.seconds, []))
+
+        if figures_dir is not None:
+            t0 = time.perf_counter()
+            small = dict(dpi=90, max_colors=256, panel_inches=2.5)
+            docs = [session.forward_png(Path(figures_dir) / f"{case.name}_forward.png", model, inputs, output,
+                                        forward.result, input_mask, forward.axis,
+                                        forward.slices[:: max(1, -(-len(forward.slices) // 3))], **small),
+                    session.backward_png(Path(figures_dir) / f"{case.name}_backward.png", model, inputs,
+                                         backward.result, output_mask, backward.axis, backward.slices[:3],
+                                         background_channel=case.background_channel, **small)]
+            steps.append(Step(case.name, "documentation PNGs", 0, time.perf_counter() - t0, docs))
+
+        summary = {
+            "demo": case.name, "title": case.title, "quick": quick, "model": session.model_summary(model),
+            "inputs": [str(p) for p in inputs.paths], "input_mask": case.input_mask, "output_mask": case.output_mask,
+            "geometry": inputs.geometry.to_dict(),
+            "predict": {"evaluations": predict["evaluations"], "seconds": predict["seconds"]},
+            "forward": forward.result.to_dict(), "backward": backward.result.to_dict(),
+            "figure_slices": {"forward": forward.slices, "backward": backward.slices, "axis": forward.axis},
+            "steps": [{"step": s.step, "evaluations": s.evaluations, "seconds": round(s.seconds, 4)} for s in steps],
+        }
+        path = outputs.commit(summary)
     steps.append(Step(case.name, "summary", 0, 0.0, [path]))
     return steps
 
@@ -155,7 +165,7 @@ def run_demo(output: Path, quick: bool = False, figures_dir: Path | None = None,
     started = time.perf_counter()
     resources()
     if figures_dir is not None:
-        Outputs(Path(figures_dir), fmt, []).check([])
+        _writable(Path(figures_dir))
     steps: list[Step] = []
     for case in cases:
         console.note(f"demo {case.name}: {case.title}")

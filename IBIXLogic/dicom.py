@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from .errors import InputError, short_path
 from .geometry import Geometry
+from .io import check_voxel_data
 
 LOG = logging.getLogger("IBIX")
 
@@ -102,21 +104,29 @@ def _number(value: Any, default: float | None = None) -> float | None:
         return default
 
 
-def check_pixel_length(ds: Any, path: Path) -> None:
-    """Refuse a file whose (uncompressed) pixel data is shorter than its header says: a truncated file."""
+def frame_count(ds: Any) -> int:
+    """NumberOfFrames of a dataset (1 for a single-frame image)."""
+    return int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1)
+
+
+def stored_layout(ds: Any) -> tuple[tuple[int, int, int], Fraction]:
+    """The sizes of a file's pixel data as its header declares them, (columns, rows, frames), and the bytes one
+    voxel takes as stored (SamplesPerPixel × BitsAllocated / 8: a fraction for one-bit segmentations)."""
+    bits = int(getattr(ds, "BitsAllocated", 16)) * int(getattr(ds, "SamplesPerPixel", 1))
+    return (int(ds.Columns), int(ds.Rows), frame_count(ds)), Fraction(bits, 8)
+
+
+def check_pixel_data(ds: Any, path: Path, budget: int | None = None) -> None:
+    """:func:`IBIXLogic.io.check_voxel_data` on a file's pixel data: sizes and memory as its header declares them,
+    and, for an uncompressed transfer syntax, the bytes it holds (a truncated file is refused, naming both sizes)."""
     if "PixelData" not in ds:
         raise InputError(f"{short_path(path)}: a DICOM image without pixel data (a truncated or damaged file); "
                          "copy the series again from its source")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and getattr(syntax, "is_compressed", False):
-        return  # encapsulated: GDCM or pydicom refuse damaged fragments when they decode them
-    bits = int(getattr(ds, "BitsAllocated", 16))
-    expected = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1)) * \
-        int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1) * bits
-    expected = (expected + 7) // 8
-    if len(ds.PixelData) < expected:
-        raise InputError(f"{short_path(path)}: truncated DICOM file: {len(ds.PixelData)} bytes of pixel data, its "
-                         f"header needs {expected}; copy the series again from its source")
+    compressed = syntax is not None and getattr(syntax, "is_compressed", False)
+    # encapsulated pixel data has no length to expect: GDCM or pydicom refuse damaged fragments when they decode them
+    check_voxel_data(short_path(path), *stored_layout(ds), found=None if compressed else len(ds.PixelData),
+                     budget=budget, what="pixel data")
 
 
 # -- planes and stacks --------------------------------------------------------------------------------------
@@ -306,7 +316,7 @@ def _folder(folder: str | os.PathLike) -> Path:
 
 def _series_from(ds: Any, folder: Path, files: Sequence[Path], uid: str) -> Series:
     rows, columns = getattr(ds, "Rows", None), getattr(ds, "Columns", None)
-    frames = int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1)
+    frames = frame_count(ds)
     kind = kind_of(ds)
     shape = None if kind or rows is None else ((frames if len(files) == 1 else len(files)), int(rows), int(columns))
     number = _number(getattr(ds, "SeriesNumber", None))
@@ -382,17 +392,18 @@ def choose_series(folder: str | os.PathLike, uid: str | None = None) -> Series:
                      f"Python):\n{_listing(images)}")
 
 
-def _checked_header(path: Path) -> Any:
+def _checked_header(path: Path, budget: int | None) -> Any:
     """A file's dataset after checking that its pixel data is complete. The pixels are kept only for a multi-frame
     file, which pydicom decodes; GDCM reads single-frame files again, so a long series is never held twice."""
     ds = read_header(path, pixels=True)
-    check_pixel_length(ds, path)
-    if int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1) == 1:
+    check_pixel_data(ds, path, budget)
+    if frame_count(ds) == 1:
         del ds.PixelData
     return ds
 
 
-def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry, Series]:
+def read_series(folder: str | os.PathLike, series: str | None = None, budget: int | None = None
+                ) -> tuple[np.ndarray, Geometry, Series]:
     """Read one DICOM image series of a folder as a volume.
 
     Parameters
@@ -402,6 +413,9 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[n
         sets may be there too; subfolders are not searched).
     series : str, optional
         SeriesInstanceUID of the series to read; needed when the folder holds several image series.
+    budget : int, optional
+        Bytes the series may take in memory as stored plus IBIX's float32 copy; default
+        :func:`IBIXLogic.io.memory_budget` (half of this machine's memory).
 
     Returns
     -------
@@ -416,18 +430,22 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> tuple[n
     Raises
     ------
     InputError
-        Naming the folder or file and the fix: no or several image series, a damaged or truncated file, a
-        missing slice or uneven spacing, a gantry tilt, mixed orientations, several volumes in one series.
+        Naming the folder or file and the fix: no or several image series, a series declaring more voxels than the
+        memory budget allows (before any pixel is read), a damaged or truncated file, a missing slice or uneven
+        spacing, a gantry tilt, mixed orientations, several volumes in one series.
     """
     chosen = choose_series(folder, series)
     source = f"{short_path(chosen.folder)} (series {chosen.uid})"
-    headers = [_checked_header(f) for f in chosen.files]
+    (columns, rows, frames), per_voxel = stored_layout(read_header(chosen.files[0]))
+    count = len(chosen.files) + len(chosen.unreadable)  # every file that claims the series
+    check_voxel_data(f"{source}, {count} file{'s' if count != 1 else ''}", (columns, rows, frames * count),
+                     per_voxel, budget=budget)
+    headers = [_checked_header(f, budget) for f in chosen.files]
     for path in chosen.unreadable:  # GDCM left them out silently: the volume would miss their slices
-        check_pixel_length(read_header(path, pixels=True), path)
+        check_pixel_data(read_header(path, pixels=True), path, budget)
         raise InputError(f"{short_path(path)}: a file of series {chosen.uid} that GDCM cannot read (a damaged "
                          "file); copy the series again from its source")
-    frames = [int(_number(getattr(ds, "NumberOfFrames", 1), 1) or 1) for ds in headers]
-    if max(frames) > 1:
+    if max(frame_count(ds) for ds in headers) > 1:
         if len(headers) > 1:
             raise InputError(f"{source}: {len(headers)} multi-frame files in one series; IBIX reads one "
                              "multi-frame file or a series of single-frame files: give a folder holding one of them")

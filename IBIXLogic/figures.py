@@ -296,9 +296,10 @@ def overlay_figure(path: str | Path, *, background: np.ndarray, overlay: np.ndar
 def _save(fig, path: Path, dpi: int, max_colors: int | None) -> Path:
     """Save atomically (temporary name, then rename); optionally as a palette PNG."""
     import os
-    import uuid
 
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.png")
+    from .io import temporary_path
+
+    temporary = temporary_path(path, ".png")
     try:
         if max_colors:
             from PIL import Image

@@ -1,18 +1,43 @@
-"""Read and write volumes and masks with SimpleITK (NIfTI, NRRD, MHA), keeping their geometry."""
+"""Read and write volumes and masks with SimpleITK (NIfTI, NRRD, MHA), keeping their geometry.
+
+Every volume is checked before its voxels are read (:func:`check_voxel_data`): a header that declares more voxels
+than this machine's memory allows is refused before anything is allocated, and a file that holds fewer bytes of
+voxel data than its header declares (a cut or half-written file) is refused with both sizes, rather than read with
+zeros in place of the missing voxels. A NIfTI file whose geometry fields disagree (pixdim against the sform, a
+sheared sform) is refused with both readings, since ITK-based and nibabel-based tools would place it differently.
+"""
 from __future__ import annotations
 
+import math
 import os
+import re
 import uuid
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import headers
 from .checks import check_arguments, check_array, check_geometry, check_path
 from .errors import InputError, is_file, is_folder
 from .geometry import Geometry
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+#: Formats whose voxels go into a data file of their own beside the header.
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
+#: Share of this machine's memory one volume may take as read plus the float32 copy the engine works on.
+MEMORY_SHARE = 0.5
+#: Bytes per voxel of the float32 working copy every run makes of its inputs.
+WORKING_BYTES = 4
+#: Relative (spacing, direction) and absolute (mm, per mm of position) disagreement of two readings of a NIfTI
+#: geometry beyond float32 rounding.
+NIFTI_TOLERANCE = 1e-4
+#: Name of a temporary file: ``.<name>.<pid>-<8 hex digits>.partial<suffix>`` (the writer's process id, so that the
+#: temporary files of a dead writer can be told from those of a running one).
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.partial(?P<suffix>\..+)?$")
 
 
 def _suffix(path: Path) -> str:
@@ -20,8 +45,225 @@ def _suffix(path: Path) -> str:
     return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), "")
 
 
+# -- writing ------------------------------------------------------------------------------------------------------
+def temporary_path(path: Path, suffix: str = "") -> Path:
+    """A fresh temporary name beside ``path`` for writing it (``suffix``, e.g. ``.nrrd``, kept at the end so that
+    writers choose the format by it): hidden, with this process's id and a random part (see
+    :data:`TEMPORARY_NAME`)."""
+    path = Path(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}")
+
+
+@contextmanager
+def atomic_write(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Write ``path`` under a temporary name (yielded) and rename it into place when the block ends without an
+    exception, so that ``path`` is never seen incomplete; the temporary file is removed on any exit (also an
+    interrupt)."""
+    temporary = temporary_path(path, suffix)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+# -- checks before reading -----------------------------------------------------------------------------------------
+def _physical_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's memory, or a lower address-space limit."""
+    total = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        try:
+            import psutil  # Windows; installed with Dask
+            total = int(psutil.virtual_memory().total)
+        except (ImportError, AttributeError):
+            return None
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit not in (resource.RLIM_INFINITY, -1) and limit > 0:
+            total = min(total, limit)
+    except (ImportError, ValueError, OSError):
+        pass
+    return total
+
+
+def memory_budget() -> int | None:
+    """Bytes one volume may take as read plus its float32 working copy (:data:`MEMORY_SHARE` of the memory this
+    process may use); None when the memory cannot be found out."""
+    total = _physical_memory()
+    return None if total is None else int(total * MEMORY_SHARE)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB" if size >= 2**30 else f"{size / 2**20:.3g} MiB" if size >= 2**20 else \
+        f"{int(size)} bytes"
+
+
+def check_voxel_data(path: str | os.PathLike, shape: Sequence[int], bytes_per_voxel: int | Fraction,
+                     found: int | None = None, budget: int | None = None, what: str = "voxel data") -> int:
+    """The one check of a file's voxel data before it is read, for every reader of volumes.
+
+    Parameters
+    ----------
+    path : path-like
+        The file (or folder, for a series) named in the messages.
+    shape : sequence of int
+        The sizes its header declares (any order; every one must be at least 1).
+    bytes_per_voxel : int or Fraction
+        Bytes one voxel takes as stored (all components); a fraction for voxels packed in bits (``Fraction(1, 8)``
+        for DICOM's one-bit segmentations), whose declared bytes are rounded up to whole bytes.
+    found : int, optional
+        Bytes of voxel data the file holds (after decompression); None checks the sizes and the memory only.
+    budget : int, optional
+        Bytes the voxels may take in memory with their float32 working copy; default :func:`memory_budget`.
+    what : str
+        What the data are, for the messages ("voxel data", "pixel data of slice 12", ...).
+
+    Returns
+    -------
+    int
+        The bytes of voxel data the header declares.
+
+    Raises
+    ------
+    InputError
+        For a degenerate size (0 or negative), a header that declares more voxels than the memory budget allows
+        (raised before anything is allocated), or fewer bytes found than declared; each message names the file and
+        the sizes.
+    """
+    sizes = [int(s) for s in shape]
+    shown = "×".join(str(s) for s in sizes)
+    if not sizes or min(sizes) < 1:
+        axis = next((i for i, s in enumerate(sizes) if s < 1), 0)
+        raise InputError(f"{path}: its header declares {shown or 'no'} voxels: size {sizes[axis] if sizes else 0} "
+                         f"along axis {axis + 1} is a degenerate dimension (every size must be at least 1); the "
+                         "file is damaged or not a volume: write it again")
+    voxels = int(np.prod(sizes, dtype=object))
+    per_voxel = Fraction(bytes_per_voxel)
+    expected = math.ceil(voxels * per_voxel)
+    budget = memory_budget() if budget is None else budget
+    needed = math.ceil(voxels * (per_voxel + WORKING_BYTES))
+    if budget is not None and needed > budget:
+        raise InputError(f"{path}: its header declares {shown} voxels ({_gib(expected)} as stored, {_gib(needed)} "
+                         f"with IBIX's float32 copy), more than the {_gib(budget)} this machine allows one volume "
+                         f"({MEMORY_SHARE:.0%} of its memory); if the header is right, crop or resample the volume; "
+                         "if not, the file is damaged")
+    if found is not None and found < expected:
+        raise InputError(f"{path}: the file is incomplete: its header declares {shown} voxels, {expected} bytes of "
+                         f"{what}, but it holds {found} bytes ({100 * found / expected:.3g} %); the file was cut "
+                         "short or not completely written: copy or export it again")
+    return expected
+
+
+def _bytes_per_voxel(reader: "sitk.ImageFileReader") -> int:
+    text = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = int(re.search(r"(\d+)-bit", text).group(1)) if re.search(r"(\d+)-bit", text) else 8
+    return max(1, bits // 8) * (2 if "complex" in text else 1) * max(1, reader.GetNumberOfComponents())
+
+
+def _check_stored_data(path: Path, reader: "sitk.ImageFileReader") -> headers.NiftiHeader | None:
+    """:func:`check_voxel_data` on what the file's header declares (before any voxel is read) and on the bytes it
+    holds (NIfTI, NRRD and MetaImage; other formats: sizes and memory only); returns a NIfTI file's header."""
+    io_name = reader.GetImageIO() or sitk.ImageFileReader.GetImageIOFromFileName(str(path))
+    shape, bytes_per_voxel = list(reader.GetSize()), _bytes_per_voxel(reader)
+    nifti = data = None
+    try:
+        if io_name == "NiftiImageIO":
+            nifti = headers.read_nifti_header(path)
+            check_voxel_data(path, nifti.sizes, bytes_per_voxel)  # ITK reads a size of 0 as 1
+            data = headers.nifti_data(path, nifti)
+            shape, bytes_per_voxel = list(nifti.sizes), nifti.bitpix // 8  # as stored (ITK may rescale)
+        else:
+            check_voxel_data(path, shape, bytes_per_voxel)
+            data = (headers.nrrd_data(path) if io_name == "NrrdImageIO" else
+                    headers.meta_data(path) if io_name == "MetaImageIO" else None)
+        if data is None or data.encoding is None:
+            return nifti
+        expected = int(np.prod(shape, dtype=object)) * bytes_per_voxel
+        found, damage = headers.stored_bytes(data, expected)
+    except headers.HeaderError as exc:
+        raise InputError(f"{path}: {exc}; the file is damaged or incomplete") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    where = path if data.path == path else f"{path} (its data file {data.path.name})"
+    if damage is not None and found < expected:
+        raise InputError(f"{where}: the file is damaged: {damage} after {found} of the {expected} bytes of voxel "
+                         f"data its header declares ({'×'.join(str(s) for s in shape)} voxels); the file was cut "
+                         "short or changed: copy or export it again")
+    check_voxel_data(where, shape, bytes_per_voxel, found=found)
+    return nifti
+
+
+def _itk_affine(reader: "sitk.ImageFileReader") -> np.ndarray:
+    """The 4 x 4 RAS affine of what ITK read (spacing, origin, direction; 2D images padded to 3D)."""
+    dim = reader.GetDimension()
+    direction = np.eye(3)
+    direction[:dim, :dim] = np.reshape(reader.GetDirection(), (dim, dim))[:3, :3]
+    spacing, origin = np.ones(3), np.zeros(3)
+    spacing[:min(dim, 3)] = reader.GetSpacing()[:3]
+    origin[:min(dim, 3)] = reader.GetOrigin()[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction * spacing
+    affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ origin
+    return affine
+
+
+def _check_nifti_geometry(path: Path, header: headers.NiftiHeader, reader: "sitk.ImageFileReader") -> None:
+    """Refuse a NIfTI file that ITK reads with another geometry than the NIfTI rules (and nibabel) give: the sform
+    when its code is set, else the qform, with the voxel sizes of pixdim; both readings are named."""
+    axes = min(3, reader.GetDimension())
+    itk = _itk_affine(reader)
+    itk_spacing = np.linalg.norm(itk[:3, :axes], axis=0)
+    pixdim = np.array(header.pixdim[1:1 + axes], float)
+    if header.sform_code > 0:
+        method, affine = f"the sform (sform_code {header.sform_code})", header.sform()
+    elif header.qform_code > 0:
+        method, affine = f"the qform (qform_code {header.qform_code}) with pixdim", header.qform()
+    else:
+        method, affine = "pixdim (no qform or sform)", None
+    if affine is None:
+        spacing = np.abs(pixdim)
+    else:
+        if not np.all(np.isfinite(affine)):
+            raise InputError(f"{path}: {method} holds values that are not finite; fix the NIfTI header")
+        spacing = np.linalg.norm(affine[:3, :axes], axis=0)
+
+    def mm(values) -> str:
+        return "(" + ", ".join(f"{v:.6g}" for v in values) + ") mm"
+
+    problem = None
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0) or np.any(spacing <= 0):
+        problem = (f"its voxel size pixdim is {mm(pixdim)}, which is not a size: ITK reads it as "
+                   f"{mm(itk_spacing)}" + ("" if affine is None else f", {method} gives {mm(spacing)}"))
+    elif not np.allclose(spacing, itk_spacing, rtol=NIFTI_TOLERANCE, atol=0):
+        problem = (f"its voxel size is {mm(itk_spacing)} as ITK reads it (pixdim {mm(pixdim)}) but {mm(spacing)} "
+                   f"from {method}")
+    elif affine is not None:
+        scale = NIFTI_TOLERANCE * max(1.0, float(np.abs(affine[:3, 3]).max()), float(np.abs(itk[:3, 3]).max()))
+        directions = affine[:3, :axes] / spacing, itk[:3, :axes] / itk_spacing
+        if not np.allclose(*directions, atol=NIFTI_TOLERANCE) or not np.allclose(affine[:3, 3], itk[:3, 3],
+                                                                                  atol=scale):
+            problem = (f"ITK reads its origin as {mm(itk[:3, 3])} (RAS) with axes "
+                       f"{np.round(directions[1].T, 4).tolist()}, but {method} gives {mm(affine[:3, 3])} with axes "
+                       f"{np.round(directions[0].T, 4).tolist()} (a sheared or otherwise inconsistent transform)")
+    if problem:
+        raise InputError(f"{path}: inconsistent NIfTI geometry: {problem}. ITK-based tools (3D Slicer, IBIX) and "
+                         "nibabel-based tools would place this image differently, so IBIX does not guess: make "
+                         "pixdim, the qform and the sform agree (e.g. with nibabel: img.set_qform(img.affine); "
+                         "img.set_sform(img.affine); with fslorient) and read it again")
+
+
 def read_volume(path: str | os.PathLike, series: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a scalar volume.
+
+    The header is checked before any voxel is read (:func:`check_voxel_data`: sizes, memory, and that the file
+    holds all the voxel data it declares), and a NIfTI file's geometry fields against each other.
 
     Parameters
     ----------
@@ -48,22 +290,50 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> tuple[np.
                          "if it holds several series)")
     if not is_file(path, "volume", InputError):
         raise InputError(f"{path}: no such file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): "
-                         f"{str(exc).strip().splitlines()[-1]}") from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+        raise _unreadable(path, exc) from None
+    nifti = _check_stored_data(path, reader)
+    if nifti is not None:
+        _check_nifti_geometry(path, nifti, reader)
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; "
                          "IBIX reads one channel per file (pass one file per channel)")
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise _unreadable(path, exc) from None
     return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
+
+
+def _unreadable(path: Path, exc: RuntimeError) -> InputError:
+    """The error for a file ITK cannot read, with what IBIX can tell about why."""
+    detail = (str(exc).strip().splitlines() or [""])[-1].strip()
+    try:
+        size = path.stat().st_size
+        version = headers.nifti_version(path) if size else None
+    except OSError:
+        size, version = None, None
+    if size == 0:
+        why = "the file is empty"
+    elif version == 2:
+        why = ("it is a NIfTI-2 file, which ITK (the reader of IBIX and 3D Slicer) does not read: convert it to "
+               "NIfTI-1 (e.g. nibabel.Nifti1Image(img.dataobj, img.affine, img.header))")
+    elif "Unable to determine ImageIO" in detail:
+        why = "its format is not recognised: it is not a NIfTI, NRRD or MHA volume, or its header is damaged"
+    else:
+        why = f"its header is damaged or cut short (ITK: {detail.removeprefix('Reason: ')})"
+    return InputError(f"{path}: not a readable volume (NIfTI, NRRD or MHA expected): {why}")
 
 
 def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry) -> Path:
     """Write a volume with the given geometry.
 
-    The file is written under a temporary name in the same folder and renamed when complete, so an
-    interrupted write never leaves a partial file under the final name.
+    The file is written under a temporary name in the same folder and renamed when complete (see
+    :func:`atomic_write`), so an interrupted write never leaves a partial file under the final name.
     """
     path = check_path("path", path)
     suffix = _suffix(path)
@@ -83,15 +353,45 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry)
         array = array.astype(np.float32)
     image = sitk.GetImageFromArray(array)
     geometry.to_sitk(image)
-    temporary = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}")
     try:
-        sitk.WriteImage(image, str(temporary), True)
-        os.replace(temporary, path)
+        if suffix in DETACHED_SUFFIXES:
+            _write_detached(image, path)
+        else:
+            with atomic_write(path, suffix) as temporary:
+                sitk.WriteImage(image, str(temporary), True)
+                _check_written(temporary)
     except (RuntimeError, OSError) as exc:
-        raise InputError(f"{path}: cannot write ({exc}); check the folder is writable") from None
-    finally:  # also on KeyboardInterrupt or any other interruption: never leave the partial file
-        temporary.unlink(missing_ok=True)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise InputError(f"{path}: cannot write ({reason}); check the folder is writable and has space") from None
     return path
+
+
+def _check_written(path: Path) -> None:
+    """Raise OSError unless a file just written holds all its voxel data (ITK's NIfTI writer reports a full disk on
+    stderr only, and leaves a short file)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        _check_stored_data(path, reader)
+    except (RuntimeError, InputError) as exc:
+        raise OSError(f"the file written is incomplete, is the disk full? ({exc})") from None
+
+
+def _write_detached(image: "sitk.Image", path: Path) -> None:
+    """A header and its data file (``.mhd``, ``.nhdr``), written in a temporary folder beside them and moved into
+    place data first, so that the header is never seen without its complete data."""
+    import shutil
+
+    folder = temporary_path(path)
+    folder.mkdir()
+    try:
+        sitk.WriteImage(image, str(folder / path.name), True)
+        _check_written(folder / path.name)
+        for written in sorted(folder.iterdir(), key=lambda p: p.name == path.name):  # the header last
+            os.replace(written, path.with_name(written.name))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def resample_mask(mask: np.ndarray, geometry: Geometry, reference: Geometry) -> np.ndarray:

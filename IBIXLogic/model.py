@@ -46,6 +46,13 @@ CHECK_VOXELS = 4_000_000
 #: Relative change of a sample's output beside another sample beyond which a model counts as mixing samples
 #: (ONNX Runtime's batched kernels differ from single-sample ones by rounding only).
 BATCH_TOLERANCE = 1e-4
+#: Largest difference between two runs of the same input, relative to the largest output, that counts as the
+#: device's float rounding: ONNX Runtime's CPU kernels repeat bit for bit; CUDA kernels with atomic additions or a
+#: different algorithm choice may differ in the last bits.
+DETERMINISM_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-4}
+#: Operators whose outputs are random (Dropout only in training mode).
+RANDOM_OPERATORS = ("Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+                    "Multinomial")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -339,12 +346,14 @@ class Model:
         return first, second, what
 
     def check_runs(self) -> None:
-        """Run the model at load time on two small smooth inputs, each alone and both together in one batch.
+        """Run the model at load time on two small smooth inputs: the first alone, then again alone, then in one
+        batch with the second between two copies of the first (three model calls, five samples).
 
         A card that does not fit the model fails here; a model whose output is NaN or infinite on them is refused
-        with the inputs named; a model that mixes the samples of a batch (a sample's output changes when another
-        sample shares the call, as with batch statistics) is run one sample per call from then on, and the card's
-        assumptions say so.
+        with the inputs named; a model whose two runs of the same input differ by more than the device's float
+        rounding (dropout or random nodes left in the export) is refused naming the difference; a model that mixes
+        the samples of a batch (a sample's output changes beside other samples, as with batch statistics) is run one
+        sample per call from then on, and the card's assumptions say so.
         """
         spec = self.card.input
         side = 32 if self.card.spatial_dims == 2 else 16
@@ -354,7 +363,7 @@ class Model:
             shape = list(spec.patch.size)
         if int(np.prod(shape)) > CHECK_VOXELS:
             note = (f"no load-time check (the model's fixed input of {list(shape)} voxels is too large): the card "
-                    "is trusted and the samples of a batch are assumed independent")
+                    "is trusted, the model assumed deterministic and the samples of a batch independent")
             self.card = replace(self.card, assumptions=self.card.assumptions + (note,))
             log.info("%s: %s", self.path.name, note)
             return
@@ -366,6 +375,7 @@ class Model:
         try:
             try:
                 alone = self.run(first[None].copy(), probe, lambda i: what)[0]
+                again = self.run(first[None].copy(), probe, lambda i: what)[0]
             except _NonFiniteOutput:
                 raise ModelError(undefined) from None
             except ModelError as exc:
@@ -373,22 +383,43 @@ class Model:
                                  f"{self.card.input.layout} with channels {list(self.card.input.channels)}: check the "
                                  "card's 'input.layout', 'input.channels', 'input.size' and 'input.multiple_of'"
                                  ) from None
+            self._check_deterministic(alone, again)
             try:
-                alone = np.stack([alone, self.run(second[None].copy(), probe, lambda i: what)[0]])
-                together = self.run(np.stack([first, second]), probe, lambda i: what)
+                together = self.run(np.stack([first, second, first]), probe, lambda i: what)
             except _NonFiniteOutput:
                 raise ModelError(undefined) from None
             except ModelError as exc:  # one sample runs: not a matter of the card's layout
-                raise ModelError(f"the model runs on one sample but not on a batch of two ({exc})") from None
+                raise ModelError(f"the model runs on one sample but not on a batch of three ({exc})") from None
         finally:
             self.evaluations = self.evaluated_voxels = 0
-        difference = float(np.abs(alone - together).max())
+        difference = float(max(np.abs(together[0] - alone).max(), np.abs(together[2] - alone).max()))
         if difference > BATCH_TOLERANCE * (float(np.abs(alone).max()) + float(np.abs(together).max())) + 1e-12:
             self.one_sample_per_call = True
             note = (f"the model mixes the samples of a batch (a sample's output changed by up to {difference:.3g} "
-                    "beside another sample): IBIX runs it one sample per model call")
+                    "beside other samples): IBIX runs it one sample per model call")
             self.card = replace(self.card, assumptions=self.card.assumptions + (note,))
             log.warning("%s: %s", self.path.name, note)
+
+    def _check_deterministic(self, first: np.ndarray, second: np.ndarray) -> None:
+        """Refuse a model whose two runs of the same input differ beyond the device's float rounding."""
+        difference = float(np.abs(first - second).max())
+        peak = max(float(np.abs(first).max()), float(np.abs(second).max()))
+        tolerance = DETERMINISM_TOLERANCE.get(self.device, max(DETERMINISM_TOLERANCE.values()))
+        if difference <= tolerance * peak + 1e-30:
+            return
+        try:
+            from .model_file import operator_types
+            random = sorted(set(RANDOM_OPERATORS) & operator_types(self.path))
+        except (ModelError, OSError, ValueError):
+            random = []
+        found = f" (this graph has {', '.join(random)} nodes)" if random else ""
+        raise ModelError(f"{self.path.name}: the model is not deterministic: two runs of the same input at load time "
+                         f"gave outputs that differ by up to {difference:.3g} (largest output {peak:.3g}; "
+                         f"{difference / peak if peak else float('inf'):.2g} of it, above the "
+                         f"{tolerance:g} of float rounding on {self.device}), so its maps would show noise, not the "
+                         "model's response. "
+                         f"The usual cause is dropout or random nodes left in the export{found}: export the model in "
+                         "evaluation mode (model.eval() before torch.onnx.export) and without random operators")
 
     def predict(self, x: Any, geometry: Geometry | None = None, progress: ProgressCallback | None = None,
                 cancel: Any = None) -> np.ndarray:
@@ -415,9 +446,19 @@ class Model:
 def _onnxruntime():
     try:
         import onnxruntime
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":  # installed, but a module it needs is not
+            raise ModelError(f"ONNX Runtime is installed but cannot be imported: {exc}; reinstall it (pip install "
+                             "--force-reinstall onnxruntime, or onnxruntime-gpu)") from None
         raise ModelError("ONNX Runtime is not installed: pip install 'ibix[cpu]' (or 'ibix[gpu]' with an NVIDIA "
                          "GPU); in 3D Slicer, IBIX offers to install it on first use") from None
+    except (ImportError, MemoryError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, MemoryError) or any(w in message.lower() for w in ("memory", "map segment", "mmap")):
+            raise ModelError(f"ONNX Runtime could not be loaded for lack of memory ({message}); close other "
+                             "programs or raise this process's memory limit, and try again") from None
+        raise ModelError(f"ONNX Runtime is installed but cannot be loaded: {message}; reinstall it (pip install "
+                         "--force-reinstall onnxruntime, or onnxruntime-gpu)") from None
     return onnxruntime
 
 

@@ -39,8 +39,10 @@ def _varint(data, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _scan_proto(data, pos: int, end: int, kind: str, found: list, depth: int = 0) -> None:
-    """Walk one protobuf message of ``kind``; append the ``location`` of every external tensor to ``found``."""
+def _scan_proto(data, pos: int, end: int, kind: str, found: list, depth: int = 0,
+                operators: set | None = None) -> None:
+    """Walk one protobuf message of ``kind``; append the ``location`` of every external tensor to ``found`` (and
+    add the operator type of every node to ``operators``, when given)."""
     if depth > _MAX_PROTO_DEPTH:
         raise _ProtoError("messages nested too deeply")
     fields = _PROTO_FIELDS.get(kind, {})
@@ -61,8 +63,10 @@ def _scan_proto(data, pos: int, end: int, kind: str, found: list, depth: int = 0
             if kind == "entry" and number in (1, 2):
                 text = bytes(data[pos:pos + length]).decode("utf-8", "replace")
                 key, value = (text, value) if number == 1 else (key, text)
+            elif kind == "node" and number == 4 and operators is not None:  # NodeProto 4: op_type
+                operators.add(bytes(data[pos:pos + length]).decode("utf-8", "replace"))
             elif number in fields:
-                _scan_proto(data, pos, pos + length, fields[number], found, depth + 1)
+                _scan_proto(data, pos, pos + length, fields[number], found, depth + 1, operators)
             pos += length
         else:
             raise _ProtoError(f"unsupported wire type {wire}")
@@ -80,14 +84,25 @@ def external_data_locations(path: Path) -> list[str]:
     not a well-formed protobuf message.
     """
     found: list[str] = []
+    _scan_file(path, found)
+    return found
+
+
+def operator_types(path: Path) -> set[str]:
+    """The operator types (``op_type``) of every node of an ONNX file, subgraphs and functions included."""
+    operators: set[str] = set()
+    _scan_file(path, [], operators)
+    return operators
+
+
+def _scan_file(path: Path, found: list, operators: set | None = None) -> None:
     with open(path, "rb") as handle:
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             try:
-                _scan_proto(data, 0, len(data), "model", found)
+                _scan_proto(data, 0, len(data), "model", found, operators=operators)
             except _ProtoError as exc:
                 raise ModelError(f"{path}: not a loadable ONNX model ({exc}); check the file is a complete ONNX "
                                  "export") from None
-    return found
 
 
 def check_external_data(path: Path) -> None:

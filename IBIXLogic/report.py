@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .io import atomic_write
 
 #: Tukey's fence factor: outliers lie more than this many IQRs beyond the quartiles.
 FENCE = 1.5
@@ -162,8 +163,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: S
 
 
 def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, statistics: Sequence[str],
-                 title: str | None = None) -> Path:
-    """Write ``folder/report.html`` from the cohort's rows.
+                 title: str | None = None, path: str | os.PathLike | None = None) -> Path:
+    """Write ``folder/report.html`` (or ``path``) from the cohort's rows.
 
     Parameters
     ----------
@@ -177,6 +178,9 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
         The statistic columns, in table order (peak locations included).
     title : str, optional
         The page's heading; default names the mapping and the model found in a case's summary.json.
+    path : path-like, optional
+        Where the page goes (a cohort stages it before the cohort's files are published); default
+        ``folder/report.html``.
 
     Returns
     -------
@@ -249,13 +253,11 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
     parts.append(f'<div class="cases">{"".join(cards)}</div>')
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
-    path = folder / "report.html"
-    temporary = folder / ".report.html.partial"
+    path = Path(path) if path is not None else folder / "report.html"
     try:
-        temporary.write_text(page, encoding="utf-8")
-        os.replace(temporary, path)
+        with atomic_write(path) as temporary:
+            temporary.write_text(page, encoding="utf-8")
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__, figures
+from . import __version__, figures, folders
 from .atlas import ResponseAtlas, block_response_atlas
 from .backward import BackwardResult, backward_mapping
-from .errors import InputError
 from .cost import ADVICE_FROM_SECONDS, Estimate, estimate as estimate_of
+from .errors import IBIXError, InputError, short_path
 from .forward import ForwardResult, forward_mapping
 from .geometry import Geometry, slice_array_axis
 from .dicom import read_series
@@ -292,76 +292,178 @@ def _json_default(value: Any) -> Any:
 
 
 class Outputs:
-    """The output folder: plans the files, refuses to overwrite inputs, writes volumes atomically.
+    """A run's result folder, written as one unit.
 
-    ``written`` maps each file's role (``forward_signed``, ``forward_png``, ``summary``, ...) to its path.
+    Every run (``ibix predict``/``forward``/``backward``/``atlas``, the demo, each case of a cohort, the cohort
+    itself) writes its folder through this class, which :func:`IBIXLogic.folders` backs: :meth:`check` takes the
+    folder's lock (refusing a second run into it, naming the first), completes or removes what killed runs left,
+    refuses to overwrite inputs, and opens a staging folder; the run's files are written there (:meth:`path`,
+    :meth:`write_volume`, :meth:`write_json`, :meth:`add`); :meth:`commit` writes ``summary.json`` (listing every
+    file) and moves the set into place in one step, removing the files the earlier run's summary listed that this
+    run does not write. Until then the folder holds the earlier run's set untouched; closing without a commit (an
+    error, an interrupt) removes the staging folder. Use it as a context manager.
+
+    To add a file to every run of a kind, write it at ``outputs.path(name)`` and register it with
+    ``outputs.add(role, path)`` (or use :meth:`write_volume` / :meth:`write_json`); to add a field to the summary,
+    pass it to :func:`write_summary` (or put it in the dict given to :meth:`commit`).
+
+    ``written`` maps each file's role (``forward_signed``, ``forward_png``, ``summary``, ...) to the path it has in
+    the folder once committed; ``publish`` is the folder the summary names when the folder itself is renamed
+    afterwards (a cohort case, written in a temporary folder).
     """
 
-    def __init__(self, folder: Path, fmt: str, protected: Sequence[Path | None]):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, fmt: str, protected: Sequence[Path | None], command: str = "",
+                 publish: Path | None = None):
+        self.folder = Path(os.path.abspath(folder))
         self.suffix = FORMATS[fmt]
-        self.protected = {Path(p).resolve() for p in protected if p is not None}
+        self.protected = {_resolved(Path(p)) for p in protected if p is not None}
+        self.command = command
+        self.published = Path(os.path.abspath(publish)) if publish is not None else self.folder
         self.written: dict[str, Path] = {}
+        self.notes: list[str] = []
+        self._staged: dict[str, Path] = {}
+        self._staging: Path | None = None
+        self._lock: folders.FolderLock | None = None
 
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if isinstance(error, IBIXError) and self._staging is not None:  # name files where the user will look
+            error.args = tuple(a.replace(str(self._staging), str(self.folder)) if isinstance(a, str) else a
+                               for a in error.args)
+        self.close()
+
+    # -- planning ---------------------------------------------------------------------------------------------
     def volume(self, stem: str) -> Path:
         return self.path(stem + self.suffix)
 
-    def path(self, name: str) -> Path:
-        path = self.folder / name
-        if path.resolve() in self.protected:
-            raise InputError(f"{path}: writing it would overwrite an input file; choose another --output folder")
-        return path
+    def final(self, name: str) -> Path:
+        """Where the file ``name`` will be once the run is committed."""
+        return self.published / name
 
-    def check(self, names: Sequence[str]) -> None:
-        """Create the folder, check it is writable, and refuse names that are inputs and a folder inside an input
-        folder (a DICOM series' folder is never written into)."""
+    def path(self, name: str) -> Path:
+        """Where the run writes the file ``name`` (in its staging folder)."""
+        final = self.folder / name
+        if _resolved(final) in self.protected:
+            raise InputError(f"{final}: writing it would overwrite an input file; choose another --output folder")
+        self.check()
+        return self._staging / name
+
+    def preview(self, stem: str) -> Path:
+        """Where a progressive run shows its preview map while it runs (a hidden file in the folder itself)."""
+        self.check()
+        return self.folder / f".{stem}_preview{self.suffix}"
+
+    def check(self, names: Sequence[str] = ()) -> None:
+        """Refuse names that are inputs and a folder inside an input folder (a DICOM series' folder is never written
+        into); create the folder, take its lock, recover it, open the staging folder."""
         for name in names:
-            self.path(name)
-        folder = self.folder.resolve()
+            if _resolved(self.folder / name) in self.protected:
+                raise InputError(f"{self.folder / name}: writing it would overwrite an input file; choose another "
+                                 "--output folder")
+        if self._staging is not None:
+            return
+        folder = _resolved(self.folder)
         for protected in self.protected:
             if (folder == protected or protected in folder.parents) and protected.is_dir():
                 raise InputError(f"{self.folder}: the output folder is inside the input folder {protected}; IBIX "
                                  "never writes into an input's folder: choose another --output folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{self.folder}: cannot create the output folder ({exc.strerror or exc})") from None
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"{short_path(self.folder)}: cannot create the output folder "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
         if not self.folder.is_dir():
-            raise InputError(f"{self.folder}: the output folder is not a folder")
+            raise InputError(f"{short_path(self.folder)}: the output folder is not a folder")
+        lock = folders.FolderLock(self.folder, self.command)
+        taken = lock.acquire()
         try:
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".ibix-write-test-"):
-                pass
+            if taken and taken.get("pid"):
+                self.notes.append(f"took over the lock of process {taken['pid']}, which is gone")
+            self.notes += folders.recover(self.folder)
+            earlier = [self.folder / n for n in folders.listed_files(self.folder)]
+            inputs = [p for p in earlier if _resolved(p) in self.protected]
+            if inputs:
+                raise InputError(f"{inputs[0]}: an input of this run is a file of the earlier run in "
+                                 f"{self.folder}, which this run's results replace; choose another --output folder "
+                                 "(or move the file out of it)")
+            self._staging = folders.new_staging(self.folder)
         except OSError as exc:
-            raise InputError(f"{self.folder}: the output folder is not writable ({exc.strerror or exc})") from None
+            lock.release()
+            raise InputError(f"{short_path(self.folder)}: the output folder is not writable "
+                             f"({exc.strerror or exc})") from None
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
 
     def check_volumes(self, stems: Sequence[str], extra: Sequence[str] = ()) -> None:
         """:meth:`check` for volumes named by their stems, and other files."""
         self.check([s + self.suffix for s in stems] + list(extra))
 
-    def write_volume(self, stem: str, array: np.ndarray, geometry: Geometry) -> Path:
-        path = write_volume(self.volume(stem), array, geometry)
-        self.written[stem] = path
-        return path
-
-    def write_json(self, name: str, content: dict, role: str = "summary") -> Path:
-        path = self.path(name)
-        temporary = path.with_name(f".{name}.partial")
-        try:
-            temporary.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
-            os.replace(temporary, path)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        self.written[role] = path
-        return path
-
+    # -- writing ----------------------------------------------------------------------------------------------
     def add(self, role: str, path: Path) -> Path:
-        self.written[role] = Path(path)
-        return Path(path)
+        """Register a file written at :meth:`path` as one of the run's files, under ``role``."""
+        path = Path(path)
+        self._staged[role] = path
+        self.written[role] = self.final(path.name)
+        return self.written[role]
+
+    def write_volume(self, stem: str, array: np.ndarray, geometry: Geometry) -> Path:
+        return self.add(stem, write_volume(self.volume(stem), array, geometry))
+
+    def write_json(self, name: str, content: dict, role: str) -> Path:
+        path = self.path(name)
+        try:
+            path.write_text(json.dumps(content, indent=2, default=_json_default) + "\n")
+        except OSError as exc:
+            raise InputError(f"{self.folder / name}: cannot write ({exc.strerror or exc})") from None
+        return self.add(role, path)
+
+    def commit(self, summary: dict) -> Path:
+        """Write ``summary.json`` (``summary`` with ``files``: every file of the run, absolute paths) and move the
+        run's files into the folder as one unit, in place of the earlier run's; returns the summary's path."""
+        self.check()
+        missing = [role for role, path in self._staged.items() if not path.is_file()]
+        if missing:
+            raise InputError(f"{self.folder}: the run's files {missing} were not written; nothing was changed")
+        content = dict(summary)
+        content["files"] = [str(p) for p in self.written.values()] + [str(self.final("summary.json"))]
+        self.write_json("summary.json", content, "summary")
+        try:
+            with folders.signals_deferred():
+                folders.publish(self.folder, self._staging)
+        except OSError as exc:
+            raise InputError(f"{self.folder}: cannot move the results into place ({exc.strerror or exc}); the "
+                             "next run into this folder completes it") from None
+        self._staging = None
+        return self.written["summary"]
+
+    def close(self) -> None:
+        """Remove the staging folder of a run that did not commit, and release the folder's lock (an interrupt
+        meanwhile waits until both are done)."""
+        with folders.signals_deferred():
+            staging, self._staging = self._staging, None
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+
+def _resolved(path: Path) -> Path:
+    """The real path of ``path``; a path that cannot be resolved (a link loop) is refused by name."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"{short_path(path)}: the path cannot be resolved ({getattr(exc, 'strerror', None) or exc}; "
+                         "a symbolic link loop?); choose another path") from None
 
 
 class Preview:
-    """The engine's ``preview(map, N)`` callback: writes ``<stem>_preview`` and removes it once the run ends."""
+    """The engine's ``preview(map, N)`` callback: writes ``.<stem>_preview`` in the folder and removes it once the
+    run ends."""
 
     def __init__(self, outputs: Outputs, stem: str, geometry: Geometry, console: Console, progress: Progress):
         self.outputs, self.stem, self.geometry = outputs, stem, geometry
@@ -369,7 +471,7 @@ class Preview:
         self.path: Path | None = None
 
     def __call__(self, values: np.ndarray, n_jitters: int) -> None:
-        self.path = write_volume(self.outputs.volume(self.stem + "_preview"), values, self.geometry)
+        self.path = write_volume(self.outputs.preview(self.stem), values, self.geometry)
         self.progress.close()
         self.console.note(f"preview with N = {n_jitters} written to {self.path}")
 
@@ -668,19 +770,21 @@ def model_summary(model: Model) -> dict:
 
 def write_summary(outputs: Outputs, command: str, model: Model, inputs: Inputs, started: float,
                   **content: Any) -> Path:
-    """``summary.json``: the command, model, inputs and geometry, ``content``, timing and the files written."""
+    """``summary.json``: the command, model, inputs and geometry, ``content``, timing and the files written; the
+    run's files are committed with it (:meth:`Outputs.commit`)."""
     summary = {"ibix": __version__, "command": command, "model": model_summary(model),
                "inputs": [str(p) for p in inputs.paths],
                "series": [None if s is None else s.to_dict() for s in inputs.series] or None,
                "geometry": inputs.geometry.to_dict()}
     summary.update(content)
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
-    summary["files"] = [str(p) for p in outputs.written.values()] + [str(outputs.folder / "summary.json")]
-    return outputs.write_json("summary.json", summary)
+    return outputs.commit(summary)
 
 
 def finish(console: Console, outputs: Outputs, lines: Sequence[str]) -> None:
     """Print the result lines and the files written; end a JSON-lines run with its ``finished`` record."""
+    for note in outputs.notes:
+        console.note(f"{outputs.folder}: {note}")
     for line in lines:
         console.out(line)
     for path in outputs.written.values():

@@ -313,7 +313,7 @@ def _rasterise(ds: Any, structure: Structure, reference: Geometry) -> tuple[np.n
 def _place_frames(ds: Any, path: Path, structure: Structure, reference: Geometry) -> np.ndarray:
     """OR each frame of a SEG segment into a mask on ``reference`` at the frame's own position."""
     kind = str(getattr(ds, "SegmentationType", "BINARY")).upper()
-    dicom.check_pixel_length(ds, path)
+    dicom.check_pixel_data(ds, path)
     pixels = dicom.pixel_frames(ds, path)
     if kind == "FRACTIONAL":
         pixels = pixels >= 0.5 * float(getattr(ds, "MaximumFractionalValue", 255))

@@ -316,7 +316,7 @@ FAKE_CHILD = textwrap.dedent('''
         os.makedirs(out)
         preview = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, 0.5, np.float32))
         preview.CopyInformation(image)
-        name = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}[command]
+        name = {"forward": ".forward_normalized_preview.nrrd", "backward": ".backward_preview.nrrd"}[command]
         sitk.WriteImage(preview, os.path.join(out, "partial.nrrd"))
         os.replace(os.path.join(out, "partial.nrrd"), os.path.join(out, name))
         open(os.path.join(folder, "preview-written"), "w").close()

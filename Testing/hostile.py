@@ -43,8 +43,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-#: Seconds a case may run before the runner counts it as a crash (a hang) and goes on with the next case.
-CASE_TIMEOUT = 30.0
+#: Seconds a case may run before the runner counts it as a crash (a hang) and goes on with the next case: a guard
+#: against hangs, far above any case's time on a loaded machine (a case takes well under a second alone).
+CASE_TIMEOUT = 120.0
+#: Seconds a child may take to start (import IBIX, build the cases) before its first case: not a case's time.
+STARTUP_TIMEOUT = 600.0
 #: Address space of a child (bytes): an allocation that would take the machine down fails there instead.
 CHILD_MEMORY = 6 * 2**30
 OUTCOMES = ("clean", "accepted", "raw", "crash")
@@ -1032,7 +1035,7 @@ def run_category(category: str, seed: int, workdir: Path, case_timeout: float = 
         started, kind, hung = None, "", False
         while True:
             try:
-                line = lines.get(timeout=case_timeout if total is not None else 120.0)
+                line = lines.get(timeout=case_timeout if started is not None else STARTUP_TIMEOUT)
             except queue.Empty:
                 hung = True
                 child.kill()

@@ -45,8 +45,10 @@ def _shape(layout: str, channels: int, batch, spatial: Sequence) -> list:
 
 
 def _initializer(value) -> np.ndarray:
-    """float32, except integer arrays (indices, axes), which keep int64."""
+    """float32, except integer arrays (indices, axes), which keep int64, and booleans."""
     value = np.asarray(value)
+    if value.dtype.kind == "b":
+        return value
     return value.astype(np.int64) if value.dtype.kind in "iu" else value.astype(np.float32)
 
 
@@ -410,3 +412,112 @@ def save_generator(name: str, folder: Path) -> Path:
     card["input"].setdefault("channels", ["image"])
     card.update({"spatial_dims": 2, "output": {"name": "y", "layout": "NCHW", "channels": ["synthetic"]}})
     return save(builder(), folder, name, card)
+
+
+#: Kinds of :func:`noisy` models; those in NOISY_DETERMINISTIC are deterministic after all.
+NOISY_KINDS = ("dropout", "dropout-eval", "dropout-no-flag", "normal", "normal-seeded", "uniform", "bernoulli",
+               "scalar", "conv-then-dropout")
+NOISY_DETERMINISTIC = ("dropout-eval", "dropout-no-flag")
+
+
+def noisy(kind: str, scale: float = 1.0, **kw) -> onnx.ModelProto:
+    """y = x with randomness as exports leave it: Dropout in training mode (``dropout``; ``dropout-eval``: training
+    mode off, ``dropout-no-flag``: no training input, both the identity), x + scale * RandomNormalLike(x)
+    (``normal``; ``normal-seeded`` with a fixed seed), x + scale * (RandomUniformLike(x) - 0.5) (``uniform``),
+    x * Bernoulli(sigmoid(x)) (``bernoulli``), x + scale * RandomNormal([1]) (``scalar``: one number per model
+    call), a convolution then Dropout (``conv-then-dropout``)."""
+    node = helper.make_node
+    constants: dict = {"scale": np.float32(scale), "half": np.float32(0.5), "ratio": np.float32(0.5)}
+    if kind.startswith("dropout") or kind == "conv-then-dropout":
+        source = "core_in"
+        nodes = []
+        if kind == "conv-then-dropout":
+            nodes.append(node("Conv", ["core_in", "w"], ["c"], pads=[1, 1, 1, 1]))
+            constants["w"] = POSITIVE_KERNEL[None, None]
+            source = "c"
+        flag = [] if kind == "dropout-no-flag" else ["training"]
+        nodes.append(node("Dropout", [source, "ratio"] + flag, ["core_out"]))
+        constants["training"] = np.array(kind != "dropout-eval")
+    elif kind in ("normal", "normal-seeded"):
+        seed = {"seed": 7.0} if kind == "normal-seeded" else {}
+        nodes = [node("RandomNormalLike", ["core_in"], ["r"], **seed), node("Mul", ["r", "scale"], ["n"]),
+                 node("Add", ["core_in", "n"], ["core_out"])]
+    elif kind == "uniform":
+        nodes = [node("RandomUniformLike", ["core_in"], ["r"]), node("Sub", ["r", "half"], ["c"]),
+                 node("Mul", ["c", "scale"], ["n"]), node("Add", ["core_in", "n"], ["core_out"])]
+    elif kind == "bernoulli":
+        nodes = [node("Sigmoid", ["core_in"], ["p"]), node("Bernoulli", ["p"], ["b"]),
+                 node("Mul", ["core_in", "b"], ["core_out"])]
+    elif kind == "scalar":
+        nodes = [node("RandomNormal", [], ["r"], shape=[1]), node("Mul", ["r", "scale"], ["n"]),
+                 node("Add", ["core_in", "n"], ["core_out"])]
+    else:
+        raise ValueError(f"unknown noisy model {kind!r}")
+    used = {name for n in nodes for name in n.input}
+    return build(nodes, {k: v for k, v in constants.items() if k in used}, **kw)
+
+
+# -- result folders ----------------------------------------------------------------------------------------------
+def file_problem(path: Path) -> str | None:
+    """Why a result file is not complete (None when it reads whole): volumes, PNGs, atlases, JSON, CSV, HTML."""
+    import IBIXLogic as ibx
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".nrrd", ".nii.gz", ".nii", ".mha")):
+            ibx.read_volume(path)
+        elif name.endswith(".png"):
+            from PIL import Image
+            with Image.open(path) as image:
+                image.load()
+        elif name.endswith(".npz"):
+            ibx.ResponseAtlas.load(path)
+        elif name.endswith(".json"):
+            json.loads(path.read_text())
+        elif name.endswith(".html"):
+            if not path.read_text().rstrip().endswith("</html>"):
+                return f"{path.name} is cut short"
+        elif name.endswith(".csv"):
+            import csv
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            if not rows or any(len(r) != len(rows[0]) for r in rows):
+                return f"{path.name} is cut short"
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the problem reported
+        return f"{path.name} does not read: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def folder_problems(folder: Path, rerun: bool = False) -> list[str]:
+    """Why a result folder does not describe itself: its summary.json must list exactly the (visible) files beside
+    it, every one complete; with no summary there may be no visible file; subfolders (cohort cases) are checked the
+    same way. Hidden bookkeeping (the lock, staging folders, temporary files) may remain after a kill, but not after
+    a ``rerun``."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    problems = []
+    entries = sorted(folder.iterdir())
+    hidden = [p.name for p in entries if p.name.startswith(".")]
+    if rerun and hidden:
+        problems.append(f"{folder.name}: temporary entries left: {hidden}")
+    files = {p.name for p in entries if p.is_file() and not p.name.startswith(".")}
+    summary = folder / "summary.json"
+    if summary.is_file():
+        try:
+            listed = {Path(p).name for p in json.loads(summary.read_text())["files"]}
+        except Exception as exc:  # noqa: BLE001
+            return problems + [f"{folder.name}/summary.json does not read: {exc}"]
+        if listed != files:
+            problems.append(f"{folder.name}: summary.json lists {sorted(listed - files)} that are missing and not "
+                            f"{sorted(files - listed)} that are there")
+    elif files:
+        problems.append(f"{folder.name}: files without a summary.json: {sorted(files)}")
+    for name in sorted(files):
+        problem = file_problem(folder / name)
+        if problem:
+            problems.append(f"{folder.name}/{problem}")
+    for sub in entries:
+        if sub.is_dir() and not sub.name.startswith("."):
+            problems += [f"{folder.name}/{p}" for p in folder_problems(sub, rerun)]
+    return problems

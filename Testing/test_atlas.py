@@ -1,5 +1,6 @@
 """Oracle tests of the response atlas: its answers equal backward_mapping's on the same blocks and jitters, with no
 model evaluation; fingerprints, the memory budget and the file round trip."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ def test_save_and_load_round_trip(tmp_path, rng):
     assert loaded.geometry.matches(atlas.geometry) and loaded.nbytes == atlas.nbytes
     assert loaded.to_dict()["memory_mib"] == atlas.to_dict()["memory_mib"]
     (tmp_path / "not_an_atlas.npz").write_bytes(b"nonsense")
-    with pytest.raises(ibx.InputError, match="not an IBIX response atlas"):
+    with pytest.raises(ibx.InputError, match="not_an_atlas.npz: damaged response atlas: it is not a readable .npz"):
         ibx.ResponseAtlas.load(tmp_path / "not_an_atlas.npz")
     with pytest.raises(ibx.InputError, match="not found"):
         ibx.ResponseAtlas.load(tmp_path / "missing.npz")
@@ -241,3 +242,48 @@ def test_an_atlas_whose_tiles_overlap_runs_its_large_sample_once_unperturbed(tmp
     assert tiling["tiles"] is True and tiling["voxels_per_sample"] > 1
     # the probes, the tiles' check (a tile and a wider one), the whole sample once, every tile jittered twice
     assert atlas.evaluations == atlas.radius["evaluations"] + 2 + 1 + 2 * tiling["items"]
+
+
+# -- damaged atlas files ---------------------------------------------------------------------------------------------
+def _damaged(tmp_path, conv_model, image, edit, checksum=True):
+    """The atlas of ``image`` saved, then its arrays changed by ``edit`` (the checksum written anew when asked, as a
+    faulty writer would)."""
+    atlas = ibx.block_response_atlas(conv_model, image, n_blocks=9, blocks="grid", n_jitters=1)
+    path = atlas.save(tmp_path / "atlas.npz")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    edit(arrays)
+    if checksum and all(name in arrays for name in ibx.atlas.ARRAYS):
+        meta = json.loads(str(arrays["meta"]))
+        meta["checksum"] = ibx.atlas.contents_checksum(arrays)
+        arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("edit, checksum, message", [
+    (lambda a: a.__setitem__("values", np.full_like(a["values"], np.nan)), True, "values that are not finite"),
+    (lambda a: a.__setitem__("values", a["values"] * np.float32(1.001)), False, "do not match the checksum"),
+    (lambda a: a.__setitem__("starts", a["starts"][::-1].copy()), True, "block offsets .* are not increasing"),
+    (lambda a: a.__setitem__("denominator", -a["denominator"]), True, "denominators are not the sums"),
+    (lambda a: a.__setitem__("index", a["index"] + a["labels"].size), True, "outside the grid"),
+    (lambda a: a.update(low=a["high"].copy(), high=a["low"].copy()), True, "does not hold the block"),
+    (lambda a: a.__setitem__("values", a["values"].astype(np.float64)), True, "values is float64"),
+    (lambda a: a.pop("denominator"), True, "lacks the array"),
+    (lambda a: a.__setitem__("meta", np.array("{")), False, "metadata are not JSON"),
+])
+def test_a_damaged_atlas_is_refused_naming_the_file_and_the_damage(tmp_path, conv_model, image, edit, checksum,
+                                                                   message):
+    """NaN responses gave B = NaN everywhere, reversed offsets or negative denominators B = 0 ("no influence"): each
+    is now refused when the atlas is read."""
+    path = _damaged(tmp_path, conv_model, image, edit, checksum)
+    with pytest.raises(ibx.InputError, match=rf"atlas.npz: damaged response atlas: .*{message}"):
+        ibx.ResponseAtlas.load(path)
+
+
+def test_a_mask_of_another_grid_blames_the_atlas(conv_model, image, mask):
+    atlas = ibx.block_response_atlas(conv_model, image, n_blocks=9, blocks="grid", n_jitters=1)
+    with pytest.raises(ibx.InputError, match=r"the response atlas is of a grid of shape \(20, 20\) but the output mask "
+                                             r"has shape \(20, 18\): the atlas was computed on another input"):
+        atlas.backward(mask[:, :18])

@@ -319,7 +319,8 @@ def test_progressive_writes_previews_then_the_final_map(case, capsys):
     assert code == 0
     notes = capsys.readouterr().err
     assert "preview with N = 1 written to" in notes and "preview with N = 2 written to" in notes
-    assert not (case["out"] / "backward_preview.nrrd").exists()  # replaced by the final map
+    assert not (case["out"] / ".backward_preview.nrrd").exists()  # replaced by the final map
+    assert sorted(p.name for p in case["out"].iterdir()) == ["backward.nrrd", "backward_blocks.nrrd", "summary.json"]
     summary = json.loads((case["out"] / "summary.json").read_text())
     assert summary["backward"]["parameters"]["progressive"] is True
     assert summary["backward"]["parameters"]["n_jitters_used"] == 4

@@ -43,6 +43,9 @@ def test_manifest_paths_labels_and_parameters(tmp_path):
     ([["case", "input", "mask"], ["../up", "x", "m"]], "case name"),
     ([["case", "input", "mask", "label"], ["a", "x", "m", "two"]], "whole number"),
     ([["case", "input", "mask"]], "no case"),
+    ([["case", "input", "mask"], ["cohort.csv", "x", "m"]], "the cohort's own files"),
+    ([["case", "input", "mask"], ["Report.HTML", "x", "m"]], "the cohort's own files"),
+    ([["case", "input", "mask"], ["summary.json", "x", "m"]], "the cohort's own files"),
 ])
 def test_bad_manifests_name_the_line_and_the_fix(tmp_path, rows, message):
     manifest = write_manifest(tmp_path / "m.csv", rows)
@@ -75,7 +78,7 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "cohort"
     code = cli.main(["cohort", str(manifest), "--model", str(T1_MODEL), "--mapping", "forward", "-o", str(out),
                      "--workers", "2", "--progress-format", "jsonl"])
-    assert code == 0  # the cohort ran; two of its cases failed
+    assert code == cli.CASES_FAILED == 3  # the cohort ran; two of its cases failed
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[0] == {"stage": "cases", "done": 0, "total": 6}
     assert records[-2] == {"stage": "cases", "done": 6, "total": 6}
@@ -101,7 +104,10 @@ def test_cohort_on_sample_data_runs_resumes_and_reports(tmp_path, capsys):
         assert by_case[case]["reach95_mm"] == pytest.approx(statistics["reach95_mm"])
         assert 0 < by_case[case]["inside_fraction"] <= 1
         assert [by_case[case][f"peak_{a}_mm"] for a in "ras"] == pytest.approx(statistics["peak_ras_mm"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(["cohort.csv", "report.html"] + ok)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["cohort.csv", "report.html", "summary.json"] + ok)
+    summary = json.loads((out / "summary.json").read_text())  # the cohort's own: its files, its cases
+    assert sorted(summary["files"]) == sorted(str(out / n) for n in ("cohort.csv", "report.html", "summary.json"))
+    assert summary["case_folders"] == ok and summary["cases"]["failed"] == 2
     stamps = {case: (out / case / "summary.json").stat().st_mtime_ns for case in ok}
 
     # the rerun joins an existing cluster, skips the 4 ok cases and retries only the 2 failed ones
@@ -251,7 +257,7 @@ def test_cohort_of_dicom_folders_records_what_it_read_and_fails_hostile_cases_al
         "two-series": "2 image series in one folder; choose one by its UID",
         "missing-slice": "a slice is missing",
         "tilted": "gantry tilt of about",
-        "truncated": f"{cut.files[2].name}: truncated DICOM file",
+        "truncated": f"{cut.files[2].name}: the file is incomplete",
         "other-series": "'PTV' refers to series",
         "unknown-name": "no structure called 'Bladder' in this folder's structure files (RS.dcm: 'PTV')"}
     files = {case: tmp_path / f"data/{case}-RS.dcm" for case in errors}

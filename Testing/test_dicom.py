@@ -169,8 +169,8 @@ HOSTILE = {
     "uneven spacing": (_uneven, "uneven slice spacing"),
     "gantry tilt": (_tilted, r"gantry tilt of about 12\.0°"),
     "mixed orientations": (_mixed, "mixed orientations in one series: 1 "),
-    "truncated file": (_truncated, "truncated DICOM file"),
-    "truncated last slice": (_truncated_last, "truncated DICOM file"),  # GDCM would drop it without a gap
+    "truncated file": (_truncated, "the file is incomplete"),
+    "truncated last slice": (_truncated_last, "the file is incomplete"),  # GDCM would drop it without a gap
     "several echoes in one file": (_echoes, "share a slice position"),
     "legacy multi-frame file": (_legacy_multiframe, "a multi-frame image without per-frame functional groups"),
     "two series": (_two_series, "2 image series in one folder; choose one by its UID"),
@@ -195,9 +195,27 @@ def test_hostile_folders_end_in_named_errors(case, small, tmp_path):
 def test_a_truncated_file_is_named(small, tmp_path):
     written = cd.write_series(tmp_path / "dicom", *small)
     cd.truncate(written.files[4])
-    with pytest.raises(ibx.InputError, match=f"{written.files[4].name}: truncated DICOM file: .* bytes of pixel "
-                                             "data, its header needs 3840"):
+    with pytest.raises(ibx.InputError, match=rf"{written.files[4].name}: the file is incomplete: its header declares "
+                                             r"40×48×1 voxels, 3840 bytes of pixel data, but it holds \d+ bytes"):
         dicom.read_series(tmp_path / "dicom")
+
+
+def test_a_series_declaring_more_voxels_than_the_budget_is_refused_before_its_pixels_are_read(small, tmp_path):
+    """The memory check of the whole series (12 slices of 48 x 40 16-bit pixels, each with a float32 copy: 6 bytes a
+    voxel) comes before any file's pixel data is read: a truncated file behind it is not even reached."""
+    x, geometry = small
+    written = cd.write_series(tmp_path / "dicom", x, geometry)
+    needed = 12 * 48 * 40 * (2 + 4)
+    array, _, _ = dicom.read_series(tmp_path / "dicom", budget=needed)
+    assert np.array_equal(array, x)
+    cd.truncate(written.files[4])
+    with pytest.raises(ibx.InputError, match=rf"{tmp_path / 'dicom'} \(series {written.uid}\), 12 files: its header "
+                                             r"declares 40×48×12 voxels \(46080 bytes as stored, 138240 bytes with "
+                                             r"IBIX's float32 copy\), more than the 138239 bytes") as error:
+        dicom.read_series(tmp_path / "dicom", budget=needed - 1)
+    assert written.files[4].name not in str(error.value)
+    with pytest.raises(ibx.InputError, match=f"{written.files[4].name}: the file is incomplete"):
+        dicom.read_series(tmp_path / "dicom", budget=needed)
 
 
 def test_two_series_are_listed_and_chosen_by_uid(small, tmp_path):

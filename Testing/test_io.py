@@ -1,6 +1,8 @@
 """Volumes and masks keep their geometry through SimpleITK; masks are resampled onto the reference grid; an
 interrupted or failed write leaves no partial file (io.py)."""
 import os
+import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -174,3 +176,126 @@ def test_half_precision_volumes_are_written_as_float32(tmp_path):
     read, _ = ibx.read_volume(tmp_path / "half.nrrd")
     assert read.dtype == np.float32
     np.testing.assert_array_equal(read, array.astype(np.float32))
+
+
+# -- files read to the last voxel ------------------------------------------------------------------------------------
+SHAPE = (6, 10, 12)
+
+
+def _volume(tmp_path, fmt):
+    import faults
+
+    geometry = ibx.Geometry((4.0, -3.0, 12.0), (0.9, 0.9, 2.0), np.diag([-1.0, -1.0, 1.0]), SHAPE)
+    array = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) % 97 + 1
+    return faults.write_format(array, geometry, tmp_path, "v", fmt), array, geometry
+
+
+@pytest.mark.parametrize("fmt", [f for f in __import__("faults").FORMATS], ids=lambda f: f[0])
+def test_a_file_holding_fewer_voxels_than_its_header_declares_is_refused_with_both_sizes(tmp_path, fmt):
+    """ITK's NIfTI reader fills the missing voxels with zeros; every format is now refused, naming the file."""
+    (path, data), array, geometry = _volume(tmp_path, fmt)
+    back, back_geometry = ibx.read_volume(path)
+    np.testing.assert_array_equal(back, array)
+    assert back_geometry.matches(geometry)
+    raw = data.read_bytes()
+    data.write_bytes(raw[:len(raw) * 2 // 3])
+    with pytest.raises(ibx.InputError) as info:
+        ibx.read_volume(path)
+    message = str(info.value)
+    assert str(path) in message and ("incomplete" in message or "damaged" in message)
+    assert f"{int(np.prod(SHAPE)) * 4} bytes of voxel data" in message  # what the header declares, and what is there
+
+
+def test_a_valid_gzip_stream_holding_half_the_voxels_is_refused(tmp_path):
+    import gzip
+
+    (path, _), _, _ = _volume(tmp_path, ("nii.gz", ".nii.gz", True, None))
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:352 + (len(raw) - 352) // 2]))
+    with pytest.raises(ibx.InputError, match=r"incomplete: its header declares 12×10×6 voxels, 2880 bytes of voxel "
+                                             r"data, but it holds 1440 bytes \(50 %\)"):
+        ibx.read_volume(path)
+
+
+def test_check_voxel_data_is_the_one_size_check():
+    """The check every reader calls (DICOM series too): degenerate sizes, memory before any allocation, short
+    data, each message naming the file and the sizes."""
+    assert ibx_io.check_voxel_data("f.nii", (4, 5, 6), 2, found=240) == 240
+    assert ibx_io.check_voxel_data("seg.dcm", (3, 5, 7), Fraction(1, 8), found=14) == 14  # 105 bits: 14 bytes
+    with pytest.raises(ibx.InputError, match=r"seg.dcm: the file is incomplete: .* 3×5×7 voxels, 14 bytes of voxel "
+                                             r"data, but it holds 13 bytes"):
+        ibx_io.check_voxel_data("seg.dcm", (3, 5, 7), Fraction(1, 8), found=13)
+    with pytest.raises(ibx.InputError, match=r"f.nii: its header declares 16×16×0 voxels: size 0 along axis 3 is a "
+                                             "degenerate dimension"):
+        ibx_io.check_voxel_data("f.nii", (16, 16, 0), 4)
+    with pytest.raises(ibx.InputError, match=r"declares 2000×2400×600 voxels \(10.7 GiB as stored, 21.5 GiB with "
+                                             r"IBIX's float32 copy\), more than the 1 GiB"):
+        ibx_io.check_voxel_data("f.nii", (2000, 2400, 600), 4, budget=2**30)
+    with pytest.raises(ibx.InputError, match=r"series/: the file is incomplete: .* 480 bytes of pixel data of slice 3, "
+                                             r"but it holds 100 bytes"):
+        ibx_io.check_voxel_data("series/", (1, 12, 20), 2, found=100, what="pixel data of slice 3")
+    assert ibx_io.memory_budget() is None or ibx_io.memory_budget() > 2**28
+
+
+def test_a_header_declaring_more_voxels_than_memory_allows_is_refused_before_reading(tmp_path, monkeypatch):
+    (path, _), _, _ = _volume(tmp_path, ("nrrd raw", ".nrrd", False, None))
+    path.write_bytes(path.read_bytes().replace(b"sizes: 12 10 6", b"sizes: 200000 240000 60000"))
+    monkeypatch.setattr(ibx_io.sitk.ImageFileReader, "Execute", lambda self: pytest.fail("the voxels were read"))
+    with pytest.raises(ibx.InputError, match=r"v.nrrd: its header declares 200000×240000×60000 voxels .* more than "
+                                             "the .* this machine allows one volume"):
+        ibx.read_volume(path)
+
+
+def _nifti(tmp_path, edit):
+    import faults
+
+    (path, _), array, geometry = _volume(tmp_path, ("nii", ".nii", False, None))
+    faults._nifti_edit(path, edit)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: struct.pack_into("<f", d, 80, 0.0),
+     r"inconsistent NIfTI geometry: its voxel size pixdim is \(0, 0.9, 2\) mm, which is not a size: ITK reads it as "
+     r"\(1, 0.9, 2\) mm, the sform \(sform_code 1\) gives \(0.9, 0.9, 2\) mm"),
+    (lambda d: struct.pack_into("<f", d, 80, 1.0),
+     r"its voxel size is \(1, 0.9, 2\) mm as ITK reads it \(pixdim \(1, 0.9, 2\) mm\) but \(0.9, 0.9, 2\) mm from the "
+     r"sform"),
+    (lambda d: struct.pack_into("<f", d, 284, 0.4), r"from the sform"),
+    (lambda d: struct.pack_into("<h", d, 46, 0), r"16×16×0 voxels|12×10×0 voxels: size 0 along axis 3"),
+    (lambda d: struct.pack_into("<f", d, 108, 1e6), r"incomplete: .* but it holds 0 bytes"),
+])
+def test_damaged_nifti_headers_are_refused_naming_the_cause(tmp_path, edit, message):
+    with pytest.raises(ibx.InputError, match=message):
+        ibx.read_volume(_nifti(tmp_path, edit))
+
+
+def test_a_nifti_sform_that_agrees_with_pixdim_is_read_as_itk_and_nibabel_read_it(tmp_path):
+    """A moved sform (its own origin; the qform another): ITK takes the sform, as nibabel does, so it is read."""
+    path = _nifti(tmp_path, lambda d: struct.pack_into("<f", d, 292, 55.0))  # srow_x[3]: the x origin (RAS)
+    _, geometry = ibx.read_volume(path)
+    assert geometry.origin[0] == pytest.approx(-55.0)  # LPS
+
+
+def test_a_nifti2_file_is_named_as_such(tmp_path):
+    import faults
+
+    (path, _), _, _ = _volume(tmp_path, ("nii", ".nii", False, None))
+    faults._nifti2(path)
+    with pytest.raises(ibx.InputError, match="it is a NIfTI-2 file, which ITK .* does not read: convert it to NIfTI-1"):
+        ibx.read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["volume.nii.gz", "volume.nii"])
+def test_a_short_write_is_refused_and_leaves_nothing(tmp_path, monkeypatch, name):
+    """ITK's NIfTI writer reports a full disk only on stderr and leaves a short file: the write is checked."""
+    write = ibx_io.sitk.WriteImage
+
+    def short(image, path, *args):
+        write(image, path, *args)
+        os.truncate(path, os.path.getsize(path) * 2 // 3)
+    monkeypatch.setattr(ibx_io.sitk, "WriteImage", short)
+    with pytest.raises(ibx.InputError, match=rf"{name}: cannot write \(the file written is incomplete, is the disk "
+                                             r"full\?"):
+        ibx.write_volume(tmp_path / name, np.ones(SHAPE, np.float32), ibx.Geometry.identity(SHAPE))
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -656,8 +657,8 @@ def test_huge_declared_input_shapes_are_refused_at_load_time(tmp_path, shape):
 def test_a_model_that_returns_fewer_outputs_than_inputs_is_named(tmp_path):
     """A reduction over the batch axis: one output image for a batch of several (refused at load time)."""
     model = om.build([helper.make_node("ReduceMean", ["core_in"], ["core_out"], axes=[0], keepdims=1)], {})
-    with pytest.raises(ibx.ModelError, match=r"runs on one sample but not on a batch of two .*returned 1 output "
-                                             r"image\(s\) .* for a batch of 2 input\(s\)"):
+    with pytest.raises(ibx.ModelError, match=r"runs on one sample but not on a batch of three .*returned 1 output "
+                                             r"image\(s\) .* for a batch of 3 input\(s\)"):
         ibx.load_model(om.save(model, tmp_path, "batch_of_one"), device="cpu")
 
 
@@ -742,7 +743,8 @@ def test_a_model_undefined_on_the_check_input_is_refused_naming_the_input(tmp_pa
 
 def test_a_model_too_large_to_check_at_load_time_says_so(tmp_path):
     model = ibx.load_model(om.save(om.identity(spatial=[2048, 2048]), tmp_path, "large"), device="cpu")
-    assert any("no load-time check" in a and "assumed independent" in a for a in model.card.assumptions)
+    assert any("no load-time check" in a and "deterministic and the samples of a batch independent" in a
+               for a in model.card.assumptions)
     assert not model.one_sample_per_call
 
 
@@ -763,3 +765,57 @@ def test_a_gpu_budget_follows_the_free_device_memory():
     assert default_memory_budget("cuda", lambda: 10 * 2**30) == 5 * 2**30  # half the free memory
     assert default_memory_budget("cuda", lambda: None) == DEFAULT_MEMORY_BUDGET  # unknown: the CPU's default
     assert default_memory_budget("cpu", lambda: 10 * 2**30) == DEFAULT_MEMORY_BUDGET
+
+
+# -- deterministic models only ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, scale, operators", [
+    ("dropout", 1.0, "Dropout"), ("normal", 1.0, "RandomNormalLike"), ("normal", 1e-3, "RandomNormalLike"),
+    ("normal-seeded", 1.0, "RandomNormalLike"), ("uniform", 1e-2, "RandomUniformLike"),
+    ("bernoulli", 1.0, "Bernoulli"), ("scalar", 1e-3, "RandomNormal")])
+def test_a_model_with_noise_inside_is_refused_naming_the_difference_and_the_cause(tmp_path, kind, scale, operators):
+    """Dropout left in training mode, random nodes: two runs of one input differ, so every map would be noise
+    (the issue's test map: 519 of 1024 voxels off by more than 0.05)."""
+    with pytest.raises(ibx.ModelError) as info:
+        ibx.load_model(om.save(om.noisy(kind, scale), tmp_path, "noisy"), device="cpu")
+    message = str(info.value)
+    assert message.startswith("noisy.onnx: the model is not deterministic: two runs of the same input at load time "
+                              "gave outputs that differ by up to ")
+    assert f"this graph has {operators} nodes" in message and "model.eval()" in message
+    difference = float(re.search(r"differ by up to ([0-9.e+-]+)", message).group(1))
+    assert difference > 10 * scale * 1e-3  # the noise, named
+
+
+@pytest.mark.parametrize("kind, scale", [("dropout-eval", 1.0), ("dropout-no-flag", 1.0), ("normal", 1e-9)])
+def test_deterministic_models_and_noise_below_float_rounding_load(tmp_path, unit_image, unit_mask, kind, scale):
+    """Dropout in evaluation mode is the identity; noise below float32 rounding changes nothing a map shows."""
+    model = ibx.load_model(om.save(om.noisy(kind, scale), tmp_path, "quiet"), device="cpu")
+    assert model.evaluations == 0 and not model.one_sample_per_call
+    result = ibx.forward_mapping(model, unit_image, unit_mask, n_jitters=2, max_jitter=0.3)
+    np.testing.assert_allclose(result.signed, unit_mask.astype(np.float32), atol=1e-4)
+
+
+def test_the_load_check_runs_three_model_calls(tmp_path, monkeypatch):
+    """The determinism check reuses the batch-independence check's calls: alone, alone again, one batch of three."""
+    calls = []
+    real = ibx_model.Model._call
+    monkeypatch.setattr(ibx_model.Model, "_call", lambda self, chunk: calls.append(len(chunk)) or real(self, chunk))
+    ibx.load_model(om.save(om.convolution(KERNEL), tmp_path, "conv"), device="cpu")
+    assert calls == [1, 1, 3]
+
+
+@pytest.mark.parametrize("error, message", [
+    (ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"), "ONNX Runtime is not installed"),
+    (ImportError("libonnxruntime.so: failed to map segment from shared object"), "for lack of memory"),
+    (MemoryError(), "for lack of memory"),
+    (ModuleNotFoundError("No module named 'sympy'", name="sympy"), "installed but cannot be imported"),
+    (ImportError("undefined symbol: OrtGetApiBase"), "installed but cannot be loaded: undefined symbol"),
+])
+def test_an_onnx_runtime_that_does_not_import_is_told_apart(monkeypatch, error, message):
+    class Failing:
+        def find_spec(self, name, path=None, target=None):
+            if name == "onnxruntime":
+                raise error
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Failing()] + sys.meta_path)
+    with pytest.raises(ibx.ModelError, match=message):
+        ibx_model._onnxruntime()

@@ -156,8 +156,12 @@ def test_fractional_seg_is_thresholded_at_one_half(t1_dicom, series, tmp_path):
 def test_a_truncated_seg_is_refused(t1_dicom, series, tmp_path):
     path = tmp_path / "SEG.dcm"
     shutil.copy(t1_dicom.seg, path)
+    ds = dicom.read_header(path)
+    declared = -(-ds.Columns * ds.Rows * ds.NumberOfFrames // 8)  # one bit a voxel, rounded up to whole bytes
+    assert ds.BitsAllocated == 1
     cd.truncate(path, keep=0.8)
-    with pytest.raises(ibx.InputError, match="SEG.dcm: truncated DICOM file"):
+    with pytest.raises(ibx.InputError, match=f"SEG.dcm: the file is incomplete: its header declares {ds.Columns}×"
+                                             f"{ds.Rows}×{ds.NumberOfFrames} voxels, {declared} bytes of pixel data"):
         ibx.read_mask(path, segment="Ventricles", reference=t1_dicom.geometry, series=series)
 
 

@@ -8,7 +8,8 @@ The controller holds no Qt and no trame object: the engine runs through :class:`
 a time, polled by a Qt-like timer the face provides; errors and questions go back through the face's callbacks.
 
 State: ``job`` is the engine process in flight (a model check, a run, an estimate or a cohort), or None. While it
-is set the run buttons are disabled and Cancel is enabled; the timer polls it every 50 ms and never blocks.
+is set the run buttons are disabled and Cancel is enabled; the timer polls it every 50 ms (every 5 ms once the run is
+about to end, so its result shows without waiting) and never blocks.
 """
 import dataclasses
 import os
@@ -23,6 +24,9 @@ MAX_CHANNELS = 4
 
 #: A run whose estimate passes this many seconds starts only after the user said yes.
 ASK_ABOVE_SECONDS = 60.0
+
+#: Milliseconds between two polls of a run that is about to end (its child's final record arrived).
+FINISHING_POLL_MS = 5
 
 #: The run kinds whose engine run sends an estimate before its first progress record.
 ESTIMATED = ("forward", "backward", "atlas")
@@ -235,6 +239,11 @@ class Controller:
     def _setStatus(self, text, error=False):
         self.status, self.statusError = text, error
 
+    def report(self, text):
+        """A line for the status bar from the face (what it did without the controller, e.g. volumes loaded)."""
+        self._setStatus(text)
+        self._changed()
+
     def _fail(self, error):
         """An error: the status line and the face's dialog, with the same text the console API raises."""
         message = str(error)
@@ -257,6 +266,8 @@ class Controller:
             self.timer.stop()
             return
         job.poll()  # a run's progress and end arrive through its callbacks (_onProgress, _onRunDone)
+        # a run about to end (its result on its way into the scene): the next polls at once, events in between
+        self.timer.setInterval(FINISHING_POLL_MS if getattr(job, "finishing", False) else POLL_INTERVAL_MS)
         if self.job is job:
             self._checkEstimate(job)
         if job.done and self.job is job:

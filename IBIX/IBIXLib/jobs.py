@@ -29,6 +29,7 @@ Slicer and :func:`subprocess_launcher` in tests and outside Slicer.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -61,6 +62,8 @@ SPLIT_AFTER = 0.05
 
 #: Exit code of ``ibix`` for bad usage or bad input.
 USAGE_ERROR = 2
+#: Exit codes of ``ibix`` that end with its ``finished`` record: success, and a cohort that ran with failed cases.
+FINISHED_CODES = (0, 3)
 
 #: States of a process or a run; the last four are final.
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
@@ -133,6 +136,7 @@ class Process:
         self.progress: tuple[int, int, str] = (0, 1, "starting")
         self.record: dict | None = None          # the final "finished" or "failed" record
         self.estimate: dict | None = None        # the "estimate" record, once it arrived
+        self.record_at: float | None = None      # when its line arrived (time.perf_counter)
         self.returncode: int | None = None
         self.tail: list[str] = []                # the child's other output (human messages, tracebacks)
         self._lines: queue.Queue = queue.Queue()
@@ -144,7 +148,8 @@ class Process:
         self._reader.start()
 
     def _read(self) -> None:
-        """Reader thread: every output line into the queue, then None once the pipe closes.
+        """Reader thread: every output line (with the time it arrived) into the queue, then None once the pipe
+        closes.
 
         It reads bytes (the text pipe's buffer) and decodes each line on its own, undecodable bytes replaced: a
         child's stray byte costs one character, never the rest of the output (which would hang the child on a
@@ -158,7 +163,7 @@ class Process:
                     break
                 if isinstance(line, bytes):
                     line = line.decode("utf-8", errors="replace")
-                self._lines.put(line.rstrip("\r\n"))
+                self._lines.put((line.rstrip("\r\n"), time.perf_counter()))
         except (OSError, ValueError):  # the pipe was closed under us: the output ends here
             pass
         finally:
@@ -180,7 +185,10 @@ class Process:
             if line is None:
                 self._closed = True
             else:
+                line, arrived = line
                 self._take(line)
+                if self.record is not None and self.record_at is None:
+                    self.record_at = arrived
         if self._closed or self._cancelled:
             returncode = self._proc.poll()
             if returncode is None:
@@ -210,7 +218,7 @@ class Process:
     def _final_state(self) -> str:
         if self._cancelled:
             return CANCELLED
-        if self.record is not None and self.record["stage"] == FINISHED and self.returncode == 0:
+        if self.record is not None and self.record["stage"] == FINISHED and self.returncode in FINISHED_CODES:
             return FINISHED
         if self.record is not None and self.record["stage"] == FAILED:
             return FAILED
@@ -362,11 +370,40 @@ OPTIONS = {
               "compactness": "--compactness", "blocks": "--blocks"},
 }
 
-#: The preview file a progressive run writes (and removes) in its output folder, per run kind.
-PREVIEW_FILE = {"forward": "forward_normalized_preview.nrrd", "backward": "backward_preview.nrrd"}
+#: The preview file a progressive run writes (and removes) in its output folder, per run kind (hidden: the folder's
+#: results are only what its summary.json lists).
+PREVIEW_FILE = {"forward": ".forward_normalized_preview.nrrd", "backward": ".backward_preview.nrrd"}
 
 #: The file role (JSON-lines "files") that holds each result.
 RESULT_ROLE = {"output": "output", "forward": "forward_normalized", "backward": "backward"}
+
+
+#: Read result and preview maps in a worker thread (the web page sets this). Slicer keeps it off: PythonQt holds the
+#: GIL while Qt's event loop idles, so a worker thread there advances only while a poll runs Python, and a map is
+#: read sooner on the main thread.
+READ_IN_THREAD = False
+
+
+@functools.lru_cache(maxsize=None)
+def _reader():
+    """The one worker thread that reads result and preview maps off the main thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="IBIX map reader")
+
+
+def _read_map(path: str):
+    """A Future of ``ibx.read_volume(path)``: read by the worker thread with :data:`READ_IN_THREAD`, else here."""
+    if READ_IN_THREAD:
+        return _reader().submit(ibx.read_volume, path)
+    from concurrent.futures import Future
+
+    future = Future()
+    try:
+        future.set_result(ibx.read_volume(path))
+    except Exception as error:  # handed to whoever takes the result, as the worker thread would
+        future.set_exception(error)
+    return future
 
 
 def command_arguments(request: scene.Request, model_path: str, folder: str, inputs: Sequence[str],
@@ -469,8 +506,11 @@ class Run(_Job):
         self._started = 0.0
         self._reported: tuple | None = None
         self._result: tuple | None = None        # (array, geometry) read, not yet in the scene
+        self.timings: dict[str, float] = {}      # time.perf_counter() when each step ended (see start, poll)
         self.preview = scene.Preview(request, display)
         self._preview_stamp: float | None = None
+        self._preview_read = None                # the newest preview map being read (a Future)
+        self._fetch: tuple | None = None         # (path, Future): the result read as soon as the child names it
 
     @property
     def done(self) -> bool:
@@ -480,6 +520,12 @@ class Run(_Job):
     def estimate(self) -> dict | None:
         """The engine's estimate of this run (see the class docstring), or None until it arrived."""
         return None if self.process is None else self.process.estimate
+
+    @property
+    def finishing(self) -> bool:
+        """The child sent its final record, or its result waits to be added: the run ends within the next polls
+        (a timer polls again at once rather than after its interval)."""
+        return self.state == RUNNING and (self._result is not None or self.process.record is not None)
 
     def start(self, standby: Standby | None = None) -> "Run":
         """Write the inputs and start the child, or hand the job to ``standby`` (main thread; returns at once)."""
@@ -517,10 +563,14 @@ class Run(_Job):
             remove_folder(self.folder)
             raise
         self.state = RUNNING
+        self.timings = {"started": self._started, "handed": time.perf_counter()}  # inputs written, child has the job
         return self
 
     def poll(self) -> str:
         """Progress and completion (main thread, never waits); returns the state.
+
+        ``timings`` gets ``exited`` (the child's end was seen), ``engine_finished`` (its final record arrived) and
+        ``added`` (the result node is in the scene) as they happen.
 
         A finished child's result is read, and put into the scene at the same poll when the read was quick, else at
         the next one, so that no single step holds the main thread long.
@@ -536,11 +586,18 @@ class Run(_Job):
         if self.process.progress != self._reported and self.on_progress is not None and not self.process.done:
             self._reported = self.process.progress
             self.on_progress(*self.process.progress)
-        if state == RUNNING:
+        if state == RUNNING and self.process.record is None:  # no preview once the final map is on its way
             self._show_preview()
+        if self.process.record is not None and self._fetch is None:
+            self._fetch = self._prefetch()
         if state == FINISHED and self.estimate_only:
             self._end(FINISHED, "")  # the estimate is all there is
         elif state == FINISHED:
+            self.timings.setdefault("exited", time.perf_counter())
+            reading = self._fetch[1]
+            if reading is not None and not reading.done():
+                return self.state  # still being read (the run is finishing: it is polled again soon)
+            self.timings["engine_finished"] = self.process.record_at or self.timings["exited"]
             started = time.perf_counter()
             self._read()
             if self._result is not None and time.perf_counter() - started < SPLIT_AFTER:
@@ -559,37 +616,60 @@ class Run(_Job):
                 self.process.cancel()
 
     def _show_preview(self) -> None:
-        """A progressive run's newest preview map, when the engine has written one since the last poll."""
+        """A progressive run's newest preview map: read in a worker thread once the engine has written a new one
+        (a large volume's read would hold the main thread), shown at a later poll."""
         name = PREVIEW_FILE.get(self.request.kind)
         if not name or not self.request.params.get("progressive"):
             return
+        reading = self._preview_read
+        if reading is not None:
+            if not reading.done():
+                return
+            self._preview_read = None
+            try:
+                array, geometry = reading.result()
+            except (OSError, ibx.IBIXError):  # removed or rewritten meanwhile (the run just ended): the next one
+                pass
+            else:
+                self.preview.show(array, geometry, "preview")
         path = os.path.join(self.folder, "out", name)
         try:
             stamp = os.stat(path).st_mtime_ns
-            if stamp == self._preview_stamp:
-                return
-            array, geometry = ibx.read_volume(path)
-        except (OSError, ibx.IBIXError):  # none yet, or removed meanwhile (the run just ended)
+        except OSError:  # none yet
             return
-        self._preview_stamp = stamp
-        self.preview.show(array, geometry, "preview")
+        if stamp != self._preview_stamp:
+            self._preview_stamp = stamp
+            self._preview_read = _read_map(path)
 
     def _cancel_reason(self) -> str:
         if not self.request.scene_alive():
             return _("the scene was closed during the run; it was cancelled and nothing was written")
         return _("cancelled; the scene was not changed")
 
+    def _result_role(self) -> str | None:
+        """The file role (JSON-lines "files") of this run's result."""
+        if self.request.kind == "forward" and self.request.display == "signed":
+            return "forward_signed"
+        return RESULT_ROLE.get(self.request.kind)
+
+    def _prefetch(self) -> tuple:
+        """(path, Future) reading the result that the child's "finished" record names, in the worker thread while
+        the child exits: the file is complete once that record is printed, and it is used only if the child then
+        ends with success. (None, None) where there is nothing to read."""
+        record = self.process.record
+        path = (record.get("files") or {}).get(self._result_role()) if record.get("stage") == FINISHED else None
+        return (path, _read_map(path)) if path else (None, None)
+
     def _read(self) -> None:
-        """Step 1 of a finished run: the result file and the summary."""
+        """Step 1 of a finished run: the result file (read ahead by :meth:`_prefetch`) and the summary."""
         record = self.process.record
         files = record.get("files") or {}
-        role = RESULT_ROLE[self.request.kind]
-        if self.request.kind == "forward" and self.request.display == "signed":
-            role = "forward_signed"
+        role = self._result_role()
+        path, reading = self._fetch or (None, None)
         try:
             if role not in files:
                 raise ibx.IBIXError(f"the IBIX engine finished without a {role} file; this is a bug: please report it")
-            array, geometry = ibx.read_volume(files[role])
+            array, geometry = reading.result() if path == files[role] else ibx.read_volume(files[role])
             with open(record.get("summary") or files["summary"], encoding="utf-8") as f:
                 self.summary = json.load(f)
         except (ibx.IBIXError, OSError, ValueError, KeyError) as error:
@@ -609,6 +689,7 @@ class Run(_Job):
         except (ibx.IBIXError, ValueError) as error:
             self._end(FAILED, str(error))
         else:
+            self.timings["added"] = time.perf_counter()
             self._end(FINISHED, "")
 
     def _end(self, state: str, error: str) -> None:

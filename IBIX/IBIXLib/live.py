@@ -12,6 +12,7 @@ volume's grid, and it is the caller's part to pass the atlas computed for this i
 from __future__ import annotations
 
 import numpy as np
+import vtk
 
 import IBIXLogic as ibx
 import slicer
@@ -84,7 +85,9 @@ class LiveBackward:
         """Answer now and then at every change of the segment (until :meth:`stop` or the scene closes)."""
         if not self.active:
             node = self.segmentation_node
-            for event in (slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.RepresentationModified):
+            # painting sends the segment events; an undo that restores a whole earlier state, only ModifiedEvent
+            for event in (slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.RepresentationModified,
+                          vtk.vtkCommand.ModifiedEvent):
                 self._observers.append((node, node.AddObserver(event, self._changed)))
             mrml = self.input_node.GetScene()
             self._observers.append((mrml, mrml.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, self._closing)))

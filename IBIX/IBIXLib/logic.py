@@ -16,6 +16,10 @@ from . import tr as _
 #: Milliseconds between two polls of a running engine process (a poll costs well under a millisecond).
 POLL_INTERVAL_MS = 50
 
+#: Milliseconds from a run's end to the start of the next run's engine process: its start-up takes a CPU core for
+#: about a second, and the run's result is drawn first.
+PRESTART_DELAY_MS = 500
+
 #: Runtime choices (the module's runtime selector order) -> dependencies runtime and engine device.
 RUNTIMES = (("cpu", "cpu"), ("gpu", "cuda"))
 
@@ -52,6 +56,7 @@ class Logic:
         self.timerFactory = timerFactory  # makes Qt-like timers for runs polled in the background (qt.QTimer)
         self.prestart = True         # keep an engine process started for the next run (hides its start-up)
         self._standby = None
+        self._prestartTimer = None
         self._pollers = []
         self._live = None            # the live backward map (IBIXLib.live.LiveBackward) while it is on
         self._liveNode = None        # its B node, reused when Live is turned on again for the same input
@@ -85,8 +90,22 @@ class Logic:
         if self.prestart and self._standby is None and self.modelInfo is not None:
             self._standby = jobs.Standby(self.device(self.runtime), self.launcher, self.python)
 
+    def _prestartLater(self):
+        """:meth:`_prestart` after PRESTART_DELAY_MS (at once without a timer factory)."""
+        if self.timerFactory is None:
+            self._prestart()
+            return
+        if self._prestartTimer is None:
+            self._prestartTimer = self.timerFactory()
+            self._prestartTimer.setSingleShot(True)
+            self._prestartTimer.setInterval(PRESTART_DELAY_MS)
+            self._prestartTimer.connect("timeout()", self._prestart)
+        self._prestartTimer.start()
+
     def stopStandby(self):
         """End the engine process kept for the next run (the module does it on exit)."""
+        if self._prestartTimer is not None:
+            self._prestartTimer.stop()
         if self._standby is not None:
             self._standby.stop()
             self._standby = None
@@ -133,10 +152,14 @@ class Logic:
             runOptions["estimate_only"] = True
 
         def done(run):
-            self._prestart()
-            if onDone is not None:
-                onDone(run)
+            try:
+                if onDone is not None:
+                    onDone(run)
+            finally:  # the next run's engine process once this run's result is drawn
+                self._prestartLater()
 
+        if self._prestartTimer is not None:  # this run ends with its own (no start-up beside its engine)
+            self._prestartTimer.stop()
         standby, self._standby = self._standby, None
         run = (runClass or jobs.Run)(request, self.modelPath, device=self.device(self.runtime), display=display,
                                      on_progress=onProgress, on_done=done, launcher=self.launcher,

@@ -539,8 +539,10 @@ def create_volume_node(array: np.ndarray, geometry: ibx.Geometry, name: str, sce
     display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     display.AutoWindowLevelOff()
     display.SetAndObserveColorNodeID(color_node("Grey", scene).GetID())
-    finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
+    if not (np.isfinite(low) and np.isfinite(high)):  # the range of the finite voxels (copying them is slow)
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     display.SetWindowLevelMinMax(low, high if high > low else low + 1.0)
     node.SetAndObserveDisplayNodeID(display.GetID())
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))

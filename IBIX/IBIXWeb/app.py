@@ -6,16 +6,18 @@ output, the output mask M^f and F. Every button calls a controller action; :meth
 controller's state into the trame state. All browser tabs connected to one server share this page (one user).
 """
 import asyncio
+import contextlib
 import json
 import os
 import time
+import traceback
 import types
 
 import numpy as np
 
 import IBIXLogic as ibx
 import slicer
-from IBIXLib import controller, logic, scene
+from IBIXLib import controller, jobs, logic, scene
 
 from .files import MODEL_SUFFIXES, VOLUME_SUFFIXES
 
@@ -25,15 +27,21 @@ VIEWS = ("Input", "Output")
 #: Where each kind of result is shown (F over the output, B over the input, as in the Slicer module).
 SHOWN_IN = {"output": ["Output"], "forward": ["Output"], "backward": ["Input"]}
 
+#: Seconds after a run's result is shown before the other views render and its download files are written: the
+#: result's frame is rendered, encoded and sent first.
+AFTER_RESULT_S = 0.3
+
 COLORMAPS = ["Auto", "Inferno", "Viridis", "DivergingBlueRed", "Grey"]
 
 
 class AsyncTimer:
     """A Qt-like timer (``setInterval``, ``setSingleShot``, ``connect("timeout()", slot)``, ``start``, ``stop``,
-    ``isActive``) on the server's asyncio loop: what the controller and the live map poll with."""
+    ``isActive``) on the server's asyncio loop: what the controller and the live map poll with. ``around``: a
+    context manager factory entered around each timeout."""
 
-    def __init__(self):
+    def __init__(self, around=contextlib.nullcontext):
         self._interval, self._single, self._slots, self._task = 0.05, False, [], None
+        self._around = around
 
     def setInterval(self, ms):
         self._interval = ms / 1000.0
@@ -64,8 +72,12 @@ class AsyncTimer:
                 break
             if self._single:
                 self._task = None
-            for slot in list(self._slots):
-                slot()
+            with self._around():
+                for slot in list(self._slots):
+                    try:
+                        slot()
+                    except Exception:  # as a Qt timer: the error is printed and the timer goes on
+                        traceback.print_exc()
             if self._single:
                 break
 
@@ -90,17 +102,24 @@ class Page:
         self.server, self.state, self.data, self.device = server, server.state, data, device
         self.app = SlicerApp()
         self._install_slicer_globals()
-        register_rca_factories(self.app.view_manager, server, slice_view_ui_f=lambda *args: None)
+        # one frame per change at the still quality (90): no second, sharper render of every frame half a second later
+        register_rca_factories(self.app.view_manager, server, slice_view_ui_f=lambda *args: None,
+                               interactive_quality=90)
         self.layout_manager = LayoutManager(self.app.scene, self.app.view_manager, server)
         views = [ViewLayoutDefinition.slice_view("Axial", label=name, color=color)
                  for name, color in zip(VIEWS, ("#F34A33", "#EFD64D"))]
         self.layout_manager.register_layout_dict(
             {"IBIX": Layout(LayoutDirection.Horizontal, views, flex_sizes=["1 1 0", "1 1 0"])})
         self.layout_manager.set_layout("IBIX")
+        for name in VIEWS:  # no multisampling, as in Slicer's slice views: 8 samples made each frame ~10x slower
+            self.slice_view(name).render_window().SetMultiSamples(0)  # on Mesa's CPU renderer (0.3 s -> 0.03 s)
 
+        jobs.READ_IN_THREAD = True  # no PythonQt here: a worker thread reads each map while the engine exits
         self.logic = logic.Logic(timerFactory=AsyncTimer)
         self.logic.device = lambda runtime: device  # the server's --device, whatever the settings say
-        self.controller = controller.Controller(self.logic, AsyncTimer(), changed=self.refresh, error=self._error,
+        self._held = []  # views whose frames wait until a run's result is shown
+        self.controller = controller.Controller(self.logic, AsyncTimer(around=self._result_views_first),
+                                                changed=self.refresh, error=self._error,
                                                 warning=self._error, ask=self._ask)
         self.controller.views = SHOWN_IN
         self.controller.parameters = controller.settings(runtime="gpu" if device == "cuda" else "cpu")
@@ -155,6 +174,36 @@ class Page:
         for view in views:
             view._view_node.AddObserver("ModifiedEvent", follow)
 
+    @contextlib.contextmanager
+    def _result_views_first(self):
+        """Around each poll of the controller: once a run is about to end, the views that do not show its result
+        hold their frames until it is shown, so that the result's frame is rendered and sent first (every view
+        re-renders when a node is added, and a frame takes tens of ms on a CPU renderer); then they render."""
+        job = self.controller.job
+        if getattr(job, "finishing", False) and not self._held:
+            shown = SHOWN_IN.get(job.request.kind, VIEWS)
+            others = [self.slice_view(name) for name in VIEWS if name not in shown]
+            self._held = [view for view in others if not view.set_render_blocked(True)]
+        try:
+            yield
+        finally:
+            if self._held and self.controller.job is not job:  # ended: the others render once its frame is out
+                held, self._held = self._held, []
+                self._after_result_frame(self._release, held)
+
+    @staticmethod
+    def _release(views):
+        for view in views:
+            view.set_render_blocked(False)  # renders it
+
+    @staticmethod
+    def _after_result_frame(callback, *args):
+        """``callback(*args)`` AFTER_RESULT_S from now (at once where no server loop runs)."""
+        try:
+            asyncio.get_running_loop().call_later(AFTER_RESULT_S, callback, *args)
+        except RuntimeError:
+            callback(*args)
+
     def fit_views(self):
         """Each view fitted to its volume at its present size (same grid, same size: the same zoom)."""
         for name in VIEWS:
@@ -167,15 +216,21 @@ class Page:
         return scene.create_volume_node(array, geometry, name, scene=self.app.scene)
 
     def load_inputs(self, names):
-        """Read the chosen volumes (one per model channel) into the scene; new empty input and output masks."""
+        """Read the chosen volumes (one per model channel) into the scene; new empty input and output masks (the
+        previous input's masks and live map go)."""
         p = self.controller.parameters
-        nodes = []
-        for i, name in enumerate(names):
+        read = []
+        for name in names:
             array, geometry = ibx.read_volume(str(self.data.resolve(name)))
             if array.ndim != 3:
                 raise ibx.InputError(f"{name}: a volume needs three dimensions, got shape {array.shape}")
-            nodes.append(self.volume_node(os.path.basename(name).split(".")[0], array, geometry))
-            setattr(p, f"inputVolume{i}", nodes[-1])
+            read.append((os.path.basename(name).split(".")[0], array, geometry))
+        if self.controller.live:
+            self.controller.setLive(False)
+        previous = [node for node in (p.inputSegmentation, p.outputSegmentation) if node is not None]
+        nodes = [self.volume_node(*volume) for volume in read]
+        for i, node in enumerate(nodes):
+            setattr(p, f"inputVolume{i}", node)
         p.outputVolume = None
         for which, view in (("input", "Input"), ("output", "Output")):
             segmentation, _segment = self.controller.newMask(which, nodes[0])
@@ -189,6 +244,8 @@ class Page:
         for name in VIEWS:
             self.slice_view(name).reset_view()
         self.set_paint(self.state.paint_target or "input")
+        for node in previous:  # once the editor holds the new masks
+            self.app.scene.RemoveNode(node)
 
     # --- painting (trame-slicer's segment editor) -----------------------------------------------------------
 
@@ -226,14 +283,15 @@ class Page:
         s = self.state
         p = self.controller.parameters
         s.update(dict(
-            models=self.data.listing(MODEL_SUFFIXES), model="", volumes=self.volume_files(), inputs=[""],
+            models=self.files(MODEL_SUFFIXES), model="", volumes=self.files(VOLUME_SUFFIXES), inputs=[""],
             card="", device_summary="", channels=[], status="", status_error=False, progress=[0, 1], estimate="",
             statistics=[], question="", enabled={}, live=False, error="", show_error=False, downloads=[],
             paint_target="input", paint_effect="paint", brush_size=6.0, busy_seconds=0.0, view_geometry={},
+            run_timings={},
             n_forward=p.forwardJitters, n_backward=p.backwardJitters, blocks=p.blocks, compactness=p.compactness,
             normalization=p.normalization, signed=p.signedDisplay, progressive=p.progressive,
             coarse=p.coarseToFine, coarse_blocks=p.coarseBlocks, opacity=p.opacity, threshold=p.threshold,
-            colormap=p.colormap, legend=p.showLegend, colormaps=COLORMAPS, upload_limit_mb=self.data.upload_limit >> 20,
+            colormap=p.colormap, legend=p.showLegend, colormaps=COLORMAPS, upload_limit=self.data.upload_limit,
         ))
         for key in ("n_forward", "n_backward", "blocks", "compactness", "normalization", "signed", "progressive",
                     "coarse", "coarse_blocks", "opacity", "threshold", "colormap", "legend"):
@@ -241,10 +299,11 @@ class Page:
         s.change("paint_target", "paint_effect", "brush_size")(self._paint_changed)
         s.change("live")(self._live_changed)
 
-    def volume_files(self):
+    def files(self, suffixes):
+        """The data folder's files with these suffixes, then the uploaded ones (``uploads/NAME``)."""
         uploads = self.data.output / "uploads"
         uploaded = sorted(f"uploads/{f.name}" for f in uploads.iterdir()) if uploads.is_dir() else []
-        return self.data.listing(VOLUME_SUFFIXES) + [u for u in uploaded if u.endswith(VOLUME_SUFFIXES)]
+        return self.data.listing(suffixes) + [u for u in uploaded if u.lower().endswith(suffixes)]
 
     def _settings_changed(self, **_):
         s, p = self.state, self.controller.parameters
@@ -278,9 +337,23 @@ class Page:
                 c.generateOutput()
             if c.result is not None and c.result is not self._shownResult:
                 self._shownResult = c.result
-                self._save_result(c.result)
+                self.state.run_timings = self.run_timings(c.result)
+                self._after_result_frame(self._save_result, c.result)
                 if c.result.request.kind == "output":
                     self.fit_views()
+
+    @staticmethod
+    def run_timings(run):
+        """Where a finished run's time went, in seconds (for scripted checks and the README's figures): writing
+        its inputs, the engine process's wall time (job handed over -> its final record), the engine's own
+        ``seconds_total`` (its summary), the wait for the process's end, and the result into a shown node."""
+        t = run.timings
+        return {"write_inputs": round(t["handed"] - t["started"], 3),
+                "engine_wall": round(t["engine_finished"] - t["handed"], 3),
+                "engine_total": float((run.summary or {}).get("seconds_total") or 0.0),
+                "exit_seen": round(t["exited"] - t["engine_finished"], 3),
+                "read_and_show": round(t["added"] - t["exited"], 3),
+                "started_to_shown": round(t["added"] - t["started"], 3)}
 
     def view_geometry(self):
         """Each view's size and XY-to-RAS matrix (pixels of its frame -> patient mm), for scripted checks."""
@@ -293,15 +366,37 @@ class Page:
         return out
 
     def _save_result(self, run):
-        """A finished run's map (or output) and its summary.json, for download from the output folder."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = f"{stamp}-{run.request.kind}"
-        array = slicer.util.arrayFromVolume(run.node)
+        """A finished run's map (or output) and its summary.json, for download from the output folder.
+
+        Called once the result's frame is out; the files are written in a worker thread (compressing a volume takes
+        ~0.1 s; SimpleITK lets go of the GIL); the download links appear once they are complete."""
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{run.request.kind}"
+        array = np.array(slicer.util.arrayFromVolume(run.node))  # a copy: the node may leave the scene meanwhile
+        geometry = scene.geometry_from_volume_node(run.node)
+        summary = json.dumps(run.summary or {}, indent=1)
         path = self.data.writable("results", base + ".nrrd")
-        ibx.write_volume(str(path), np.asarray(array), scene.geometry_from_volume_node(run.node))
-        summary = self.data.writable("results", base + "-summary.json")
-        summary.write_text(json.dumps(run.summary or {}, indent=1))
-        self.state.downloads = [*self.state.downloads, {"name": path.name}, {"name": summary.name}]
+        summary_path = self.data.writable("results", base + "-summary.json")
+
+        def write():  # each file whole or not at all; the summary last
+            ibx.write_volume(str(path), array, geometry)
+            partial = summary_path.with_name(summary_path.name + ".partial")
+            partial.write_text(summary)
+            os.replace(partial, summary_path)
+
+        def written(error=None):
+            if error is not None:
+                self._error(f"could not write the result for download: {error}")
+                return
+            with self.state:
+                self.state.downloads = [*self.state.downloads, {"name": path.name}, {"name": summary_path.name}]
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no server loop (scripted use): write now
+            write()
+            written()
+            return
+        loop.run_in_executor(None, write).add_done_callback(lambda future: written(future.exception()))
 
     def _error(self, message):
         with self.state:
@@ -318,11 +413,14 @@ class Page:
                                   "gpu" if self.device == "cuda" else "cpu")
 
     def load_inputs_action(self):
+        names = [name for name in self.state.inputs if name] or [""]
         try:
-            self.load_inputs([name for name in self.state.inputs if name] or [""])
+            self.load_inputs(names)
         except ibx.IBIXError as error:
             self.controller._fail(error)
-        self.refresh()
+            return
+        shape = " x ".join(str(n) for n in slicer.util.arrayFromVolume(self.controller.parameters.inputVolume0).shape)
+        self.controller.report(f"Input loaded: {', '.join(names)} ({shape} voxels); paint M^x on the input")
 
     def run(self, action):
         getattr(self.controller, action)()
@@ -331,22 +429,33 @@ class Page:
         self.controller.answer(bool(yes))
 
     def upload(self, files):
-        """Uploaded volume or model files (size limit) -> the output folder; the lists are refreshed."""
+        """Uploaded volume or model files (a model's card beside it) -> the output folder; the lists are refreshed.
+        A file over the size limit is refused: the browser sends only its name and size."""
         from trame.app.file_upload import ClientFile
 
         for entry in files or []:
             upload = ClientFile(entry)
             try:
-                self.data.save_upload(upload.name, upload.content)
+                self.data.save_upload(upload.name, upload.content, upload.size)
             except ibx.IBIXError as error:
                 self._error(str(error))
         with self.state:
-            self.state.volumes = self.volume_files()
+            self.state.models, self.state.volumes = self.files(MODEL_SUFFIXES), self.files(VOLUME_SUFFIXES)
 
     def cancel_if_nobody_left(self, clients):
         """A closed page (its last tab) cancels its run."""
         if clients == 0 and self.controller.job is not None:
             self.controller.cancel()
+
+    def close(self):
+        """The server stops: a run in flight is cancelled (its folder removed), the live map and the engine
+        process kept for the next run end; no engine process outlives the page."""
+        job = self.controller.job
+        if job is not None:
+            job.cancel()
+            jobs.wait(job)  # the killed child is reaped and the job folder removed
+        self.logic.stopLive()
+        self.logic.stopStandby()
 
     # --- the demo --------------------------------------------------------------------------------------------
 
@@ -405,11 +514,14 @@ class Page:
                classes="my-1", id="load-model")
         html.Div("{{ card }}", classes="text-caption", id="card")
         with html.Div(v_for="(name, i) in inputs", key="i"):
+            # an element of a list: set, then sent to the server (trame sends a variable when it is reassigned)
             v.VSelect(label=("channels[i] ? channels[i] + ' volume' : 'Input volume'",), items=("volumes",),
-                      v_model=("inputs[i]",), density="compact", hide_details=True, classes="mt-1")
-        v.VFileInput(label=("`Upload a volume or model (at most ${upload_limit_mb} MiB)`",), multiple=True,
-                     density="compact", hide_details=True, classes="mt-1",
-                     update_modelValue=(self.upload, "[$event]"))
+                      model_value=("inputs[i]",), update_modelValue="inputs[i] = $event; flushState('inputs')",
+                      density="compact", hide_details=True, classes="mt-1", id=("`input-${i}`",))
+        v.VFileInput(label=("`Upload volumes, or a model and its card (at most ${upload_limit / 2**20} MiB)`",),
+                     multiple=True, density="compact", hide_details=True, classes="mt-1", id="upload",
+                     update_modelValue=(self.upload, "[[].concat($event || []).map(f => f.size > upload_limit ? "
+                                                     "{name: f.name, size: f.size} : f)]"))
         with html.Div(classes="d-flex ga-1 my-1"):
             v.VBtn("Load input", click=self.load_inputs_action, disabled=("!enabled.loadModel",), size="small",
                    id="load-input")
@@ -437,9 +549,9 @@ class Page:
             v.VTextField(label="N forward", v_model_number=("n_forward",), type="number", density="compact",
                          hide_details=True)
             v.VTextField(label="N backward", v_model_number=("n_backward",), type="number", density="compact",
-                         hide_details=True)
+                         hide_details=True, id="n-backward")
             v.VTextField(label="K blocks", v_model_number=("blocks",), type="number", density="compact",
-                         hide_details=True)
+                         hide_details=True, id="n-blocks")
         with html.Div(classes="d-flex ga-1 mt-1"):
             v.VSelect(label="B normalisation", items=("['fraction', 'magnitude']",), v_model=("normalization",),
                       density="compact", hide_details=True)

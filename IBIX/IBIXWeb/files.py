@@ -63,14 +63,17 @@ class DataFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def save_upload(self, name, content):
-        """Write an uploaded file under ``<output>/uploads`` (plain file name kept) -> its path."""
+    def save_upload(self, name, content, size=None):
+        """Write an uploaded file under ``<output>/uploads`` (plain file name kept) -> its path. ``content`` None:
+        the browser sent only the file's ``size`` (bytes), being over the limit."""
         base = os.path.basename(str(name).replace("\\", "/"))
         if not base or base in (".", "..") or not re.fullmatch(r"[\w .+-]+", base):
             raise ibx.InputError(f"{name!r}: an upload needs a plain file name (letters, digits, . _ + -)")
-        if len(content) > self.upload_limit:
-            raise ibx.InputError(f"{base}: {len(content) / 2**20:.0f} MiB is more than the upload limit of "
-                                 f"{self.upload_limit / 2**20:.0f} MiB")
+        size = len(content) if content is not None else int(size or 0)
+        if content is None or size > self.upload_limit:
+            raise ibx.InputError(f"{base}: {size / 2**20:.1f} MiB is more than the upload limit of "
+                                 f"{self.upload_limit / 2**20:.1f} MiB; put large files in the data folder on the "
+                                 "server instead (ibix web --data DIR)")
         path = self.writable("uploads", base)
         path.write_bytes(content)
         return path

@@ -141,6 +141,9 @@ def main(args):
         page.open_demo(os.path.relpath(shipped / "Models" / "t1_to_t2_cae.onnx", data.root),
                        os.path.relpath(shipped / "SampleData" / "IBIX-T1.nrrd", data.root))
     sys.argv = sys.argv[:1]  # the options were read above; trame reads sys.argv again
-    server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False,
-                 disable_logging=args.quiet)
+    try:  # Ctrl+C and SIGTERM stop the server (aiohttp's handlers), then the page ends its engine processes
+        server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False,
+                     disable_logging=args.quiet)
+    finally:
+        page.close()
     return 0
