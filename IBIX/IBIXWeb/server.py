@@ -6,9 +6,11 @@ a cookie of that browser), as Jupyter does. One server is one user's: browser ta
 page (the same scene, masks and maps); a request without it gets 403 and a message saying to start an own server.
 Reads stay under ``--data``, writes under ``--output``.
 """
+import contextlib
 import hmac
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +40,7 @@ def add_arguments(parser):
                              "shipped Resources folder)")
     parser.add_argument("--output", type=Path, default=None, metavar="DIR",
                         help="where maps, summaries and uploads are written (default: DATA/ibix-web-output, or a "
-                             "new temporary folder with --demo)")
+                             "new temporary folder with --demo, removed when the server stops)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     parser.add_argument("--upload-limit", type=float, default=UPLOAD_LIMIT / 2**20, metavar="MiB",
                         help="largest file a browser may upload")
@@ -100,6 +102,36 @@ def _client_counter(on_count):
     return Clients()
 
 
+def vtk_messages_to(path):
+    """Send VTK's and Slicer's own messages to the log file ``path`` instead of the terminal, where the page's URL
+    and IBIX's messages are printed. Call it again after a ``SlicerApp`` is made: it sets the terminal back."""
+    from vtkmodules.vtkCommonCore import vtkFileOutputWindow, vtkLogger, vtkOutputWindow
+
+    vtkLogger.SetStderrVerbosity(vtkLogger.VERBOSITY_OFF)
+    if getattr(vtk_messages_to, "logging_to", None) != str(path):
+        vtkLogger.LogToFile(str(path), vtkLogger.APPEND, vtkLogger.VERBOSITY_INFO)
+        vtk_messages_to.logging_to = str(path)
+    window = vtkFileOutputWindow()
+    window.SetFileName(str(path))
+    window.AppendOn()
+    window.FlushOn()
+    vtkOutputWindow.SetInstance(window)
+
+
+@contextlib.contextmanager
+def vtk_warnings_off():
+    """No VTK warning or error shown meanwhile: the start-up of trame-slicer's ``SlicerApp`` sets VTK's messages to
+    the terminal and reports that Slicer's desktop colour tables have no home folder (the page makes its own)."""
+    from vtkmodules.vtkCommonCore import vtkObject
+
+    shown = vtkObject.GetGlobalWarningDisplay()
+    vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtkObject.SetGlobalWarningDisplay(shown)
+
+
 def main(args):
     """Run ``ibix web`` with parsed ``args``; returns the exit code once the server stops."""
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen, no X server
@@ -111,17 +143,23 @@ def main(args):
     root = args.data if args.data is not None else shipped
     if not Path(root).is_dir():
         raise ibx.InputError(f"--data {root}: no such folder")
+    temporary = args.output is None and args.data is None  # the demo's output lives as long as its server
     output = args.output or (Path(root) / "ibix-web-output" if args.data is not None
                              else Path(tempfile.mkdtemp(prefix="ibix-web-")))
     data = DataFolder(root, output, upload_limit=args.upload_limit * 2**20)
     token = args.token or secrets.token_urlsafe(24)
+
+    log = data.writable("ibix-web-vtk.log")
+    vtk_messages_to(log)
 
     from trame.app import get_server
 
     from .app import Page
 
     server = get_server("ibix", client_type="vue3")
-    page = Page(server, data, device=args.device)
+    with vtk_warnings_off():
+        page = Page(server, data, device=args.device)
+    vtk_messages_to(log)
     page.build_ui()
     clients = _client_counter(page.cancel_if_nobody_left)
     server.add_protocol_to_configure(lambda protocol: protocol.registerLinkProtocol(clients))
@@ -135,7 +173,8 @@ def main(args):
     def _ready(**_):
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"IBIX page: http://{host}:{server.port}/index.html?token={token}", flush=True)
-        print(f"  data folder {data.root} (read), output folder {data.output} (written)", flush=True)
+        print(f"  data folder {data.root} (read), output folder {data.output} (written); VTK's messages in {log}",
+              flush=True)
 
     if args.demo:
         page.open_demo(os.path.relpath(shipped / "Models" / "t1_to_t2_cae.onnx", data.root),
@@ -146,4 +185,6 @@ def main(args):
                      disable_logging=args.quiet)
     finally:
         page.close()
+        if temporary:
+            shutil.rmtree(output, ignore_errors=True)
     return 0
