@@ -561,8 +561,11 @@ def cmd_web(args: argparse.Namespace, console: Console) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ibix`` command line; returns the exit code (the console script passes it to sys.exit)."""
+def main(argv: Sequence[str] | None = None, start_up: float | None = None) -> int:
+    """Run the ``ibix`` command line; returns the exit code (the console script passes it to sys.exit).
+
+    ``start_up``: seconds this process spent before the command (its summary's ``timings.start_up``); default the
+    process's age, 0 for a job of an engine process that was started ahead of time."""
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
@@ -573,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ibix: error: choose a command: predict, forward, backward, atlas, cohort, masks, demo or web "
               "(ibix --help)", file=sys.stderr)
         return 2
-    args.start_up = session.process_age()  # Python and the imports, before the command's own work
+    args.start_up = session.process_age() if start_up is None else start_up  # Python and the imports
     console = Console(quiet=getattr(args, "quiet", False), progress_format=getattr(args, "progress_format", "human"))
     engine_log = logging.getLogger("IBIX")
     handler = logging.StreamHandler(sys.stderr)

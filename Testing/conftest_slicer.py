@@ -264,86 +264,105 @@ class FakeTimer:
 # ------------------------------------------------------------------------------------------------------------------
 
 #: A stand-in for IBIXLib/child.py: behaves as IBIX_FAKE says; the result is input x mask (F) or the input (others).
+#: As child.py, ``serve`` runs jobs one after the other (``job.json`` in its folder, each job ending with its
+#: ``job-ended`` line); ``fail`` returns exit code 2 (the process goes on), ``crash`` aborts the process.
 FAKE_CHILD = textwrap.dedent('''
     import json, os, sys, time
     import numpy as np
     import SimpleITK as sitk
     argv = sys.argv[1:]
-    folder = argv[argv.index("--job-folder") + 1]
+    home = argv[argv.index("--job-folder") + 1]
+    STATISTICS = {"forward": {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,
+                              "peak_ras_mm": [-1.0, 2.5, 3.0]},
+                  "backward": {"reach95_mm": 2.0, "blocks90": 3, "peak": 0.5, "peak_ras_mm": [0.0, 1.0, 2.0]}}
+
+    def job(args):
+        mode_file = os.environ.get("IBIX_FAKE_FILE", "")  # read at job time (a standby started earlier)
+        mode = open(mode_file).read() if os.path.exists(mode_file) else os.environ.get("IBIX_FAKE", "ok")
+        command = args[0]
+        if command == "probe":  # the model check: a one-channel 2D model on the CPU
+            print(json.dumps({"stage": "finished", "model": {
+                "name": "fake", "channels": ["T1"], "spatial_dims": 2, "slice_axis": "axial", "units": "a.u.",
+                "output_channels": ["T2"], "device": "cpu", "provider": "CPUExecutionProvider",
+                "requested": argv[argv.index("--device") + 1]}}), flush=True)
+            return 0
+        out = args[args.index("--output") + 1]
+        folder = os.path.dirname(out)  # the job's folder
+        print("a human message on stderr", file=sys.stderr, flush=True)
+        if command in ("forward", "backward", "atlas"):  # the engine's estimate, before any progress
+            slow = mode == "slow"
+            print(json.dumps({"stage": "estimate", "evaluations": 23000 if slow else 35,
+                              "seconds": 1380.0 if slow else 2.5,
+                              "advice": ["an NVIDIA GPU", "fewer blocks"] if slow else []}), flush=True)
+            if "--estimate" in args:
+                print(json.dumps({"stage": "finished", "files": {}}), flush=True)
+                return 0
+            if slow:  # long enough for the module to cancel it when it sees the estimate
+                time.sleep(2)
+        for done in range(3):
+            print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
+        while mode == "pause" and not os.path.exists(os.path.join(folder, "go-on")):  # the test looks first
+            time.sleep(0.01)
+        if mode == "fail":
+            print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
+            return 2
+        if mode == "crash":
+            print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
+            os.abort()
+        image = sitk.ReadImage(args[args.index("--input") + 1])
+        if "--progressive" in args:  # a preview map (as ibix: written under its name, removed at the end)
+            os.makedirs(out)
+            preview = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, 0.5, np.float32))
+            preview.CopyInformation(image)
+            name = {"forward": ".forward_normalized_preview.nrrd", "backward": ".backward_preview.nrrd"}[command]
+            sitk.WriteImage(preview, os.path.join(out, "partial.nrrd"))
+            os.replace(os.path.join(out, "partial.nrrd"), os.path.join(out, name))
+            open(os.path.join(folder, "preview-written"), "w").close()
+            while mode == "preview" and not os.path.exists(os.path.join(folder, "go-on")):  # the test looks first
+                time.sleep(0.01)
+            if mode != "hang":
+                os.remove(os.path.join(out, name))
+        if mode == "hang":
+            open(os.path.join(folder, "hanging"), "w").close()
+            time.sleep(600)
+        x = sitk.GetArrayFromImage(image).astype(np.float32)
+        if "--mask" in args:
+            x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
+        os.makedirs(out, exist_ok=True)
+        files = {}
+        for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
+                     "backward": ["backward"]}[command]:
+            result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
+            result.CopyInformation(image)
+            files[role] = os.path.join(out, role + ".nrrd")
+            sitk.WriteImage(result, files[role])
+        files["summary"] = os.path.join(out, "summary.json")
+        with open(files["summary"], "w") as f:
+            json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
+                       "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u.",
+                       "statistics": STATISTICS.get(command, {})}}, f)
+        print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
+        return 0
+
     args = argv[argv.index("--") + 1:]
-    if args == ["wait"]:  # a standby: the job arrives as job.json; it ends with the test process (as child.py)
-        parent = int(argv[argv.index("--parent-pid") + 1]) if "--parent-pid" in argv else os.getppid()
-        while not os.path.exists(os.path.join(folder, "job.json")):
+    if args != ["serve"]:
+        sys.exit(job(args))
+    # a standby: jobs arrive as job.json, one after the other; it ends with the test process (as child.py)
+    parent = int(argv[argv.index("--parent-pid") + 1]) if "--parent-pid" in argv else os.getppid()
+    path = os.path.join(home, "job.json")
+    while True:
+        while not os.path.exists(path):
             try:
                 os.kill(parent, 0) if os.name != "nt" else None  # (signal 0 on Windows would end the parent)
             except ProcessLookupError:
                 sys.exit(130)
+            if os.path.exists(os.path.join(home, "cancel")) or not os.path.isdir(home):
+                sys.exit(130)
             time.sleep(0.01)
-        args = json.load(open(os.path.join(folder, "job.json")))
-    STATISTICS = {"forward": {"reach95_mm": 4.5, "inside_fraction": 0.625, "peak": 1.75,
-                              "peak_ras_mm": [-1.0, 2.5, 3.0]},
-                  "backward": {"reach95_mm": 2.0, "blocks90": 3, "peak": 0.5, "peak_ras_mm": [0.0, 1.0, 2.0]}}
-    mode_file = os.environ.get("IBIX_FAKE_FILE", "")  # read at job time (a standby started earlier)
-    mode = open(mode_file).read() if os.path.exists(mode_file) else os.environ.get("IBIX_FAKE", "ok")
-    command = args[0]
-    if command == "probe":  # the model check: a one-channel 2D model on the CPU
-        print(json.dumps({"stage": "finished", "model": {
-            "name": "fake", "channels": ["T1"], "spatial_dims": 2, "slice_axis": "axial", "units": "a.u.",
-            "output_channels": ["T2"], "device": "cpu", "provider": "CPUExecutionProvider",
-            "requested": argv[argv.index("--device") + 1]}}), flush=True)
-        sys.exit(0)
-    out = args[args.index("--output") + 1]
-    print("a human message on stderr", file=sys.stderr, flush=True)
-    if command in ("forward", "backward", "atlas"):  # the engine's estimate, before any progress
-        slow = mode == "slow"
-        print(json.dumps({"stage": "estimate", "evaluations": 23000 if slow else 35, "seconds": 1380.0 if slow else 2.5,
-                          "advice": ["an NVIDIA GPU", "fewer blocks"] if slow else []}), flush=True)
-        if "--estimate" in args:
-            print(json.dumps({"stage": "finished", "files": {}}), flush=True)
-            sys.exit(0)
-        if slow:  # long enough for the module to cancel it when it sees the estimate
-            time.sleep(2)
-    for done in range(3):
-        print(json.dumps({"stage": command, "done": done, "total": 3}), flush=True)
-    if mode == "fail":
-        print(json.dumps({"stage": "failed", "error": "n_jitters must be at least 1"}), flush=True)
-        sys.exit(2)
-    if mode == "crash":
-        print("Fatal: CUDA failure 700: an illegal memory access", flush=True)
-        os.abort()
-    image = sitk.ReadImage(args[args.index("--input") + 1])
-    if "--progressive" in args:  # a preview map (as ibix: written under its name, removed at the end)
-        os.makedirs(out)
-        preview = sitk.GetImageFromArray(np.full(sitk.GetArrayFromImage(image).shape, 0.5, np.float32))
-        preview.CopyInformation(image)
-        name = {"forward": ".forward_normalized_preview.nrrd", "backward": ".backward_preview.nrrd"}[command]
-        sitk.WriteImage(preview, os.path.join(out, "partial.nrrd"))
-        os.replace(os.path.join(out, "partial.nrrd"), os.path.join(out, name))
-        open(os.path.join(folder, "preview-written"), "w").close()
-        while mode == "preview" and not os.path.exists(os.path.join(folder, "go-on")):  # the test looks first
-            time.sleep(0.01)
-        if mode != "hang":
-            os.remove(os.path.join(out, name))
-    if mode == "hang":
-        open(os.path.join(folder, "hanging"), "w").close()
-        time.sleep(600)
-    x = sitk.GetArrayFromImage(image).astype(np.float32)
-    if "--mask" in args:
-        x = x * sitk.GetArrayFromImage(sitk.ReadImage(args[args.index("--mask") + 1]))
-    os.makedirs(out, exist_ok=True)
-    files = {}
-    for role in {"predict": ["output"], "forward": ["forward_signed", "forward_normalized"],
-                 "backward": ["backward"]}[command]:
-        result = sitk.GetImageFromArray(-x if role == "forward_signed" else x)
-        result.CopyInformation(image)
-        files[role] = os.path.join(out, role + ".nrrd")
-        sitk.WriteImage(result, files[role])
-    files["summary"] = os.path.join(out, "summary.json")
-    with open(files["summary"], "w") as f:
-        json.dump({"command": command, "model": {"device": "cpu", "provider": "CPUExecutionProvider",
-                   "card": {"name": "fake"}}, command: {"evaluations": 7, "units": "a.u.",
-                   "statistics": STATISTICS.get(command, {})}}, f)
-    print(json.dumps({"stage": "finished", "files": files, "summary": files["summary"]}), flush=True)
+        handed = json.load(open(path))
+        os.remove(path)
+        code = job(handed["arguments"])
+        print(json.dumps({"stage": "job-ended", "job": handed["job"], "code": code}), flush=True)
 ''')
 
 
@@ -368,7 +387,8 @@ class FakeMode:
 @pytest.fixture
 def fake_child(tmp_path, monkeypatch):
     """Runs use FAKE_CHILD instead of child.py (``IBIX_FAKE`` = ok, fail, crash, hang, slow: estimated at 23 minutes,
-    or preview: a progressive run waits after its preview until the test writes ``go-on`` in the job folder)."""
+    pause: a run waits after its progress until the test writes ``go-on`` in the job folder, or preview: a
+    progressive run waits likewise after its preview)."""
     from IBIXLib import jobs
 
     path = tmp_path / "fake_child.py"

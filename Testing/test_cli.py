@@ -475,7 +475,7 @@ def test_atlas_budget_error_names_the_budget(tmp_path, capsys, rng):
     assert "global" in message and "--atlas-budget" in message
 
 
-# -- reliability (issue 17) -----------------------------------------------------------------------------------
+# -- reliability ---------------------------------------------------------------------------------------------------
 def test_a_2d_mask_for_a_3d_input_names_the_mask_and_both_shapes(case, capsys):
     flat = write(case["tmp"] / "flat_mask.nrrd", case["mask"][1], origin=ORIGIN[:2], spacing=SPACING[:2],
                  direction=(-1.0, 0.0, 0.0, -1.0))

@@ -5,6 +5,7 @@ face and a timer the test fires."""
 from __future__ import annotations
 
 import ast
+import os
 import sys
 import time
 
@@ -120,11 +121,14 @@ def test_what_is_enabled_follows_the_model_the_masks_and_the_job(face, case, fak
 def test_run_reports_estimate_progress_time_left_and_statistics(face, case, fake_child):
     c = _controller(face, case)
     before = face.changes
+    fake_child.setenv("IBIX_FAKE", "pause")  # the engine waits after its progress until the test has seen it
     c.runForward()
     statuses = []
     while c.job is not None:
         c.timer.fire()
         statuses.append((c.status, c.progress, c.estimate))
+        if c.progress == (2, 3):
+            open(os.path.join(c.job.folder, "go-on"), "w").close()
         time.sleep(0.01)
     assert any("/3), about" in s and s.endswith("s left") for s, _p, _e in statuses), statuses
     assert any(p == (2, 3) for _s, p, _e in statuses)

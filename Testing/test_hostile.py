@@ -16,7 +16,7 @@ pytest.importorskip("onnx")
 import hostile  # noqa: E402
 
 SEED = 17
-#: Cases each category must hold at least (issue 17).
+#: Cases each category must hold at least.
 MINIMUM = {"cards": 1000, "models": 200, "arrays": 250, "commands": 60}
 
 

@@ -204,6 +204,114 @@ def test_command_line_of_each_kind(case):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# A standby engine process: several jobs, one after the other
+# ------------------------------------------------------------------------------------------------------------------
+
+def _until(condition, run, deadline=60.0):
+    """Poll ``run`` until ``condition()`` holds (a deadline on a shared machine, not a speed check)."""
+    end = time.perf_counter() + deadline
+    while not condition() and time.perf_counter() < end:
+        run.poll()
+        time.sleep(0.01)
+    assert condition(), run.error
+
+
+def test_a_standby_runs_jobs_one_after_the_other_each_with_its_own_folder_and_records(case, fake_child, temp_root):
+    standby = jobs.Standby("cpu", python=sys.executable)
+    try:
+        pid = standby.process._proc.pid
+        fake_child.setenv("IBIX_FAKE", "preview")  # the first job waits after its preview until told to go on
+        first = jobs.Run(_request(case, progressive=True), "model.onnx", "cpu", python=sys.executable)
+        first.start(standby)
+        assert first.standby is standby and first.folder != standby.folder
+        _until(lambda: first.preview.node is not None, first)
+        assert standby.busy and standby.take() is None  # one job at a time
+        beside = jobs.Run(_request(case), "model.onnx", "cpu", python=sys.executable).start(standby)
+        assert beside.standby is None and beside.process._proc.pid != pid  # a busy standby is never handed a second
+        open(os.path.join(first.folder, "go-on"), "w").close()
+        for run in (first, beside):
+            assert jobs.wait(run) == jobs.FINISHED, run.error
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(first.node), case["array"] * case["mask"])
+        assert not os.path.exists(first.folder) and standby.take() is standby and not standby.busy
+        fake_child.setenv("IBIX_FAKE", "fail")
+        failed = jobs.Run(_request(case), "model.onnx", "cpu", python=sys.executable).start(standby)
+        assert jobs.wait(failed) == jobs.FAILED and failed.error == "n_jitters must be at least 1"
+        fake_child.setenv("IBIX_FAKE", "ok")
+        signed = jobs.Run(_request(case, display="signed"), "model.onnx", "cpu", python=sys.executable)
+        assert jobs.wait(signed.start(standby)) == jobs.FINISHED, signed.error
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(signed.node), -case["array"] * case["mask"])
+        # each job's records and output are its own: the failure stayed with its run
+        assert failed.process.record["stage"] == "failed" and signed.process.record["stage"] == "finished"
+        assert signed.process.tail.count("a human message on stderr") == 1
+        assert all(os.path.dirname(os.path.dirname(path)) == signed.folder
+                   for path in signed.process.record["files"].values())
+        assert standby.process._proc.pid == pid and standby.process._proc.poll() is None and standby.jobs == 3
+        assert _folders(temp_root) == [os.path.basename(standby.folder)]  # every job folder is removed
+        other = jobs.Standby("auto", python=sys.executable)
+        elsewhere = jobs.Run(_request(case), "model.onnx", "cpu", python=sys.executable).start(other)
+        assert elsewhere.standby is None and other.stopped and other.take() is None  # another device: a new process
+        assert jobs.wait(elsewhere) == jobs.FINISHED, elsewhere.error
+    finally:
+        standby.stop()
+    jobs.wait(standby.process)
+    assert standby.process.state == jobs.CANCELLED and _folders(temp_root) == []
+
+
+@pytest.mark.parametrize("end", ["cancel", "crash", "scene closed"])
+def test_a_standby_job_that_is_cancelled_or_crashes_ends_its_process(case, fake_child, temp_root, end):
+    fake_child.setenv("IBIX_FAKE", "crash" if end == "crash" else "hang")
+    before = _snapshot(case)
+    standby = jobs.Standby("cpu", python=sys.executable)
+    run = jobs.Run(_request(case), "model.onnx", "cpu", python=sys.executable).start(standby)
+    if end != "crash":
+        _until(lambda: os.path.exists(os.path.join(run.folder, "hanging")), run)
+    if end == "cancel":
+        run.cancel()
+    elif end == "scene closed":
+        case["app"].scene.Clear(0)
+    jobs.wait(run)
+    expected = {"cancel": (jobs.CANCELLED, "not changed"), "crash": (jobs.CRASHED, "CUDA failure 700"),
+                "scene closed": (jobs.CANCELLED, "scene was closed")}[end]
+    assert (run.state, expected[1] in run.error) == (expected[0], True), run.error
+    assert standby.process._proc.poll() is not None and standby.take() is None  # a new standby takes its place
+    assert _folders(temp_root) == []
+    if end != "scene closed":
+        assert_scene_unchanged(before, _snapshot(case))
+
+
+def test_the_logic_keeps_its_engine_process_for_the_next_runs_and_replaces_one_that_ended(case, fake_child):
+    from conftest_slicer import FakeTimer
+    from IBIXLib import logic
+
+    engine = logic.Logic(python=sys.executable, timerFactory=FakeTimer)
+    engine.loadModel(str(conv_model(case["tmp"])), installDependencies=False)
+    try:
+        standby = engine._standby
+        runs = [engine.runForward([case["volume"]], case["segmentation"], case["seg_id"]) for _ in range(2)]
+        assert all(node is not None for node in runs) and engine._standby is standby and standby.jobs == 2
+        fake_child.setenv("IBIX_FAKE", "hang")
+        run = engine.startForward([case["volume"]], case["segmentation"], case["seg_id"], poll=False)
+        assert run.standby is standby and engine._standby is None
+        run.cancel()
+        jobs.wait(run)
+        assert engine._standby is None and standby.process._proc.poll() is not None
+        engine._prestartTimer.fire()  # a new engine process once the run's end is drawn
+        assert engine._standby is not None and engine._standby is not standby
+    finally:
+        engine.stopStandby()
+
+
+def test_a_standby_waits_for_its_next_job_until_its_idle_limit(tmp_path, monkeypatch):
+    from IBIXLib import child
+
+    path = tmp_path / "job.json"
+    monkeypatch.setattr(child, "IDLE_LIMIT", 0.05)
+    assert child.next_job(str(path)) is None
+    path.write_text('{"job": 3, "arguments": ["forward", "--n-jitters", 2]}')
+    assert child.next_job(str(path)) == (3, ["forward", "--n-jitters", "2"]) and not path.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # The real child: child.py's cancel watchdog behind a launcher process, and the model probe
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -352,12 +460,13 @@ def test_a_child_reaped_after_its_output_closed_is_still_seen_to_end(case, fake_
 
 
 def test_polling_never_waits_for_the_child():
-    """poll(), start() and cancel() of the runner call nothing that waits (wait, join, communicate, sleep)."""
+    """poll(), start(), cancel() and a standby's take() and serve() call nothing that waits (wait, join,
+    communicate, sleep)."""
     import ast
     import inspect
 
-    main_thread = {"poll", "start", "cancel", "_take", "_final_state", "_read", "_add", "_end"}
-    for cls in (jobs.Process, jobs.Run, jobs.Probe):
+    main_thread = {"poll", "start", "cancel", "take", "serve", "_take", "_final_state", "_read", "_add", "_end"}
+    for cls in (jobs.Process, jobs.StandbyJob, jobs.Standby, jobs.Run, jobs.Probe):
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         for function in ast.walk(tree):
             if not (isinstance(function, ast.FunctionDef) and function.name in main_thread):

@@ -173,22 +173,66 @@ def test_2d_model_when_the_axial_axis_is_the_arrays_last_axis(slicer_app, tmp_pa
     np.testing.assert_allclose(_peak_ras(node), expected, atol=1e-4)
 
 
-def test_a_standby_engine_process_runs_the_next_job_and_ends_when_stopped(scene_case):
-    """The module keeps an engine process started for the next run: same result as a fresh process; one that
-    is not needed ends when stopped (its watchdog sees the cancel file)."""
-    model_path = conv_model(scene_case["tmp"])
-    request = mrml.prepare_request("forward", ["T1"], [scene_case["volume"]], scene_case["segmentation"],
-                                   scene_case["seg_id"], n_jitters=3)
+def test_a_standby_engine_process_serves_runs_one_after_the_other_with_the_maps_of_a_new_process(slicer_app,
+                                                                                               tmp_path):
+    """The module keeps one engine process for its runs: each run's map is bit for bit the map of a new process
+    (forward and backward, the same model and another), although the process keeps what it measured (a second
+    forward map takes the cached response radius and skips the probes); one that is not needed ends when stopped."""
+    import onnx_models
+
+    from conftest_slicer import card
+
+    autoencoder_card = card("autoencoder (test)")
+    autoencoder_card["input"]["multiple_of"] = 2
+    autoencoder = onnx_models.save(onnx_models.small_autoencoder(), tmp_path, "cae", autoencoder_card)
+    convolution = conv_model(tmp_path)
+    shape = (3, 128, 112)  # slices large enough for the probes to pay for themselves
+    array = np.random.default_rng(4).uniform(1, 2, shape).astype(np.float32)
+    volume = slicer.util.addVolumeFromArray(array, _ijk_to_ras(LEFT_HANDED, SPACING, ORIGIN), name="T1")
+    segmentation = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segments = {}
+    for name, box in (("A", np.s_[:, 30:34, 30:34]), ("B", np.s_[:, 70:74, 60:66]), ("out", np.s_[1, 20:26, 40:46])):
+        mask = np.zeros(shape, np.uint8)
+        mask[box] = 1
+        segments[name] = segmentation.GetSegmentation().AddEmptySegment("", name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segments[name], volume)
+
+    def request(kind, segment, **params):
+        return mrml.prepare_request(kind, ["T1"], [volume], segmentation, segments[segment],
+                                    display="signed" if kind == "forward" else "normalized", **params)
+
+    def run(model, kind, segment, standby=None, **params):
+        started = jobs.Run(request(kind, segment, **params), str(model), "cpu", python=sys.executable).start(standby)
+        assert jobs.wait(started) == jobs.FINISHED, started.error
+        assert not os.path.exists(started.folder)
+        return started, slicer.util.arrayFromVolume(started.node).copy()
+
     standby = jobs.Standby("cpu", python=sys.executable)
-    run = jobs.Run(request, str(model_path), "cpu", python=sys.executable).start(standby)
-    assert run.process is standby.process and run.folder == standby.folder
-    jobs.wait(run)
-    assert run.state == jobs.FINISHED, run.error
-    fresh = _run("forward", model_path, [scene_case["volume"]], scene_case["segmentation"], scene_case["seg_id"],
-                 n_jitters=3)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(run.node), slicer.util.arrayFromVolume(fresh.node))
-    assert not os.path.exists(standby.folder)
-    idle = jobs.Standby("cpu", python=sys.executable)
-    idle.stop()
-    jobs.wait(idle.process)
-    assert idle.process.state == jobs.CANCELLED and not os.path.exists(idle.folder)
+    pid = standby.process._proc.pid
+    jobs_in_order = [(autoencoder, "forward", "A", dict(n_jitters=4)), (autoencoder, "forward", "B", dict(n_jitters=4)),
+                     (autoencoder, "backward", "out", dict(n_blocks=40, n_jitters=2)),
+                     (convolution, "forward", "B", dict(n_jitters=4)), (autoencoder, "forward", "B", dict(n_jitters=4))]
+    served = []
+    for model, kind, segment, params in jobs_in_order:
+        served.append(run(model, kind, segment, standby, **params))
+        assert served[-1][0].standby is standby and standby.take() is standby
+    assert standby.process._proc.pid == pid and standby.jobs == 5
+    fresh = {}
+    for i in (1, 2, 3):  # the same jobs, each in a new process
+        model, kind, segment, params = jobs_in_order[i]
+        fresh[i], expected = run(model, kind, segment, **params)
+        assert fresh[i].standby is None
+        np.testing.assert_array_equal(served[i][1], expected)  # bit for bit
+    np.testing.assert_array_equal(served[4][1], served[1][1])  # after another model: the same map again
+    first, second, new = (run.summary["forward"] for run in (served[0][0], served[1][0], fresh[1]))
+    assert first["path"]["radius_source"] == new["path"]["radius_source"] == "measured"
+    assert second["path"]["radius_source"] == "cached" and second["response_radius"]["evaluations"] == 0
+    assert second["evaluations"] == new["evaluations"] - new["response_radius"]["evaluations"] < new["evaluations"]
+    assert second["response_radius"]["radius"] == new["response_radius"]["radius"]
+    backward = [run.summary["backward"]["path"]["radius_source"] for run in (served[2][0], fresh[2])]
+    assert backward == ["cached", "measured"]  # the forward maps' radius: the same blocks, the same B
+    assert served[0][0].summary["timings"]["start_up"] == 0.0  # the process was up before the job
+    standby.stop()
+    jobs.wait(standby.process)
+    assert standby.process.state == jobs.CANCELLED and not os.path.exists(standby.folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 import time
 import types
@@ -311,6 +312,7 @@ def test_run_progress_and_finish(ibix, case, fake_child):
     widget = _loaded(ibix, case)
     p = widget._parameterNode
     p.inputVolume0, p.inputSegmentation, p.inputSegmentId = case["volume"], case["seg"], case["sid"]
+    fake_child.setenv("IBIX_FAKE", "pause")  # the engine waits after its progress until the test has seen it
     widget.ui.runForwardButton.emit("clicked(bool)", True)
     busy = _buttons(widget)
     assert busy == {"loadModelButton": False, "generateOutputButton": False, "runForwardButton": False,
@@ -319,6 +321,8 @@ def test_run_progress_and_finish(ibix, case, fake_child):
     while widget.controller.job is not None:
         widget.controller.timer.fire()
         seen.append((widget.ui.progressBar.value, widget.ui.progressBar.maximum))
+        if seen[-1] == (2, 3):
+            open(os.path.join(widget.controller.job.folder, "go-on"), "w").close()
         time.sleep(0.01)
     assert (2, 3) in seen  # the child's progress reached the bar
     assert p.resultVolume is not None and p.resultVolume.GetAttribute("IBIX.kind") == "forward"

@@ -4,16 +4,16 @@ Usage::
 
     PythonSlicer child.py --job-folder DIR [--device auto|cpu|cuda] -- <ibix command line arguments>
     PythonSlicer child.py --job-folder DIR [--device ...] -- probe --model MODEL.onnx
-    PythonSlicer child.py --job-folder DIR [--device ...] -- wait
+    PythonSlicer child.py --job-folder DIR [--device ...] -- serve
     PythonSlicer child.py --job-folder DIR [--device ...] -- runtime [--path DIR]
 
 It runs the ``ibix`` command line (``IBIXLogic.cli.main``) with the given arguments, or ``probe``: load the model
 and print one JSON line ``{"stage": "finished", "model": {...}}`` with its card, device and the ONNX Runtime
-provider that really runs it, or ``wait``: a standby process that imports the engine and ONNX Runtime at once,
-then waits for ``<job folder>/job.json`` (the ``ibix`` arguments, a JSON list) and runs it, so that a run does not
-wait for Python to start (it ends by itself after ``IDLE_LIMIT`` seconds without a job), or ``runtime``: import
-ONNX Runtime (from ``--path`` first, where an install stages a new build) and print ``{"stage": "finished",
-"runtime": {"version", "file", "providers"}}``. Three things are done here rather than in the command line:
+provider that really runs it, or ``serve``: a standby engine process that imports the engine and ONNX Runtime at
+once and then runs jobs one after the other (see :func:`serve`), so that a run neither waits for Python to start
+nor loads its model again, or ``runtime``: import ONNX Runtime (from ``--path`` first, where an install stages a new
+build) and print ``{"stage": "finished", "runtime": {"version", "file", "providers"}}``. Three things are done here
+rather than in the command line:
 
 * A watchdog thread ends this process at once when ``<job folder>/cancel`` appears, the job folder is removed, or
   the process given as ``--parent-pid`` (3D Slicer) has ended. On some platforms ``PythonSlicer`` is a launcher
@@ -22,16 +22,19 @@ ONNX Runtime (from ``--path`` first, where an install stages a new build) and pr
 * With the GPU build of ONNX Runtime, ``onnxruntime.preload_dlls()`` loads the CUDA and cuDNN libraries that the
   ``onnxruntime-gpu[cuda,cudnn]`` wheels installed, before any session is created (Slicer ships neither).
 * Once the command returned (its files written, its final record printed), the process ends at once
-  (:func:`exit_now`): the module reads the result when the process has ended.
+  (:func:`exit_now`): the module reads the result when the process has ended, or, in a standby process, when the
+  job's end-of-job record has arrived.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import threading
 import time
+import warnings
 
 #: Seconds between two looks of the watchdog at the job folder.
 WATCH_INTERVAL = 0.05
@@ -39,11 +42,14 @@ WATCH_INTERVAL = 0.05
 #: Exit code of a cancelled run (as ``ibix`` after an interrupt).
 CANCELLED = 130
 
-#: Seconds a standby process waits for a job before it ends by itself.
+#: Seconds a standby process waits for its next job before it ends by itself.
 IDLE_LIMIT = 900.0
 
-#: Seconds between two looks of a standby process for its job.
+#: Seconds between two looks of a standby process for its next job.
 JOB_INTERVAL = 0.01
+
+#: The stage of the line that ends each job of a standby process, after everything the job printed.
+JOB_ENDED = "job-ended"
 
 
 def process_gone(pid: int):
@@ -148,23 +154,53 @@ def runtime_info() -> int:
     return 0
 
 
-def wait_for_job(folder: str) -> list[str] | None:
-    """A standby process's job: the ``ibix`` arguments written to ``folder/job.json``, or None after IDLE_LIMIT."""
+def serve(folder: str) -> int:
+    """A standby engine process: run the jobs handed to it in ``folder`` one after the other; 0 once none came for
+    IDLE_LIMIT seconds.
+
+    A job is ``folder/job.json``, ``{"job": <number>, "arguments": [<ibix arguments>]}`` (written whole, renamed into
+    place); it is removed when the job starts. The job runs ``ibix <arguments>``: its records and files are the
+    command line's own, in the job's folder that its arguments name. After everything the job printed comes one
+    more line, ``{"stage": "job-ended", "job": <number>, "code": <its exit code>}``. What the next job finds is the
+    engine's in-process caches, each bounded: ONNX Runtime sessions, measured response radii, cut supervoxel chunks
+    (keyed by what they depend on, so a map is the same as in a new process). Nothing else of a job stays: its
+    warnings filters and their shown-once registries are reset, the command line removes its log handler, and
+    unreachable objects are collected. A job that raises instead of returning ends the process (a crash).
+    """
     import IBIXLogic.backward  # noqa: F401  (the imports a run needs, done while waiting)
-    import IBIXLogic.cli  # noqa: F401
+    import IBIXLogic.cli
     import IBIXLogic.forward  # noqa: F401
     try:
+        import jsonschema  # noqa: F401  (the card's check)
         import onnxruntime  # noqa: F401
     except ImportError:  # the run reports it
         pass
+    IBIXLogic.cli.build_parser()  # and what the command line's parser imports
     path = os.path.join(folder, "job.json")
+    while True:
+        job = next_job(path)
+        if job is None:
+            return 0
+        number, arguments = job
+        with warnings.catch_warnings():  # a warning shown once by a job is shown again by the next
+            code = IBIXLogic.cli.main(arguments, start_up=0.0)  # the process was up before the job
+        sys.stderr.flush()
+        print(json.dumps({"stage": JOB_ENDED, "job": number, "code": int(code or 0)}), flush=True)
+        gc.collect()  # while the module reads the result
+
+
+def next_job(path: str) -> tuple[int, list[str]] | None:
+    """A standby process's next job from ``path``: (number, ``ibix`` arguments), the file removed once read; None
+    after IDLE_LIMIT seconds without one."""
     end = time.monotonic() + IDLE_LIMIT
     while not os.path.exists(path):
         if time.monotonic() > end:
             return None
         time.sleep(JOB_INTERVAL)
     with open(path, encoding="utf-8") as f:
-        return [str(a) for a in json.load(f)]
+        job = json.load(f)
+    os.remove(path)
+    return int(job["job"]), [str(a) for a in job["arguments"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         sub = argparse.ArgumentParser(prog="child.py probe")
         sub.add_argument("--model", required=True)
         return probe(sub.parse_args(rest[1:]).model, args.device)
-    if rest == ["wait"]:
-        rest = wait_for_job(args.job_folder)
-        if rest is None:
-            return 0
+    if rest == ["serve"]:
+        return serve(args.job_folder)
     from IBIXLogic.cli import main as ibix
 
     return ibix(rest)

@@ -9,7 +9,7 @@ only writes the inputs, polls, and loads the results.
 * :class:`Process` - one child speaking the JSON-lines protocol of ``ibix ... --progress-format jsonl``
   (``{"stage", "done", "total"}`` lines, then ``{"stage": "finished", "files", "summary"}`` or
   ``{"stage": "failed", "error"}``). A daemon thread reads the child's output into a queue; :meth:`Process.poll`
-  (called by a timer on the main thread) drains it without ever waiting.
+  (called by a timer on the main thread) drains it without ever waiting. Its job ends when the child ends.
 * :class:`Run` - one module run: writes the inputs of a :class:`IBIXLib.scene.Request` (NRRD files with their
   geometry) to a temporary folder, starts ``ibix predict|forward|backward`` there, reports progress, and on
   success adds the result node; on failure, crash or cancel the scene is left as it was. The folder is removed
@@ -21,7 +21,11 @@ only writes the inputs, polls, and loads the results.
 * :func:`probe_model` - loads a model in a child (the provider that really runs it, without creating an ONNX
   Runtime session or calling ``nvidia-smi`` on the main thread).
 * :class:`Standby` - an engine process started ahead of time (Python started, engine and ONNX Runtime imported)
-  that the next run takes, so that a run does not wait for the child's start-up.
+  that runs the module's jobs one after the other, so that a run neither waits for the child's start-up nor loads
+  its model again, and the engine's caches (ONNX Runtime sessions, measured response radii, cut supervoxels) carry
+  over from run to run. Each job (:class:`StandbyJob`, with the states of a :class:`Process`) has its own folder
+  and its own records, and ends at the ``{"stage": "job-ended"}`` line the process prints after its final record;
+  the process goes on. A cancel ends the process (the module starts a new standby); so does a crash.
 * :func:`wait` - the synchronous form for the Python console (polls until the run ends).
 
 The way the child is started is one injectable function (a *launcher*), ``slicer.util.launchConsoleProcess`` in
@@ -69,6 +73,8 @@ FINISHED_CODES = (0, 3)
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
 #: The stage of the JSON-lines record that carries a run's estimate.
 ESTIMATE = "estimate"
+#: The stage of the line that ends each job of a standby process (IBIXLib/child.py), after the job's final record.
+JOB_ENDED = "job-ended"
 
 
 def engine_path() -> str:
@@ -132,6 +138,15 @@ class Process:
                  environment: dict | None = None):
         self.args = list(args)
         self.folder = folder
+        self._begin()
+        self._lines: queue.Queue = queue.Queue()
+        environment = {"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(environment or {})}
+        self._proc = (launcher or default_launcher())(self.args, environment)
+        self._reader = threading.Thread(target=self._read, name="IBIX child output", daemon=True)
+        self._reader.start()
+
+    def _begin(self) -> None:
+        """The state of a job that has just started."""
         self.state = RUNNING
         self.progress: tuple[int, int, str] = (0, 1, "starting")
         self.record: dict | None = None          # the final "finished" or "failed" record
@@ -139,13 +154,9 @@ class Process:
         self.record_at: float | None = None      # when its line arrived (time.perf_counter)
         self.returncode: int | None = None
         self.tail: list[str] = []                # the child's other output (human messages, tracebacks)
-        self._lines: queue.Queue = queue.Queue()
         self._cancelled = False
         self._closed = False                     # the child's output ended (it may not be reaped yet)
-        environment = {"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", **(environment or {})}
-        self._proc = (launcher or default_launcher())(self.args, environment)
-        self._reader = threading.Thread(target=self._read, name="IBIX child output", daemon=True)
-        self._reader.start()
+        self._ended: int | None = None           # a standby job's exit code, from its job-ended line
 
     def _read(self) -> None:
         """Reader thread: every output line (with the time it arrived) into the queue, then None once the pipe
@@ -177,7 +188,7 @@ class Process:
         """Take what the child printed since the last call (main thread, never waits); returns the state."""
         if self.done:
             return self.state
-        while not self._closed:
+        while not self._closed and self._ended is None:  # nothing after a job's end is the job's
             try:
                 line = self._lines.get_nowait()
             except queue.Empty:
@@ -189,22 +200,21 @@ class Process:
                 self._take(line)
                 if self.record is not None and self.record_at is None:
                     self.record_at = arrived
-        if self._closed or self._cancelled:
+        if self._ended is not None and not self._cancelled:  # a standby's job ended; its process goes on
+            self.returncode = self._ended
+        elif self._closed or self._cancelled:
             returncode = self._proc.poll()
             if returncode is None:
                 return self.state  # output closed but not yet reaped: next poll
             self.returncode = returncode
-            self.state = self._final_state()
+        else:
+            return self.state
+        self.state = self._final_state()
         return self.state
 
     def _take(self, line: str) -> None:
-        record = None
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-        if not isinstance(record, dict) or "stage" not in record:
+        record = _decode(line)
+        if record is None:
             self.tail = (self.tail + [line])[-TAIL_LINES:]
             return
         stage = str(record["stage"])
@@ -251,6 +261,17 @@ class Process:
             return _("the IBIX engine process stopped unexpectedly (exit code {code}); the scene was not changed. "
                      "Its last output:\n{output}").format(code=self.returncode, output=last)
         return ""
+
+
+def _decode(line: str) -> dict | None:
+    """The JSON-lines record of an output line, or None for any other line (a human message, a traceback)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "stage" in record else None
 
 
 def wait(job, idle: Callable[[], None] | None = None, interval: float = WAIT_INTERVAL) -> str:
@@ -322,34 +343,89 @@ class Probe:
 # ------------------------------------------------------------------------------------------------------------------
 
 class Standby:
-    """An engine process started ahead of time; it waits for a job (``job.json`` in its folder).
+    """An engine process started ahead of time (``child.py serve``) that runs jobs one after the other.
 
-    :meth:`take` hands it to a run (or None where it ended meanwhile); :meth:`stop` ends it (its watchdog sees
-    the cancel file). A standby nobody takes ends by itself after ``child.IDLE_LIMIT`` seconds.
+    :meth:`take` says whether it can run a job now (its process goes on and no job of it is in flight: one job at
+    a time, a busy standby is never handed a second; one whose process ended is cleaned up); :meth:`serve` hands it
+    the next job and returns the job's :class:`StandbyJob`. Its folder holds only the hand-over file
+    (``job.json``) and the cancel file its watchdog obeys; each job's inputs and outputs are in the job's own
+    folder. :meth:`stop` ends it. A standby that gets no job ends by itself after ``child.IDLE_LIMIT`` seconds.
     """
 
     def __init__(self, device: str = "auto", launcher: Launcher | None = None, python: str | None = None):
         self.device, self.launcher, self.python = device, launcher, python
-        self.folder = tempfile.mkdtemp(prefix="IBIX-run-")
+        self.folder = tempfile.mkdtemp(prefix="IBIX-engine-")
         try:
-            self.process = Process(child_command(self.folder, device, ["wait"], python), self.folder, launcher)
+            self.process = Process(child_command(self.folder, device, ["serve"], python), self.folder, launcher)
         except BaseException:
             remove_folder(self.folder)
             raise
+        self.job: StandbyJob | None = None       # the job handed last
+        self.jobs = 0                            # jobs handed so far
+        self.stopped = False
 
     def matches(self, device: str, launcher: Launcher | None, python: str | None) -> bool:
         return (device, launcher, python) == (self.device, self.launcher, self.python)
 
+    @property
+    def busy(self) -> bool:
+        """A job of it is in flight (until its job-ended line, or the process's end, has been polled)."""
+        return self.job is not None and not self.job.done
+
     def take(self) -> "Standby | None":
-        """This standby for one run, if its process still waits; else it is cleaned up and None returned."""
+        """This standby for the next job, if its process goes on and is not busy; else None (one whose process
+        ended is cleaned up). Between jobs its process's stray output goes to its own tail, never to a job."""
+        if self.busy or self.stopped:
+            return None
         if self.process.poll() == RUNNING:
             return self
         self.stop()
         return None
 
+    def serve(self, arguments: Sequence[str]) -> "StandbyJob":
+        """Hand this standby (see :meth:`take`) the job ``ibix <arguments>``; returns the job."""
+        if self.busy or self.stopped:
+            raise RuntimeError("this engine process is running a job or was stopped; see Standby.take")
+        self.jobs += 1
+        job = StandbyJob(self, self.jobs)
+        path = os.path.join(self.folder, "job.json")
+        with open(path + ".partial", "w", encoding="utf-8") as f:
+            json.dump({"job": job.number, "arguments": [str(a) for a in arguments]}, f)
+        os.replace(path + ".partial", path)  # the process reads it whole or not at all
+        self.job = job
+        return job
+
     def stop(self) -> None:
+        self.stopped = True
         self.process.cancel()
         remove_folder(self.folder)
+
+
+class StandbyJob(Process):
+    """One job of a :class:`Standby`: its process's output from the hand-over to the job's ``job-ended`` line, with
+    the states and records of a :class:`Process` whose child ended with the job's exit code. The process goes on
+    for the next job; :meth:`cancel` ends it (a new standby takes its place), and a process that ends within the
+    job is the job's crash. ``folder`` is the standby's (its watchdog's cancel file), not the job's."""
+
+    def __init__(self, standby: Standby, number: int):
+        self.standby, self.number = standby, number
+        self.args, self.folder = standby.process.args, standby.folder
+        self._proc, self._lines = standby.process._proc, standby.process._lines
+        self._begin()
+
+    def _take(self, line: str) -> None:
+        record = _decode(line)
+        if record is not None and record["stage"] == JOB_ENDED and record.get("job") == self.number:
+            self._ended = int(record.get("code", 1))
+        else:
+            super()._take(line)
+
+    def poll(self) -> str:
+        running = not self.done
+        state = super().poll()
+        if running and self.done and (self._cancelled or self._ended is None):
+            self.standby.stop()  # cancelled, or the process ended within the job: it serves no other job
+        return state
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -479,6 +555,9 @@ class Run(_Job):
         The engine's estimate, once it arrived: ``evaluations`` (model evaluations of the whole run), ``seconds``
         (predicted time), ``advice`` (what would cut it, in words), ``note`` (what it leaves out, or None),
         ``device``, ``work`` and ``brute_force`` (model work in whole samples).
+    standby : Standby or None
+        The standby engine process that ran the job (None: a new process ran it and ended with it). It is free
+        for another job once this one ended, unless the job was cancelled or its process ended.
     """
 
     def __init__(self, request: scene.Request, model_path: str, device: str = "auto", display: dict | None = None,
@@ -498,6 +577,7 @@ class Run(_Job):
         self.python = python
         self.folder: str | None = None
         self.process: Process | None = None
+        self.standby: Standby | None = None      # the standby engine process that runs this job, if one does
         self.state = "idle"
         self.node = None
         self.summary: dict | None = None
@@ -528,7 +608,9 @@ class Run(_Job):
         return self.state == RUNNING and (self._result is not None or self.process.record is not None)
 
     def start(self, standby: Standby | None = None) -> "Run":
-        """Write the inputs and start the child, or hand the job to ``standby`` (main thread; returns at once)."""
+        """Write the inputs to a new job folder and start a child there, or hand the job to ``standby`` where it is
+        free and started the same way (device, launcher, Python); one that is not is stopped (main thread; returns
+        at once)."""
         if self.state != "idle":
             raise ibx.InputError("this run was already started: make a new one")
         self._started = time.perf_counter()
@@ -536,7 +618,7 @@ class Run(_Job):
             standby.stop()
             standby = None
         standby = standby.take() if standby is not None else None
-        self.folder = standby.folder if standby is not None else tempfile.mkdtemp(prefix="IBIX-run-")
+        self.folder = tempfile.mkdtemp(prefix="IBIX-run-")
         try:
             inputs = []
             for i, array in enumerate(self.request.arrays):
@@ -549,19 +631,14 @@ class Run(_Job):
             if self.estimate_only:
                 arguments.append("--estimate")
             if standby is not None:
-                job = os.path.join(self.folder, "job.json")
-                with open(job + ".partial", "w", encoding="utf-8") as f:
-                    json.dump(arguments, f)
-                os.replace(job + ".partial", job)  # the standby reads it whole or not at all
-                self.process = standby.process
+                self.process = standby.serve(arguments)
             else:
                 self.process = Process(child_command(self.folder, self.device, arguments, self.python), self.folder,
                                        self.launcher)
-        except BaseException:
-            if standby is not None:
-                standby.process.cancel()
+        except BaseException:  # refused before it ran: a standby stays free for the next run
             remove_folder(self.folder)
             raise
+        self.standby = standby
         self.state = RUNNING
         self.timings = {"started": self._started, "handed": time.perf_counter()}  # inputs written, child has the job
         return self
@@ -569,8 +646,9 @@ class Run(_Job):
     def poll(self) -> str:
         """Progress and completion (main thread, never waits); returns the state.
 
-        ``timings`` gets ``exited`` (the child's end was seen), ``engine_finished`` (its final record arrived) and
-        ``added`` (the result node is in the scene) as they happen.
+        ``timings`` gets ``exited`` (the job's end was seen: the child's, or a standby's job-ended line),
+        ``engine_finished`` (its final record arrived) and ``added`` (the result node is in the scene) as they
+        happen.
 
         A finished child's result is read, and put into the scene at the same poll when the read was quick, else at
         the next one, so that no single step holds the main thread long.

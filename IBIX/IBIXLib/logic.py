@@ -16,8 +16,9 @@ from . import tr as _
 #: Milliseconds between two polls of a running engine process (a poll costs well under a millisecond).
 POLL_INTERVAL_MS = 50
 
-#: Milliseconds from a run's end to the start of the next run's engine process: its start-up takes a CPU core for
-#: about a second, and the run's result is drawn first.
+#: Milliseconds from a run's end to the start of a new engine process for the next run, where the run's own cannot
+#: serve it (cancelled, crashed): its start-up takes a CPU core for about a second, and the run's result is drawn
+#: first.
 PRESTART_DELAY_MS = 500
 
 #: Runtime choices (the module's runtime selector order) -> dependencies runtime and engine device.
@@ -54,7 +55,8 @@ class Logic:
         self.launcher = launcher     # how engine processes start (default: slicer.util.launchConsoleProcess)
         self.python = python         # and with which Python (default: PythonSlicer)
         self.timerFactory = timerFactory  # makes Qt-like timers for runs polled in the background (qt.QTimer)
-        self.prestart = True         # keep an engine process started for the next run (hides its start-up)
+        self.prestart = True         # keep an engine process started for the next runs (hides its start-up, keeps
+        #                              the engine's caches: the loaded model, measured response radii)
         self._standby = None
         self._prestartTimer = None
         self._pollers = []
@@ -63,10 +65,12 @@ class Logic:
 
     # --- dependencies and model ------------------------------------------------------------------------------
 
-    @staticmethod
-    def ensureDependencies(runtime="cpu", prompt=True):
+    def ensureDependencies(self, runtime="cpu", prompt=True):
         """Install what ``runtime`` ("cpu" or "gpu") needs, after asking; "ready", "installed" or "skipped"."""
-        return dependencies.ensure(runtime, prompt=prompt)
+        result = dependencies.ensure(runtime, prompt=prompt)
+        if result == "installed":  # the engine process kept for the next run imported the packages as they were
+            self.stopStandby()
+        return result
 
     @staticmethod
     def device(runtime):
@@ -86,9 +90,27 @@ class Logic:
         return self.modelInfo
 
     def _prestart(self):
-        """Start the engine process of the next run now (Python and the engine's imports take ~0.5 s)."""
+        """Start the engine process of the next runs now (Python and the engine's imports take ~0.5 s), unless the
+        one kept is started the same way (another runtime chosen: a new one)."""
+        if self._standby is not None and not self._standby.matches(self.device(self.runtime), self.launcher,
+                                                                   self.python):
+            self.stopStandby()
         if self.prestart and self._standby is None and self.modelInfo is not None:
             self._standby = jobs.Standby(self.device(self.runtime), self.launcher, self.python)
+
+    def _keep(self, standby):
+        """After a run: keep its engine process for the next runs where it can serve them (it goes on, is free and
+        started the same way; one is kept at most), else start a new one later."""
+        device = self.device(self.runtime)
+        if standby is not None and (not self.prestart or self._standby is not None
+                                    or not standby.matches(device, self.launcher, self.python)):
+            standby.stop()
+        elif standby is not None and standby.take() is not None:
+            if self._prestartTimer is not None:
+                self._prestartTimer.stop()
+            self._standby = standby
+            return
+        self._prestartLater()
 
     def _prestartLater(self):
         """:meth:`_prestart` after PRESTART_DELAY_MS (at once without a timer factory)."""
@@ -155,8 +177,8 @@ class Logic:
             try:
                 if onDone is not None:
                     onDone(run)
-            finally:  # the next run's engine process once this run's result is drawn
-                self._prestartLater()
+            finally:  # the engine process of the next runs: this run's, or a new one once its result is drawn
+                self._keep(run.standby)
 
         if self._prestartTimer is not None:  # this run ends with its own (no start-up beside its engine)
             self._prestartTimer.stop()
@@ -166,8 +188,8 @@ class Logic:
                                      python=self.python, **runOptions)
         try:
             run.start(standby)
-        except Exception:  # refused before it ran (the standby was used up): keep one for the next run
-            self._prestart()
+        except Exception:  # refused before it ran: its engine process serves the next run
+            self._keep(standby)
             raise
         if poll:
             self._poll(run)

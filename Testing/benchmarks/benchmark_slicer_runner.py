@@ -1,6 +1,6 @@
 """Benchmark of the Slicer module's process runner against ``ibix forward`` on the shipped T1 demo.
 
-Three times, each the best of REPEATS runs (shared CPUs change speed from second to second):
+Each time the best of REPEATS interleaved runs (shared CPUs change speed from second to second):
 
 * ``ibix forward``: the command line in its own process, as a user would run it (wall time, start-up included),
   and the time it reports for its own work (``seconds_total`` of its summary.json, start-up excluded);
@@ -9,9 +9,12 @@ Three times, each the best of REPEATS runs (shared CPUs change speed from second
   Runtime (``python -c "import ..."``);
 * runner: what the module does on "Run forward", from reading the scene (the T1 volume and the input-mask segment
   on a real MRML scene from slicer-core) to the map node in the scene, polled every 50 ms as the GUI's timer does:
-  cold (a new engine process) and warm (the standby process the module keeps started between runs).
+  cold (a new engine process), the first map in the standby engine process the module keeps started (what every
+  map cost while that process served one run and was replaced), and the second map in that same process (the
+  model loaded and its response radius measured by the first: the probes are gone, ``radius_source: cached``),
+  with the model evaluations of each.
 
-The acceptance of issue 11 reads: runner <= ibix forward (own work) + start-up + 10 % of ibix forward (own work).
+The criterion: runner <= ibix forward (own work) + start-up + 10 % of ibix forward (own work).
 The script also reports the longest main-thread step of the runner (writing the inputs, each poll, loading the
 result), which must stay under 0.2 s. Not part of the test suite.
 
@@ -78,16 +81,12 @@ def scene_case():
     return app, volume, segmentation, segment
 
 
-def time_runner(case, n_jitters: int, warm: bool) -> tuple[float, float]:
-    """(Run -> map in the scene, longest main-thread step), polled every POLL_MS like the module; ``warm``: with
-    a standby engine process started (and given time to import) before "Run"."""
+def time_runner(case, n_jitters: int, standby=None) -> tuple[float, float, dict]:
+    """(Run -> map in the scene, longest main-thread step, the map's summary section), polled every POLL_MS like
+    the module; with ``standby``, the run is handed to that engine process."""
     from IBIXLib import jobs, scene
 
     app, volume, segmentation, segment = case
-    standby = None
-    if warm:
-        standby = jobs.Standby("cpu", python=sys.executable)
-        time.sleep(3.0)  # the user paints, looks, ... meanwhile the standby starts
     started = time.perf_counter()
     request = scene.prepare_request("forward", ["T1"], [volume], segmentation, segment, n_jitters=n_jitters)
     run = jobs.Run(request, str(MODEL), "cpu", python=sys.executable).start(standby)
@@ -101,7 +100,7 @@ def time_runner(case, n_jitters: int, warm: bool) -> tuple[float, float]:
     if run.state != jobs.FINISHED:
         raise SystemExit(f"runner: {run.state}: {run.error}")
     app.scene.RemoveNode(run.node)
-    return total, longest
+    return total, longest, run.summary["forward"]
 
 
 def main() -> int:
@@ -110,38 +109,62 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    from IBIXLib import jobs
+
     case = scene_case()
-    cli, own, outside, imports, runner, warm, step = [], [], [], [], [], [], []
+    cli, own, outside, imports, runner, warm, second, step, maps = [], [], [], [], [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so that a slow second hits every side alike
         wall, seconds = time_cli(args.n_jitters)
         cli.append(wall)
         own.append(seconds)
         outside.append(wall - seconds)
         imports.append(time_startup())
-        total, longest = time_runner(case, args.n_jitters, warm=False)
+        total, longest, _ = time_runner(case, args.n_jitters)
         runner.append(total)
         step.append(longest)
-        total, longest = time_runner(case, args.n_jitters, warm=True)
-        warm.append(total)
-        step.append(longest)
+        standby = jobs.Standby("cpu", python=sys.executable)
+        try:
+            time.sleep(3.0)  # the user paints, looks, ... meanwhile the standby starts
+            total, longest, first_map = time_runner(case, args.n_jitters, standby)
+            warm.append(total)
+            step.append(longest)
+            time.sleep(1.0)  # the user looks at the map, paints again
+            total, longest, second_map = time_runner(case, args.n_jitters, standby)
+            second.append(total)
+            step.append(longest)
+            maps.append((first_map, second_map))
+        finally:
+            standby.stop()
     result = {"n_jitters": args.n_jitters, "repeats": args.repeats, "ibix_forward_wall_s": min(cli),
               "ibix_forward_own_s": min(own), "child_startup_s": min(outside), "bare_imports_s": min(imports),
-              "runner_s": min(runner), "runner_warm_s": min(warm),
+              "runner_s": min(runner), "runner_warm_s": min(warm), "runner_second_map_s": min(second),
               "runner_longest_main_thread_step_s": max(step)}
+    for i, which in enumerate(("first_map", "second_map")):  # the same counts in every repeat
+        found = maps[-1][i]
+        result[which] = {"evaluations": found["evaluations"], "radius_source": found["path"]["radius_source"],
+                         "probe_evaluations": found["response_radius"]["evaluations"],
+                         "mapping_s": min(pair[i]["seconds"] for pair in maps)}
     allowed = result["ibix_forward_own_s"] * 1.10 + result["child_startup_s"]
     result["allowed_s"] = allowed
     result["within"] = result["runner_s"] <= allowed
     result["within_warm"] = result["runner_warm_s"] <= allowed
-    print(f"ibix forward (own process, wall)      {result['ibix_forward_wall_s']:6.2f} s")
-    print(f"ibix forward (its own work)           {result['ibix_forward_own_s']:6.2f} s")
-    print(f"child start-up (wall - own work)      {result['child_startup_s']:6.2f} s")
-    print(f"  of which bare imports               {result['bare_imports_s']:6.2f} s")
-    print(f"allowed: own work x 1.10 + start-up   {allowed:6.2f} s")
-    print(f"runner, new process: Run -> map       {result['runner_s']:6.2f} s   "
-          f"({'within' if result['within'] else 'NOT within'})")
-    print(f"runner, standby process: Run -> map   {result['runner_warm_s']:6.2f} s   "
-          f"({'within' if result['within_warm'] else 'NOT within'})")
-    print(f"runner: longest main-thread step      {result['runner_longest_main_thread_step_s']:6.3f} s")
+    result["within_second"] = result["runner_second_map_s"] <= allowed
+    lines = [("ibix forward (own process, wall)", result["ibix_forward_wall_s"], ""),
+             ("ibix forward (its own work)", result["ibix_forward_own_s"], ""),
+             ("child start-up (wall - own work)", result["child_startup_s"], ""),
+             ("  of which bare imports", result["bare_imports_s"], ""),
+             ("allowed: own work x 1.10 + start-up", allowed, ""),
+             ("runner, new process: Run -> map", result["runner_s"], result["within"]),
+             ("runner, standby, first map: Run -> map", result["runner_warm_s"], result["within_warm"]),
+             ("runner, standby, second map: Run -> map", result["runner_second_map_s"], result["within_second"])]
+    for label, seconds, within in lines:
+        print(f"{label:42} {seconds:6.2f} s" + ("" if within == "" else f"   ({'within' if within else 'NOT within'})"))
+    print(f"second map / first map in the standby: {result['runner_second_map_s'] / result['runner_warm_s']:.2f}")
+    for which in ("first_map", "second_map"):
+        found = result[which]
+        print(f"{which.replace('_', ' ')}: {found['evaluations']} model evaluations ({found['probe_evaluations']} of "
+              f"them radius probes, radius {found['radius_source']}), mapping {found['mapping_s']:.3f} s")
+    print(f"{'runner: longest main-thread step':42} {result['runner_longest_main_thread_step_s']:6.3f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
