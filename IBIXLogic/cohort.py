@@ -423,7 +423,7 @@ def run_cohort(manifest: str | os.PathLike, model: str | os.PathLike, mapping: s
         ordered = [rows[case.name] for case in cases]
         outputs.add("cohort_csv", write_rows(outputs.path("cohort.csv"), ordered, mapping))
         outputs.add("report", write_report(output, ordered, mapping, statistic_columns(mapping),
-                                           path=outputs.path("report.html")))
+                                           path=outputs.path("report.html"), provenance=PROVENANCE_COLUMNS))
         failed = [row["case"] for row in ordered if row["status"] != "ok"]
         outputs.commit({"ibix": __version__, "command": "cohort", "mapping": mapping,
                         "manifest": str(Path(os.path.abspath(manifest))), "model": str(model),

@@ -163,7 +163,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: S
 
 
 def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, statistics: Sequence[str],
-                 title: str | None = None, path: str | os.PathLike | None = None) -> Path:
+                 title: str | None = None, path: str | os.PathLike | None = None,
+                 provenance: Sequence[str] = ()) -> Path:
     """Write ``folder/report.html`` (or ``path``) from the cohort's rows.
 
     Parameters
@@ -181,6 +182,9 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
     path : path-like, optional
         Where the page goes (a cohort stages it before the cohort's files are published); default
         ``folder/report.html``.
+    provenance : sequence of str, optional
+        Columns of the rows that say what a case read (its series, its structure and the structure's file): shown
+        as text after the status in the table of every case, those that some case has.
 
     Returns
     -------
@@ -230,9 +234,11 @@ def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, 
     parts.append(_table(["case", "error"], [[r["case"], r.get("error") or ""] for r in failed],
                         text_columns=(0, 1)) if failed else '<p class="meta">None.</p>')
     parts.append("<h2>Statistics of every case</h2>")
-    columns = ["case", "status", "evaluations", "seconds"] + list(statistics)
-    parts.append(_table(columns, [[r["case"], r["status"]] + [_number(r.get(c)) for c in columns[2:]]
-                                  for r in rows], text_columns=(0, 1),
+    read = [c for c in provenance if any(r.get(c) for r in rows)]
+    columns = ["case", "status"] + read + ["evaluations", "seconds"] + list(statistics)
+    parts.append(_table(columns, [[r["case"], r["status"]] + [str(r.get(c) or "") for c in read]
+                                  + [_number(r.get(c)) for c in columns[2 + len(read):]] for r in rows],
+                        text_columns=range(2 + len(read)),
                         row_classes=["failed" if r["status"] != "ok" else "" for r in rows]))
     parts.append("<h2>Maps</h2>")
     cards = []

@@ -56,3 +56,20 @@ def test_report_names_outliers_and_failures(tmp_path):
     assert page.links == []  # self-contained: nothing fetched or linked
     assert all(image["src"].startswith("data:image/png;base64,") for image in page.images)
     assert "no PNG written" in text  # these cases have no folder
+
+
+def test_report_says_what_each_case_read_where_the_rows_say(tmp_path):
+    rows = [{"case": "a", "status": "ok", "structure": "GTV", "structure_file": "a/rtstruct.dcm",
+             "series_uid": "1.2.3", "evaluations": 10, "seconds": 1.0},
+            {"case": "b", "status": "failed", "error": "b/rtstruct.dcm: no structure named 'GTV'",
+             "structure": "GTV", "structure_file": "b/rtstruct.dcm", "series_uid": None}]
+    path = report.write_report(tmp_path, rows, "forward", ["peak"], provenance=cohort.PROVENANCE_COLUMNS)
+    table = path.read_text().split("<h2>Statistics of every case</h2>")[1].split("</table>")[0]
+    header = [cell.split("</th>")[0] for cell in table.split("<th>")[1:]]
+    assert header == ["case", "status", "series_uid", "structure", "structure_file", "evaluations", "seconds", "peak"]
+    assert '<td class="text">1.2.3</td><td class="text">GTV</td><td class="text">a/rtstruct.dcm</td><td>10</td>' in table
+    assert '<td class="text">failed</td><td class="text"></td><td class="text">GTV</td>' in table  # no series read
+    plain = report.write_report(tmp_path, [dict(rows[0], structure=None, structure_file=None, series_uid=None)],
+                                "forward", ["peak"], provenance=cohort.PROVENANCE_COLUMNS).read_text()
+    assert "series_uid" not in plain and "structure" not in plain  # masks given as files: no empty columns
+
