@@ -141,12 +141,14 @@ h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28
 .plots { display: flex; flex-wrap: wrap; gap: 8px; } .plots img { border: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 12px; }
 td, th { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
-th { background: #f3f3f3; text-align: left; } td.text { text-align: left; } tr.failed td { color: #a00; }
+th { background: #f3f3f3; text-align: left; } tr.failed td { color: #a00; }
+td.text { text-align: left; overflow-wrap: anywhere; } td.text:first-child { overflow-wrap: normal; }
+.table { overflow-x: auto; }
 .cases { display: flex; flex-wrap: wrap; gap: 12px; }
 .case { border: 1px solid #ccc; padding: 6px; width: 370px; font-size: 12px; }
 .case.outlier { border: 2px solid #d62728; } .case.failed { border: 2px dashed #a00; }
 .case h3 { font-size: 14px; margin: 2px 0 4px; } .case img { width: 360px; display: block; }
-.error { color: #a00; white-space: pre-wrap; } .flag { color: #d62728; font-weight: bold; }
+.error { color: #a00; white-space: pre-wrap; overflow-wrap: anywhere; } .flag { color: #d62728; font-weight: bold; }
 """
 
 
@@ -159,7 +161,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: S
         cells = "".join(f'<td class="text">{html.escape(c)}</td>' if j in text_columns else f"<td>{html.escape(c)}</td>"
                         for j, c in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class=\"table\"><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def write_report(folder: str | os.PathLike, rows: Sequence[dict], mapping: str, statistics: Sequence[str],
