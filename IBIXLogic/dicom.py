@@ -12,7 +12,6 @@ the same volume saved as NRRD or NIfTI by Slicer or SimpleITK.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -25,7 +24,6 @@ from .errors import InputError, short_path
 from .geometry import Geometry
 from .io import check_voxel_data
 
-LOG = logging.getLogger("IBIX")
 
 #: Slice gaps may differ from their median by this fraction (positions are decimal strings of limited precision);
 #: a larger difference is a missing slice or uneven spacing, which a regular grid cannot represent.

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import dicom
-from .errors import InputError, short_path
+from .errors import InputError, is_folder, short_path
 from .geometry import Geometry
 
 SEG_NRRD, RTSTRUCT, DICOM_SEG, LABELS, FOLDER = "seg.nrrd", "rtstruct", "dicom-seg", "label volume", "folder"
@@ -58,15 +58,15 @@ class Structure:
 
 
 # -- what a file is -----------------------------------------------------------------------------------------
-def _seg_nrrd_header(path: Path) -> dict | None:
-    """The segmentation metadata of a NRRD file that has segments (a Slicer .seg.nrrd), else None."""
+def _read_segmentation(path: Path, skip_voxels: bool = False) -> dict:
+    """A Slicer .seg.nrrd read with slicerio (its header alone with ``skip_voxels``), or an InputError naming it."""
     import slicerio
 
     try:
-        segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
-    except Exception:  # not a readable NRRD: the volume reader names the problem
-        return None
-    return segmentation if segmentation.get("segments") else None
+        return slicerio.read_segmentation(str(path), skip_voxels=skip_voxels)
+    except Exception as exc:  # pynrrd's and slicerio's errors for a damaged file
+        raise InputError(f"{short_path(path)}: not a readable Slicer segmentation ({type(exc).__name__}: {exc})") \
+            from None
 
 
 def _has_segments(path: Path) -> bool:
@@ -85,20 +85,25 @@ def _has_segments(path: Path) -> bool:
 def structure_format(path: str | os.PathLike) -> str | None:
     """What holds structures by name at ``path``: "seg.nrrd", "rtstruct", "dicom-seg" or "folder" (a DICOM folder);
     None for anything else (a label volume, or not a file)."""
-    path = Path(path)
+    return _identify(Path(path))[0]
+
+
+def _identify(path: Path) -> tuple[str | None, Any]:
+    """:func:`structure_format` of ``path``, and the pydicom header it read to tell (None for other files)."""
+    if is_folder(path):
+        return FOLDER, None
     try:
-        if path.is_dir():
-            return FOLDER
         if not path.is_file():
-            return None
+            return None, None
     except OSError:
-        return None
+        return None, None
     name = path.name.lower()
     if name.endswith((".nrrd", ".nhdr")):
-        return SEG_NRRD if _has_segments(path) else None
+        return (SEG_NRRD if _has_segments(path) else None), None
     if name.endswith((".nii", ".nii.gz", ".mha", ".mhd")) or not dicom.is_dicom_file(path):
-        return None
-    return _DICOM_KINDS.get(dicom.kind_of(dicom.read_header(path)))
+        return None, None
+    header = dicom.read_header(path)
+    return _DICOM_KINDS.get(dicom.kind_of(header)), header
 
 
 def is_structure_source(path: str | os.PathLike, label: int | None = None, segment: str | None = None) -> bool:
@@ -110,7 +115,8 @@ def is_structure_source(path: str | os.PathLike, label: int | None = None, segme
     if segment is not None:
         return True
     found = structure_format(path)
-    layered = found == SEG_NRRD and any(s.get("layer", 0) for s in _seg_nrrd_header(Path(path))["segments"])
+    layered = found == SEG_NRRD and any(s.get("layer", 0)
+                                        for s in _read_segmentation(Path(path), skip_voxels=True)["segments"])
     if (found in (RTSTRUCT, DICOM_SEG, FOLDER) or layered) and label is not None:
         raise InputError(f"{short_path(Path(path))}: a {FORMAT_NAMES[found]} holds named structures"
                          + (" (overlapping, in layers)" if layered else "") + ": select one by its name (--segment "
@@ -193,15 +199,15 @@ def list_structures(path: str | os.PathLike) -> list[Structure]:
     """The structures a file holds, in file order: the segments of a .seg.nrrd or DICOM SEG, the ROIs of an RT
     structure set, the values of a label volume (unnamed), or those of every structure file in a DICOM folder."""
     path = Path(path)
-    found = structure_format(path)
+    found, header = _identify(path)
     if found == FOLDER:
         return [s for f in _folder_files(path) for s in list_structures(f)]
     if found == SEG_NRRD:
-        return _seg_nrrd(_seg_nrrd_header(path), path)
+        return _seg_nrrd(_read_segmentation(path, skip_voxels=True), path)
     if found == RTSTRUCT:
-        return _rtstruct(dicom.read_header(path), path)
+        return _rtstruct(header, path)
     if found == DICOM_SEG:
-        return _dicom_seg(dicom.read_header(path), path)
+        return _dicom_seg(header, path)
     return _label_values(path)
 
 
@@ -351,11 +357,7 @@ def _read_seg_nrrd(path: Path, name: str | None, reference: Geometry | None
 
     from .io import resample_mask
 
-    try:
-        segmentation = slicerio.read_segmentation(str(path))
-    except Exception as exc:  # pynrrd's and slicerio's errors for a damaged file
-        raise InputError(f"{short_path(path)}: not a readable Slicer segmentation ({type(exc).__name__}: {exc})") \
-            from None
+    segmentation = _read_segmentation(path)
     structures = _seg_nrrd(segmentation, path)
     structure = select(structures, name, path)
     segment = segmentation["segments"][structures.index(structure)]
@@ -443,7 +445,7 @@ def read_structure(path: str | os.PathLike, name: str | None, reference: Geometr
         What the caller should tell the user (resampled, reference not checkable, contours left out).
     """
     path = Path(path)
-    found = structure_format(path)
+    found, header = _identify(path)
     series = _series_list(series)
     if found == FOLDER:
         return read_structure(_in_folder(path, name, series), name, reference, series)
@@ -451,7 +453,7 @@ def read_structure(path: str | os.PathLike, name: str | None, reference: Geometr
         mask, structure, notes = _read_seg_nrrd(path, name, reference)
     elif found in (RTSTRUCT, DICOM_SEG):
         reference = _need_grid(reference, path)
-        ds = dicom.read_header(path, pixels=found == DICOM_SEG)
+        ds = dicom.read_header(path, pixels=True) if found == DICOM_SEG else header  # a SEG's frames: read again
         structure = select(_rtstruct(ds, path) if found == RTSTRUCT else _dicom_seg(ds, path), name, path)
         notes = []
         _check_reference(structure, series, notes)

@@ -165,6 +165,20 @@ def test_a_truncated_seg_is_refused(t1_dicom, series, tmp_path):
         ibx.read_mask(path, segment="Ventricles", reference=t1_dicom.geometry, series=series)
 
 
+def test_a_seg_nrrd_that_slicerio_cannot_read_is_named_in_every_use(tmp_path):
+    """SimpleITK sees the segment fields but slicerio refuses the header (a space it does not know): a clear error
+    when the mask is read, listed, or read by its label value."""
+    path = tmp_path / "odd.seg.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nspace: scanner-xyz\nsizes: 2 2 2\n"
+                     b"space directions: (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\nspace origin: (0,0,0)\n"
+                     b"Segment0_ID:=a\nSegment0_Name:=a\nSegment0_LabelValue:=1\nSegment0_Layer:=0\n\n" + bytes(8))
+    message = "odd.seg.nrrd: not a readable Slicer segmentation"
+    for read in (lambda: ibx.read_mask(path, segment="a"), lambda: structures.list_structures(path),
+                 lambda: ibx.read_mask(path)):
+        with pytest.raises(ibx.InputError, match=message):
+            read()
+
+
 # -- names ----------------------------------------------------------------------------------------------------
 def test_names_are_matched_and_unknown_names_list_the_file(t1_dicom, series, tmp_path):
     geometry = t1_dicom.geometry
