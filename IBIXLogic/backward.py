@@ -22,7 +22,7 @@ from .model import Model, ProgressCallback, check_cancel
 from .perturb import (PROBE_SHARE, WHOLE_BASE_LARGEST, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
                       radius_source, report_progress, resolve_max_jitter, response_radius, volume_box, work_summary)
 from .pipeline import PreparedInput
-from .statistics import backward_statistics
+from .statistics import backward_statistics, bounding_box
 
 
 
@@ -401,15 +401,10 @@ def _label_counts(labels: np.ndarray, boxes: dict[int, tuple[slice, ...]], size:
     return total
 
 
-def _box_of(region: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of a non-empty region, as slices."""
-    low, high = mask_box(region)
-    return tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))
-
-
 def _label_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """For each sample that holds blocks, the bounding box of its blocks."""
-    return {int(s): _box_of(labels[s] != 0) for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))}
+    return {int(s): bounding_box(labels[s] != 0)
+            for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))}
 
 
 def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.ndarray, n_blocks: int,
@@ -468,7 +463,7 @@ def _path(method: str, radius: Any, tiling: dict | None) -> dict:
     """How a backward mapping perturbed its blocks, and why, for its result."""
     if method in ("batched", "brute"):
         how = "every block, in batches" if method == "batched" else "every block, one per model evaluation"
-        return {"method": how, "reason": f"method {method!r}", "radius_source": "not needed"}
+        return {"method": how, "reason": f"method {method!r}", "radius_source": radius_source(None)}
     source = radius_source(None if radius is None else radius.to_dict())
     if radius is None or radius.radius is None:
         reason = ("the model's response is global" if radius is not None and radius.is_global
@@ -595,7 +590,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             # brute force explains the finest blocks; the first level's are known unless cut near the mask
             blocks_now = levels[-1] * len(touched)
             if first is not None and len(levels) == 1:
-                blocks_now = int(np.count_nonzero(_label_counts(first[0], first[2])[1:]))
+                blocks_now = len(first[1])  # the first level's blocks
             budget = _probe_budget(perturber, out_samples, touched, n_jitters, blocks_now)
         radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
                                       near=box_centre(out_samples[touched[0]]), budget=budget)
@@ -645,7 +640,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry, path=path,
         work=work_summary(model.evaluations - before, equivalent, brute_force),
         statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry, support=volume_box(
-            prepared, list(refinement.boxes.items()) + [(int(s), _box_of(out_samples[s])) for s in touched])),
+            prepared, list(refinement.boxes.items()) + [(int(s), bounding_box(out_samples[s])) for s in touched])),
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,

@@ -512,10 +512,10 @@ def volume_box(prepared: PreparedInput, boxes: Sequence[tuple[int, tuple[slice, 
     return tuple(box)
 
 
-def radius_source(radius: dict | None, why_not: str = "not needed") -> str:
+def radius_source(radius: dict | None) -> str:
     """Where a result's response radius came from, in words: measured, cached, or skipped and why."""
     if radius is None:
-        return why_not
+        return "not needed"
     return radius["source"] + (f" ({radius['reason']})" if radius.get("reason") else "")
 
 
