@@ -344,10 +344,7 @@ class Outputs:
 
     def path(self, name: str) -> Path:
         """Where the run writes the file ``name`` (in its staging folder)."""
-        final = self.folder / name
-        if _resolved(final) in self.protected:
-            raise InputError(f"{final}: writing it would overwrite an input file; choose another --output folder")
-        self.check()
+        self.check([name])
         return self._staging / name
 
     def preview(self, stem: str) -> Path:
@@ -518,14 +515,13 @@ def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Seq
     known = known or {}
     before = model.evaluations
     shape = inputs.arrays[0].shape
-    volumes = [np.asarray(a, np.float32) for a in inputs.arrays]
     if model.card.spatial_dims == 2 and len(shape) == 3 and axis == figure_axis(model, inputs.geometry, 3):
         output = np.zeros(shape, np.float32)  # untouched pages stay unallocated: only the slices shown are filled
         found = dict(known)
         missing = [s for s in slices if s not in found]
         if missing:
             prepared = model.prepare(inputs.x, inputs.geometry) if preparation is None else preparation
-            slab = [np.take(v, missing, axis=prepared.slice_axis) for v in volumes]
+            slab = [np.take(v, missing, axis=prepared.slice_axis) for v in inputs.arrays]
             samples = np.stack([prepared.to_samples(c) for c in slab], axis=1).astype(np.float32)
             part = dataclasses.replace(prepared, samples=samples)
             values = part.from_samples(model.predict_samples(part))
@@ -538,11 +534,10 @@ def output_on_slices(model: Model, inputs: Inputs, axis: int | None, slices: Seq
         return output, model.evaluations - before
     if 0 in known and known[0].shape == shape:
         return known[0], 0
-    if preparation is not None and preparation.slice_axis is None and reach is not None and axis is not None:
-        return _output_in_slab(model, dataclasses.replace(preparation, samples=np.stack(volumes)[None]), axis,
-                               slices, *reach), model.evaluations - before
-    if preparation is not None and preparation.slice_axis is None:
-        part = dataclasses.replace(preparation, samples=np.stack(volumes)[None])
+    if preparation is not None and preparation.slice_axis is None:  # one float32 copy of the channels
+        part = dataclasses.replace(preparation, samples=np.stack(inputs.arrays, dtype=np.float32)[None])
+        if reach is not None and axis is not None:
+            return _output_in_slab(model, part, axis, slices, *reach), model.evaluations - before
         return part.from_samples(model.predict_samples(part)), model.evaluations - before
     return model.predict(inputs.x, inputs.geometry), model.evaluations - before
 
