@@ -378,7 +378,7 @@ def _read_npy(member: Any, stored: int, name: str) -> np.ndarray:
     data = member.read(declared)
     if len(data) != declared:
         raise _Damaged(f"its array {name} is cut short ({len(data)} of {declared} bytes)")
-    return np.frombuffer(data, dtype).reshape(shape).copy()
+    return np.frombuffer(data, dtype).reshape(shape)  # read-only over the bytes read: the atlas never writes it
 
 
 def _check_metadata(meta: dict) -> None:
@@ -469,11 +469,9 @@ def _check_values(arrays: dict, slice_axis: int | None) -> None:
                            "within the grid")
     if slice_axis is not None and np.any(low[filled, slice_axis] != high[filled, slice_axis]):
         raise _Damaged("a block's box spans several samples of a 2D model")
-    block = np.repeat(np.arange(len(starts) - 1), np.diff(starts)) if len(values) <= _CHECK_CHUNK else None
     for first in range(0, len(values), _CHECK_CHUNK):
         part = slice(first, first + _CHECK_CHUNK)
-        owner = block[part] if block is not None else np.searchsorted(starts, np.arange(
-            first, min(first + _CHECK_CHUNK, len(values))), side="right") - 1
+        owner = np.searchsorted(starts, np.arange(first, min(first + _CHECK_CHUNK, len(values))), side="right") - 1
         where = np.stack(np.unravel_index(index[part], labels.shape), axis=1)
         if np.any(where < low[owner]) or np.any(where > high[owner]):
             raise _Damaged("responses lie outside their block's box (the boxes or the block offsets are wrong)")
