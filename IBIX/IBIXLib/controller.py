@@ -407,10 +407,8 @@ class Controller:
             self._setStatus(run.status + " -> '" + run.node.GetName() + "'")
         elif self.question:
             self._setStatus(self.estimate)
-        elif run.state == jobs.CANCELLED:
-            self._setStatus(_("Cancelled: {reason}").format(reason=run.error))
         else:
-            self._fail(run.error)
+            self._unfinished(run)
             return
         self._changed()
 
