@@ -62,7 +62,7 @@ SLICER_BUNDLED = ("numpy", "scipy", "simpleitk", "vtk")
 #: The oldest 3D Slicer IBIX runs in (also in CMakeLists.txt and the README).
 MINIMUM_SLICER = (5, 10)
 
-#: The engine process's entry point (run, never imported here: importing it would cost every Slicer start).
+#: The engine process's entry point (a script PythonSlicer runs).
 CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 
 #: (sys.platform, machine) where PyPI has onnxruntime-gpu wheels.
@@ -268,16 +268,20 @@ def plan(runtime: str, path: str = REQUIREMENTS, in_slicer: bool = True) -> Plan
     return result
 
 
+def imported_distributions() -> set[str]:
+    """Canonical names of the installed distributions of which a module is imported in this process (now)."""
+    imported = {name.partition(".")[0] for name in list(sys.modules)}
+    return {_canonical(dist) for top, dists in metadata.packages_distributions().items() if top in imported
+            for dist in dists}
+
+
 def pinned_versions(exclude=()) -> dict[str, str]:
     """What an install must not change: canonical name -> installed version of Slicer's own builds
     (:data:`SLICER_BUNDLED`) and of every distribution of which a module is imported in this process.
 
     The ONNX Runtime builds and ``exclude`` are left free (a runtime switch replaces them).
     """
-    imported = {name.partition(".")[0] for name in list(sys.modules)}
-    names = {_canonical(dist) for top, dists in metadata.packages_distributions().items() if top in imported
-             for dist in dists}
-    names.update(SLICER_BUNDLED)
+    names = imported_distributions() | set(SLICER_BUNDLED)
     names -= {_canonical(n) for n in (*DISTRIBUTIONS.values(), *exclude)}
     pins = {}
     for name in sorted(names):
@@ -459,13 +463,9 @@ def _uninstall(names: list[str]) -> None:
 def changed_imported(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
     """Distributions whose version changed between ``before`` and ``after`` (name -> version) and of which a module
     is imported in this process: (name, old version or None, new version or None)."""
-    imported = {name.partition(".")[0] for name in list(sys.modules)}
-    modules: dict[str, set] = {}
-    for top, dists in metadata.packages_distributions().items():
-        for dist in dists:
-            modules.setdefault(_canonical(dist), set()).add(top)
+    imported = imported_distributions()
     return [(name, before.get(name), after.get(name)) for name in sorted(set(before) | set(after))
-            if before.get(name) != after.get(name) and modules.get(name, set()) & imported]
+            if before.get(name) != after.get(name) and name in imported]
 
 
 def _offer_restart(changed: list[tuple[str, str | None, str | None]]) -> None:

@@ -50,6 +50,7 @@ import IBIXLogic as ibx
 
 from . import scene
 from . import tr as _
+from .child import JOB_ENDED  # the line that ends each job of a standby process, after its final record
 from .dependencies import CHILD_SCRIPT, python_executable  # the child's entry point and its Python
 
 #: ``launcher(args, environment) -> Popen`` with text ``stdout`` (stderr merged into it), ``poll``, ``kill``.
@@ -73,8 +74,6 @@ FINISHED_CODES = (0, 3)
 RUNNING, FINISHED, FAILED, CANCELLED, CRASHED = "running", "finished", "failed", "cancelled", "crashed"
 #: The stage of the JSON-lines record that carries a run's estimate.
 ESTIMATE = "estimate"
-#: The stage of the line that ends each job of a standby process (IBIXLib/child.py), after the job's final record.
-JOB_ENDED = "job-ended"
 
 
 def engine_path() -> str:
