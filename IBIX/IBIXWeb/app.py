@@ -282,8 +282,9 @@ class Page:
     def _setup_state(self):
         s = self.state
         p = self.controller.parameters
+        models, volumes = self.files()
         s.update(dict(
-            models=self.files(MODEL_SUFFIXES), model="", volumes=self.files(VOLUME_SUFFIXES), inputs=[""],
+            models=models, model="", volumes=volumes, inputs=[""],
             card="", device_summary="", channels=[], status="", status_error=False, progress=[0, 1], estimate="",
             statistics=[], question="", enabled={}, live=False, error="", show_error=False, downloads=[],
             paint_target="input", paint_effect="paint", brush_size=6.0, busy_seconds=0.0, view_geometry={},
@@ -299,11 +300,14 @@ class Page:
         s.change("paint_target", "paint_effect", "brush_size")(self._paint_changed)
         s.change("live")(self._live_changed)
 
-    def files(self, suffixes):
-        """The data folder's files with these suffixes, then the uploaded ones (``uploads/NAME``)."""
+    def files(self):
+        """(models, volumes): the data folder's files of each kind, then the uploaded ones (``uploads/NAME``); the
+        data folder is walked once."""
         uploads = self.data.output / "uploads"
         uploaded = sorted(f"uploads/{f.name}" for f in uploads.iterdir()) if uploads.is_dir() else []
-        return self.data.listing(suffixes) + [u for u in uploaded if u.lower().endswith(suffixes)]
+        found = self.data.listing(MODEL_SUFFIXES + VOLUME_SUFFIXES) + uploaded
+        return tuple([f for f in found if f.lower().endswith(suffixes)]
+                     for suffixes in (MODEL_SUFFIXES, VOLUME_SUFFIXES))
 
     def _settings_changed(self, **_):
         s, p = self.state, self.controller.parameters
@@ -440,7 +444,7 @@ class Page:
             except ibx.IBIXError as error:
                 self._error(str(error))
         with self.state:
-            self.state.models, self.state.volumes = self.files(MODEL_SUFFIXES), self.files(VOLUME_SUFFIXES)
+            self.state.models, self.state.volumes = self.files()
 
     def cancel_if_nobody_left(self, clients):
         """A closed page (its last tab) cancels its run."""
