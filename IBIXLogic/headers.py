@@ -15,6 +15,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -195,22 +196,28 @@ def nifti_data(path: Path, header: NiftiHeader) -> VoxelData:
     return VoxelData(data_path, int(offset), 0, "raw", expected)
 
 
+def _header_lines(path: Path) -> Iterator[tuple[bytes, int]]:
+    """Each whole line of a text header (the file's first _TEXT_HEADER bytes), without its newline, and the byte
+    offset after it."""
+    with open(path, "rb") as file:
+        head = file.read(_TEXT_HEADER)
+    offset = 0
+    while (end := head.find(b"\n", offset)) >= 0:
+        yield head[offset:end], end + 1
+        offset = end + 1
+
+
 # -- NRRD ---------------------------------------------------------------------------------------------------------
 def _text_header(path: Path) -> tuple[list[str], int]:
     """The lines of a text header up to its end (an empty line) and the byte offset after it."""
-    with open(path, "rb") as file:
-        head = file.read(_TEXT_HEADER)
     lines, offset = [], 0
-    while offset < len(head):
-        end = head.find(b"\n", offset)
-        if end < 0:
-            break
-        line = head[offset:end].rstrip(b"\r")
-        offset = end + 1
+    for line, after in _header_lines(path):
+        line = line.rstrip(b"\r")
         if not line:
-            return [x.decode("latin-1") for x in lines], offset
-        lines.append(line)
-    return [x.decode("latin-1") for x in lines], offset
+            return lines, after
+        lines.append(line.decode("latin-1"))
+        offset = after
+    return lines, offset
 
 
 def nrrd_data(path: Path) -> VoxelData:
@@ -249,16 +256,9 @@ def nrrd_data(path: Path) -> VoxelData:
 # -- MetaImage ----------------------------------------------------------------------------------------------------
 def meta_data(path: Path) -> VoxelData:
     """Where a MetaImage file's voxels lie (after ``ElementDataFile = LOCAL``, or in the named file)."""
-    with open(path, "rb") as file:
-        head = file.read(_TEXT_HEADER)
     fields, offset = {}, 0
-    while offset < len(head):
-        end = head.find(b"\n", offset)
-        if end < 0:
-            break
-        line = head[offset:end].decode("latin-1").strip()
-        offset = end + 1
-        key, _, value = line.partition("=")
+    for line, offset in _header_lines(path):
+        key, _, value = line.decode("latin-1").strip().partition("=")
         fields[key.strip().lower()] = value.strip()
         if key.strip().lower() == "elementdatafile":
             break
