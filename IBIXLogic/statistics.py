@@ -39,11 +39,13 @@ def _check_grid(what: str, array: np.ndarray, geometry: Geometry) -> None:
                          f"of shape {geometry.shape}; pass the map with the geometry of its own grid")
 
 
-def _mask(mask: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _mask(mask: Any, shape: tuple[int, ...], what: str, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A mask on the map's grid (``shape``) as bool, within ``box`` of it when given; refused when it lies on
+    another grid or is empty there."""
     mask = np.asarray(mask)
     if mask.shape != shape:
         raise InputError(f"the {what} has shape {mask.shape}, the map {shape}; both must lie on one grid")
-    mask = mask.astype(bool, copy=False)
+    mask = (mask if box is None else mask[box]).astype(bool, copy=False)
     if not mask.any():
         raise InputError(f"the {what} is empty; distances from it are undefined")
     return mask
@@ -146,10 +148,8 @@ def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry,
     """
     signed = np.asarray(signed)
     _check_grid("the forward map", signed, geometry)
-    if np.asarray(mask).shape != signed.shape:
-        _mask(mask, signed.shape, "input mask")  # says what is wrong
     outer = support or tuple(slice(0, n) for n in signed.shape)
-    mask = _mask(np.asarray(mask)[outer], signed[outer].shape, "input mask")
+    mask = _mask(mask, signed.shape, "input mask", outer)
     responding = signed[outer] != 0
     if not responding.any():
         return {"reach95_mm": None, "inside_fraction": None, "peak": 0.0, "peak_ras_mm": None}
@@ -157,7 +157,7 @@ def forward_statistics(signed: np.ndarray, mask: np.ndarray, geometry: Geometry,
     box = bounding_box(responding | mask)
     mask, responding = mask[box], responding[box]
     start = [o.start + b.start for o, b in zip(outer, box)]
-    magnitude = np.abs(signed[tuple(slice(a, a + b.stop - b.start) for a, b in zip(start, box))].astype(np.float64))
+    magnitude = np.abs(signed[outer][box].astype(np.float64))
     peak_index = np.unravel_index(int(np.argmax(magnitude)), magnitude.shape)
     return {"reach95_mm": reach_mm(distances_mm(mask, geometry, responding), magnitude[responding], 0.95),
             "inside_fraction": inside_fraction(magnitude, mask),
@@ -196,11 +196,9 @@ def backward_statistics(labels: np.ndarray, block_values: np.ndarray, out_mask: 
     """
     labels = np.asarray(labels)
     _check_grid("the block labels", labels, geometry)
-    if np.asarray(out_mask).shape != labels.shape:
-        _mask(out_mask, labels.shape, "output mask")  # says what is wrong
     outer = support or tuple(slice(0, n) for n in labels.shape)
+    out_mask = _mask(out_mask, labels.shape, "output mask", outer)
     labels = labels[outer]
-    out_mask = _mask(np.asarray(out_mask)[outer], labels.shape, "output mask")
     values = np.asarray(block_values, np.float64).copy()
     if labels.size and (labels.min() < 0 or labels.max() >= len(values)):
         raise InputError(f"block labels run from {labels.min()} to {labels.max()} but there are {len(values)} block "
