@@ -19,7 +19,7 @@ from .cost import Estimate, Forecast, advice
 from .errors import InputError
 from .geometry import Geometry
 from .model import Model, ProgressCallback, check_cancel
-from .perturb import (PROBE_SHARE, WHOLE_BASE_LARGEST, Perturber, ProbeBudget, box_centre, jitter_levels, jitter_schedule, mask_box,
+from .perturb import (PROBE_SHARE, WHOLE_BASE_LARGEST, Perturber, ProbeBudget, jitter_levels, jitter_schedule, mask_box,
                       radius_source, report_progress, resolve_max_jitter, response_radius, volume_box, work_summary)
 from .pipeline import PreparedInput
 from .statistics import backward_statistics, bounding_box
@@ -427,18 +427,20 @@ def _level_labels(refinement: _Refinement, prepared: PreparedInput, touched: np.
     return current, np.flatnonzero(_label_counts(current, boxes)[1:]) + 1, boxes
 
 
-def _reach(out_samples: np.ndarray, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
+def _grown(box: tuple[np.ndarray, np.ndarray], radius: int) -> tuple[slice, ...]:
+    """An inclusive index box (:func:`mask_box`) grown by ``radius`` on every side, as slices."""
+    low, high = box
+    return tuple(slice(max(0, int(a) - radius), int(b) + radius + 1) for a, b in zip(low, high))
+
+
+def _reach(out_boxes: dict, radius: int | None) -> Callable[[int], tuple[slice, ...]] | None:
     """Where blocks can reach the output mask of a sample: the mask's bounding box grown by the radius."""
     if radius is None:
         return None
-
-    def box(sample: int) -> tuple[slice, ...]:
-        low, high = mask_box(out_samples[sample])
-        return tuple(slice(max(0, int(a) - radius), int(b) + radius + 1) for a, b in zip(low, high))
-    return box
+    return lambda sample: _grown(out_boxes[sample], radius)
 
 
-def _probe_budget(perturber: Perturber, out_samples: np.ndarray, touched: np.ndarray, n_jitters: int,
+def _probe_budget(perturber: Perturber, out_boxes: dict, touched: np.ndarray, n_jitters: int,
                   n_blocks: int) -> ProbeBudget:
     """What measuring the response radius may cost a backward mapping of ``n_blocks`` blocks: PROBE_SHARE of brute
     force's work (each touched sample once, each block 2N times, whole), and less than the local path could save
@@ -446,8 +448,7 @@ def _probe_budget(perturber: Perturber, out_samples: np.ndarray, touched: np.nda
     per sample with their context (in whole samples where tiles cannot run)."""
     perturbed = 2 * n_jitters
     brute_force = float(len(touched) + perturbed * n_blocks)
-    boxes = [mask_box(out_samples[s]) for s in touched]
-    low, high = np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes])
+    low, high = np.array([out_boxes[s][0] for s in touched]), np.array([out_boxes[s][1] for s in touched])
     whole = len(touched) * (1.0 + perturbed)
 
     def best_local(radius: int) -> float:
@@ -562,6 +563,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
     h_max = resolve_max_jitter(prepared, checked["max_jitter"], channel_list, n_jitters)
     out_samples = prepared.to_samples(out_mask)
     touched = np.flatnonzero(out_samples.reshape(len(out_samples), -1).any(axis=1))
+    out_boxes = {int(s): mask_box(out_samples[s]) for s in touched}  # each sample's output mask box, found once
     custom = not isinstance(blocks, str)
     given = check_block_labels(blocks, prepared.volume_shape) if custom else None
 
@@ -591,9 +593,10 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             blocks_now = levels[-1] * len(touched)
             if first is not None and len(levels) == 1:
                 blocks_now = len(first[1])  # the first level's blocks
-            budget = _probe_budget(perturber, out_samples, touched, n_jitters, blocks_now)
+            budget = _probe_budget(perturber, out_boxes, touched, n_jitters, blocks_now)
+        low, high = out_boxes[int(touched[0])]
         radius_info = response_radius(perturber, int(touched[0]), locality_tolerance,
-                                      near=box_centre(out_samples[touched[0]]), budget=budget)
+                                      near=tuple(int(v) for v in (low + high) // 2), budget=budget)
         if radius_info.is_global and method == "local":
             raise InputError("the model's response is global (it reaches across the whole input), so the local "
                              "method cannot be exact; use method 'batched' or a locality_tolerance above 0")
@@ -607,7 +610,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
             current, new_ids, boxes = first
         else:
             current, new_ids, boxes = _level_labels(refinement, prepared, touched, k, compactness, blocks,
-                                                    refine_threshold, given, _reach(out_samples, radius))
+                                                    refine_threshold, given, _reach(out_boxes, radius))
         refinement.next_level(current, new_ids, boxes)
         if level == 0 and perturber.forecast is not None:  # brute force explains the blocks of the finest level
             perturber.forecast.brute_force = len(touched) + 2.0 * n_jitters * (
@@ -640,7 +643,7 @@ def backward_mapping(model: Model, x: Any, out_mask: Any, n_blocks: int = 500,
         map=painted, labels=labels, block_values=block_values, geometry=prepared.geometry, path=path,
         work=work_summary(model.evaluations - before, equivalent, brute_force),
         statistics=backward_statistics(labels, block_values, out_mask, prepared.geometry, support=volume_box(
-            prepared, list(refinement.boxes.items()) + [(int(s), bounding_box(out_samples[s])) for s in touched])),
+            prepared, list(refinement.boxes.items()) + [(s, _grown(box, 0)) for s, box in out_boxes.items()])),
         parameters=parameters, evaluations=model.evaluations - before, seconds=time.perf_counter() - started,
         device=model.device, evaluations_per_level=evaluations_per_level, blocks_per_level=blocks_per_level,
         radius=None if radius_info is None else radius_info.to_dict(), tiling=sums.tiling,
